@@ -1,0 +1,222 @@
+//! `pyvisor`: call a Python function, check an installation, benchmark a pool.
+
+mod bench;
+mod value;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pyvisor_core::{CallOptions, Interpreter, Pool, PoolSpec};
+
+#[derive(Parser)]
+#[command(name = "pyvisor", version, about = "Supervised Python worker pools", long_about = None)]
+struct Cli {
+    /// Python interpreter (default: $PYVISOR_PYTHON, else python3 on PATH).
+    #[arg(long, global = true, value_name = "PATH")]
+    python: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start one worker running SCRIPT, call FUNCTION with the JSON argument, print the result.
+    Call {
+        /// Worker script (uses @expose and run_worker()).
+        script: PathBuf,
+        /// Exposed function name.
+        function: String,
+        /// The argument, as JSON.
+        json: String,
+        /// Call timeout in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Check the interpreter, msgpack and the pyvisor_worker adapter; say what to fix.
+    Doctor {
+        /// Also start this worker script and list its functions.
+        #[arg(long)]
+        script: Option<PathBuf>,
+    },
+    /// Run calls through a pool and report latency, throughput and errors.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _telemetry = pyvisor_core::telemetry::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let interpreter = Interpreter::from_option(cli.python);
+    rt.block_on(async move {
+        match cli.command {
+            Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
+            Command::Doctor { script } => doctor(interpreter, script).await,
+            Command::Bench(args) => bench::run(interpreter, args).await,
+        }
+    })
+}
+
+fn spec_for(interpreter: &Interpreter, script: PathBuf) -> PoolSpec {
+    let spec = PoolSpec::script(script);
+    match interpreter {
+        Interpreter::Path(p) => spec.python(p),
+        _ => spec,
+    }
+}
+
+async fn call(interpreter: Interpreter, script: PathBuf, function: String, json: String, timeout: f64) -> ExitCode {
+    let input: serde_json::Value = match serde_json::from_str(&json) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: the argument is not valid JSON: {e}\nexample: pyvisor call worker.py add '[1, 2]'");
+            return ExitCode::from(2);
+        }
+    };
+    let payload = match value::json_to_msgpack(&input) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot encode the argument: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(timeout) = Duration::try_from_secs_f64(timeout).ok().filter(|d| !d.is_zero()) else {
+        eprintln!("error: --timeout must be a positive number of seconds");
+        return ExitCode::from(2);
+    };
+    let pool = match Pool::start(spec_for(&interpreter, script).name("call").workers(1)).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = pool.call_raw(&function, &payload, CallOptions::new().timeout(timeout)).await;
+    pool.shutdown().await;
+    match result {
+        Ok(bytes) => match value::msgpack_to_json(&bytes) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: the result is not valid MessagePack: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(pyvisor_core::CallError::Python { function, error }) => {
+            eprintln!("error: `{function}` raised {}: {}", error.type_name, error.message);
+            if let Some(tb) = &error.traceback {
+                eprintln!("{}", tb.trim_end());
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+const PROBE: &str = r#"
+import json, sys
+r = {"python": sys.version.split()[0], "executable": sys.executable}
+try:
+    import msgpack
+    r["msgpack"] = ".".join(map(str, msgpack.version))
+except Exception as e:
+    r["msgpack_error"] = repr(e)
+try:
+    import pyvisor_worker as p
+    r["adapter"] = p.__version__
+    r["protocol"] = p.PROTOCOL_VERSION
+except Exception as e:
+    r["adapter_error"] = repr(e)
+print(json.dumps(r))
+"#;
+
+async fn doctor(interpreter: Interpreter, script: Option<PathBuf>) -> ExitCode {
+    let mut ok = true;
+    let configured = interpreter.configured();
+    let python = match interpreter.resolve() {
+        Ok(p) => {
+            println!("ok   interpreter: {}", p.display());
+            p
+        }
+        Err(e) => {
+            println!("FAIL {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let out = tokio::process::Command::new(&python).arg("-c").arg(PROBE).output().await;
+    let info: serde_json::Value = match out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_default(),
+        Ok(o) => {
+            println!("FAIL {} does not run Python code: {}", configured.display(), String::from_utf8_lossy(&o.stderr).trim());
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            println!("FAIL cannot run {}: {e}", configured.display());
+            return ExitCode::from(1);
+        }
+    };
+    let field = |k: &str| info.get(k).and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_u64().map(|n| n.to_string())));
+    println!("ok   python {}", field("python").unwrap_or_default());
+    match (field("msgpack"), field("msgpack_error")) {
+        (Some(v), _) => println!("ok   msgpack {v}"),
+        (_, err) => {
+            ok = false;
+            println!("FAIL msgpack cannot be imported ({}); fix: {} -m pip install msgpack", err.unwrap_or_default(), python.display());
+        }
+    }
+    match (field("adapter"), field("adapter_error")) {
+        (Some(v), _) => {
+            println!("ok   pyvisor_worker {v}");
+            let proto = info.get("protocol").and_then(serde_json::Value::as_u64);
+            if proto != Some(u64::from(pyvisor_core::protocol::PROTOCOL_VERSION)) {
+                ok = false;
+                println!(
+                    "FAIL pyvisor_worker speaks protocol {:?}, this pyvisor speaks {}; fix: reinstall the adapter from this repository ({} -m pip install ./python_adapter)",
+                    proto,
+                    pyvisor_core::protocol::PROTOCOL_VERSION,
+                    python.display()
+                );
+            } else {
+                println!("ok   protocol {}", pyvisor_core::protocol::PROTOCOL_VERSION);
+            }
+        }
+        (_, err) => {
+            ok = false;
+            println!(
+                "FAIL pyvisor_worker cannot be imported ({}); fix: {} -m pip install ./python_adapter (from the pyvisor repository), or point --python / PYVISOR_PYTHON at a venv that has it (make demo creates .venv)",
+                err.unwrap_or_default(),
+                python.display()
+            );
+        }
+    }
+    if let (true, Some(script)) = (ok, script) {
+        match Pool::start(spec_for(&interpreter, script.clone()).name("doctor").workers(1)).await {
+            Ok(pool) => {
+                let names: Vec<String> = pool.functions().into_iter().map(|f| f.name).collect();
+                println!("ok   {} starts; exposes: {}", script.display(), names.join(", "));
+                pool.shutdown().await;
+            }
+            Err(e) => {
+                ok = false;
+                println!("FAIL {} does not start: {e}", script.display());
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,172 @@
+//! Death certificates: the record of one worker crash.
+//!
+//! Owns the [`DeathCertificate`] type and its rendering. It does not decide anything about the
+//! crash (replacement and call failure are the router's and the worker actor's).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+/// Identifies one worker process over the pool's lifetime (a replacement gets a new id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// Why a worker died.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum DeathCause {
+    /// The process exited or was killed by a signal that pyvisor did not send.
+    Exited,
+    /// The worker sent something that is not the protocol; pyvisor killed it.
+    ProtocolError(String),
+    /// The worker did not send `hello` within the start timeout; pyvisor killed it.
+    StartTimeout(Duration),
+    /// The worker speaks another protocol version; pyvisor killed it.
+    VersionMismatch {
+        /// Version the worker announced.
+        worker: u32,
+        /// Version this parent speaks.
+        parent: u32,
+    },
+    /// The process could not be spawned at all.
+    SpawnFailed(String),
+    /// The worker's actor failed (a bug in pyvisor; please report it).
+    ActorFailed(String),
+}
+
+impl fmt::Display for DeathCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeathCause::Exited => write!(f, "process exited"),
+            DeathCause::ProtocolError(e) => write!(f, "protocol error: {e}"),
+            DeathCause::StartTimeout(d) => write!(f, "no hello within the start timeout ({d:?})"),
+            DeathCause::VersionMismatch { worker, parent } => write!(
+                f,
+                "protocol version mismatch: worker speaks {worker}, pyvisor speaks {parent} \
+                 (install the pyvisor-worker matching this pyvisor)"
+            ),
+            DeathCause::SpawnFailed(e) => write!(f, "could not spawn the interpreter: {e}"),
+            DeathCause::ActorFailed(e) => write!(f, "worker actor failed: {e}"),
+        }
+    }
+}
+
+/// A call that was in flight on a worker when it died.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CallInFlight {
+    /// Call id.
+    pub id: u64,
+    /// Function name.
+    pub function: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// How long it had been on the worker.
+    pub running_for: Duration,
+    /// W3C trace id of the call, when it was traced.
+    pub trace_id: Option<String>,
+}
+
+/// The record of one worker crash: who, how, and what it took with it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DeathCertificate {
+    /// Pool name.
+    pub pool: String,
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its position in the pool (stable across replacements).
+    pub index: usize,
+    /// Process id, when it was spawned.
+    pub pid: Option<u32>,
+    /// Why it died.
+    pub cause: DeathCause,
+    /// Exit code, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal that killed it, when it was killed.
+    pub signal: Option<i32>,
+    /// Whether pyvisor sent the kill (protocol error, start timeout, hang).
+    pub killed_by_pyvisor: bool,
+    /// Whether the kernel's OOM killer probably killed it (SIGKILL that pyvisor did not send,
+    /// and the cgroup's `oom_kill` counter rose during the worker's life).
+    pub oom_suspected: bool,
+    /// How long it lived.
+    pub uptime: Duration,
+    /// Whether it had sent `hello`.
+    pub became_ready: bool,
+    /// When it died.
+    pub died_at: SystemTime,
+    /// The last beat's RSS, in bytes.
+    pub last_rss: Option<u64>,
+    /// How long before death the last beat arrived.
+    pub last_beat_age: Option<Duration>,
+    /// Calls it held.
+    pub calls_in_flight: Vec<CallInFlight>,
+    /// Last lines of its stderr.
+    pub stderr_tail: Vec<String>,
+    /// Python stack, when one was captured.
+    pub python_stack: Option<String>,
+}
+
+impl DeathCertificate {
+    /// A human name for how the process ended: `exit code 1`, `signal 9 (SIGKILL)`.
+    pub fn ending(&self) -> String {
+        match (self.exit_code, self.signal) {
+            (_, Some(sig)) => format!("signal {sig} ({})", signal_name(sig)),
+            (Some(code), None) => format!("exit code {code}"),
+            (None, None) => "no exit status".to_string(),
+        }
+    }
+}
+
+/// The conventional name of a signal number.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSTOP => "SIGSTOP",
+        _ => "signal",
+    }
+}
+
+impl fmt::Display for DeathCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "worker {} (pool {}, pid {}) died: {}; {}; up {:.1?}{}",
+            self.worker,
+            self.pool,
+            self.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            self.cause,
+            self.ending(),
+            self.uptime,
+            if self.became_ready { "" } else { "; never became ready" },
+        )?;
+        if self.oom_suspected {
+            write!(f, "; the OOM killer probably killed it")?;
+        }
+        if !self.calls_in_flight.is_empty() {
+            write!(f, "; {} call(s) in flight", self.calls_in_flight.len())?;
+        }
+        if !self.stderr_tail.is_empty() {
+            write!(f, "\n--- last stderr lines ---")?;
+            for line in &self.stderr_tail {
+                write!(f, "\n{line}")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The errors a user sees: [`CallError`] for one call, [`StartError`] for a pool.
+//!
+//! Each variant names what went wrong and carries what is needed to act on it (the available
+//! functions, the Python traceback, the death certificate).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::death::DeathCertificate;
+
+/// A Python exception raised by the called function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonError {
+    /// Exception class, qualified (`ValueError`, `mymod.MyError`).
+    pub type_name: String,
+    /// `str(exception)`.
+    pub message: String,
+    /// The formatted traceback, when the worker sent one.
+    pub traceback: Option<String>,
+}
+
+impl std::fmt::Display for PythonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.type_name, self.message)
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// No worker exposes a function of that name.
+    #[error("unknown function `{function}`; the workers expose: {}", available.join(", "))]
+    UnknownFunction {
+        /// The name asked for.
+        function: String,
+        /// The names the workers expose.
+        available: Vec<String>,
+    },
+    /// The function raised; the Python traceback is in the error.
+    #[error("`{function}` raised {error}")]
+    Python {
+        /// The function called.
+        function: String,
+        /// The exception.
+        error: Box<PythonError>,
+    },
+    /// The input could not be encoded as MessagePack.
+    #[error("the input for `{function}` cannot be serialized: {detail}")]
+    Serialize {
+        /// The function called.
+        function: String,
+        /// serde's message.
+        detail: String,
+    },
+    /// The function's result does not deserialize into the requested output type.
+    #[error("the result of `{function}` does not deserialize into the requested type: {detail}")]
+    Deserialize {
+        /// The function called.
+        function: String,
+        /// serde's message.
+        detail: String,
+    },
+    /// The encoded call exceeds the maximum frame size.
+    #[error("the call to `{function}` is {size} bytes, over the {max}-byte frame limit (raise `max_frame`)")]
+    PayloadTooLarge {
+        /// The function called.
+        function: String,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The worker could not send the result back (too large, or not encodable).
+    #[error("the worker could not return the result of `{function}`: {message}")]
+    BadResult {
+        /// The function called.
+        function: String,
+        /// The worker's explanation (e.g. `reply_too_large`, an int over 64 bits).
+        message: String,
+    },
+    /// The call's deadline passed.
+    #[error("`{function}` timed out after {after:?}{}", if *.sent { " (it was running on a worker; cancel was sent)" } else { " (it never reached a worker)" })]
+    Timeout {
+        /// The function called.
+        function: String,
+        /// Time from the call to the deadline.
+        after: Duration,
+        /// Whether it had been sent to a worker.
+        sent: bool,
+    },
+    /// The call waited in the queue for longer than the queue timeout.
+    #[error("`{function}` waited {waited:?} in the queue for a free worker (queue_timeout); add workers or raise max_in_flight")]
+    QueueTimeout {
+        /// The function called.
+        function: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The queue is full.
+    #[error("pool `{pool}` is overloaded: {max_queue} calls are already queued; retry later or raise max_queue")]
+    Overloaded {
+        /// Pool name.
+        pool: String,
+        /// The queue bound.
+        max_queue: usize,
+    },
+    /// The worker running the call died; the certificate says how.
+    #[error("the worker running `{function}` crashed (attempt {attempts}): {certificate}")]
+    WorkerCrashed {
+        /// The function called.
+        function: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// How the (last) worker died.
+        certificate: Arc<DeathCertificate>,
+    },
+    /// The worker reported an internal failure (e.g. it is shutting down).
+    #[error("worker failure in `{function}`: {message}")]
+    Worker {
+        /// The function called.
+        function: String,
+        /// The worker's message.
+        message: String,
+    },
+    /// The pool has been shut down.
+    #[error("pool `{pool}` is shut down")]
+    ShutDown {
+        /// Pool name.
+        pool: String,
+    },
+    /// The pool failed (too many start failures) and takes no calls.
+    #[error("pool `{pool}` has failed: {reason}")]
+    PoolFailed {
+        /// Pool name.
+        pool: String,
+        /// Why it failed.
+        reason: Arc<StartError>,
+    },
+}
+
+impl CallError {
+    /// A short, stable name for the error's kind (`python`, `timeout`, `worker_crashed`, ...),
+    /// for metrics and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::UnknownFunction { .. } => "unknown_function",
+            CallError::Python { .. } => "python",
+            CallError::Serialize { .. } => "serialize",
+            CallError::Deserialize { .. } => "deserialize",
+            CallError::PayloadTooLarge { .. } => "payload_too_large",
+            CallError::BadResult { .. } => "bad_result",
+            CallError::Timeout { .. } => "timeout",
+            CallError::QueueTimeout { .. } => "queue_timeout",
+            CallError::Overloaded { .. } => "overloaded",
+            CallError::WorkerCrashed { .. } => "worker_crashed",
+            CallError::Worker { .. } => "worker",
+            CallError::ShutDown { .. } => "shut_down",
+            CallError::PoolFailed { .. } => "pool_failed",
+        }
+    }
+}
+
+/// Why a pool could not start (or stopped running).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The spec is not usable as given.
+    #[error("invalid pool spec: {0}")]
+    InvalidSpec(String),
+    /// The worker script does not exist.
+    #[error("worker script not found: {} (paths are relative to the working directory {})", path.display(), cwd.display())]
+    ScriptNotFound {
+        /// The script path as given.
+        path: PathBuf,
+        /// The directory it was resolved against.
+        cwd: PathBuf,
+    },
+    /// The Python interpreter does not exist or is not executable.
+    #[error("Python interpreter not found: {}; pass --python PATH, set PYVISOR_PYTHON, or use PoolSpec::python / ::venv", path.display())]
+    InterpreterNotFound {
+        /// The interpreter as configured.
+        path: PathBuf,
+    },
+    /// Workers kept failing to start; the last death certificate says why.
+    #[error("{failures} worker start failures within {period:?} (max_start_failures {max}); last: {certificate}{}", hint(certificate))]
+    TooManyStartFailures {
+        /// Failures counted.
+        failures: usize,
+        /// The window they were counted in.
+        period: Duration,
+        /// The limit.
+        max: usize,
+        /// The last failure.
+        certificate: Box<DeathCertificate>,
+    },
+    /// The pool's actors could not be spawned.
+    #[error("could not spawn the pool's actors: {0}")]
+    Actor(String),
+}
+
+fn hint(cert: &DeathCertificate) -> &'static str {
+    let stderr = cert.stderr_tail.join("\n");
+    if stderr.contains("No module named pyvisor_worker") || stderr.contains("No module named 'pyvisor_worker'") {
+        "\nhint: the interpreter cannot import pyvisor_worker; install it with `pip install ./python_adapter` into that interpreter (or run `pyvisor doctor`)"
+    } else if stderr.contains("No module named 'msgpack'") {
+        "\nhint: the interpreter lacks msgpack; `pip install msgpack` (or reinstall ./python_adapter)"
+    } else {
+        ""
+    }
+}

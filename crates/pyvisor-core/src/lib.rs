@@ -1,0 +1,47 @@
+//! pyvisor's runtime: supervised pools of Python worker processes.
+//!
+//! A [`Pool`] runs `workers` Python processes (each owned by a worker actor, governed by a
+//! pool router actor) and routes typed calls to them over a socketpair, without an actor hop
+//! per call. Crashes become [`DeathCertificate`]s, failures typed [`CallError`]s.
+//!
+//! Modules, one concept each:
+//! - `spec`, `backoff`, `python`: configuration values and policies;
+//! - `pool` (handle and call path), `routing` (choice of worker), `queue` (bounded wait),
+//!   `slot` (a worker's shared state and call table), `writer` (socket writes),
+//!   `connection` (socket reads);
+//! - `worker` (worker actor: one process), `router` (pool router actor: membership,
+//!   replacement, intensity), `process` (spawning, stdio, process groups);
+//! - `death`, `error`, `events`, `status`: what users see; `telemetry`: the tracing set-up.
+
+mod backoff;
+mod connection;
+mod death;
+mod error;
+mod events;
+mod pool;
+mod process;
+mod python;
+mod queue;
+mod router;
+mod routing;
+mod slot;
+mod spec;
+mod status;
+pub mod telemetry;
+mod worker;
+mod writer;
+
+pub use backoff::{Backoff, Jitter};
+pub use death::{signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
+pub use error::{CallError, PythonError, StartError};
+pub use events::{EventHandler, PoolEvent};
+pub use pool::{CallOptions, Pool};
+pub use process::run_id;
+pub use python::{find_executable, Interpreter};
+pub use router::PoolFailure;
+pub use slot::WorkerState;
+pub use spec::{PoolSpec, Target};
+pub use status::{PoolStatus, WorkerStatus};
+
+/// The wire protocol crate, re-exported.
+pub use pyvisor_protocol as protocol;

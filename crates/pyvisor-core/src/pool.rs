@@ -1,0 +1,430 @@
+//! The pool handle and the path of one call.
+//!
+//! Owns [`Pool`] (cheap to clone), [`CallOptions`], and the data path: encode the input, pick
+//! a ready worker through the shared slot table (or wait in the bounded queue), register the
+//! call in that worker's table, write its frame, await the reply on a oneshot. No actor is on
+//! this path; the router actor is asked only for status and shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pyvisor_protocol::{call_overhead, encode_call, encode_cancel, CallHeader, FunctionInfo, RemoteError, RemoteErrorKind};
+use ractor::{Actor, ActorCell, ActorRef};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::death::WorkerId;
+use crate::error::{CallError, PythonError, StartError};
+use crate::events::PoolEvent;
+use crate::queue::{CapacityQueue, QueueExit};
+use crate::router::{PoolRouter, RouterArgs, RouterMsg};
+use crate::routing::SlotTable;
+use crate::slot::{Failure, WorkerSlot};
+use crate::spec::PoolSpec;
+use crate::status::PoolStatus;
+
+/// State shared by the pool's handles, its router, its workers and their reader tasks.
+pub(crate) struct PoolShared {
+    pub name: Arc<str>,
+    pub spec: PoolSpec,
+    pub python: PathBuf,
+    pub table: SlotTable,
+    pub queue: CapacityQueue,
+    next_call_id: AtomicU64,
+    next_worker_id: AtomicU64,
+    functions: RwLock<Option<Arc<Vec<FunctionInfo>>>>,
+    failed: Mutex<Option<Arc<StartError>>>,
+}
+
+impl PoolShared {
+    fn new(spec: PoolSpec, python: PathBuf) -> Self {
+        PoolShared {
+            name: Arc::from(spec.name.as_str()),
+            spec,
+            python,
+            table: SlotTable::default(),
+            queue: CapacityQueue::default(),
+            next_call_id: AtomicU64::new(1),
+            next_worker_id: AtomicU64::new(1),
+            functions: RwLock::new(None),
+            failed: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn next_worker_id(&self) -> WorkerId {
+        WorkerId(self.next_worker_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_functions(&self, f: &[FunctionInfo]) {
+        if let Ok(mut g) = self.functions.write() {
+            if g.as_ref().map_or(true, |cur| cur.as_slice() != f) {
+                *g = Some(Arc::new(f.to_vec()));
+            }
+        }
+    }
+
+    pub(crate) fn functions(&self) -> Option<Arc<Vec<FunctionInfo>>> {
+        self.functions.read().ok().and_then(|g| g.clone())
+    }
+
+    pub(crate) fn fail(&self, err: Arc<StartError>) {
+        if let Ok(mut g) = self.failed.lock() {
+            *g = Some(err);
+        }
+        self.queue.close();
+    }
+
+    pub(crate) fn close(&self) {
+        self.queue.close();
+    }
+
+    fn closed_error(&self) -> CallError {
+        match self.failed.lock().ok().and_then(|g| g.clone()) {
+            Some(reason) => CallError::PoolFailed { pool: self.name.to_string(), reason },
+            None => CallError::ShutDown { pool: self.name.to_string() },
+        }
+    }
+
+    pub(crate) fn emit(&self, event: PoolEvent) {
+        match &event {
+            PoolEvent::WorkerSpawned { worker, index, pid } => {
+                tracing::info!(pool = %self.name, worker = %worker, index, pid, "worker spawned")
+            }
+            PoolEvent::WorkerReady { worker, pid, startup, .. } => {
+                tracing::info!(pool = %self.name, worker = %worker, pid, startup_ms = startup.as_millis() as u64, "worker ready")
+            }
+            PoolEvent::WorkerDied { .. } => {}
+            PoolEvent::RestartScheduled { index, failures, delay } => {
+                tracing::warn!(pool = %self.name, index, failures, delay_ms = delay.as_millis() as u64, "worker start failed; restart scheduled")
+            }
+            PoolEvent::PoolFailed { reason } => tracing::error!(pool = %self.name, "pool failed: {reason}"),
+            PoolEvent::PoolStopped => tracing::info!(pool = %self.name, "pool stopped"),
+        }
+        if let Some(cb) = &self.spec.on_event {
+            cb(&event);
+        }
+    }
+}
+
+/// Per-call options: timeout or deadline, and the idempotency override.
+///
+/// ```
+/// use std::time::Duration;
+/// use pyvisor_core::CallOptions;
+/// let opts = CallOptions::new().timeout(Duration::from_millis(250)).idempotent(true);
+/// assert_eq!(opts.idempotent_override(), Some(true));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    no_timeout: bool,
+    idempotent: Option<bool>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl CallOptions {
+    /// The pool's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Fail with `Timeout` after `d` (instead of the pool's call timeout).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+    /// Fail with `Timeout` at `at` (takes precedence over any timeout).
+    pub fn deadline(mut self, at: Instant) -> Self {
+        self.deadline = Some(at);
+        self
+    }
+    /// No timeout at all for this call.
+    pub fn no_timeout(mut self) -> Self {
+        self.no_timeout = true;
+        self
+    }
+    /// Override whether this call may be retried after a crash (default: the function's
+    /// `@expose(idempotent=...)`).
+    pub fn idempotent(mut self, yes: bool) -> Self {
+        self.idempotent = Some(yes);
+        self
+    }
+    /// The idempotency override, if set.
+    pub fn idempotent_override(&self) -> Option<bool> {
+        self.idempotent
+    }
+    /// Propagate this W3C trace context to the worker.
+    pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self.tracestate = tracestate;
+        self
+    }
+}
+
+struct PoolInner {
+    shared: Arc<PoolShared>,
+    router: ActorRef<RouterMsg>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A running pool of Python workers. Cheap to clone; every clone is the same pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use pyvisor_core::{Pool, PoolSpec};
+/// let pool = Pool::start(PoolSpec::script("worker.py").workers(2)).await?;
+/// let sum: i64 = pool.call("add", &(1, 2)).await?;
+/// assert_eq!(sum, 3);
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("name", &self.inner.shared.name).finish_non_exhaustive()
+    }
+}
+
+/// Undo a reservation if the call ends before it is registered or answered.
+struct InFlightGuard<'a> {
+    slot: &'a WorkerSlot,
+    shared: &'a PoolShared,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.slot.abandon(self.id) {
+            self.shared.queue.on_release();
+            if let Some(w) = self.slot.writer() {
+                let _ = w.send(&encode_cancel(self.id));
+            }
+        }
+    }
+}
+
+fn unix_ms(at: Instant) -> u64 {
+    let from_now = at.saturating_duration_since(Instant::now());
+    (SystemTime::now() + from_now).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Pool {
+    /// Start a pool and wait until every worker is ready. Start failures are retried with
+    /// backoff; more than `max_start_failures` fail the start with the last death certificate.
+    pub async fn start(spec: PoolSpec) -> Result<Pool, StartError> {
+        Self::start_inner(spec, None).await
+    }
+
+    /// Like [`Pool::start`], with the pool's router linked under `supervisor`: the supervisor
+    /// receives ordinary `SupervisionEvent`s for it (a failed pool arrives as `ActorFailed`
+    /// with a [`crate::PoolFailure`]).
+    pub async fn start_linked(spec: PoolSpec, supervisor: ActorCell) -> Result<Pool, StartError> {
+        Self::start_inner(spec, Some(supervisor)).await
+    }
+
+    async fn start_inner(spec: PoolSpec, supervisor: Option<ActorCell>) -> Result<Pool, StartError> {
+        let python = spec.validate()?;
+        let shared = Arc::new(PoolShared::new(spec, python));
+        let (tx, rx) = oneshot::channel();
+        let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };
+        let spawned = match supervisor {
+            Some(sup) => Actor::spawn_linked(None, PoolRouter, args, sup).await,
+            None => Actor::spawn(None, PoolRouter, args).await,
+        };
+        let (router, join) = spawned.map_err(|e| StartError::Actor(e.to_string()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(Pool { inner: Arc::new(PoolInner { shared, router, join: Mutex::new(Some(join)) }) }),
+            Ok(Err(e)) => {
+                let _ = join.await;
+                Err(e)
+            }
+            Err(_) => {
+                let _ = join.await;
+                Err(StartError::Actor("the pool router stopped while starting".into()))
+            }
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    /// The router actor, e.g. to link or monitor it.
+    pub fn actor(&self) -> ActorCell {
+        self.inner.router.get_cell()
+    }
+
+    /// The functions the workers expose (from their `hello`).
+    pub fn functions(&self) -> Vec<FunctionInfo> {
+        self.inner.shared.functions().map(|f| f.to_vec()).unwrap_or_default()
+    }
+
+    /// Call `function` with `input`, deserializing the result as `O`.
+    pub async fn call<I, O>(&self, function: &str, input: &I) -> Result<O, CallError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        self.call_with(function, input, CallOptions::default()).await
+    }
+
+    /// [`Pool::call`] with options.
+    pub async fn call_with<I, O>(&self, function: &str, input: &I, opts: CallOptions) -> Result<O, CallError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        let payload = rmp_serde::to_vec_named(input)
+            .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })?;
+        let reply = self.call_raw(function, &payload, opts).await?;
+        rmp_serde::from_slice(&reply)
+            .map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+    }
+
+    /// Call with an already-encoded MessagePack payload; returns the encoded result.
+    pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
+        let shared = &*self.inner.shared;
+        let spec = &shared.spec;
+        let called = Instant::now();
+        let deadline = match (opts.deadline, opts.no_timeout) {
+            (Some(d), _) => Some(d),
+            (None, true) => None,
+            (None, false) => opts.timeout.or(spec.call_timeout).map(|t| called + t),
+        };
+        if let Some(funcs) = shared.functions() {
+            if !funcs.iter().any(|f| f.name == function) {
+                return Err(CallError::UnknownFunction {
+                    function: function.to_string(),
+                    available: funcs.iter().map(|f| f.name.clone()).collect(),
+                });
+            }
+        }
+        let header = CallHeader {
+            id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
+            attempt: 1,
+            function,
+            deadline_ms: deadline.map(unix_ms),
+            traceparent: opts.traceparent.as_deref(),
+            tracestate: opts.tracestate.as_deref(),
+        };
+        let size = call_overhead(&header) + payload.len();
+        if size > spec.max_frame {
+            return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
+        }
+        let queue_until = {
+            let q = called + spec.queue_timeout;
+            deadline.map_or(q, |d| d.min(q))
+        };
+        let timeout_err = |sent: bool| CallError::Timeout {
+            function: function.to_string(),
+            after: deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(called)),
+            sent,
+        };
+        loop {
+            let slot = match shared.queue.acquire(&shared.table, spec.max_queue, queue_until).await {
+                Ok(s) => s,
+                Err(QueueExit::Full) => {
+                    return Err(CallError::Overloaded { pool: shared.name.to_string(), max_queue: spec.max_queue })
+                }
+                Err(QueueExit::Closed) => return Err(shared.closed_error()),
+                Err(QueueExit::TimedOut) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(timeout_err(false));
+                    }
+                    return Err(CallError::QueueTimeout { function: function.to_string(), waited: called.elapsed() });
+                }
+            };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Expired while queued: never sent.
+                slot.release();
+                shared.queue.on_release();
+                return Err(timeout_err(false));
+            }
+            let Ok(rx) = slot.register(header.id, header.attempt, function, None) else {
+                slot.release();
+                continue;
+            };
+            let mut guard = InFlightGuard { slot: &slot, shared, id: header.id, armed: true };
+            if let Some(w) = slot.writer() {
+                // A failed write means the worker is going down; its actor fails this call.
+                let _ = w.send(&encode_call(&header, payload));
+            }
+            let outcome = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, rx).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(timeout_err(true)),
+                },
+                None => rx.await,
+            };
+            guard.armed = false;
+            return match outcome {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Ok(Err(Failure::Remote(e))) => Err(remote_error(function, e, shared)),
+                Ok(Err(Failure::Crashed(certificate))) => {
+                    Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate })
+                }
+                Ok(Err(Failure::ShutDown)) | Err(_) => Err(shared.closed_error()),
+            };
+        }
+    }
+
+    /// A snapshot of every position: worker, pid, state, in flight, served, restarts.
+    pub async fn status(&self) -> PoolStatus {
+        match self.inner.router.call(RouterMsg::Status, Some(Duration::from_secs(5))).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => s,
+            _ => PoolStatus {
+                name: self.inner.shared.name.to_string(),
+                workers: Vec::new(),
+                queued: self.inner.shared.queue.len(),
+                closed: true,
+            },
+        }
+    }
+
+    /// Stop taking calls, let calls in flight finish (shutdown grace), then stop every worker
+    /// (`shutdown` → SIGTERM → SIGKILL to its process group). Idempotent.
+    pub async fn shutdown(&self) {
+        let inner = &*self.inner;
+        inner.shared.close();
+        let spec = &inner.shared.spec;
+        let budget = spec.shutdown_grace + spec.sigterm_wait + Duration::from_secs(10);
+        let _ = inner.router.call(RouterMsg::Shutdown, Some(budget)).await;
+        let join = inner.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
+            let _ = j.await;
+        }
+    }
+}
+
+fn remote_error(function: &str, e: RemoteError, shared: &PoolShared) -> CallError {
+    let function = function.to_string();
+    match e.kind {
+        RemoteErrorKind::Exception => CallError::Python {
+            function,
+            error: Box::new(PythonError { type_name: e.type_name, message: e.message, traceback: e.traceback }),
+        },
+        RemoteErrorKind::UnknownFunction => CallError::UnknownFunction {
+            function,
+            available: e.functions.unwrap_or_else(|| {
+                shared.functions().map(|f| f.iter().map(|f| f.name.clone()).collect()).unwrap_or_default()
+            }),
+        },
+        RemoteErrorKind::ReplyTooLarge | RemoteErrorKind::Unserializable => {
+            CallError::BadResult { function, message: format!("{}: {}", e.type_name, e.message) }
+        }
+        _ => CallError::Worker { function, message: format!("{}: {}", e.type_name, e.message) },
+    }
+}

@@ -1,0 +1,245 @@
+//! Spawning one Python worker process and watching its stdio.
+//!
+//! Owns: the socketpair, the `Command` (own process group, parent-death signal, kill on drop,
+//! the inherited fd), the dedicated spawner thread, stdout/stderr forwarding into `tracing`,
+//! the stderr tail, and killing a process group. It does not interpret the protocol
+//! (see [`crate::connection`]) or decide on restarts (see [`crate::router`]).
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so every worker is
+//! forked from one thread that lives as long as the program: `pyvisor-spawner`.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::death::WorkerId;
+use crate::spec::{PoolSpec, Target};
+
+/// Lines of stderr kept for death certificates.
+pub(crate) const STDERR_TAIL_LINES: usize = 40;
+/// Longest line kept (longer lines are cut).
+const MAX_LINE: usize = 16 * 1024;
+
+/// A spawned worker process: the child, the parent's socket end, and its stdio.
+pub(crate) struct Spawned {
+    pub child: Child,
+    pub pid: u32,
+    pub socket: StdUnixStream,
+}
+
+/// Everything the spawner needs, built on the caller's side.
+struct SpawnRequest {
+    command: Command,
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<std::io::Result<Child>>,
+}
+
+fn spawner() -> &'static Mutex<std_mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<std_mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<SpawnRequest>();
+        // This thread never exits while the program runs: children it forks get their
+        // parent-death signal only when the whole process dies.
+        let spawned = std::thread::Builder::new().name("pyvisor-spawner".into()).spawn(move || {
+            for mut req in rx {
+                let _guard = req.runtime.enter();
+                let result = req.command.spawn();
+                let _ = req.reply.send(result);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the pyvisor-spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    })
+}
+
+/// The identity of this run, passed to every worker (`PYVISOR_RUN_ID`) as an orphan marker.
+pub fn run_id() -> &'static str {
+    static RUN_ID: OnceLock<String> = OnceLock::new();
+    RUN_ID.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{}-{:x}", std::process::id(), now)
+    })
+}
+
+/// Spawn one worker for `spec` with the resolved interpreter `python`.
+pub(crate) async fn spawn_worker(
+    spec: &PoolSpec,
+    python: &PathBuf,
+    worker: WorkerId,
+) -> std::io::Result<Spawned> {
+    let (parent_end, child_end) = StdUnixStream::pair()?;
+    let child_fd: OwnedFd = child_end.into();
+    let raw_child_fd = child_fd.as_raw_fd();
+
+    let mut cmd = Command::new(python);
+    cmd.arg("-m").arg("pyvisor_worker");
+    match &spec.target {
+        Target::Script(p) => {
+            cmd.arg(p);
+        }
+        Target::Module(m) => {
+            cmd.arg("--module").arg(m);
+        }
+    }
+    cmd.args(&spec.args);
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.env("PYVISOR_FD", raw_child_fd.to_string())
+        .env("PYVISOR_WORKER_ID", worker.to_string())
+        .env("PYVISOR_PROTOCOL", pyvisor_protocol::PROTOCOL_VERSION.to_string())
+        .env("PYVISOR_MAX_FRAME", spec.max_frame.to_string())
+        .env("PYVISOR_BEAT_INTERVAL_MS", spec.heartbeat_interval.as_millis().to_string())
+        .env("PYVISOR_RUN_ID", run_id())
+        .env("PYTHONUNBUFFERED", "1");
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let parent_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, fcntl,
+    // _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent_pid {
+                libc::_exit(1);
+            }
+            // Let the worker's end of the socketpair survive exec.
+            if libc::fcntl(raw_child_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    let (tx, rx) = oneshot::channel();
+    let req = SpawnRequest { command: cmd, runtime: tokio::runtime::Handle::current(), reply: tx };
+    {
+        let sender = spawner().lock().map_err(|_| std::io::Error::other("spawner lock poisoned"))?;
+        sender
+            .send(req)
+            .map_err(|_| std::io::Error::other("the pyvisor-spawner thread is gone"))?;
+    }
+    let child = rx.await.map_err(|_| std::io::Error::other("the spawner dropped the request"))??;
+    // The child has its copy now; close ours so EOF means the worker is gone.
+    drop(child_fd);
+    let pid = child.id().ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
+    Ok(Spawned { child, pid, socket: parent_end })
+}
+
+/// The last lines a worker wrote to stderr.
+#[derive(Debug, Default)]
+pub(crate) struct StderrTail {
+    lines: Mutex<VecDeque<String>>,
+}
+
+impl StderrTail {
+    fn push(&self, line: String) {
+        if let Ok(mut l) = self.lines.lock() {
+            if l.len() == STDERR_TAIL_LINES {
+                l.pop_front();
+            }
+            l.push_back(line);
+        }
+    }
+    pub(crate) fn snapshot(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// Which stream a forwarded line came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Forward a worker's stdout or stderr into `tracing`, line by line, tagged with the worker.
+/// Returns when the pipe closes.
+pub(crate) async fn forward_lines<R: AsyncRead + Unpin>(
+    pipe: R,
+    stream: Stream,
+    pool: Arc<str>,
+    worker: WorkerId,
+    tail: Option<Arc<StderrTail>>,
+) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            buf.pop();
+        }
+        buf.truncate(MAX_LINE);
+        let line = String::from_utf8_lossy(&buf).into_owned();
+        match stream {
+            Stream::Stdout => {
+                tracing::info!(target: "pyvisor::worker::stdout", pool = %pool, worker = %worker, "{line}")
+            }
+            Stream::Stderr => {
+                tracing::warn!(target: "pyvisor::worker::stderr", pool = %pool, worker = %worker, "{line}")
+            }
+        }
+        if let Some(t) = &tail {
+            t.push(line);
+        }
+    }
+}
+
+/// Send `sig` to the process group led by `pgid` (ignoring "no such process").
+pub(crate) fn kill_group(pgid: u32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: plain syscall; a negative pid addresses the process group.
+        unsafe {
+            libc::kill(-(pgid as libc::pid_t), sig);
+        }
+    }
+}
+
+/// Kills a worker's process group when dropped, unless disarmed: the last line of defence
+/// when an actor is killed without `post_stop`.
+#[derive(Debug)]
+pub(crate) struct GroupGuard {
+    pub pgid: u32,
+    pub armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            kill_group(self.pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The cgroup's OOM-kill counter, if readable (`/sys/fs/cgroup/memory.events`).
+pub(crate) fn oom_kill_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/sys/fs/cgroup/memory.events").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -1,0 +1,377 @@
+//! The pool router actor: the pool's control plane.
+//!
+//! Owns membership (which worker actor holds which position), readiness (a worker becomes
+//! routable on `hello`), replacement (a ready worker that dies is replaced at once; a start
+//! failure is retried after a backoff), the pool's start-failure intensity (too many fail the
+//! pool with the last death certificate and escalate to the router's supervisor), status, and
+//! shutdown. It is never on a call's path: callers use the slot table directly.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyvisor_protocol::Hello;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::oneshot;
+
+use crate::death::{DeathCause, DeathCertificate, WorkerId};
+use crate::error::StartError;
+use crate::events::PoolEvent;
+use crate::pool::PoolShared;
+use crate::slot::{WorkerSlot, WorkerState};
+use crate::status::{PoolStatus, WorkerStatus};
+use crate::worker::{WorkerActor, WorkerArgs, WorkerDied, WorkerMsg};
+
+pub(crate) enum RouterMsg {
+    WorkerReady { id: WorkerId, hello: Box<Hello>, startup: Duration },
+    StartWorker { index: usize },
+    Status(RpcReplyPort<PoolStatus>),
+    Shutdown(RpcReplyPort<()>),
+}
+
+/// The error a router fails with when its pool fails: escalates to its supervisor.
+#[derive(Debug)]
+pub struct PoolFailure(pub Arc<StartError>);
+
+impl std::fmt::Display for PoolFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for PoolFailure {}
+
+pub(crate) struct PoolRouter;
+
+pub(crate) struct RouterArgs {
+    pub shared: Arc<PoolShared>,
+    pub startup: Option<oneshot::Sender<Result<(), StartError>>>,
+}
+
+#[derive(Default)]
+struct Position {
+    restarts: u32,
+    consecutive_failures: u32,
+    current: Option<WorkerId>,
+    next_start: Option<Instant>,
+}
+
+struct Member {
+    slot: Arc<WorkerSlot>,
+    actor: ActorRef<WorkerMsg>,
+}
+
+pub(crate) struct RouterState {
+    shared: Arc<PoolShared>,
+    positions: Vec<Position>,
+    members: HashMap<WorkerId, Member>,
+    by_actor: HashMap<ActorId, WorkerId>,
+    start_failures: VecDeque<Instant>,
+    startup: Option<oneshot::Sender<Result<(), StartError>>>,
+    shutting_down: bool,
+}
+
+impl RouterState {
+    async fn spawn_worker(&mut self, myself: &ActorRef<RouterMsg>, index: usize) {
+        let id = self.shared.next_worker_id();
+        let slot = Arc::new(WorkerSlot::new(id, index, self.shared.spec.max_in_flight));
+        let args = WorkerArgs { slot: Arc::clone(&slot), shared: Arc::clone(&self.shared), router: myself.clone() };
+        self.positions[index].current = Some(id);
+        self.positions[index].next_start = None;
+        match Actor::spawn_linked(None, WorkerActor, args, myself.get_cell()).await {
+            Ok((actor, _join)) => {
+                self.by_actor.insert(actor.get_id(), id);
+                self.members.insert(id, Member { slot, actor });
+            }
+            Err(e) => {
+                // Only possible while the router itself is stopping.
+                tracing::error!(pool = %self.shared.name, "cannot spawn a worker actor: {e}");
+                self.positions[index].current = None;
+            }
+        }
+    }
+
+    fn all_ready(&self) -> bool {
+        self.positions.iter().all(|p| {
+            p.current
+                .and_then(|id| self.members.get(&id))
+                .is_some_and(|m| m.slot.state() == WorkerState::Ready)
+        })
+    }
+
+    fn status(&self) -> PoolStatus {
+        let workers = self
+            .positions
+            .iter()
+            .enumerate()
+            .map(|(index, p)| {
+                let m = p.current.and_then(|id| self.members.get(&id));
+                WorkerStatus {
+                    index,
+                    worker: m.map(|m| m.slot.id),
+                    pid: m.and_then(|m| m.slot.pid()),
+                    state: m.map_or(WorkerState::Dead, |m| m.slot.state()),
+                    in_flight: m.map_or(0, |m| m.slot.in_flight()),
+                    served: m.map_or(0, |m| m.slot.served()),
+                    restarts: p.restarts,
+                    rss: m.and_then(|m| m.slot.last_beat()).map(|b| b.beat.rss),
+                    last_beat_age: m.and_then(|m| m.slot.last_beat_age()),
+                    restart_in: p.next_start.map(|t| t.saturating_duration_since(Instant::now())),
+                }
+            })
+            .collect();
+        PoolStatus {
+            name: self.shared.name.to_string(),
+            workers,
+            queued: self.shared.queue.len(),
+            closed: self.shared.queue.is_closed(),
+        }
+    }
+
+    /// A worker died. Returns an error when the pool must fail.
+    async fn on_death(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        id: WorkerId,
+        cert: Arc<DeathCertificate>,
+    ) -> Result<(), ActorProcessingErr> {
+        self.shared.table.remove(id);
+        self.members.remove(&id);
+        let index = cert.index;
+        self.shared.emit(PoolEvent::WorkerDied { certificate: Arc::clone(&cert) });
+        if self.shutting_down || index >= self.positions.len() {
+            return Ok(());
+        }
+        if self.positions[index].current == Some(id) {
+            self.positions[index].current = None;
+        }
+        self.positions[index].restarts += 1;
+        if cert.became_ready {
+            // Capacity first: a ready worker is replaced at once.
+            self.spawn_worker(myself, index).await;
+            return Ok(());
+        }
+        // A start failure: count it, fail the pool past the intensity, else back off.
+        let spec = &self.shared.spec;
+        let now = Instant::now();
+        self.start_failures.push_back(now);
+        if self.startup.is_none() {
+            while self
+                .start_failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > spec.start_failure_period)
+            {
+                self.start_failures.pop_front();
+            }
+        }
+        if self.start_failures.len() > spec.max_start_failures {
+            let err = StartError::TooManyStartFailures {
+                failures: self.start_failures.len(),
+                period: spec.start_failure_period,
+                max: spec.max_start_failures,
+                certificate: Box::new((*cert).clone()),
+            };
+            return self.fail(myself, err).await;
+        }
+        let pos = &mut self.positions[index];
+        pos.consecutive_failures += 1;
+        let delay = spec.start_backoff.delay(pos.consecutive_failures);
+        pos.next_start = Some(now + delay);
+        let failures = pos.consecutive_failures;
+        self.shared.emit(PoolEvent::RestartScheduled { index, failures, delay });
+        myself.send_after(delay, move || RouterMsg::StartWorker { index });
+        Ok(())
+    }
+
+    async fn fail(&mut self, myself: &ActorRef<RouterMsg>, err: StartError) -> Result<(), ActorProcessingErr> {
+        self.shutting_down = true;
+        let err = Arc::new(err);
+        self.shared.fail(Arc::clone(&err));
+        self.shared.emit(PoolEvent::PoolFailed { reason: err.to_string() });
+        self.stop_workers(myself).await;
+        match self.startup.take() {
+            Some(tx) => {
+                // Pool::start is waiting: hand it the error and stop quietly.
+                let _ = tx.send(Err((*err).clone()));
+                myself.stop(Some("start failed".into()));
+                Ok(())
+            }
+            None => Err(Box::new(PoolFailure(err))),
+        }
+    }
+
+    async fn stop_workers(&mut self, myself: &ActorRef<RouterMsg>) {
+        for m in self.members.values() {
+            self.shared.table.remove(m.slot.id);
+        }
+        myself.stop_children_and_wait(None, Some(Duration::from_secs(10))).await;
+        self.members.clear();
+        self.by_actor.clear();
+    }
+
+    async fn shutdown(&mut self, myself: &ActorRef<RouterMsg>) {
+        self.shutting_down = true;
+        self.shared.close();
+        for m in self.members.values() {
+            self.shared.table.remove(m.slot.id);
+        }
+        let spec = &self.shared.spec;
+        let budget = spec.shutdown_grace + spec.sigterm_wait + Duration::from_secs(5);
+        let calls = self.members.values().map(|m| {
+            let actor = m.actor.clone();
+            async move {
+                let _ = actor.call(WorkerMsg::Shutdown, Some(budget)).await;
+            }
+        });
+        futures::future::join_all(calls).await;
+        // Anything that did not answer (or is starting) is stopped now.
+        myself.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
+        self.members.clear();
+        self.by_actor.clear();
+        self.shared.emit(PoolEvent::PoolStopped);
+    }
+}
+
+impl Actor for PoolRouter {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RouterArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let n = args.shared.spec.workers;
+        Ok(RouterState {
+            shared: args.shared,
+            positions: (0..n).map(|_| Position::default()).collect(),
+            members: HashMap::new(),
+            by_actor: HashMap::new(),
+            start_failures: VecDeque::new(),
+            startup: args.startup,
+            shutting_down: false,
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for index in 0..st.positions.len() {
+            st.spawn_worker(&myself, index).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RouterMsg::WorkerReady { id, hello, startup } => {
+                let Some(m) = st.members.get(&id) else { return Ok(()) };
+                if st.shutting_down || m.slot.state() != WorkerState::Ready {
+                    return Ok(());
+                }
+                let slot = Arc::clone(&m.slot);
+                st.shared.set_functions(&hello.functions);
+                st.shared.table.insert(Arc::clone(&slot));
+                st.shared.queue.on_membership_change();
+                st.positions[slot.index].consecutive_failures = 0;
+                let pid = slot.pid().unwrap_or(hello.pid);
+                st.shared.emit(PoolEvent::WorkerReady { worker: id, index: slot.index, pid, startup });
+                if st.startup.is_some() && st.all_ready() {
+                    if let Some(tx) = st.startup.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                    // From now on start failures are counted in a sliding window.
+                    st.start_failures.clear();
+                }
+            }
+            RouterMsg::StartWorker { index } => {
+                if !st.shutting_down && index < st.positions.len() && st.positions[index].current.is_none() {
+                    st.spawn_worker(&myself, index).await;
+                }
+            }
+            RouterMsg::Status(reply) => {
+                let _ = reply.send(st.status());
+            }
+            RouterMsg::Shutdown(reply) => {
+                if !st.shutting_down {
+                    st.shutdown(&myself).await;
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(id) = st.by_actor.remove(&cell.get_id()) else { return Ok(()) };
+                let cert = match err.downcast_ref::<WorkerDied>() {
+                    Some(d) => Arc::clone(&d.0),
+                    None => {
+                        // The actor failed without finalizing (a panic): its guard killed the
+                        // process; fail its calls here so none waits forever.
+                        let slot = st.members.get(&id).map(|m| Arc::clone(&m.slot));
+                        let cert = Arc::new(actor_failure_certificate(&st.shared.name, id, slot.as_deref(), err.to_string()));
+                        if let Some(s) = &slot {
+                            s.set_state(WorkerState::Dead);
+                            s.close_and_fail(crate::slot::Failure::Crashed(Arc::clone(&cert)));
+                        }
+                        cert
+                    }
+                };
+                st.on_death(&myself, id, cert).await?;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(id) = st.by_actor.remove(&cell.get_id()) {
+                    st.members.remove(&id);
+                    st.shared.table.remove(id);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        st.shared.close();
+        if !st.members.is_empty() {
+            st.stop_workers(&myself).await;
+        }
+        if let Some(tx) = st.startup.take() {
+            let _ = tx.send(Err(StartError::Actor("the pool was stopped while starting".into())));
+        }
+        Ok(())
+    }
+}
+
+fn actor_failure_certificate(pool: &str, id: WorkerId, slot: Option<&WorkerSlot>, err: String) -> DeathCertificate {
+    DeathCertificate {
+        pool: pool.to_string(),
+        worker: id,
+        index: slot.map_or(0, |s| s.index),
+        pid: slot.and_then(|s| s.pid()),
+        cause: DeathCause::ActorFailed(err),
+        exit_code: None,
+        signal: None,
+        killed_by_pyvisor: true,
+        oom_suspected: false,
+        uptime: slot.map_or(Duration::ZERO, |s| s.spawned_at.elapsed()),
+        became_ready: slot.is_some_and(|s| s.served() > 0),
+        died_at: std::time::SystemTime::now(),
+        last_rss: None,
+        last_beat_age: None,
+        calls_in_flight: slot.map(|s| s.calls_in_flight()).unwrap_or_default(),
+        stderr_tail: Vec::new(),
+        python_stack: None,
+    }
+}

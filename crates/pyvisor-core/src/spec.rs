@@ -1,0 +1,260 @@
+//! Pool specs: what to run and how many, as a builder with DESIGN.md's defaults.
+//!
+//! Owns configuration values and their validation; it starts nothing (see [`crate::Pool`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::error::StartError;
+use crate::events::{EventHandler, PoolEvent};
+use crate::python::Interpreter;
+
+/// What the worker runs: a script file or an importable module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `python -m pyvisor_worker SCRIPT`.
+    Script(PathBuf),
+    /// `python -m pyvisor_worker --module MODULE`.
+    Module(String),
+}
+
+/// Everything needed to start a pool. Build with [`PoolSpec::script`] or [`PoolSpec::module`].
+///
+/// ```
+/// use std::time::Duration;
+/// use pyvisor_core::PoolSpec;
+/// let spec = PoolSpec::script("examples/workers/quickstart.py")
+///     .name("ml")
+///     .workers(2)
+///     .max_in_flight(8)
+///     .call_timeout(Some(Duration::from_secs(5)));
+/// assert_eq!(spec.worker_count(), 2);
+/// ```
+#[derive(Clone)]
+pub struct PoolSpec {
+    pub(crate) name: String,
+    pub(crate) target: Target,
+    pub(crate) interpreter: Interpreter,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) workers: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_queue: usize,
+    pub(crate) queue_timeout: Duration,
+    pub(crate) call_timeout: Option<Duration>,
+    pub(crate) start_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) start_backoff: Backoff,
+    pub(crate) max_start_failures: usize,
+    pub(crate) start_failure_period: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) sigterm_wait: Duration,
+    pub(crate) on_event: Option<EventHandler>,
+}
+
+impl std::fmt::Debug for PoolSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSpec")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("interpreter", &self.interpreter)
+            .field("workers", &self.workers)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_queue", &self.max_queue)
+            .field("call_timeout", &self.call_timeout)
+            .field("start_timeout", &self.start_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl PoolSpec {
+    fn new(target: Target) -> Self {
+        PoolSpec {
+            name: "pool".to_string(),
+            target,
+            interpreter: Interpreter::Default,
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            workers: default_workers(),
+            max_in_flight: 1,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(10),
+            call_timeout: Some(Duration::from_secs(60)),
+            start_timeout: Duration::from_secs(30),
+            max_frame: pyvisor_protocol::DEFAULT_MAX_FRAME,
+            start_backoff: Backoff::default(),
+            max_start_failures: 5,
+            start_failure_period: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+            sigterm_wait: Duration::from_secs(2),
+            on_event: None,
+        }
+    }
+
+    /// A pool running a Python script (`@expose`d functions, ending in `run_worker()`).
+    pub fn script(path: impl Into<PathBuf>) -> Self {
+        Self::new(Target::Script(path.into()))
+    }
+
+    /// A pool running an importable module (`python -m pyvisor_worker --module NAME`).
+    pub fn module(name: impl Into<String>) -> Self {
+        Self::new(Target::Module(name.into()))
+    }
+
+    /// Pool name, used in logs, errors and events. Default `pool`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// The interpreter to run. Default: `PYVISOR_PYTHON`, else `python3` on `PATH`.
+    pub fn python(mut self, path: impl Into<PathBuf>) -> Self {
+        self.interpreter = Interpreter::Path(path.into());
+        self
+    }
+    /// Run `VENV/bin/python`.
+    pub fn venv(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.interpreter = Interpreter::Venv(dir.into());
+        self
+    }
+    /// Extra arguments for the script (its `sys.argv[1:]`).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Set an environment variable for the workers (added to the parent's environment).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+    /// Working directory of the workers. Default: the parent's.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+    /// Number of worker processes. Default: number of CPUs.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+    /// Calls the parent may have outstanding on one worker (pipelining depth). Default 1.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+    /// Calls that may wait for a free worker before `Overloaded`. Default 1024.
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.max_queue = n;
+        self
+    }
+    /// Longest wait in the queue before `QueueTimeout`. Default 10 s.
+    pub fn queue_timeout(mut self, d: Duration) -> Self {
+        self.queue_timeout = d;
+        self
+    }
+    /// Default per-call timeout (`None`: no timeout). Default 60 s.
+    pub fn call_timeout(mut self, d: Option<Duration>) -> Self {
+        self.call_timeout = d;
+        self
+    }
+    /// Longest time from spawn to `hello`. Default 30 s.
+    pub fn start_timeout(mut self, d: Duration) -> Self {
+        self.start_timeout = d;
+        self
+    }
+    /// Maximum frame body size, both directions. Default 64 MiB.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+    /// Backoff between start failures. Default 100 ms × 2, cap 10 s, full jitter.
+    pub fn start_backoff(mut self, b: Backoff) -> Self {
+        self.start_backoff = b;
+        self
+    }
+    /// Start failures tolerated within `period` before the pool fails. Default 5 / 60 s.
+    pub fn max_start_failures(mut self, n: usize, period: Duration) -> Self {
+        self.max_start_failures = n;
+        self.start_failure_period = period;
+        self
+    }
+    /// Interval of the workers' beats. Default 1 s.
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.heartbeat_interval = d;
+        self
+    }
+    /// On shutdown: time for in-flight calls to finish, then the wait after SIGTERM before
+    /// SIGKILL. Default 5 s, 2 s.
+    pub fn shutdown_timeouts(mut self, grace: Duration, sigterm_wait: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self.sigterm_wait = sigterm_wait;
+        self
+    }
+    /// Receive lifecycle events (spawn, ready, death, restart). The callback must not block.
+    pub fn on_event<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&PoolEvent) + Send + Sync + 'static,
+    {
+        self.on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// Number of workers this spec starts.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+    }
+    /// The pool's name.
+    pub fn pool_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Check the spec and the files it names; resolve the interpreter.
+    pub(crate) fn validate(&self) -> Result<PathBuf, StartError> {
+        if self.workers == 0 {
+            return Err(StartError::InvalidSpec("workers must be at least 1".into()));
+        }
+        if self.max_in_flight == 0 {
+            return Err(StartError::InvalidSpec("max_in_flight must be at least 1".into()));
+        }
+        if self.max_frame < 1024 || self.max_frame > u32::MAX as usize {
+            return Err(StartError::InvalidSpec(format!(
+                "max_frame must be between 1 KiB and 4 GiB, got {}",
+                self.max_frame
+            )));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(StartError::InvalidSpec("heartbeat_interval must be positive".into()));
+        }
+        let cwd = match &self.cwd {
+            Some(d) if !d.is_dir() => {
+                return Err(StartError::InvalidSpec(format!(
+                    "working directory {} does not exist",
+                    d.display()
+                )))
+            }
+            Some(d) => d.clone(),
+            None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        };
+        if let Target::Script(p) = &self.target {
+            let full = if p.is_absolute() { p.clone() } else { cwd.join(p) };
+            if !full.is_file() {
+                return Err(StartError::ScriptNotFound { path: p.clone(), cwd });
+            }
+        }
+        self.interpreter.resolve()
+    }
+
+}

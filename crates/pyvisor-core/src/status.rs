@@ -1,0 +1,53 @@
+//! Status snapshots of a pool and its workers, for `Pool::status()` and the CLI.
+
+use std::time::Duration;
+
+use crate::death::WorkerId;
+use crate::slot::WorkerState;
+
+/// One position of the pool and the worker in it now.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// Position in the pool (stable across replacements).
+    pub index: usize,
+    /// The worker in this position, if one is spawned.
+    pub worker: Option<WorkerId>,
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// Its state (`Dead` while a restart is pending).
+    pub state: WorkerState,
+    /// Calls outstanding on it.
+    pub in_flight: usize,
+    /// Calls it completed.
+    pub served: u64,
+    /// Replacements of this position so far.
+    pub restarts: u32,
+    /// RSS from its last beat, bytes.
+    pub rss: Option<u64>,
+    /// Time since its last beat.
+    pub last_beat_age: Option<Duration>,
+    /// When a restart is pending: time until it starts.
+    pub restart_in: Option<Duration>,
+}
+
+/// A pool as a whole.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// One entry per position.
+    pub workers: Vec<WorkerStatus>,
+    /// Calls waiting for a free worker.
+    pub queued: usize,
+    /// Whether the pool is closed (shut down or failed).
+    pub closed: bool,
+}
+
+impl PoolStatus {
+    /// Workers in the `Ready` state.
+    pub fn ready(&self) -> usize {
+        self.workers.iter().filter(|w| w.state == WorkerState::Ready).count()
+    }
+}

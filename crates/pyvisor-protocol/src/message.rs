@@ -1,0 +1,526 @@
+//! Messages: their Rust types, the encoders for parent → worker messages and the decoder for
+//! worker → parent messages. Layouts are those of `docs/protocol.md`.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::frame::LENGTH_PREFIX;
+
+/// Message type codes: the first element of every message array.
+pub mod msg_type {
+    /// worker → parent, first frame.
+    pub const HELLO: u8 = 0;
+    /// parent → worker.
+    pub const CALL: u8 = 1;
+    /// worker → parent.
+    pub const REPLY: u8 = 2;
+    /// parent → worker.
+    pub const CANCEL: u8 = 3;
+    /// worker → parent, on a timer.
+    pub const BEAT: u8 = 4;
+    /// parent → worker.
+    pub const PING: u8 = 5;
+    /// worker → parent.
+    pub const PONG: u8 = 6;
+    /// parent → worker.
+    pub const SHUTDOWN: u8 = 7;
+}
+
+/// How a worker runs an exposed function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ExecKind {
+    /// Plain function, run inline in arrival order.
+    #[default]
+    Inline,
+    /// `async def`, run on the worker's asyncio loop.
+    Async,
+    /// Plain function on its own thread pool (`@expose(threads=N)`).
+    Threads,
+    /// A kind this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One exposed function, as announced in `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// Exposed name.
+    pub name: String,
+    /// Whether calls to it may be retried after a crash.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// How the worker runs it.
+    #[serde(default)]
+    pub kind: ExecKind,
+    /// Thread pool size for [`ExecKind::Threads`], else 0.
+    #[serde(default)]
+    pub threads: u32,
+}
+
+/// The worker's `hello`: it is ready once this arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the worker speaks.
+    pub protocol: u32,
+    /// The worker's pid (as it sees it).
+    pub pid: u32,
+    /// `pyvisor_worker` version.
+    #[serde(default)]
+    pub adapter: String,
+    /// Python version.
+    #[serde(default)]
+    pub python: String,
+    /// Exposed functions, `health` included.
+    #[serde(default)]
+    pub functions: Vec<FunctionInfo>,
+}
+
+/// Where a call held by the worker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Received, waiting behind other inline calls.
+    Queued,
+    /// Running.
+    Running,
+    /// A phase this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One call the worker holds, as reported in a beat: `[id, attempt, phase, started_ms]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InProgress {
+    /// Call id.
+    pub id: u64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Queued or running.
+    pub phase: Phase,
+    /// When the worker received it, ms since the Unix epoch.
+    pub started_ms: u64,
+}
+
+/// A heartbeat (also the body of a `pong`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    /// Increments per beat.
+    #[serde(default)]
+    pub seq: u64,
+    /// Resident set size in bytes.
+    #[serde(default)]
+    pub rss: u64,
+    /// Calls the worker holds.
+    #[serde(default)]
+    pub in_progress: Vec<InProgress>,
+    /// Calls completed since the worker started.
+    #[serde(default)]
+    pub served: u64,
+}
+
+/// What kind of failure a worker reported for a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RemoteErrorKind {
+    /// The user's function raised.
+    Exception,
+    /// No function of that name is exposed.
+    UnknownFunction,
+    /// The call was cancelled before or while it ran.
+    Cancelled,
+    /// The return value exceeds the maximum frame size.
+    ReplyTooLarge,
+    /// The return value cannot be encoded as MessagePack.
+    Unserializable,
+    /// The adapter itself failed (e.g. it is shutting down).
+    Internal,
+    /// A kind this version does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// A failure reported by the worker in a `reply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// What kind of failure.
+    pub kind: RemoteErrorKind,
+    /// Python exception class (qualified).
+    #[serde(rename = "type", default)]
+    pub type_name: String,
+    /// `str(exception)`.
+    #[serde(default)]
+    pub message: String,
+    /// Formatted Python traceback.
+    #[serde(default)]
+    pub traceback: Option<String>,
+    /// For [`RemoteErrorKind::UnknownFunction`]: the exposed names.
+    #[serde(default)]
+    pub functions: Option<Vec<String>>,
+}
+
+/// A `reply`: the value is the still-encoded MessagePack bytes of the result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Call id.
+    pub id: u64,
+    /// Attempt it answers.
+    pub attempt: u32,
+    /// Encoded value, or the worker's error.
+    pub outcome: Result<Bytes, RemoteError>,
+}
+
+/// A message from a worker.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum WorkerMessage {
+    /// The handshake.
+    Hello(Hello),
+    /// A call's result.
+    Reply(Reply),
+    /// A heartbeat.
+    Beat(Beat),
+    /// The answer to a `ping`.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+        /// The worker's state.
+        beat: Beat,
+    },
+}
+
+/// A frame from a worker that does not follow the protocol. The worker must be killed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The frame is not a MessagePack array headed by a message type.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The message type is not one a worker may send.
+    #[error("unexpected message type {0} from worker")]
+    UnexpectedType(u64),
+    /// A field has the wrong type or a map does not decode.
+    #[error("bad `{field}` in {message}: {detail}")]
+    BadField {
+        /// Message name.
+        message: &'static str,
+        /// Field name.
+        field: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// The header fields of a `call`; the payload is passed separately, already encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct CallHeader<'a> {
+    /// Call id.
+    pub id: u64,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Function name.
+    pub function: &'a str,
+    /// Absolute deadline in ms since the Unix epoch.
+    pub deadline_ms: Option<u64>,
+    /// W3C traceparent.
+    pub traceparent: Option<&'a str>,
+    /// W3C tracestate.
+    pub tracestate: Option<&'a str>,
+}
+
+// Writing MessagePack into a Vec cannot fail; these wrappers keep that in one place.
+fn put_uint(buf: &mut Vec<u8>, v: u64) {
+    let r = rmp::encode::write_uint(buf, v);
+    debug_assert!(r.is_ok());
+}
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let r = rmp::encode::write_str(buf, s);
+    debug_assert!(r.is_ok());
+}
+fn put_array_len(buf: &mut Vec<u8>, n: u32) {
+    let r = rmp::encode::write_array_len(buf, n);
+    debug_assert!(r.is_ok());
+}
+fn put_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => put_str(buf, s),
+        None => rmp::encode::write_nil(buf).unwrap_or(()),
+    }
+}
+
+/// Start a frame: reserve the length prefix.
+fn begin(capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(LENGTH_PREFIX + capacity);
+    buf.extend_from_slice(&[0; LENGTH_PREFIX]);
+    buf
+}
+
+/// Finish a frame: fill in the length prefix.
+fn finish(mut buf: Vec<u8>) -> Vec<u8> {
+    let len = (buf.len() - LENGTH_PREFIX) as u32;
+    buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// Size of a call frame body before its payload, an upper bound used to check the frame limit.
+pub fn call_overhead(h: &CallHeader<'_>) -> usize {
+    48 + h.function.len()
+        + h.traceparent.map_or(0, str::len)
+        + h.tracestate.map_or(0, str::len)
+}
+
+/// Encode a complete `call` frame (prefix included) around an already-encoded payload.
+pub fn encode_call(h: &CallHeader<'_>, payload: &[u8]) -> Vec<u8> {
+    let mut buf = begin(call_overhead(h) + payload.len());
+    put_array_len(&mut buf, 8);
+    put_uint(&mut buf, u64::from(msg_type::CALL));
+    put_uint(&mut buf, h.id);
+    put_uint(&mut buf, u64::from(h.attempt));
+    put_str(&mut buf, h.function);
+    match h.deadline_ms {
+        Some(d) => put_uint(&mut buf, d),
+        None => rmp::encode::write_nil(&mut buf).unwrap_or(()),
+    }
+    put_opt_str(&mut buf, h.traceparent);
+    put_opt_str(&mut buf, h.tracestate);
+    buf.extend_from_slice(payload);
+    finish(buf)
+}
+
+/// Encode a complete `cancel` frame.
+pub fn encode_cancel(id: u64) -> Vec<u8> {
+    let mut buf = begin(12);
+    put_array_len(&mut buf, 2);
+    put_uint(&mut buf, u64::from(msg_type::CANCEL));
+    put_uint(&mut buf, id);
+    finish(buf)
+}
+
+/// Encode a complete `ping` frame.
+pub fn encode_ping(nonce: u64) -> Vec<u8> {
+    let mut buf = begin(12);
+    put_array_len(&mut buf, 2);
+    put_uint(&mut buf, u64::from(msg_type::PING));
+    put_uint(&mut buf, nonce);
+    finish(buf)
+}
+
+/// Encode a complete `shutdown` frame.
+pub fn encode_shutdown(grace_ms: u64) -> Vec<u8> {
+    let mut buf = begin(12);
+    put_array_len(&mut buf, 2);
+    put_uint(&mut buf, u64::from(msg_type::SHUTDOWN));
+    put_uint(&mut buf, grace_ms);
+    finish(buf)
+}
+
+fn malformed(e: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::Malformed(e.to_string())
+}
+
+fn read_u64(rd: &mut &[u8], message: &'static str, field: &'static str) -> Result<u64, ProtocolError> {
+    rmp::decode::read_int(rd).map_err(|e| ProtocolError::BadField {
+        message,
+        field,
+        detail: e.to_string(),
+    })
+}
+
+fn read_map<T: for<'de> Deserialize<'de>>(
+    rd: &mut &[u8],
+    message: &'static str,
+    field: &'static str,
+) -> Result<T, ProtocolError> {
+    // Reading through `&mut &[u8]` consumes exactly one value and advances the cursor.
+    let mut de = rmp_serde::Deserializer::new(&mut *rd);
+    T::deserialize(&mut de).map_err(|e| ProtocolError::BadField {
+        message,
+        field,
+        detail: e.to_string(),
+    })
+}
+
+/// Decode one frame body (length prefix already removed) from a worker.
+///
+/// The reply value is returned as a zero-copy slice of `body`.
+pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError> {
+    let total = body.len();
+    let mut rd: &[u8] = &body;
+    let len = rmp::decode::read_array_len(&mut rd).map_err(malformed)?;
+    if len == 0 {
+        return Err(malformed("empty array"));
+    }
+    let ty: u64 = rmp::decode::read_int(&mut rd).map_err(malformed)?;
+    match ty {
+        t if t == u64::from(msg_type::REPLY) => {
+            if len != 5 {
+                return Err(malformed(format!("reply has {len} elements, expected 5")));
+            }
+            let id = read_u64(&mut rd, "reply", "id")?;
+            let attempt = read_u64(&mut rd, "reply", "attempt")?;
+            let attempt = u32::try_from(attempt).map_err(|e| ProtocolError::BadField {
+                message: "reply",
+                field: "attempt",
+                detail: e.to_string(),
+            })?;
+            let ok = rmp::decode::read_bool(&mut rd).map_err(|e| ProtocolError::BadField {
+                message: "reply",
+                field: "ok",
+                detail: e.to_string(),
+            })?;
+            let outcome = if ok {
+                if rd.is_empty() {
+                    return Err(malformed("reply has no value"));
+                }
+                let start = total - rd.len();
+                Ok(body.slice(start..))
+            } else {
+                Err(read_map::<RemoteError>(&mut rd, "reply", "error")?)
+            };
+            Ok(WorkerMessage::Reply(Reply { id, attempt, outcome }))
+        }
+        t if t == u64::from(msg_type::BEAT) => {
+            Ok(WorkerMessage::Beat(read_map(&mut rd, "beat", "body")?))
+        }
+        t if t == u64::from(msg_type::HELLO) => {
+            Ok(WorkerMessage::Hello(read_map(&mut rd, "hello", "body")?))
+        }
+        t if t == u64::from(msg_type::PONG) => {
+            let nonce = read_u64(&mut rd, "pong", "nonce")?;
+            let beat = read_map(&mut rd, "pong", "body")?;
+            Ok(WorkerMessage::Pong { nonce, beat })
+        }
+        other => Err(ProtocolError::UnexpectedType(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(frame: &[u8]) -> &[u8] {
+        let n = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        assert_eq!(n, frame.len() - 4);
+        &frame[4..]
+    }
+
+    #[test]
+    fn call_frame_has_all_fields_and_payload_last() {
+        let payload = rmp_serde::to_vec(&vec![1u8, 2, 3]).unwrap();
+        let f = encode_call(
+            &CallHeader {
+                id: u64::MAX,
+                attempt: 3,
+                function: "predict",
+                deadline_ms: Some(1_700_000_000_000),
+                traceparent: Some("00-abc-def-01"),
+                tracestate: None,
+            },
+            &payload,
+        );
+        let v: rmpv::Value = rmp_serde::from_slice(body_of(&f)).unwrap();
+        let a = v.as_array().unwrap();
+        assert_eq!(a.len(), 8);
+        assert_eq!(a[0].as_u64(), Some(1));
+        assert_eq!(a[1].as_u64(), Some(u64::MAX));
+        assert_eq!(a[2].as_u64(), Some(3));
+        assert_eq!(a[3].as_str(), Some("predict"));
+        assert_eq!(a[4].as_u64(), Some(1_700_000_000_000));
+        assert_eq!(a[5].as_str(), Some("00-abc-def-01"));
+        assert!(a[6].is_nil());
+        assert_eq!(a[7].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn control_frames_encode() {
+        for (f, ty, arg) in [
+            (encode_cancel(9), 3, 9),
+            (encode_ping(5), 5, 5),
+            (encode_shutdown(2000), 7, 2000),
+        ] {
+            let v: (u8, u64) = rmp_serde::from_slice(body_of(&f)).unwrap();
+            assert_eq!(v, (ty, arg));
+        }
+    }
+
+    #[test]
+    fn decodes_error_reply_and_beat_and_hello() {
+        let err = rmpv::Value::Map(vec![
+            ("kind".into(), "exception".into()),
+            ("type".into(), "ValueError".into()),
+            ("message".into(), "bad".into()),
+            ("traceback".into(), "Traceback...".into()),
+            ("future_key".into(), 1.into()),
+        ]);
+        let msg = rmpv::Value::Array(vec![2.into(), 4.into(), 1.into(), false.into(), err]);
+        let body = rmp_serde::to_vec(&msg).unwrap();
+        match decode_worker_message(body.into()).unwrap() {
+            WorkerMessage::Reply(Reply { id: 4, attempt: 1, outcome: Err(e) }) => {
+                assert_eq!(e.kind, RemoteErrorKind::Exception);
+                assert_eq!(e.type_name, "ValueError");
+                assert_eq!(e.traceback.as_deref(), Some("Traceback..."));
+            }
+            other => panic!("{other:?}"),
+        }
+        let beat = rmpv::Value::Map(vec![
+            ("seq".into(), 3.into()),
+            ("rss".into(), 1000.into()),
+            (
+                "in_progress".into(),
+                rmpv::Value::Array(vec![rmpv::Value::Array(vec![
+                    7.into(),
+                    1.into(),
+                    "running".into(),
+                    123.into(),
+                ])]),
+            ),
+            ("served".into(), 2.into()),
+        ]);
+        let body = rmp_serde::to_vec(&rmpv::Value::Array(vec![4.into(), beat])).unwrap();
+        match decode_worker_message(body.into()).unwrap() {
+            WorkerMessage::Beat(b) => {
+                assert_eq!(b.in_progress[0].phase, Phase::Running);
+                assert_eq!(b.rss, 1000);
+            }
+            other => panic!("{other:?}"),
+        }
+        let hello = rmpv::Value::Map(vec![
+            ("protocol".into(), 1.into()),
+            ("pid".into(), 42.into()),
+            (
+                "functions".into(),
+                rmpv::Value::Array(vec![rmpv::Value::Map(vec![
+                    ("name".into(), "f".into()),
+                    ("idempotent".into(), true.into()),
+                    ("kind".into(), "async".into()),
+                    ("threads".into(), 0.into()),
+                ])]),
+            ),
+        ]);
+        let body = rmp_serde::to_vec(&rmpv::Value::Array(vec![0.into(), hello])).unwrap();
+        match decode_worker_message(body.into()).unwrap() {
+            WorkerMessage::Hello(h) => {
+                assert_eq!(h.pid, 42);
+                assert_eq!(h.functions[0].kind, ExecKind::Async);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for body in [
+            vec![],
+            vec![0xc1],
+            vec![0x91, 0x09],
+            vec![0x95, 0x02, 0x01],
+            vec![0x92, 0x04, 0x05],
+            vec![0x95, 0x02, 0x01, 0x01, 0xc3],
+        ] {
+            assert!(decode_worker_message(body.into()).is_err());
+        }
+    }
+}

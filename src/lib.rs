@@ -1,0 +1,1 @@
+pub use pyvisor_core::*;
