@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests: the interpreter, worker scripts, process checks.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pyvisor::PoolSpec;
+
+/// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test` (it creates .venv), or set PYVISOR_PYTHON");
+    venv
+}
+
+/// Path of a worker script in tests/workers.
+pub fn worker(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers").join(name)
+}
+
+/// A spec for a test worker script with the test interpreter.
+pub fn spec(script: &str) -> PoolSpec {
+    PoolSpec::script(worker(script)).python(python()).name(script.trim_end_matches(".py"))
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Poll `cond` until it holds or `limit` passes (a guard against hangs, not a timing claim).
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// Live (non-zombie) processes whose environment carries `PYVISOR_RUN_ID=run_id`.
+pub fn processes_of_run(run_id: &str) -> Vec<u32> {
+    let needle = format!("PYVISOR_RUN_ID={run_id}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+/// Send a signal to a pid.
+pub fn signal(pid: u32, sig: i32) {
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}

@@ -1,0 +1,74 @@
+//! Values round-trip through a real Python worker unchanged.
+
+mod common;
+
+use pyvisor::Pool;
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Record {
+    name: String,
+    tags: Vec<String>,
+    score: Option<f64>,
+    nested: std::collections::BTreeMap<String, Vec<i64>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_values_round_trip_unchanged() {
+    let pool = Pool::start(common::spec("basic.py").workers(1)).await.expect("pool starts");
+    let values = vec![
+        Value::Nil,
+        Value::Boolean(true),
+        Value::from(u64::MAX),
+        Value::from(i64::MIN),
+        Value::from(0.1f64),
+        Value::from(-1.5e300f64),
+        Value::from("unicode: ünïcødé ✓ 漢字 🐍"),
+        Value::Binary(vec![0, 1, 2, 254, 255]),
+        Value::Array(vec![Value::Nil, Value::from(1), Value::Array(vec![Value::from("deep")])]),
+        Value::Map(vec![
+            (Value::from("k"), Value::Map(vec![(Value::from("inner"), Value::Binary(b"bytes".to_vec()))])),
+            (Value::from("list"), Value::Array(vec![Value::from(1.25), Value::Nil, Value::from(false)])),
+            (Value::from(""), Value::from("")),
+        ]),
+    ];
+    for v in values {
+        let back: Value = pool.call("echo", &v).await.expect("echo");
+        assert_eq!(back, v);
+    }
+    let rec = Record {
+        name: "ä".into(),
+        tags: vec!["a".into(), "b".into()],
+        score: None,
+        nested: [("x".to_string(), vec![1, -2, i64::MAX])].into_iter().collect(),
+    };
+    let back: Record = pool.call("echo", &rec).await.expect("struct echo");
+    assert_eq!(back, rec);
+    let sum: i64 = pool.call("add", &(40, 2)).await.expect("add");
+    assert_eq!(sum, 42);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_in_user_code_does_not_corrupt_the_protocol() {
+    let pool = Pool::start(common::spec("basic.py").workers(1)).await.expect("pool starts");
+    for i in 0..20 {
+        let v: i32 = pool.call("noisy", &i).await.expect("noisy");
+        assert_eq!(v, i);
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_travels_to_python() {
+    let pool = Pool::start(common::spec("basic.py").workers(1)).await.expect("pool starts");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let opts = pyvisor::CallOptions::new().timeout(std::time::Duration::from_secs(30));
+    let d: Option<f64> = pool.call_with("deadline", &(), opts).await.expect("deadline");
+    let d = d.expect("a deadline reaches ctx");
+    assert!(d > before + 25.0 && d < before + 35.0, "deadline {d} vs now {before}");
+    let none: Option<f64> = pool.call_with("deadline", &(), pyvisor::CallOptions::new().no_timeout()).await.unwrap();
+    assert_eq!(none, None);
+    pool.shutdown().await;
+}

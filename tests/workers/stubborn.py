@@ -1,0 +1,30 @@
+"""Test worker that is hard to kill: ignores SIGTERM, can hold the GIL in C code, and
+starts a subprocess of its own."""
+
+import signal
+import subprocess
+import time
+
+from pyvisor_worker import expose, run_worker
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+_children = []
+
+
+@expose
+def spawn_child(_):
+    time.sleep(0.3)  # long enough that two concurrent calls land on two workers
+    p = subprocess.Popen(["sleep", "1000"])
+    _children.append(p)
+    return p.pid
+
+
+@expose
+def hold_gil(_):
+    # One long C loop that never releases the GIL.
+    return sum(range(10**12))
+
+
+if __name__ == "__main__":
+    run_worker()
