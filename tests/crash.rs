@@ -195,3 +195,16 @@ async fn shutdown_kills_workers_that_ignore_sigterm_and_their_subprocesses() {
     assert!(matches!(stuck.await.unwrap(), Err(CallError::ShutDown { .. })));
     assert!(common::eventually(Duration::from_secs(10), || !common::alive(pid) && !common::alive(child)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_pool() {
+    let pool = Pool::start(common::spec("basic.py").workers(2)).await.expect("pool starts");
+    let clone = pool.clone();
+    let pids: Vec<u32> = pool.status().await.workers.iter().filter_map(|w| w.pid).collect();
+    drop(pool);
+    // A clone keeps it alive.
+    let v: i32 = clone.call("echo", &1).await.expect("still running while a handle exists");
+    assert_eq!(v, 1);
+    drop(clone);
+    assert!(common::eventually(Duration::from_secs(20), || pids.iter().all(|p| !common::alive(*p))).await);
+}

@@ -9,7 +9,9 @@ use pyvisor::PoolSpec;
 /// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+        // A relative path is relative to the workspace root (cargo runs tests elsewhere).
+        let p = PathBuf::from(p);
+        return if p.components().count() > 1 && p.is_relative() { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p) } else { p };
     }
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(venv.exists(), "no Python with pyvisor_worker: run `make test` (it creates .venv), or set PYVISOR_PYTHON");

@@ -174,7 +174,20 @@ struct PoolInner {
     join: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// A running pool of Python workers. Cheap to clone; every clone is the same pool.
+impl Drop for PoolInner {
+    /// The last handle is gone: shut the pool down (gracefully, in the background).
+    fn drop(&mut self) {
+        if !self.shared.queue.is_closed() {
+            self.shared.close();
+            let (tx, _rx) = oneshot::channel();
+            let _ = self.router.cast(RouterMsg::Shutdown(tx.into()));
+        }
+    }
+}
+
+/// A running pool of Python workers. Cheap to clone; every clone is the same pool. The pool
+/// runs until [`Pool::shutdown`] or until its last handle is dropped (which starts the same
+/// shutdown in the background).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,0 +1,218 @@
+//! The `pyvisor` command against real Python workers.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
+        // A relative path is relative to the workspace root (cargo runs tests elsewhere).
+        let p = PathBuf::from(p);
+        return if p.components().count() > 1 && p.is_relative() { root().join(p) } else { p };
+    }
+    let venv = root().join(".venv/bin/python");
+    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test`, or set PYVISOR_PYTHON");
+    venv
+}
+
+fn worker(name: &str) -> String {
+    root().join("tests/workers").join(name).to_string_lossy().into_owned()
+}
+
+fn pyvisor() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pyvisor"));
+    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("pyvisor runs")
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+fn worker_pids(stderr: &str) -> Vec<u32> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            match (p.next(), p.next(), p.next(), p.next()) {
+                (Some("worker"), Some(_), Some("pid"), Some(pid)) => pid.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn check_contract(v: &serde_json::Value) {
+    for key in ["calls", "ok", "errors", "p50_us", "p99_us", "throughput", "workers", "concurrency"] {
+        assert!(v.get(key).is_some(), "missing key {key} in {v}");
+    }
+    let errors: u64 = v["errors"].as_object().expect("errors is an object").values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(v["calls"].as_u64().unwrap(), v["ok"].as_u64().unwrap() + errors, "calls != ok + errors in {v}");
+}
+
+#[test]
+fn bench_json_reports_a_clean_echo_run() {
+    let out = run(pyvisor().args(["bench", "--script", &worker("basic.py"), "--function", "echo"]).args([
+        "--payload",
+        r#"{"a": [1, 2.5, "x", null], "b": true}"#,
+        "--workers",
+        "2",
+        "--concurrency",
+        "4",
+        "--max-in-flight",
+        "2",
+        "--calls",
+        "300",
+        "--json",
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    // Exactly one JSON object on stdout.
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("stdout is one JSON object");
+    assert_eq!(stdout.trim().lines().count(), 1);
+    check_contract(&v);
+    assert_eq!(v["calls"], 300);
+    assert_eq!(v["ok"], 300);
+    assert_eq!(v["workers"], 2);
+    assert_eq!(v["concurrency"], 4);
+    assert!(v["p50_us"].as_u64().unwrap() > 0 && v["p99_us"].as_u64() >= v["p50_us"].as_u64());
+    assert!(v["throughput"].as_f64().unwrap() > 0.0);
+    let pids = worker_pids(&stderr);
+    assert_eq!(pids.len(), 2, "stderr: {stderr}");
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived the bench");
+    }
+}
+
+#[test]
+fn bench_counts_a_wrong_echo_as_mismatch() {
+    let out = run(pyvisor().args(["bench", "--script", &worker("wrong_echo.py"), "--function", "echo"]).args([
+        "--payload", "[1, 2]", "--workers", "1", "--concurrency", "2", "--calls", "50", "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    check_contract(&v);
+    assert_eq!(v["ok"], 0);
+    assert_eq!(v["errors"]["mismatch"], 50);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn bench_prints_live_worker_pids_including_replacements() {
+    let mut child = pyvisor()
+        .args(["bench", "--script", &worker("basic.py"), "--function", "echo", "--payload", "1"])
+        .args(["--workers", "2", "--concurrency", "2", "--duration", "4", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut pids = Vec::new();
+    let start = Instant::now();
+    while pids.len() < 2 && start.elapsed() < Duration::from_secs(30) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            pids.extend(worker_pids(&line));
+        }
+    }
+    assert_eq!(pids.len(), 2);
+    for pid in &pids {
+        assert!(alive(*pid));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(String::from_utf8_lossy(&cmdline).contains("basic.py"), "{pid} is not a worker");
+    }
+    // Kill one: its replacement's pid is printed too.
+    unsafe {
+        libc::kill(pids[0] as i32, libc::SIGKILL);
+    }
+    let mut replacement = None;
+    while replacement.is_none() && start.elapsed() < Duration::from_secs(30) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            replacement = worker_pids(&line).first().copied();
+        }
+    }
+    let replacement = replacement.expect("the replacement's pid is printed");
+    assert!(!pids.contains(&replacement));
+    assert!(alive(replacement));
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    check_contract(&v);
+    assert!(v["ok"].as_u64().unwrap() > 0);
+    for pid in pids.iter().chain([&replacement]) {
+        assert!(!alive(*pid));
+    }
+}
+
+#[test]
+fn call_prints_the_result_and_fails_clearly() {
+    let out = run(pyvisor().args(["call", &worker("basic.py"), "add", "[40, 2]"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    let out = run(pyvisor().args(["call", &worker("basic.py"), "fail", r#""boom""#]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ValueError: boom") && err.contains("Traceback"), "{err}");
+
+    let out = run(pyvisor().args(["call", "/nonexistent/worker.py", "add", "[1, 2]"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker script not found: /nonexistent/worker.py"));
+
+    let out = run(pyvisor().args(["--python", "/nonexistent/python3", "call", &worker("basic.py"), "add", "[1, 2]"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Python interpreter not found: /nonexistent/python3"), "{err}");
+
+    let out = run(pyvisor().args(["call", &worker("basic.py"), "add", "not json"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+
+    let out = run(pyvisor().args(["call", &worker("basic.py"), "nope", "1"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the workers expose"));
+}
+
+#[test]
+fn doctor_checks_the_installation_and_says_what_to_fix() {
+    let out = run(pyvisor().args(["doctor", "--script", &worker("basic.py")]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok   pyvisor_worker") && text.contains("exposes:") && text.contains("echo"), "{text}");
+
+    let out = run(pyvisor().args(["--python", "/nonexistent/python3", "doctor"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Python interpreter not found"));
+
+    // An interpreter without the adapter: a bare venv.
+    let dir = std::env::temp_dir().join(format!("pyvisor-bare-venv-{}", std::process::id()));
+    let made = Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(&dir).status().expect("python3 runs");
+    assert!(made.success());
+    let bare = dir.join("bin/python");
+    let out = run(pyvisor().env("PYVISOR_PYTHON", &bare).arg("doctor"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL pyvisor_worker cannot be imported") && text.contains("pip install"), "{text}");
+    // And a call through it says the same in its error.
+    let out = run(pyvisor().env("PYVISOR_PYTHON", &bare).args(["call", &worker("basic.py"), "echo", "1"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("pyvisor_worker") && err.contains("pip install"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
