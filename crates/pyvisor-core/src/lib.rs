@@ -27,6 +27,7 @@ mod routing;
 mod slot;
 mod spec;
 mod status;
+pub mod supervisor;
 pub mod telemetry;
 mod worker;
 mod writer;
@@ -45,3 +46,7 @@ pub use status::{PoolStatus, WorkerStatus};
 
 /// The wire protocol crate, re-exported.
 pub use pyvisor_protocol as protocol;
+
+/// The actor runtime pyvisor is built on, re-exported so your actors link with the same
+/// version.
+pub use ractor;

@@ -1,0 +1,411 @@
+//! The supervisor actor: starts children in order, decides restarts, stops in reverse order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::oneshot;
+
+use super::intensity::IntensityTracker;
+use super::spec::{ChildKind, ChildSpec, Restart, Shutdown, Strategy, SupervisorSpec};
+use super::tree::{join_path, ChildState, ChildStatus, Registered, Registry, Tree};
+use super::{SupervisorError, SupervisorFailure};
+use crate::pool::Pool;
+
+pub(crate) enum SupervisorMsg {
+    /// Start these children (in this order) if their pending restart is still `generation`.
+    Restart { children: Vec<(String, u64)> },
+    Children(RpcReplyPort<Vec<ChildStatus>>),
+    AddChild(Box<ChildSpec>, RpcReplyPort<Result<(), SupervisorError>>),
+    RemoveChild(String, RpcReplyPort<Result<(), SupervisorError>>),
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub(crate) struct SupervisorActor;
+
+pub(crate) struct SupArgs {
+    pub spec: SupervisorSpec,
+    pub path: String,
+    pub registry: Registry,
+    pub startup: Option<oneshot::Sender<Result<(), SupervisorError>>>,
+}
+
+enum Handle {
+    Pool(Pool),
+    Supervisor(Tree),
+    Actor,
+}
+
+struct Running {
+    cell: ActorCell,
+    handle: Handle,
+    since: Instant,
+}
+
+enum Life {
+    Running(Running),
+    Restarting { at: Instant, generation: u64 },
+    Stopped,
+    Failed(String),
+}
+
+struct Child {
+    spec: ChildSpec,
+    path: String,
+    life: Life,
+    restarts: u32,
+    consecutive: u32,
+    last_start: Option<Instant>,
+}
+
+pub(crate) struct SupState {
+    spec: SupervisorSpec,
+    path: String,
+    registry: Registry,
+    children: Vec<Child>,
+    intensity: IntensityTracker,
+    generation: u64,
+    stopping: bool,
+    startup: Option<oneshot::Sender<Result<(), SupervisorError>>>,
+}
+
+impl SupState {
+    fn position(&self, id: &str) -> Option<usize> {
+        self.children.iter().position(|c| c.spec.id == id)
+    }
+
+    async fn start_child(&mut self, myself: &ActorRef<SupervisorMsg>, i: usize) -> Result<(), String> {
+        let sup = myself.get_cell();
+        let path = self.children[i].path.clone();
+        let (cell, handle, registered) = match &self.children[i].spec.kind {
+            ChildKind::Pool(spec) => {
+                let pool = Pool::start_linked((**spec).clone(), sup).await.map_err(|e| e.to_string())?;
+                (pool.actor(), Handle::Pool(pool.clone()), Some(Registered::Pool(pool)))
+            }
+            ChildKind::Supervisor(spec) => {
+                let tree = Tree::start_inner((**spec).clone(), Some(sup), path.clone(), Arc::clone(&self.registry))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let actor = tree.actor();
+                let reg = ActorRef::<SupervisorMsg>::from(actor.clone());
+                (actor, Handle::Supervisor(tree), Some(Registered::Supervisor(reg)))
+            }
+            ChildKind::Actor(start) => (start(sup).await?, Handle::Actor, None),
+        };
+        if let (Some(r), Ok(mut reg)) = (registered, self.registry.write()) {
+            reg.insert(path.clone(), r);
+        }
+        let now = Instant::now();
+        let c = &mut self.children[i];
+        c.life = Life::Running(Running { cell, handle, since: now });
+        c.last_start = Some(now);
+        tracing::info!(supervisor = %self.spec.name, child = %path, kind = c.spec.kind.name(), "child started");
+        Ok(())
+    }
+
+    /// Stop one child per its shutdown spec. Its exit event is then ignored (it is no longer
+    /// `Running`).
+    async fn stop_child(&mut self, i: usize) {
+        let c = &mut self.children[i];
+        let Life::Running(run) = std::mem::replace(&mut c.life, Life::Stopped) else { return };
+        let path = c.path.clone();
+        if let Ok(mut reg) = self.registry.write() {
+            reg.remove(&path);
+        }
+        let kill = |cell: ActorCell| async move {
+            let _ = cell.kill_and_wait(Some(Duration::from_secs(10))).await;
+        };
+        match (c.spec.shutdown, run.handle) {
+            (Shutdown::Brutal, _) => kill(run.cell).await,
+            (Shutdown::Timeout(d), Handle::Pool(pool)) => {
+                if tokio::time::timeout(d, pool.shutdown()).await.is_err() {
+                    kill(run.cell).await;
+                }
+            }
+            (Shutdown::Timeout(d), Handle::Supervisor(tree)) => {
+                if tokio::time::timeout(d, tree.shutdown()).await.is_err() {
+                    kill(run.cell).await;
+                }
+            }
+            (Shutdown::Timeout(d), Handle::Actor) => {
+                if run.cell.stop_and_wait(Some("shutdown".into()), Some(d)).await.is_err() {
+                    tracing::warn!(child = %path, timeout = ?d, "child did not stop in time; killing it");
+                    kill(run.cell).await;
+                }
+            }
+        }
+        tracing::info!(supervisor = %self.spec.name, child = %path, "child stopped");
+    }
+
+    /// Stop every running child in reverse start order.
+    async fn stop_all(&mut self) {
+        for i in (0..self.children.len()).rev() {
+            self.stop_child(i).await;
+        }
+    }
+
+    /// A child exited (not at our request). Decide per restart type, intensity and strategy.
+    async fn on_exit(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        i: usize,
+        abnormal: bool,
+        reason: String,
+        uptime: Duration,
+    ) -> Result<(), ActorProcessingErr> {
+        let path = self.children[i].path.clone();
+        if let Ok(mut reg) = self.registry.write() {
+            reg.remove(&path);
+        }
+        let c = &mut self.children[i];
+        tracing::warn!(supervisor = %self.spec.name, child = %path, abnormal, reason = %reason, "child exited");
+        let restart = match c.spec.restart {
+            Restart::Permanent => true,
+            Restart::Transient => abnormal,
+            Restart::Temporary => false,
+        };
+        if !restart {
+            c.life = if abnormal { Life::Failed(reason) } else { Life::Stopped };
+            return Ok(());
+        }
+        c.life = Life::Stopped;
+        if !self.intensity.record(Instant::now()) {
+            let why = format!(
+                "supervisor `{}`: restart intensity exceeded ({} restarts within {:?}); last: child `{path}` exited: {reason}",
+                self.spec.name, self.spec.intensity.max_restarts, self.spec.intensity.period
+            );
+            tracing::error!("{why}");
+            self.stopping = true;
+            self.stop_all().await;
+            return Err(Box::new(SupervisorFailure(why)));
+        }
+        let n = self.children.len();
+        let group: Vec<usize> = match self.spec.strategy {
+            Strategy::OneForOne => vec![i],
+            Strategy::OneForAll => (0..n).collect(),
+            Strategy::RestForOne => (i..n).collect(),
+        };
+        // The others in the group stop first, in reverse order.
+        for &j in group.iter().rev() {
+            if j != i {
+                self.stop_child(j).await;
+            }
+        }
+        let c = &mut self.children[i];
+        if uptime >= self.spec.healthy_period {
+            c.consecutive = 0;
+        }
+        c.consecutive += 1;
+        let delay = self.spec.backoff.delay(c.consecutive);
+        self.generation += 1;
+        let at = Instant::now() + delay;
+        let mut restart_list = Vec::new();
+        for &j in &group {
+            let c = &mut self.children[j];
+            // Temporary siblings are not brought back by a group restart.
+            if j != i && c.spec.restart == Restart::Temporary {
+                continue;
+            }
+            c.life = Life::Restarting { at, generation: self.generation };
+            restart_list.push((c.spec.id.clone(), self.generation));
+        }
+        tracing::info!(supervisor = %self.spec.name, child = %path, delay_ms = delay.as_millis() as u64, strategy = ?self.spec.strategy, "restart scheduled");
+        myself.send_after(delay, move || SupervisorMsg::Restart { children: restart_list });
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<ChildStatus> {
+        self.children
+            .iter()
+            .map(|c| ChildStatus {
+                id: c.spec.id.clone(),
+                path: c.path.clone(),
+                kind: c.spec.kind.name(),
+                state: match &c.life {
+                    Life::Running(_) => ChildState::Running,
+                    Life::Restarting { at, .. } => {
+                        ChildState::Restarting { next_in: at.saturating_duration_since(Instant::now()) }
+                    }
+                    Life::Stopped => ChildState::Stopped,
+                    Life::Failed(r) => ChildState::Failed { reason: r.clone() },
+                },
+                restarts: c.restarts,
+                restart: c.spec.restart,
+            })
+            .collect()
+    }
+}
+
+fn is_normal(reason: &Option<String>) -> bool {
+    matches!(reason.as_deref(), None | Some("normal") | Some("shutdown"))
+}
+
+impl Actor for SupervisorActor {
+    type Msg = SupervisorMsg;
+    type State = SupState;
+    type Arguments = SupArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: SupArgs) -> Result<Self::State, ActorProcessingErr> {
+        let children = args
+            .spec
+            .children
+            .iter()
+            .map(|c| Child {
+                path: join_path(&args.path, &c.id),
+                spec: c.clone(),
+                life: Life::Stopped,
+                restarts: 0,
+                consecutive: 0,
+                last_start: None,
+            })
+            .collect();
+        let st = SupState {
+            intensity: args.spec.intensity.tracker(),
+            spec: args.spec,
+            path: args.path,
+            registry: args.registry,
+            children,
+            generation: 0,
+            stopping: false,
+            startup: args.startup,
+        };
+        Ok(st)
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let startup = st.startup.take();
+        let mut ids = std::collections::HashSet::new();
+        for c in &st.children {
+            if !ids.insert(c.spec.id.clone()) {
+                let err = SupervisorError::DuplicateChild(c.spec.id.clone());
+                if let Some(tx) = startup {
+                    let _ = tx.send(Err(err.clone()));
+                }
+                myself.stop(Some(err.to_string()));
+                return Ok(());
+            }
+        }
+        for i in 0..st.children.len() {
+            if let Err(reason) = st.start_child(&myself, i).await {
+                let err = SupervisorError::ChildStartFailed { path: st.children[i].path.clone(), reason };
+                tracing::error!(supervisor = %st.spec.name, "{err}");
+                st.stopping = true;
+                st.stop_all().await;
+                if let Some(tx) = startup {
+                    let _ = tx.send(Err(err.clone()));
+                }
+                myself.stop(Some(err.to_string()));
+                return Ok(());
+            }
+        }
+        if let Some(tx) = startup {
+            let _ = tx.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Restart { children } => {
+                if st.stopping {
+                    return Ok(());
+                }
+                for (id, generation) in children {
+                    let Some(i) = st.position(&id) else { continue };
+                    if !matches!(st.children[i].life, Life::Restarting { generation: g, .. } if g == generation) {
+                        continue;
+                    }
+                    st.children[i].restarts += 1;
+                    if let Err(reason) = st.start_child(&myself, i).await {
+                        // A failed restart is another abnormal exit of that child.
+                        st.on_exit(&myself, i, true, format!("restart failed: {reason}"), Duration::ZERO).await?;
+                    }
+                }
+            }
+            SupervisorMsg::Children(reply) => {
+                let _ = reply.send(st.status());
+            }
+            SupervisorMsg::AddChild(spec, reply) => {
+                let result = if st.stopping {
+                    Err(SupervisorError::NotRunning("stopping".into()))
+                } else if let Some(i) = st.position(&spec.id) {
+                    if matches!(st.children[i].life, Life::Stopped | Life::Failed(_)) {
+                        st.children.remove(i);
+                        add_child(&myself, st, *spec).await
+                    } else {
+                        Err(SupervisorError::DuplicateChild(spec.id.clone()))
+                    }
+                } else {
+                    add_child(&myself, st, *spec).await
+                };
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::RemoveChild(id, reply) => {
+                let result = match st.position(&id) {
+                    Some(i) => {
+                        st.stop_child(i).await;
+                        st.children.remove(i);
+                        Ok(())
+                    }
+                    None => Err(SupervisorError::NoSuchChild(id)),
+                };
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                st.stopping = true;
+                st.stop_all().await;
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, abnormal, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let normal = is_normal(&reason);
+                (cell, !normal, reason.unwrap_or_else(|| "normal".into()))
+            }
+            _ => return Ok(()),
+        };
+        if st.stopping {
+            return Ok(());
+        }
+        let id = cell.get_id();
+        let found = st.children.iter().enumerate().find_map(|(i, c)| match &c.life {
+            Life::Running(r) if r.cell.get_id() == id => Some((i, r.since.elapsed())),
+            _ => None,
+        });
+        let Some((i, uptime)) = found else {
+            // Not a running child: one we stopped ourselves, or a pool that failed to start.
+            return Ok(());
+        };
+        st.on_exit(&myself, i, abnormal, reason, uptime).await
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        st.stopping = true;
+        st.stop_all().await;
+        Ok(())
+    }
+}
+
+async fn add_child(myself: &ActorRef<SupervisorMsg>, st: &mut SupState, spec: ChildSpec) -> Result<(), SupervisorError> {
+    let path = join_path(&st.path, &spec.id);
+    st.children.push(Child { path: path.clone(), spec, life: Life::Stopped, restarts: 0, consecutive: 0, last_start: None });
+    let i = st.children.len() - 1;
+    match st.start_child(myself, i).await {
+        Ok(()) => Ok(()),
+        Err(reason) => {
+            st.children.remove(i);
+            Err(SupervisorError::ChildStartFailed { path, reason })
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Supervisor and child specs: strategies, restart types, shutdown, as builder values.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ractor::ActorCell;
+
+use super::intensity::Intensity;
+use crate::backoff::Backoff;
+use crate::spec::PoolSpec;
+
+/// Which children restart when one exits (OTP's strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Only the child that exited.
+    OneForOne,
+    /// Every child: the others are stopped (in reverse order) and all restart in order.
+    OneForAll,
+    /// The child that exited and every child declared after it.
+    RestForOne,
+}
+
+/// When a child is restarted (OTP's restart types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Restart {
+    /// Always.
+    Permanent,
+    /// Only after an abnormal exit (a failure, or a stop with a reason other than normal).
+    Transient,
+    /// Never; the child is forgotten when it exits.
+    Temporary,
+}
+
+/// How a child is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Ask it to stop, wait this long, then kill it.
+    Timeout(Duration),
+    /// Kill it at once.
+    Brutal,
+}
+
+/// A start function for a user's actor: spawn it linked under the given supervisor cell.
+pub type StartFn = Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, String>> + Send + Sync>;
+
+/// What a child is.
+#[derive(Clone)]
+pub enum ChildKind {
+    /// A pool of Python workers.
+    Pool(Box<PoolSpec>),
+    /// A nested supervisor.
+    Supervisor(Box<SupervisorSpec>),
+    /// Any ractor actor of the user's, started by a function.
+    Actor(StartFn),
+}
+
+impl ChildKind {
+    /// `pool`, `supervisor` or `actor`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChildKind::Pool(_) => "pool",
+            ChildKind::Supervisor(_) => "supervisor",
+            ChildKind::Actor(_) => "actor",
+        }
+    }
+}
+
+/// One child of a supervisor.
+#[derive(Clone)]
+pub struct ChildSpec {
+    pub(crate) id: String,
+    pub(crate) kind: ChildKind,
+    pub(crate) restart: Restart,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSpec")
+            .field("id", &self.id)
+            .field("kind", &self.kind.name())
+            .field("restart", &self.restart)
+            .field("shutdown", &self.shutdown)
+            .finish()
+    }
+}
+
+impl ChildSpec {
+    fn new(id: impl Into<String>, kind: ChildKind) -> Self {
+        ChildSpec { id: id.into(), kind, restart: Restart::Permanent, shutdown: Shutdown::Timeout(Duration::from_secs(15)) }
+    }
+    /// A pool child. Its id is its name in paths (`"etl/loader"`); the pool is named after it.
+    pub fn pool(id: impl Into<String>, spec: PoolSpec) -> Self {
+        let id = id.into();
+        let spec = spec.name(id.clone());
+        Self::new(id, ChildKind::Pool(Box::new(spec)))
+    }
+    /// A nested supervisor.
+    pub fn supervisor(id: impl Into<String>, spec: SupervisorSpec) -> Self {
+        Self::new(id, ChildKind::Supervisor(Box::new(spec)))
+    }
+    /// A user actor, started by `start` linked under the supervisor's cell, e.g.
+    /// `|sup| Box::pin(async move { Actor::spawn_linked(None, MyActor, (), sup).await.map(|(a, _)| a.get_cell()).map_err(|e| e.to_string()) })`.
+    pub fn actor<F>(id: impl Into<String>, start: F) -> Self
+    where
+        F: Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, String>> + Send + Sync + 'static,
+    {
+        Self::new(id, ChildKind::Actor(Arc::new(start)))
+    }
+    /// Restart type. Default permanent.
+    pub fn restart(mut self, r: Restart) -> Self {
+        self.restart = r;
+        self
+    }
+    /// Shutdown. Default a 15 s timeout, then kill.
+    pub fn shutdown(mut self, s: Shutdown) -> Self {
+        self.shutdown = s;
+        self
+    }
+    /// The child's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A supervisor: strategy, intensity, restart backoff, and children in start order.
+///
+/// ```
+/// use pyvisor_core::supervisor::{ChildSpec, Strategy, SupervisorSpec};
+/// use pyvisor_core::PoolSpec;
+/// let tree = SupervisorSpec::new("root", Strategy::OneForOne)
+///     .child(ChildSpec::pool("ml", PoolSpec::script("ml.py").workers(2)))
+///     .child(ChildSpec::supervisor(
+///         "etl",
+///         SupervisorSpec::new("etl", Strategy::RestForOne)
+///             .child(ChildSpec::pool("loader", PoolSpec::script("etl.py"))),
+///     ));
+/// assert_eq!(tree.children().len(), 2);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SupervisorSpec {
+    pub(crate) name: String,
+    pub(crate) strategy: Strategy,
+    pub(crate) intensity: Intensity,
+    pub(crate) backoff: Backoff,
+    pub(crate) healthy_period: Duration,
+    pub(crate) children: Vec<ChildSpec>,
+}
+
+impl SupervisorSpec {
+    /// A supervisor with OTP's intensity (3 in 5 s), restart backoff 100 ms × 2 capped at
+    /// 10 s with full jitter, reset after a child stays up 30 s.
+    pub fn new(name: impl Into<String>, strategy: Strategy) -> Self {
+        SupervisorSpec {
+            name: name.into(),
+            strategy,
+            intensity: Intensity::default(),
+            backoff: Backoff::default(),
+            healthy_period: Duration::from_secs(30),
+            children: Vec::new(),
+        }
+    }
+    /// Restart intensity.
+    pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
+        self.intensity = Intensity::new(max_restarts, period);
+        self
+    }
+    /// Restart delay policy.
+    pub fn backoff(mut self, b: Backoff) -> Self {
+        self.backoff = b;
+        self
+    }
+    /// A child that stays up this long has its backoff reset.
+    pub fn healthy_period(mut self, d: Duration) -> Self {
+        self.healthy_period = d;
+        self
+    }
+    /// Add a child (children start in the order added, stop in reverse).
+    pub fn child(mut self, c: ChildSpec) -> Self {
+        self.children.push(c);
+        self
+    }
+    /// The children.
+    pub fn children(&self) -> &[ChildSpec] {
+        &self.children
+    }
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

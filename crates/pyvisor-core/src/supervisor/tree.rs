@@ -1,0 +1,212 @@
+//! The handle of a running supervisor: lookup by path, status, dynamic children, shutdown.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorRef};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::actor::{SupArgs, SupervisorActor, SupervisorMsg};
+use super::spec::{ChildSpec, Restart, SupervisorSpec};
+use super::SupervisorError;
+use crate::pool::Pool;
+
+/// What the registry knows at a path.
+#[derive(Clone)]
+pub(crate) enum Registered {
+    Pool(Pool),
+    Supervisor(ActorRef<SupervisorMsg>),
+}
+
+/// Paths of a tree (`"etl/loader"`) to the pools and supervisors running there now.
+pub(crate) type Registry = Arc<RwLock<HashMap<String, Registered>>>;
+
+/// The state of one child, as its supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ChildState {
+    /// Started and running.
+    Running,
+    /// Exited; restarts after the delay.
+    Restarting {
+        /// Time until the restart.
+        next_in: Duration,
+    },
+    /// Exited normally and is not restarted (transient, temporary), or removed.
+    Stopped,
+    /// Exited abnormally and is not restarted (temporary).
+    Failed {
+        /// Why it exited.
+        reason: String,
+    },
+}
+
+/// One child of a supervisor.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct ChildStatus {
+    /// The child's id.
+    pub id: String,
+    /// Its path from the root (`"etl/loader"`).
+    pub path: String,
+    /// `pool`, `supervisor` or `actor`.
+    pub kind: &'static str,
+    /// Its state.
+    pub state: ChildState,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Its restart type.
+    pub restart: Restart,
+}
+
+/// A running supervisor (a whole tree when it is the root). Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use pyvisor_core::supervisor::{ChildSpec, Strategy, SupervisorSpec, Tree};
+/// use pyvisor_core::PoolSpec;
+/// let tree = Tree::start(
+///     SupervisorSpec::new("root", Strategy::OneForOne)
+///         .child(ChildSpec::pool("ml", PoolSpec::script("ml.py").workers(2))),
+/// )
+/// .await?;
+/// let ml = tree.pool("ml").expect("running");
+/// let y: f64 = ml.call("predict", &[1.0, 2.0]).await?;
+/// tree.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Tree {
+    actor: ActorRef<SupervisorMsg>,
+    registry: Registry,
+    path: String,
+    join: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn join_path(prefix: &str, id: &str) -> String {
+    if prefix.is_empty() {
+        id.to_string()
+    } else {
+        format!("{prefix}/{id}")
+    }
+}
+
+impl Tree {
+    /// Start a tree: every child in declaration order. If one cannot start, the ones already
+    /// started are stopped in reverse order and the error names the child.
+    pub async fn start(spec: SupervisorSpec) -> Result<Tree, SupervisorError> {
+        Self::start_inner(spec, None, String::new(), Registry::default()).await
+    }
+
+    /// Start a tree linked under any ractor actor of the user's: that actor receives ordinary
+    /// `SupervisionEvent`s for it (`ActorFailed` with a [`super::SupervisorFailure`] when its
+    /// restart intensity is exceeded) and may restart it itself.
+    pub async fn start_linked(spec: SupervisorSpec, parent: ActorCell) -> Result<Tree, SupervisorError> {
+        Self::start_inner(spec, Some(parent), String::new(), Registry::default()).await
+    }
+
+    pub(crate) async fn start_inner(
+        spec: SupervisorSpec,
+        parent: Option<ActorCell>,
+        path: String,
+        registry: Registry,
+    ) -> Result<Tree, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        let args = SupArgs { spec, path: path.clone(), registry: Arc::clone(&registry), startup: Some(tx) };
+        let spawned = match parent {
+            Some(p) => Actor::spawn_linked(None, SupervisorActor, args, p).await,
+            None => Actor::spawn(None, SupervisorActor, args).await,
+        };
+        let (actor, join) = spawned.map_err(|e| SupervisorError::NotRunning(e.to_string()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(Tree { actor, registry, path, join: Arc::new(Mutex::new(Some(join))) }),
+            Ok(Err(e)) => {
+                let _ = join.await;
+                Err(e)
+            }
+            Err(_) => {
+                let _ = join.await;
+                Err(SupervisorError::NotRunning("the supervisor stopped while starting".into()))
+            }
+        }
+    }
+
+    /// The supervisor's actor (to link, monitor, or compare with supervision events).
+    pub fn actor(&self) -> ActorCell {
+        self.actor.get_cell()
+    }
+
+    /// This supervisor's path (`""` for the root).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The pool running at `path` (relative to this supervisor), e.g. `"etl/loader"`.
+    pub fn pool(&self, path: &str) -> Option<Pool> {
+        let full = join_path(&self.path, path);
+        match self.registry.read().ok()?.get(&full)? {
+            Registered::Pool(p) => Some(p.clone()),
+            Registered::Supervisor(_) => None,
+        }
+    }
+
+    /// The nested supervisor at `path` (relative to this one).
+    pub fn subtree(&self, path: &str) -> Option<Tree> {
+        let full = join_path(&self.path, path);
+        match self.registry.read().ok()?.get(&full)? {
+            Registered::Supervisor(a) => Some(Tree {
+                actor: a.clone(),
+                registry: Arc::clone(&self.registry),
+                path: full,
+                join: Arc::new(Mutex::new(None)),
+            }),
+            Registered::Pool(_) => None,
+        }
+    }
+
+    /// This supervisor's children, in start order, with their state.
+    pub async fn children(&self) -> Result<Vec<ChildStatus>, SupervisorError> {
+        self.ask(SupervisorMsg::Children).await
+    }
+
+    /// Add and start a child (a `DynamicSupervisor`'s `start_child`).
+    pub async fn add_child(&self, child: ChildSpec) -> Result<(), SupervisorError> {
+        self.ask(|port| SupervisorMsg::AddChild(Box::new(child), port)).await?
+    }
+
+    /// Stop a child (per its shutdown spec) and forget it.
+    pub async fn remove_child(&self, id: &str) -> Result<(), SupervisorError> {
+        let id = id.to_string();
+        self.ask(|port| SupervisorMsg::RemoveChild(id, port)).await?
+    }
+
+    /// Stop every child in reverse start order (each per its shutdown spec), then the
+    /// supervisor. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.actor.call(SupervisorMsg::Shutdown, Some(Duration::from_secs(3600))).await;
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
+            let _ = j.await;
+        }
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(ractor::RpcReplyPort<T>) -> SupervisorMsg,
+    ) -> Result<T, SupervisorError> {
+        match self.actor.call(msg, Some(Duration::from_secs(3600))).await {
+            Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+            Ok(_) => Err(SupervisorError::NotRunning("no answer".into())),
+            Err(e) => Err(SupervisorError::NotRunning(e.to_string())),
+        }
+    }
+}
