@@ -1,6 +1,8 @@
 //! `pyvisor`: call a Python function, check an installation, benchmark a pool.
 
 mod bench;
+mod run;
+mod tree_file;
 mod value;
 
 use std::path::PathBuf;
@@ -42,6 +44,11 @@ enum Command {
     },
     /// Run calls through a pool and report latency, throughput and errors.
     Bench(bench::BenchArgs),
+    /// Start a supervision tree from a TOML file; show live status until Ctrl-C.
+    Run {
+        /// The tree file (see docs/supervision.md and examples/tree.toml).
+        tree: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
             Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
+            Command::Run { tree } => run::run(interpreter, tree).await,
         }
     })
 }

@@ -216,3 +216,61 @@ fn doctor_checks_the_installation_and_says_what_to_fix() {
     assert!(err.contains("pyvisor_worker") && err.contains("pip install"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
+    let mut child = pyvisor()
+        .args(["run", &root().join("examples/tree.toml").to_string_lossy()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let start = Instant::now();
+    // Wait for a table row showing the nested pool's worker ready.
+    while !lines.iter().any(|l: &String| l.starts_with("etl/loader") && l.contains("ready")) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no table: {lines:?}");
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    assert!(lines.iter().any(|l| l.starts_with("PATH") && l.contains("RESTARTS")));
+    let pids: Vec<u32> = lines
+        .iter()
+        .filter(|l| l.starts_with("ml ") || l.starts_with("etl/loader"))
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert!(pids.len() >= 3, "{lines:?}");
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    lines.extend(rx.try_iter());
+    assert!(status.success(), "{lines:?}");
+    let pos = |needle: &str| lines.iter().position(|l| l.ends_with(needle)).unwrap_or_else(|| panic!("no `{needle}` in {lines:?}"));
+    assert!(pos("etl/loader: pool stopped") < pos("ml: pool stopped"), "reverse start order");
+    assert_eq!(lines.last().map(String::as_str), Some("stopped"));
+    for pid in pids {
+        assert!(!alive(pid));
+    }
+}
+
+#[test]
+fn run_reports_bad_toml_with_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("pyvisor-badtoml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tree.toml");
+    std::fs::write(&file, "[supervisor]\nstrategy = \"one_for_one\"\n\n[[supervisor.children]]\npool = \"ml\"\nscript = \"w.py\"\nwrokers = 2\n").unwrap();
+    let out = run(pyvisor().args(["run", &file.to_string_lossy()]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 7") && err.contains("wrokers"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::connection::{read_loop, ReadEnd};
 use crate::death::{DeathCause, DeathCertificate};
 use crate::pool::PoolShared;
-use crate::process::{forward_lines, kill_group, oom_kill_count, spawn_worker, GroupGuard, StderrTail, Stream};
+use crate::process::{forward_lines, kill_group, oom_kill_count, spawn_worker, wait_group_gone, GroupGuard, StderrTail, Stream};
 use crate::router::RouterMsg;
 use crate::slot::{Failure, WorkerSlot, WorkerState};
 use crate::writer::FrameWriter;
@@ -362,8 +362,12 @@ async fn shutdown_process(st: &mut WorkerActorState) {
     if !exited {
         tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "worker did not exit after SIGKILL");
     }
-    // Whatever remains in the group (user subprocesses) goes too.
+    // Whatever remains in the group (the watchdog, user subprocesses) goes too, and shutdown
+    // returns only once it is gone.
     kill_group(pid, libc::SIGKILL);
+    if !wait_group_gone(pid, Duration::from_secs(2)).await {
+        tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "processes of the worker's group survived SIGKILL");
+    }
     st.armed.store(false, Ordering::SeqCst);
     st.slot.set_state(WorkerState::Dead);
     st.slot.close_and_fail(Failure::ShutDown);
