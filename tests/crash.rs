@@ -11,6 +11,7 @@ const HOURS: Duration = Duration::from_secs(3 * 3600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_call_gives_worker_crashed_and_the_pool_recovers() {
+    common::logs();
     // Heartbeat and call timeouts in hours: only noticing the exit can end these calls.
     let pool = Pool::start(
         common::spec("basic.py")
@@ -18,6 +19,10 @@ async fn sigkill_mid_call_gives_worker_crashed_and_the_pool_recovers() {
             .max_in_flight(3)
             .heartbeat_interval(HOURS)
             .call_timeout(Some(HOURS))
+            // The surviving worker holds hour-long inline calls; a short taint window lets the
+            // replacement take the follow-up call once it expires (DESIGN: tainted workers take
+            // calls only when no untainted worker is ready).
+            .taint_window(Duration::from_millis(300))
             .shutdown_timeouts(Duration::from_millis(500), Duration::from_millis(500)),
     )
     .await
@@ -93,6 +98,17 @@ async fn sigkill_mid_call_gives_worker_crashed_and_the_pool_recovers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(recovered, "the pool did not return to full strength");
+    // The replacement sits out its taint window; once it has passed, it takes calls (the
+    // surviving worker is busy with hour-long inline calls).
+    let mut clear = false;
+    for _ in 0..500 {
+        if pool.status().await.workers.iter().all(|w| !w.tainted) {
+            clear = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(clear, "the taint window never closed");
     let v: i32 = pool.call("echo", &5).await.expect("the pool serves after the crash");
     assert_eq!(v, 5);
     pool.shutdown().await;

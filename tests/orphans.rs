@@ -24,6 +24,15 @@ async fn sigkill_of_the_rust_process_leaves_no_python_process() {
         .spawn()
         .expect("helper starts");
     let stdout = helper.stdout.take().unwrap();
+    // Whatever happens below, the helper (and so its workers) must not outlive this test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut helper = KillOnDrop(helper);
     let (mut run_id, mut workers, mut children) = (String::new(), Vec::new(), Vec::new());
     let lines = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -58,8 +67,8 @@ async fn sigkill_of_the_rust_process_leaves_no_python_process() {
     // Workers + their watchdogs + the subprocesses.
     assert!(before.len() >= 6, "{before:?}");
 
-    helper.kill().expect("SIGKILL the helper");
-    let _ = helper.wait();
+    helper.0.kill().expect("SIGKILL the helper");
+    let _ = helper.0.wait();
 
     let gone = common::eventually(Duration::from_secs(15), || common::processes_of_run(&run_id).is_empty()).await;
     assert!(gone, "left behind: {:?}", common::processes_of_run(&run_id));
@@ -96,6 +105,7 @@ fn helper_process_for_the_sigkill_test() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         println!("ORPHAN ready");
-        tokio::time::sleep(Duration::from_secs(600)).await;
+        // Bounded: even if the test never kills us, we are gone in a minute.
+        tokio::time::sleep(Duration::from_secs(60)).await;
     });
 }

@@ -72,3 +72,10 @@ pub fn signal(pid: u32, sig: i32) {
         libc::kill(pid as i32, sig);
     }
 }
+
+/// Logs to stderr when `PYVISOR_LOG` is set (for debugging a test).
+pub fn logs() {
+    if std::env::var_os("PYVISOR_LOG").is_some() {
+        std::mem::forget(pyvisor::telemetry::init());
+    }
+}

@@ -37,6 +37,27 @@ pub enum DeathCause {
     SpawnFailed(String),
     /// The worker's actor failed (a bug in pyvisor; please report it).
     ActorFailed(String),
+    /// No beat for `silent_for` (more than `max_missed` intervals); pyvisor killed it.
+    Hung {
+        /// Time since the last beat (or since ready).
+        silent_for: Duration,
+    },
+    /// Its memory passed the hard limit; pyvisor killed it.
+    MemoryLimit {
+        /// Measured bytes (PSS/USS where readable, else RSS).
+        bytes: u64,
+        /// The hard limit.
+        limit: u64,
+    },
+    /// A call overran its deadline by more than the harakiri grace; pyvisor killed it.
+    Harakiri {
+        /// The call's id.
+        call_id: u64,
+        /// Its function.
+        function: String,
+        /// How far past its deadline it was.
+        overrun: Duration,
+    },
 }
 
 impl fmt::Display for DeathCause {
@@ -52,6 +73,13 @@ impl fmt::Display for DeathCause {
             ),
             DeathCause::SpawnFailed(e) => write!(f, "could not spawn the interpreter: {e}"),
             DeathCause::ActorFailed(e) => write!(f, "worker actor failed: {e}"),
+            DeathCause::Hung { silent_for } => write!(f, "hung: no beat for {silent_for:.1?}"),
+            DeathCause::MemoryLimit { bytes, limit } => {
+                write!(f, "memory {} MiB passed the hard limit of {} MiB", bytes >> 20, limit >> 20)
+            }
+            DeathCause::Harakiri { call_id, function, overrun } => {
+                write!(f, "harakiri: call {call_id} to `{function}` ran {overrun:.1?} past its deadline")
+            }
         }
     }
 }
@@ -112,7 +140,27 @@ pub struct DeathCertificate {
     pub python_stack: Option<String>,
 }
 
+/// Signals that mean the process faulted by itself (a crash in C code, an abort).
+pub fn is_fault_signal(sig: i32) -> bool {
+    matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGABRT | libc::SIGFPE | libc::SIGILL)
+}
+
 impl DeathCertificate {
+    /// Whether the process died of a fault signal (SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL).
+    pub fn is_fault(&self) -> bool {
+        self.signal.is_some_and(is_fault_signal)
+    }
+
+    /// Whether this death may have been caused by the calls it held. An external kill (SIGKILL,
+    /// SIGTERM, SIGINT, SIGHUP that pyvisor did not send, and not the OOM killer) does not
+    /// implicate them: random kills of busy workers must never make a call look poisonous.
+    pub fn implicates_calls(&self) -> bool {
+        let external = !self.killed_by_pyvisor
+            && !self.oom_suspected
+            && matches!(self.signal, Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP));
+        !external && !matches!(self.cause, DeathCause::SpawnFailed(_) | DeathCause::VersionMismatch { .. })
+    }
+
     /// A human name for how the process ended: `exit code 1`, `signal 9 (SIGKILL)`.
     pub fn ending(&self) -> String {
         match (self.exit_code, self.signal) {

@@ -116,6 +116,19 @@ pub enum CallError {
         /// How the (last) worker died.
         certificate: Arc<DeathCertificate>,
     },
+    /// The call crashed its workers repeatedly (or is quarantined for having done so): it is a
+    /// poison request and is refused until the quarantine window ends.
+    #[error("`{function}` is a poison request: {}; quarantined for {quarantined_for:.0?}{}", if *refused { "refused at once" } else { "it crashed the workers running it" }, certificates.last().map(|c| format!("; last: {c}")).unwrap_or_default())]
+    PoisonRequest {
+        /// The function called.
+        function: String,
+        /// The deaths it caused, in order.
+        certificates: Vec<Arc<DeathCertificate>>,
+        /// Time left in quarantine.
+        quarantined_for: Duration,
+        /// Whether it was refused by the quarantine without being sent.
+        refused: bool,
+    },
     /// The worker reported an internal failure (e.g. it is shutting down).
     #[error("worker failure in `{function}`: {message}")]
     Worker {
@@ -155,6 +168,7 @@ impl CallError {
             CallError::QueueTimeout { .. } => "queue_timeout",
             CallError::Overloaded { .. } => "overloaded",
             CallError::WorkerCrashed { .. } => "worker_crashed",
+            CallError::PoisonRequest { .. } => "poison_request",
             CallError::Worker { .. } => "worker",
             CallError::ShutDown { .. } => "shut_down",
             CallError::PoolFailed { .. } => "pool_failed",

@@ -53,6 +53,46 @@ pub enum PoolEvent {
     },
     /// The pool finished shutting down.
     PoolStopped,
+    /// A poison request's fingerprint was quarantined.
+    Quarantined {
+        /// Its function.
+        function: String,
+        /// For how long.
+        window: Duration,
+    },
+    /// A healthy worker was replaced (make-before-break).
+    Recycled {
+        /// The worker replaced.
+        worker: WorkerId,
+        /// Why.
+        reason: RecycleReason,
+    },
+}
+
+/// Why a worker was recycled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RecycleReason {
+    /// It reached its (jittered) age limit.
+    Ttl,
+    /// It served its (jittered) number of requests.
+    MaxRequests,
+    /// Its memory passed the soft limit.
+    MemorySoftLimit {
+        /// Measured bytes.
+        bytes: u64,
+    },
+}
+
+impl std::fmt::Display for RecycleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecycleReason::Ttl => f.write_str("ttl"),
+            RecycleReason::MaxRequests => f.write_str("max_requests"),
+            RecycleReason::MemorySoftLimit { bytes } => write!(f, "memory soft limit ({} MiB)", bytes >> 20),
+        }
+    }
 }
 
 /// A callback receiving pool events; must be cheap and must not block.

@@ -33,15 +33,15 @@ mod worker;
 mod writer;
 
 pub use backoff::{Backoff, Jitter};
-pub use death::{signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
+pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{CallError, PythonError, StartError};
-pub use events::{EventHandler, PoolEvent};
+pub use events::{EventHandler, PoolEvent, RecycleReason};
 pub use pool::{CallOptions, Pool};
 pub use process::run_id;
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
 pub use slot::WorkerState;
-pub use spec::{PoolSpec, Target};
+pub use spec::{PoolSpec, RecyclePolicy, Target};
 pub use status::{PoolStatus, WorkerStatus};
 
 /// The wire protocol crate, re-exported.

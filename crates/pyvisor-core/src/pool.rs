@@ -5,6 +5,7 @@
 //! call in that worker's table, write its frame, await the reply on a oneshot. No actor is on
 //! this path; the router actor is asked only for status and shutdown.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,12 +20,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::death::WorkerId;
+use crate::death::{DeathCertificate, WorkerId};
 use crate::error::{CallError, PythonError, StartError};
 use crate::events::PoolEvent;
 use crate::queue::{CapacityQueue, QueueExit};
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
-use crate::routing::SlotTable;
+use crate::routing::{PickMode, SlotTable};
 use crate::slot::{Failure, WorkerSlot};
 use crate::spec::PoolSpec;
 use crate::status::PoolStatus;
@@ -40,6 +41,61 @@ pub(crate) struct PoolShared {
     next_worker_id: AtomicU64,
     functions: RwLock<Option<Arc<Vec<FunctionInfo>>>>,
     failed: Mutex<Option<Arc<StartError>>>,
+    pub quarantine: Quarantine,
+    pub stats: PoolStats,
+}
+
+/// Counters of a pool's fault handling.
+#[derive(Default)]
+pub(crate) struct PoolStats {
+    pub retried: AtomicU64,
+    pub poisoned: AtomicU64,
+    pub crashes: AtomicU64,
+    pub recycles: AtomicU64,
+}
+
+struct QuarantineEntry {
+    until: Instant,
+    certificates: Vec<Arc<DeathCertificate>>,
+}
+
+/// Fingerprints (function + payload hash) of poison requests, refused until their window ends.
+#[derive(Default)]
+pub(crate) struct Quarantine {
+    active: AtomicU64,
+    entries: Mutex<HashMap<u64, QuarantineEntry>>,
+}
+
+pub(crate) struct Quarantined {
+    pub until: Instant,
+    pub certificates: Vec<Arc<DeathCertificate>>,
+}
+
+impl Quarantine {
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+    fn insert(&self, fp: u64, until: Instant, certificates: Vec<Arc<DeathCertificate>>) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.insert(fp, QuarantineEntry { until, certificates });
+            self.active.store(e.len() as u64, Ordering::Release);
+        }
+    }
+    fn get(&self, fp: u64) -> Option<Quarantined> {
+        let mut e = self.entries.lock().ok()?;
+        let now = Instant::now();
+        e.retain(|_, q| q.until > now);
+        self.active.store(e.len() as u64, Ordering::Release);
+        e.get(&fp).map(|q| Quarantined { until: q.until, certificates: q.certificates.clone() })
+    }
+}
+
+fn fingerprint(function: &str, payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    function.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
 }
 
 impl PoolShared {
@@ -54,6 +110,8 @@ impl PoolShared {
             next_worker_id: AtomicU64::new(1),
             functions: RwLock::new(None),
             failed: Mutex::new(None),
+            quarantine: Quarantine::default(),
+            stats: PoolStats::default(),
         }
     }
 
@@ -105,6 +163,12 @@ impl PoolShared {
             }
             PoolEvent::PoolFailed { reason } => tracing::error!(pool = %self.name, "pool failed: {reason}"),
             PoolEvent::PoolStopped => tracing::info!(pool = %self.name, "pool stopped"),
+            PoolEvent::Quarantined { function, window } => {
+                tracing::error!(pool = %self.name, function, window_s = window.as_secs(), "poison request quarantined")
+            }
+            PoolEvent::Recycled { worker, reason } => {
+                tracing::info!(pool = %self.name, worker = %worker, reason = %reason, "worker recycled")
+            }
         }
         if let Some(cb) = &self.spec.on_event {
             cb(&event);
@@ -212,7 +276,6 @@ impl std::fmt::Debug for Pool {
 /// Undo a reservation if the call ends before it is registered or answered.
 struct InFlightGuard<'a> {
     slot: &'a WorkerSlot,
-    shared: &'a PoolShared,
     id: u64,
     armed: bool,
 }
@@ -220,7 +283,6 @@ struct InFlightGuard<'a> {
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
         if self.armed && self.slot.abandon(self.id) {
-            self.shared.queue.on_release();
             if let Some(w) = self.slot.writer() {
                 let _ = w.send(&encode_cancel(self.id));
             }
@@ -337,6 +399,20 @@ impl Pool {
         if size > spec.max_frame {
             return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
         }
+        let fingerprint = || fingerprint(function, payload);
+        if shared.quarantine.is_active() {
+            if let Some(q) = shared.quarantine.get(fingerprint()) {
+                return Err(CallError::PoisonRequest {
+                    function: function.to_string(),
+                    certificates: q.certificates,
+                    quarantined_for: q.until.saturating_duration_since(Instant::now()),
+                    refused: true,
+                });
+            }
+        }
+        let idempotent = opts.idempotent.unwrap_or_else(|| {
+            shared.functions().is_some_and(|f| f.iter().any(|f| f.name == function && f.idempotent))
+        });
         let queue_until = {
             let q = called + spec.queue_timeout;
             deadline.map_or(q, |d| d.min(q))
@@ -346,8 +422,22 @@ impl Pool {
             after: deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(called)),
             sent,
         };
+        let mut header = header;
+        let mut certificates: Vec<Arc<DeathCertificate>> = Vec::new();
+        let mut alone_evidence = 0u32;
+        let mut fault_before = false;
+        let mut suspect = false;
         loop {
-            let slot = match shared.queue.acquire(&shared.table, spec.max_queue, queue_until).await {
+            // A first attempt waits in the bounded queue; a retry was admitted already and waits
+            // for a worker up to the call's deadline.
+            let (mode, max_queue, until) = if header.attempt == 1 {
+                (PickMode::Normal, spec.max_queue, queue_until)
+            } else {
+                let until = deadline.unwrap_or_else(|| Instant::now() + spec.queue_timeout);
+                let mode = if suspect { PickMode::Alone { call_id: header.id } } else { PickMode::Normal };
+                (mode, usize::MAX, until)
+            };
+            let slot = match shared.queue.acquire(&shared.table, mode, max_queue, until).await {
                 Ok(s) => s,
                 Err(QueueExit::Full) => {
                     return Err(CallError::Overloaded { pool: shared.name.to_string(), max_queue: spec.max_queue })
@@ -355,7 +445,15 @@ impl Pool {
                 Err(QueueExit::Closed) => return Err(shared.closed_error()),
                 Err(QueueExit::TimedOut) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(timeout_err(false));
+                        return Err(timeout_err(!certificates.is_empty()));
+                    }
+                    if let Some(last) = certificates.last() {
+                        // Retries found no worker in time: report the crash.
+                        return Err(CallError::WorkerCrashed {
+                            function: function.to_string(),
+                            attempts: header.attempt - 1,
+                            certificate: Arc::clone(last),
+                        });
                     }
                     return Err(CallError::QueueTimeout { function: function.to_string(), waited: called.elapsed() });
                 }
@@ -364,13 +462,13 @@ impl Pool {
                 // Expired while queued: never sent.
                 slot.release();
                 shared.queue.on_release();
-                return Err(timeout_err(false));
+                return Err(timeout_err(!certificates.is_empty()));
             }
-            let Ok(rx) = slot.register(header.id, header.attempt, function, None) else {
+            let Ok(rx) = slot.register(header.id, header.attempt, function, deadline.map(Instant::into_std), None) else {
                 slot.release();
                 continue;
             };
-            let mut guard = InFlightGuard { slot: &slot, shared, id: header.id, armed: true };
+            let mut guard = InFlightGuard { slot: &slot, id: header.id, armed: true };
             if let Some(w) = slot.writer() {
                 // A failed write means the worker is going down; its actor fails this call.
                 let _ = w.send(&encode_call(&header, payload));
@@ -383,14 +481,43 @@ impl Pool {
                 None => rx.await,
             };
             guard.armed = false;
-            return match outcome {
-                Ok(Ok(bytes)) => Ok(bytes),
-                Ok(Err(Failure::Remote(e))) => Err(remote_error(function, e, shared)),
-                Ok(Err(Failure::Crashed(certificate))) => {
-                    Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate })
-                }
-                Ok(Err(Failure::ShutDown)) | Err(_) => Err(shared.closed_error()),
+            let certificate = match outcome {
+                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Err(Failure::Remote(e))) => return Err(remote_error(function, e, shared)),
+                Ok(Err(Failure::ShutDown)) | Err(_) => return Err(shared.closed_error()),
+                Ok(Err(Failure::Crashed(certificate))) => certificate,
             };
+            // The crash barrier.
+            certificates.push(Arc::clone(&certificate));
+            if !idempotent {
+                return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate });
+            }
+            let evidence = certificate.implicates_calls();
+            let alone = certificate.calls_in_flight.len() == 1;
+            if evidence && alone {
+                alone_evidence += 1;
+            }
+            if evidence && alone && (alone_evidence >= spec.poison_threshold || fault_before) {
+                let until = Instant::now() + spec.quarantine_window;
+                shared.quarantine.insert(fingerprint(), until, certificates.clone());
+                shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(pool = %shared.name, function, attempts = header.attempt, "poison request quarantined");
+                shared.emit(PoolEvent::Quarantined { function: function.to_string(), window: spec.quarantine_window });
+                return Err(CallError::PoisonRequest {
+                    function: function.to_string(),
+                    certificates,
+                    quarantined_for: spec.quarantine_window,
+                    refused: false,
+                });
+            }
+            fault_before |= evidence && certificate.is_fault();
+            if header.attempt > spec.max_retries {
+                return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate });
+            }
+            suspect = true;
+            header.attempt += 1;
+            shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pool = %shared.name, function, attempt = header.attempt, "retrying after a crash");
         }
     }
 
@@ -403,6 +530,10 @@ impl Pool {
                 workers: Vec::new(),
                 queued: self.inner.shared.queue.len(),
                 closed: true,
+                retried: 0,
+                poisoned: 0,
+                crashes: 0,
+                recycles: 0,
             },
         }
     }

@@ -151,16 +151,36 @@ pub(crate) async fn spawn_worker(
 #[derive(Debug, Default)]
 pub(crate) struct StderrTail {
     lines: Mutex<VecDeque<String>>,
+    capture: Mutex<Option<Vec<String>>>,
 }
 
 impl StderrTail {
     fn push(&self, line: String) {
+        if let Ok(mut c) = self.capture.lock() {
+            if let Some(c) = c.as_mut() {
+                c.push(line.clone());
+            }
+        }
         if let Ok(mut l) = self.lines.lock() {
             if l.len() == STDERR_TAIL_LINES {
                 l.pop_front();
             }
             l.push_back(line);
         }
+    }
+    /// Start keeping every line (e.g. a stack dump longer than the tail).
+    pub(crate) fn start_capture(&self) {
+        if let Ok(mut c) = self.capture.lock() {
+            *c = Some(Vec::new());
+        }
+    }
+    /// The lines seen since `start_capture` (capture goes on).
+    pub(crate) fn captured(&self) -> Vec<String> {
+        self.capture.lock().ok().and_then(|c| c.clone()).unwrap_or_default()
+    }
+    /// Stop capturing and return what was captured.
+    pub(crate) fn take_capture(&self) -> Vec<String> {
+        self.capture.lock().ok().and_then(|mut c| c.take()).unwrap_or_default()
     }
     pub(crate) fn snapshot(&self) -> Vec<String> {
         self.lines.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
@@ -270,4 +290,20 @@ pub(crate) async fn wait_group_gone(pgid: u32, limit: std::time::Duration) -> bo
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+/// A worker's own memory in bytes: PSS from `/proc/PID/smaps_rollup` where readable (shared
+/// pages divided among their users), else RSS from `/proc/PID/statm`.
+pub(crate) fn measure_memory(pid: u32) -> Option<u64> {
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+        let pss = text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kb) = pss {
+            return Some(kb * 1024);
+        }
+    }
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::routing::SlotTable;
+use crate::routing::{PickMode, SlotTable};
 use crate::slot::WorkerSlot;
 
 /// Why a queued call gave up.
@@ -71,13 +71,14 @@ impl CapacityQueue {
     pub(crate) async fn acquire(
         &self,
         table: &SlotTable,
+        mode: PickMode,
         max_queue: usize,
         until: Instant,
     ) -> Result<Arc<WorkerSlot>, QueueExit> {
         if self.is_closed() {
             return Err(QueueExit::Closed);
         }
-        if let Some(s) = table.pick() {
+        if let Some(s) = table.pick(mode) {
             return Ok(s);
         }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= max_queue {
@@ -92,7 +93,7 @@ impl CapacityQueue {
             if self.is_closed() {
                 return Err(QueueExit::Closed);
             }
-            if let Some(s) = table.pick() {
+            if let Some(s) = table.pick(mode) {
                 return Ok(s);
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {

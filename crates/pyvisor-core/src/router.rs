@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::death::{DeathCause, DeathCertificate, WorkerId};
 use crate::error::StartError;
-use crate::events::PoolEvent;
+use crate::events::{PoolEvent, RecycleReason};
 use crate::pool::PoolShared;
 use crate::slot::{WorkerSlot, WorkerState};
 use crate::status::{PoolStatus, WorkerStatus};
@@ -27,6 +27,8 @@ pub(crate) enum RouterMsg {
     StartWorker { index: usize },
     Status(RpcReplyPort<PoolStatus>),
     Shutdown(RpcReplyPort<()>),
+    /// A worker passed a recycling threshold (sent again on every check while it holds).
+    RecycleRequest { id: WorkerId, reason: RecycleReason },
 }
 
 /// The error a router fails with when its pool fails: escalates to its supervisor.
@@ -68,24 +70,72 @@ pub(crate) struct RouterState {
     start_failures: VecDeque<Instant>,
     startup: Option<oneshot::Sender<Result<(), StartError>>>,
     shutting_down: bool,
+    /// Old worker → (its replacement, why), from the replacement's spawn until the old one ends.
+    recycling: HashMap<WorkerId, (WorkerId, RecycleReason)>,
+    /// Replacement → old worker, until the replacement is ready.
+    replacement_of: HashMap<WorkerId, WorkerId>,
+    pending_recycles: VecDeque<(WorkerId, RecycleReason)>,
 }
 
 impl RouterState {
-    async fn spawn_worker(&mut self, myself: &ActorRef<RouterMsg>, index: usize) {
+    async fn spawn_worker(&mut self, myself: &ActorRef<RouterMsg>, index: usize, tainted: bool) {
+        self.spawn_inner(myself, index, tainted, true).await;
+    }
+
+    /// Spawn a worker for `index`; `current`: it takes the position now (else it is a recycling
+    /// replacement that takes it when ready).
+    async fn spawn_inner(&mut self, myself: &ActorRef<RouterMsg>, index: usize, tainted: bool, current: bool) -> Option<WorkerId> {
         let id = self.shared.next_worker_id();
         let slot = Arc::new(WorkerSlot::new(id, index, self.shared.spec.max_in_flight));
+        if tainted && !self.shared.spec.taint_window.is_zero() {
+            slot.taint(self.shared.spec.taint_window);
+        }
         let args = WorkerArgs { slot: Arc::clone(&slot), shared: Arc::clone(&self.shared), router: myself.clone() };
-        self.positions[index].current = Some(id);
-        self.positions[index].next_start = None;
+        if current {
+            self.positions[index].current = Some(id);
+            self.positions[index].next_start = None;
+        }
         match Actor::spawn_linked(None, WorkerActor, args, myself.get_cell()).await {
             Ok((actor, _join)) => {
                 self.by_actor.insert(actor.get_id(), id);
                 self.members.insert(id, Member { slot, actor });
+                Some(id)
             }
             Err(e) => {
                 // Only possible while the router itself is stopping.
                 tracing::error!(pool = %self.shared.name, "cannot spawn a worker actor: {e}");
-                self.positions[index].current = None;
+                if current {
+                    self.positions[index].current = None;
+                }
+                None
+            }
+        }
+    }
+
+    fn ready_count(&self) -> usize {
+        self.members.values().filter(|m| m.slot.state() == WorkerState::Ready).count()
+    }
+
+    /// Start queued recycles, at most `max_concurrent` at once, never below `min_ready`.
+    async fn start_recycles(&mut self, myself: &ActorRef<RouterMsg>) {
+        let spec = &self.shared.spec;
+        let max = spec.recycle.max_concurrent;
+        let min_ready = spec.recycle.min_ready.unwrap_or_else(|| spec.workers.saturating_sub(1).max(1));
+        while !self.shutting_down && self.recycling.len() < max {
+            let Some((old, reason)) = self.pending_recycles.pop_front() else { break };
+            let Some(m) = self.members.get(&old) else { continue };
+            if m.slot.state() != WorkerState::Ready {
+                continue;
+            }
+            if self.ready_count() < min_ready {
+                self.pending_recycles.push_front((old, reason));
+                break;
+            }
+            let index = m.slot.index;
+            tracing::info!(pool = %self.shared.name, worker = %old, reason = %reason, "recycling: starting a replacement");
+            if let Some(new) = self.spawn_inner(myself, index, false, false).await {
+                self.recycling.insert(old, (new, reason));
+                self.replacement_of.insert(new, old);
             }
         }
     }
@@ -114,6 +164,8 @@ impl RouterState {
                     served: m.map_or(0, |m| m.slot.served()),
                     restarts: p.restarts,
                     rss: m.and_then(|m| m.slot.last_beat()).map(|b| b.beat.rss),
+                    in_progress: m.and_then(|m| m.slot.last_beat()).map(|b| b.beat.in_progress).unwrap_or_default(),
+                    tainted: m.is_some_and(|m| m.slot.is_tainted()),
                     last_beat_age: m.and_then(|m| m.slot.last_beat_age()),
                     restart_in: p.next_start.map(|t| t.saturating_duration_since(Instant::now())),
                 }
@@ -124,6 +176,10 @@ impl RouterState {
             workers,
             queued: self.shared.queue.len(),
             closed: self.shared.queue.is_closed(),
+            retried: self.shared.stats.retried.load(std::sync::atomic::Ordering::Relaxed),
+            poisoned: self.shared.stats.poisoned.load(std::sync::atomic::Ordering::Relaxed),
+            crashes: self.shared.stats.crashes.load(std::sync::atomic::Ordering::Relaxed),
+            recycles: self.shared.stats.recycles.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -136,18 +192,34 @@ impl RouterState {
     ) -> Result<(), ActorProcessingErr> {
         self.shared.table.remove(id);
         self.members.remove(&id);
+        self.shared.stats.crashes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let index = cert.index;
         self.shared.emit(PoolEvent::WorkerDied { certificate: Arc::clone(&cert) });
         if self.shutting_down || index >= self.positions.len() {
             return Ok(());
         }
-        if self.positions[index].current == Some(id) {
+        let was_current = self.positions[index].current == Some(id);
+        if was_current {
             self.positions[index].current = None;
         }
+        // A worker being recycled died: its replacement is already on the way.
+        if let Some((new, _)) = self.recycling.remove(&id) {
+            if self.replacement_of.remove(&new).is_some() && was_current {
+                self.positions[index].current = Some(new);
+            }
+            self.start_recycles(myself).await;
+            return Ok(());
+        }
+        // A recycling replacement that failed to start: the old worker keeps the position.
+        let failed_replacement = self.replacement_of.remove(&id).inspect(|old| {
+            self.recycling.remove(old);
+        });
         self.positions[index].restarts += 1;
         if cert.became_ready {
-            // Capacity first: a ready worker is replaced at once.
-            self.spawn_worker(myself, index).await;
+            if was_current {
+                // Capacity first: a ready worker is replaced at once; the replacement is tainted.
+                self.spawn_worker(myself, index, true).await;
+            }
             return Ok(());
         }
         // A start failure: count it, fail the pool past the intensity, else back off.
@@ -171,6 +243,9 @@ impl RouterState {
                 certificate: Box::new((*cert).clone()),
             };
             return self.fail(myself, err).await;
+        }
+        if failed_replacement.is_some() && self.positions[index].current.is_some() {
+            return Ok(());
         }
         let pos = &mut self.positions[index];
         pos.consecutive_failures += 1;
@@ -250,12 +325,15 @@ impl Actor for PoolRouter {
             start_failures: VecDeque::new(),
             startup: args.startup,
             shutting_down: false,
+            recycling: HashMap::new(),
+            replacement_of: HashMap::new(),
+            pending_recycles: VecDeque::new(),
         })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         for index in 0..st.positions.len() {
-            st.spawn_worker(&myself, index).await;
+            st.spawn_worker(&myself, index, false).await;
         }
         Ok(())
     }
@@ -276,6 +354,18 @@ impl Actor for PoolRouter {
                 st.shared.set_functions(&hello.functions);
                 st.shared.table.insert(Arc::clone(&slot));
                 st.shared.queue.on_membership_change();
+                // Make before break: a recycling replacement is ready; the old worker drains.
+                if let Some(old) = st.replacement_of.remove(&id) {
+                    st.positions[slot.index].current = Some(id);
+                    if let Some(om) = st.members.get(&old) {
+                        om.slot.set_state(WorkerState::Draining);
+                        st.shared.table.remove(old);
+                        let _ = om.actor.cast(WorkerMsg::Drain);
+                    }
+                    let reason = st.recycling.get(&old).map(|(_, r)| r.clone()).unwrap_or(RecycleReason::Ttl);
+                    st.shared.stats.recycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    st.shared.emit(PoolEvent::Recycled { worker: old, reason });
+                }
                 st.positions[slot.index].consecutive_failures = 0;
                 let pid = slot.pid().unwrap_or(hello.pid);
                 st.shared.emit(PoolEvent::WorkerReady { worker: id, index: slot.index, pid, startup });
@@ -289,11 +379,18 @@ impl Actor for PoolRouter {
             }
             RouterMsg::StartWorker { index } => {
                 if !st.shutting_down && index < st.positions.len() && st.positions[index].current.is_none() {
-                    st.spawn_worker(&myself, index).await;
+                    st.spawn_worker(&myself, index, false).await;
                 }
             }
             RouterMsg::Status(reply) => {
                 let _ = reply.send(st.status());
+            }
+            RouterMsg::RecycleRequest { id, reason } => {
+                let known = st.recycling.contains_key(&id) || st.pending_recycles.iter().any(|(o, _)| *o == id);
+                if !known && !st.shutting_down && st.members.contains_key(&id) {
+                    st.pending_recycles.push_back((id, reason));
+                    st.start_recycles(&myself).await;
+                }
             }
             RouterMsg::Shutdown(reply) => {
                 if !st.shutting_down {
@@ -335,6 +432,9 @@ impl Actor for PoolRouter {
                 if let Some(id) = st.by_actor.remove(&cell.get_id()) {
                     st.members.remove(&id);
                     st.shared.table.remove(id);
+                    if st.recycling.remove(&id).is_some() {
+                        st.start_recycles(&myself).await;
+                    }
                 }
             }
             _ => {}

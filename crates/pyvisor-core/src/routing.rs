@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::slot::WorkerSlot;
+use crate::slot::{WorkerSlot, WorkerState};
 
 /// The slots that may take calls.
 #[derive(Default)]
@@ -38,11 +38,49 @@ impl SlotTable {
         }
     }
 
-    /// Reserve capacity on a ready slot, or `None` if all are full.
-    pub(crate) fn pick(&self) -> Option<Arc<WorkerSlot>> {
+    /// Reserve capacity on a ready slot, or `None` if all are full. Tainted slots are used only
+    /// when no untainted slot is ready; `Alone` takes a worker with nothing in flight to itself.
+    pub(crate) fn pick(&self, mode: PickMode) -> Option<Arc<WorkerSlot>> {
         let slots = self.snapshot();
-        pick_from(&slots)
+        let ready = |s: &&Arc<WorkerSlot>| s.state() == WorkerState::Ready;
+        let any_tainted = slots.iter().any(|s| s.is_tainted());
+        let candidates: Vec<Arc<WorkerSlot>>;
+        let pool: &[Arc<WorkerSlot>] = if any_tainted {
+            let clean: Vec<Arc<WorkerSlot>> = slots.iter().filter(|s| !s.is_tainted()).cloned().collect();
+            candidates = if clean.iter().any(|s| ready(&s)) {
+                clean
+            } else {
+                slots.iter().filter(|s| s.is_tainted()).cloned().collect()
+            };
+            &candidates
+        } else {
+            &slots
+        };
+        match mode {
+            PickMode::Normal => pick_from(pool),
+            PickMode::Alone { call_id } => {
+                let n = pool.len();
+                if n == 0 {
+                    return None;
+                }
+                let start = rand::random_range(0..n);
+                (0..n).map(|k| &pool[(start + k) % n]).find(|s| s.try_reserve_exclusive(call_id)).cloned()
+            }
+        }
     }
+
+}
+
+/// How a call wants its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PickMode {
+    /// Any ready worker with room.
+    Normal,
+    /// A ready worker with nothing else in flight, to itself (a suspect's retry).
+    Alone {
+        /// The call taking it.
+        call_id: u64,
+    },
 }
 
 /// Power of two random choices among `slots`, then a scan from a random offset.
@@ -72,7 +110,6 @@ pub(crate) fn pick_from(slots: &[Arc<WorkerSlot>]) -> Option<Arc<WorkerSlot>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slot::WorkerState;
     use crate::WorkerId;
 
     fn ready(id: u64, max: usize) -> Arc<WorkerSlot> {
@@ -107,5 +144,43 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(pick_from(&slots).unwrap().id, WorkerId(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod taint_tests {
+    use super::*;
+    use crate::WorkerId;
+    use std::time::Duration;
+
+    #[test]
+    fn tainted_slots_take_calls_only_when_nothing_else_is_ready() {
+        let table = SlotTable::default();
+        let clean = Arc::new(WorkerSlot::new(WorkerId(1), 0, 1));
+        let tainted = Arc::new(WorkerSlot::new(WorkerId(2), 1, 1));
+        for s in [&clean, &tainted] {
+            s.set_state(WorkerState::Ready);
+            table.insert(Arc::clone(s));
+        }
+        tainted.taint(Duration::from_secs(60));
+        assert_eq!(table.pick(PickMode::Normal).unwrap().id, WorkerId(1));
+        // The clean one is full: the call waits rather than use the tainted one.
+        assert!(table.pick(PickMode::Normal).is_none());
+        clean.set_state(WorkerState::Dead);
+        assert_eq!(table.pick(PickMode::Normal).unwrap().id, WorkerId(2));
+    }
+
+    #[test]
+    fn alone_takes_an_idle_worker_to_itself() {
+        let table = SlotTable::default();
+        let s = Arc::new(WorkerSlot::new(WorkerId(1), 0, 8));
+        s.set_state(WorkerState::Ready);
+        table.insert(Arc::clone(&s));
+        assert!(table.pick(PickMode::Normal).is_some());
+        assert!(table.pick(PickMode::Alone { call_id: 7 }).is_none(), "busy: not alone");
+        s.release();
+        assert!(table.pick(PickMode::Alone { call_id: 7 }).is_some());
+        assert!(table.pick(PickMode::Normal).is_none(), "nobody joins a suspect");
+        assert!(table.pick(PickMode::Alone { call_id: 8 }).is_none());
     }
 }

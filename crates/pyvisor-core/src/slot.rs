@@ -77,8 +77,17 @@ struct Pending {
     attempt: u32,
     function: String,
     sent_at: Instant,
+    deadline: Option<Instant>,
     trace_id: Option<String>,
     tx: oneshot::Sender<Outcome>,
+}
+
+/// A call its caller gave up on (timeout, dropped future) that the worker may still be running:
+/// kept so that harakiri can find calls that overrun their deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct Abandoned {
+    pub function: String,
+    pub deadline: Option<Instant>,
 }
 
 struct Table {
@@ -110,6 +119,10 @@ pub(crate) struct WorkerSlot {
     table: Mutex<Table>,
     writer: OnceLock<Arc<FrameWriter>>,
     last_beat: Mutex<Option<BeatRecord>>,
+    tainted_until: Mutex<Option<Instant>>,
+    /// Id of the call that has this worker to itself (a suspect retried alone), or 0.
+    exclusive: AtomicU64,
+    abandoned: Mutex<HashMap<u64, Abandoned>>,
 }
 
 impl WorkerSlot {
@@ -126,7 +139,41 @@ impl WorkerSlot {
             table: Mutex::new(Table { open: true, calls: HashMap::new() }),
             writer: OnceLock::new(),
             last_beat: Mutex::new(None),
+            tainted_until: Mutex::new(None),
+            exclusive: AtomicU64::new(0),
+            abandoned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Avoid this worker for `window` (it replaces a crashed one).
+    pub(crate) fn taint(&self, window: Duration) {
+        if let Ok(mut t) = self.tainted_until.lock() {
+            *t = Some(Instant::now() + window);
+        }
+    }
+
+    /// Whether the taint window is still open.
+    pub(crate) fn is_tainted(&self) -> bool {
+        self.tainted_until.lock().ok().and_then(|t| *t).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Take the worker for one call alone: only if it is ready and has nothing in flight.
+    pub(crate) fn try_reserve_exclusive(&self, call_id: u64) -> bool {
+        if self.state() != WorkerState::Ready {
+            return false;
+        }
+        if self.exclusive.compare_exchange(0, call_id, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        if self.in_flight.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            self.exclusive.store(0, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    fn clear_exclusive(&self, id: u64) {
+        let _ = self.exclusive.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
     pub(crate) fn state(&self) -> WorkerState {
@@ -159,7 +206,7 @@ impl WorkerSlot {
 
     /// Take one unit of capacity if the worker is ready and has room.
     pub(crate) fn try_reserve(&self) -> bool {
-        if self.state() != WorkerState::Ready {
+        if self.state() != WorkerState::Ready || self.exclusive.load(Ordering::Acquire) != 0 {
             return false;
         }
         let mut cur = self.in_flight.load(Ordering::Acquire);
@@ -168,10 +215,16 @@ impl WorkerSlot {
                 return false;
             }
             match self.in_flight.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
+                Ok(_) => break,
                 Err(now) => cur = now,
             }
         }
+        // A suspect may have taken the worker to itself meanwhile: back off.
+        if self.exclusive.load(Ordering::Acquire) != 0 {
+            self.release();
+            return false;
+        }
+        true
     }
 
     /// Give back one unit of capacity.
@@ -185,6 +238,7 @@ impl WorkerSlot {
         id: u64,
         attempt: u32,
         function: &str,
+        deadline: Option<Instant>,
         trace_id: Option<String>,
     ) -> Result<oneshot::Receiver<Outcome>, SlotClosed> {
         let (tx, rx) = oneshot::channel();
@@ -194,7 +248,7 @@ impl WorkerSlot {
         }
         t.calls.insert(
             id,
-            Pending { attempt, function: function.to_string(), sent_at: Instant::now(), trace_id, tx },
+            Pending { attempt, function: function.to_string(), sent_at: Instant::now(), deadline, trace_id, tx },
         );
         Ok(rx)
     }
@@ -211,22 +265,44 @@ impl WorkerSlot {
         };
         match pending {
             Some(p) => {
+                self.clear_exclusive(id);
                 self.release();
                 self.served.fetch_add(1, Ordering::AcqRel);
                 let _ = p.tx.send(outcome);
+                true
+            }
+            None => {
+                // The answer to a call its caller gave up on: the worker is free of it now.
+                let was_abandoned = self.abandoned.lock().is_ok_and(|mut a| a.remove(&id).is_some());
+                if was_abandoned {
+                    self.clear_exclusive(id);
+                    self.release();
+                }
+                was_abandoned
+            }
+        }
+    }
+
+    /// Forget a call the caller gave up on. Its capacity stays taken until the worker answers
+    /// it (a cancelled call answers at once; an inline call that ignores `cancel` keeps its
+    /// worker busy, and routing must know). Returns true if it was still pending.
+    pub(crate) fn abandon(&self, id: u64) -> bool {
+        let removed = self.table.lock().ok().and_then(|mut t| if t.open { t.calls.remove(&id) } else { None });
+        match removed {
+            Some(p) => {
+                if let Ok(mut a) = self.abandoned.lock() {
+                    a.insert(id, Abandoned { function: p.function, deadline: p.deadline });
+                }
                 true
             }
             None => false,
         }
     }
 
-    /// Forget a call the caller gave up on. Returns true if it was still pending.
-    pub(crate) fn abandon(&self, id: u64) -> bool {
-        let removed = self.table.lock().map(|mut t| t.calls.remove(&id).is_some()).unwrap_or(false);
-        if removed {
-            self.release();
-        }
-        removed
+    /// Abandoned calls the worker still holds for which `running` holds (harakiri check).
+    pub(crate) fn abandoned_running(&self, running: impl Fn(u64) -> bool) -> Vec<(u64, Abandoned)> {
+        let Ok(a) = self.abandoned.lock() else { return Vec::new() };
+        a.iter().filter(|(id, _)| running(**id)).map(|(id, c)| (*id, c.clone())).collect()
     }
 
     /// Describe the calls in flight (for a death certificate) without removing them.
@@ -256,6 +332,9 @@ impl WorkerSlot {
             }
             Err(_) => Vec::new(),
         };
+        if let Ok(mut a) = self.abandoned.lock() {
+            a.clear();
+        }
         let n = drained.len();
         for p in drained {
             self.release();

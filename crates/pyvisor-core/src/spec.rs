@@ -54,6 +54,95 @@ pub struct PoolSpec {
     pub(crate) shutdown_grace: Duration,
     pub(crate) sigterm_wait: Duration,
     pub(crate) on_event: Option<EventHandler>,
+    pub(crate) heartbeat_max_missed: u32,
+    pub(crate) max_retries: u32,
+    pub(crate) taint_window: Duration,
+    pub(crate) poison_threshold: u32,
+    pub(crate) quarantine_window: Duration,
+    pub(crate) harakiri_grace: Option<Duration>,
+    pub(crate) recycle: RecyclePolicy,
+}
+
+/// When workers are replaced although healthy: age, requests served, memory.
+///
+/// ```
+/// use std::time::Duration;
+/// use pyvisor_core::RecyclePolicy;
+/// let r = RecyclePolicy::default().ttl(Duration::from_secs(3600)).max_requests(10_000);
+/// assert_eq!(r.jitter, 0.1);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecyclePolicy {
+    /// Replace a worker after this age (jittered). Default off.
+    pub ttl: Option<Duration>,
+    /// Replace a worker after this many calls (jittered). Default off.
+    pub max_requests: Option<u64>,
+    /// Drain and replace a worker whose memory passes this many bytes. Default off.
+    pub memory_soft_limit: Option<u64>,
+    /// Kill a worker whose memory passes this many bytes (the crash barrier applies). Default off.
+    pub memory_hard_limit: Option<u64>,
+    /// Relative jitter of `ttl` and `max_requests` (0.1 = ±10%).
+    pub jitter: f64,
+    /// Never fewer ready workers than this because of recycling. Default workers − 1 (≥ 1).
+    pub min_ready: Option<usize>,
+    /// Recycles in progress at once. Default 1.
+    pub max_concurrent: usize,
+    /// Longest wait for a recycled worker's calls to finish. Default 30 s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RecyclePolicy {
+    fn default() -> Self {
+        RecyclePolicy {
+            ttl: None,
+            max_requests: None,
+            memory_soft_limit: None,
+            memory_hard_limit: None,
+            jitter: 0.1,
+            min_ready: None,
+            max_concurrent: 1,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RecyclePolicy {
+    /// Set `ttl`.
+    pub fn ttl(mut self, d: Duration) -> Self {
+        self.ttl = Some(d);
+        self
+    }
+    /// Set `max_requests`.
+    pub fn max_requests(mut self, n: u64) -> Self {
+        self.max_requests = Some(n);
+        self
+    }
+    /// Set the memory limits in bytes (soft: drain and replace; hard: kill).
+    pub fn memory_limits(mut self, soft: Option<u64>, hard: Option<u64>) -> Self {
+        self.memory_soft_limit = soft;
+        self.memory_hard_limit = hard;
+        self
+    }
+    /// Set the jitter (0.1 = ±10%).
+    pub fn jitter(mut self, j: f64) -> Self {
+        self.jitter = j;
+        self
+    }
+    /// Set `min_ready`.
+    pub fn min_ready(mut self, n: usize) -> Self {
+        self.min_ready = Some(n);
+        self
+    }
+    /// Set `max_concurrent` recycles.
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n;
+        self
+    }
+    /// Set the drain timeout.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
 }
 
 impl std::fmt::Debug for PoolSpec {
@@ -98,6 +187,13 @@ impl PoolSpec {
             shutdown_grace: Duration::from_secs(5),
             sigterm_wait: Duration::from_secs(2),
             on_event: None,
+            heartbeat_max_missed: 5,
+            max_retries: 2,
+            taint_window: Duration::from_secs(5),
+            poison_threshold: 2,
+            quarantine_window: Duration::from_secs(300),
+            harakiri_grace: Some(Duration::from_secs(5)),
+            recycle: RecyclePolicy::default(),
         }
     }
 
@@ -196,6 +292,42 @@ impl PoolSpec {
         self.heartbeat_interval = d;
         self
     }
+    /// Beats that may be missed before a worker is declared hung. Default 5.
+    pub fn heartbeat_max_missed(mut self, n: u32) -> Self {
+        self.heartbeat_max_missed = n;
+        self
+    }
+    /// Retries of an idempotent call after crashes. Default 2.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+    /// How long a crashed worker's replacement is avoided. Default 5 s.
+    pub fn taint_window(mut self, d: Duration) -> Self {
+        self.taint_window = d;
+        self
+    }
+    /// Crashes with a call alone in flight that make it a poison request. Default 2.
+    pub fn poison_threshold(mut self, n: u32) -> Self {
+        self.poison_threshold = n;
+        self
+    }
+    /// How long a poison request's fingerprint is refused. Default 5 min.
+    pub fn quarantine_window(mut self, d: Duration) -> Self {
+        self.quarantine_window = d;
+        self
+    }
+    /// Kill a worker whose call overran its deadline by more than this (`None`: never).
+    /// Default 5 s.
+    pub fn harakiri_grace(mut self, d: Option<Duration>) -> Self {
+        self.harakiri_grace = d;
+        self
+    }
+    /// Recycling policy. Default: no recycling.
+    pub fn recycle(mut self, r: RecyclePolicy) -> Self {
+        self.recycle = r;
+        self
+    }
     /// On shutdown: time for in-flight calls to finish, then the wait after SIGTERM before
     /// SIGKILL. Default 5 s, 2 s.
     pub fn shutdown_timeouts(mut self, grace: Duration, sigterm_wait: Duration) -> Self {
@@ -234,6 +366,20 @@ impl PoolSpec {
                 "max_frame must be between 1 KiB and 4 GiB, got {}",
                 self.max_frame
             )));
+        }
+        if self.heartbeat_max_missed == 0 {
+            return Err(StartError::InvalidSpec("heartbeat_max_missed must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.recycle.jitter) {
+            return Err(StartError::InvalidSpec("recycle jitter must be in [0, 1)".into()));
+        }
+        if self.recycle.max_concurrent == 0 {
+            return Err(StartError::InvalidSpec("max_concurrent recycles must be at least 1".into()));
+        }
+        if let (Some(s), Some(h)) = (self.recycle.memory_soft_limit, self.recycle.memory_hard_limit) {
+            if s > h {
+                return Err(StartError::InvalidSpec("the memory soft limit must not exceed the hard limit".into()));
+            }
         }
         if self.heartbeat_interval.is_zero() {
             return Err(StartError::InvalidSpec("heartbeat_interval must be positive".into()));

@@ -29,6 +29,10 @@ pub struct WorkerStatus {
     pub last_beat_age: Option<Duration>,
     /// When a restart is pending: time until it starts.
     pub restart_in: Option<Duration>,
+    /// Calls the worker reported in its last beat, with their phase.
+    pub in_progress: Vec<pyvisor_protocol::InProgress>,
+    /// Whether it is in a taint window (it replaced a crashed worker).
+    pub tainted: bool,
 }
 
 /// A pool as a whole.
@@ -43,6 +47,14 @@ pub struct PoolStatus {
     pub queued: usize,
     /// Whether the pool is closed (shut down or failed).
     pub closed: bool,
+    /// Attempts retried after crashes (the crash barrier).
+    pub retried: u64,
+    /// Calls failed as poison requests.
+    pub poisoned: u64,
+    /// Worker deaths (crashes, hangs, start failures).
+    pub crashes: u64,
+    /// Workers recycled.
+    pub recycles: u64,
 }
 
 impl PoolStatus {

@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 use crate::connection::{read_loop, ReadEnd};
 use crate::death::{DeathCause, DeathCertificate};
 use crate::pool::PoolShared;
-use crate::process::{forward_lines, kill_group, oom_kill_count, spawn_worker, wait_group_gone, GroupGuard, StderrTail, Stream};
+use crate::process::{
+    forward_lines, kill_group, measure_memory, oom_kill_count, spawn_worker, wait_group_gone, GroupGuard, StderrTail, Stream,
+};
 use crate::router::RouterMsg;
 use crate::slot::{Failure, WorkerSlot, WorkerState};
 use crate::writer::FrameWriter;
@@ -49,7 +51,11 @@ pub(crate) enum WorkerMsg {
     Exited(ExitInfo),
     StartTimeout,
     ExitWaitOver,
+    /// Periodic health check: heartbeat, harakiri, memory, recycling thresholds.
+    Tick,
     Shutdown(RpcReplyPort<()>),
+    /// Recycled: drain (up to the drain timeout), then stop like a shutdown.
+    Drain,
 }
 
 pub(crate) struct WorkerActor;
@@ -77,6 +83,19 @@ pub(crate) struct WorkerActorState {
     stopping: bool,
     oom_before: Option<u64>,
     started: Instant,
+    ready_at: Option<Instant>,
+    python_stack: Option<String>,
+    ticker: Option<JoinHandle<()>>,
+    ttl: Option<Duration>,
+    max_requests: Option<u64>,
+}
+
+fn jittered(v: f64, jitter: f64) -> f64 {
+    if jitter <= 0.0 {
+        v
+    } else {
+        v * (1.0 + rand::random_range(-jitter..=jitter))
+    }
 }
 
 impl WorkerActorState {
@@ -124,7 +143,7 @@ impl WorkerActorState {
             last_beat_age: last_beat.as_ref().map(|b| b.at.elapsed()),
             calls_in_flight: self.slot.calls_in_flight(),
             stderr_tail: self.stderr.snapshot(),
-            python_stack: None,
+            python_stack: self.python_stack.clone(),
         });
         let failed = self.slot.close_and_fail(Failure::Crashed(Arc::clone(&cert)));
         if let Some(w) = self.slot.writer() {
@@ -142,6 +161,104 @@ impl WorkerActorState {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
+
+    /// No beats: capture the Python stack (faulthandler on SIGUSR1), then kill.
+    async fn declare_hung(&mut self, silent_for: Duration) {
+        let Some(pid) = self.pid else { return };
+        tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, pid, silent_ms = silent_for.as_millis() as u64, "worker hung; capturing its stack");
+        self.stderr.start_capture();
+        // SAFETY: plain syscall.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGUSR1);
+        }
+        // A stopped process cannot answer; a live one dumps within milliseconds.
+        let start = Instant::now();
+        let mut last_len = 0;
+        let mut quiet_since = Instant::now();
+        while start.elapsed() < Duration::from_millis(800) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let n = self.stderr.captured().len();
+            if n != last_len {
+                last_len = n;
+                quiet_since = Instant::now();
+            } else if n > 0 && quiet_since.elapsed() > Duration::from_millis(100) {
+                break;
+            }
+        }
+        let lines = self.stderr.take_capture();
+        if !lines.is_empty() {
+            self.python_stack = Some(lines.join("\n"));
+        }
+        self.kill(DeathCause::Hung { silent_for });
+    }
+
+    async fn tick(&mut self) {
+        if !self.ready || self.stopping || self.cause.is_some() {
+            return;
+        }
+        let spec = &self.shared.spec;
+        let Some(pid) = self.pid else { return };
+        // Heartbeat.
+        let last = self.slot.last_beat();
+        let silent = match (&last, self.ready_at) {
+            (Some(b), _) => b.at.elapsed(),
+            (None, Some(r)) => r.elapsed(),
+            (None, None) => Duration::ZERO,
+        };
+        if silent > spec.heartbeat_interval * spec.heartbeat_max_missed {
+            self.declare_hung(silent).await;
+            return;
+        }
+        // Harakiri: a call its caller gave up on, still running past deadline + grace.
+        if let (Some(grace), Some(b)) = (spec.harakiri_grace, &last) {
+            let running: std::collections::HashSet<u64> = b
+                .beat
+                .in_progress
+                .iter()
+                .filter(|c| c.phase == pyvisor_protocol::Phase::Running)
+                .map(|c| c.id)
+                .collect();
+            let now = Instant::now();
+            let overrun = self
+                .slot
+                .abandoned_running(|id| running.contains(&id))
+                .into_iter()
+                .find(|(_, c)| c.deadline.is_some_and(|d| b.at > d + grace && now > d + grace));
+            if let Some((call_id, call)) = overrun {
+                let over = call.deadline.map_or(Duration::ZERO, |d| now.saturating_duration_since(d));
+                tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, call_id, function = %call.function, "harakiri: killing the worker");
+                self.kill(DeathCause::Harakiri { call_id, function: call.function, overrun: over });
+                return;
+            }
+        }
+        // Memory.
+        let r = &spec.recycle;
+        if r.memory_soft_limit.is_some() || r.memory_hard_limit.is_some() {
+            if let Some(bytes) = measure_memory(pid) {
+                if let Some(limit) = r.memory_hard_limit.filter(|l| bytes > *l) {
+                    tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, bytes, limit, "memory hard limit: killing the worker");
+                    self.kill(DeathCause::MemoryLimit { bytes, limit });
+                    return;
+                }
+                if r.memory_soft_limit.is_some_and(|l| bytes > l) {
+                    self.request_recycle(crate::events::RecycleReason::MemorySoftLimit { bytes });
+                    return;
+                }
+            }
+        }
+        if self.ttl.zip(self.ready_at).is_some_and(|(ttl, at)| at.elapsed() >= ttl) {
+            self.request_recycle(crate::events::RecycleReason::Ttl);
+        } else if self.max_requests.is_some_and(|m| self.slot.served() >= m) {
+            self.request_recycle(crate::events::RecycleReason::MaxRequests);
+        }
+    }
+
+    fn request_recycle(&self, reason: crate::events::RecycleReason) {
+        let _ = self.router.cast(RouterMsg::RecycleRequest { id: self.slot.id, reason });
     }
 }
 
@@ -172,6 +289,11 @@ impl Actor for WorkerActor {
             stopping: false,
             oom_before: oom_kill_count(),
             started: Instant::now(),
+            ready_at: None,
+            python_stack: None,
+            ticker: None,
+            ttl: None,
+            max_requests: None,
         })
     }
 
@@ -264,6 +386,13 @@ impl Actor for WorkerActor {
                     return Ok(());
                 }
                 st.ready = true;
+                st.ready_at = Some(Instant::now());
+                let spec = &st.shared.spec;
+                let r = &spec.recycle;
+                st.ttl = r.ttl.map(|t| Duration::from_secs_f64(jittered(t.as_secs_f64(), r.jitter).max(0.0)));
+                st.max_requests = r.max_requests.map(|m| jittered(m as f64, r.jitter).round().max(1.0) as u64);
+                let period = (spec.heartbeat_interval / 2).clamp(Duration::from_millis(10), Duration::from_millis(500));
+                st.ticker = Some(myself.send_interval(period, || WorkerMsg::Tick));
                 st.slot.set_state(WorkerState::Ready);
                 let _ = st.router.cast(RouterMsg::WorkerReady {
                     id: st.slot.id,
@@ -303,11 +432,19 @@ impl Actor for WorkerActor {
                 st.abort_tasks();
                 return Err(err);
             }
+            WorkerMsg::Tick => st.tick().await,
             WorkerMsg::Shutdown(reply) => {
                 st.stopping = true;
-                shutdown_process(st).await;
+                let grace = st.shared.spec.shutdown_grace;
+                shutdown_process(st, grace).await;
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));
+            }
+            WorkerMsg::Drain => {
+                st.stopping = true;
+                let grace = st.shared.spec.recycle.drain_timeout;
+                shutdown_process(st, grace).await;
+                myself.stop(Some("recycled".into()));
             }
         }
         Ok(())
@@ -335,9 +472,12 @@ impl Actor for WorkerActor {
 }
 
 /// Drain, then `shutdown` → SIGTERM → SIGKILL, within the spec's timeouts.
-async fn shutdown_process(st: &mut WorkerActorState) {
+async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
+    if let Some(t) = st.ticker.take() {
+        t.abort();
+    }
     let spec = &st.shared.spec;
-    let deadline = tokio::time::Instant::now() + spec.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
     if st.slot.state() == WorkerState::Ready {
         st.slot.set_state(WorkerState::Draining);
     }

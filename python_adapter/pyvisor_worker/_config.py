@@ -1,0 +1,119 @@
+"""The start environment the parent hands to a worker (``PYVISOR_*`` variables)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Mapping, NoReturn, Optional
+
+__all__ = [
+    "WorkerConfig",
+    "StartError",
+    "load_config",
+    "current_config",
+    "exit_bad_start",
+    "PROTOCOL_VERSION",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+DEFAULT_BEAT_INTERVAL_MS = 1000
+
+#: Exit statuses (docs/protocol.md, "Exit statuses of the worker").
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_START = 2
+EXIT_PROTOCOL = 3
+
+NOT_UNDER_PYVISOR = (
+    "this is a pyvisor worker; start it through pyvisor (Pool or the `pyvisor` CLI)"
+)
+
+
+class StartError(Exception):
+    """The environment does not describe a usable pyvisor start."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    fd: int
+    worker_id: str
+    protocol: Optional[int]
+    max_frame: int
+    beat_interval_ms: int
+    run_id: str
+
+
+def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StartError(f"{key}={raw!r} is not an integer") from None
+    if value <= 0:
+        raise StartError(f"{key}={raw!r} must be positive")
+    return value
+
+
+def load_config(env: Optional[Mapping[str, str]] = None) -> WorkerConfig:
+    """Read and check the ``PYVISOR_*`` variables; raises :class:`StartError`."""
+    env = os.environ if env is None else env
+    raw_fd = env.get("PYVISOR_FD")
+    if raw_fd is None or raw_fd.strip() == "":
+        raise StartError("PYVISOR_FD is not set")
+    try:
+        fd = int(raw_fd)
+    except ValueError:
+        raise StartError(f"PYVISOR_FD={raw_fd!r} is not a file descriptor number") from None
+    if fd < 0:
+        raise StartError(f"PYVISOR_FD={raw_fd!r} is not a file descriptor number")
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        raise StartError(f"PYVISOR_FD={fd} is not an open file descriptor ({e.strerror})") from None
+    if not stat.S_ISSOCK(mode):
+        raise StartError(f"PYVISOR_FD={fd} is not a socket")
+    raw_protocol = env.get("PYVISOR_PROTOCOL")
+    try:
+        protocol = int(raw_protocol) if raw_protocol else None
+    except ValueError:
+        raise StartError(f"PYVISOR_PROTOCOL={raw_protocol!r} is not an integer") from None
+    return WorkerConfig(
+        fd=fd,
+        worker_id=env.get("PYVISOR_WORKER_ID", ""),
+        protocol=protocol,
+        max_frame=_positive_int(env, "PYVISOR_MAX_FRAME", DEFAULT_MAX_FRAME),
+        beat_interval_ms=_positive_int(env, "PYVISOR_BEAT_INTERVAL_MS", DEFAULT_BEAT_INTERVAL_MS),
+        run_id=env.get("PYVISOR_RUN_ID", ""),
+    )
+
+
+_current: Optional[WorkerConfig] = None
+
+
+def current_config() -> WorkerConfig:
+    """This process's start configuration, read once from the environment.
+
+    ``PYVISOR_FD`` is then removed from ``os.environ`` so that processes started by user code do
+    not inherit a descriptor number that means nothing to them (the descriptor itself is made
+    close-on-exec by the worker).
+    """
+    global _current
+    if _current is None:
+        _current = load_config()
+        os.environ.pop("PYVISOR_FD", None)
+    return _current
+
+
+def exit_bad_start(err: StartError) -> NoReturn:
+    """Explain on stderr that this process must be started by pyvisor, and exit 2."""
+    try:
+        sys.stderr.write(f"pyvisor_worker: {NOT_UNDER_PYVISOR}\n  ({err})\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(EXIT_BAD_START)

@@ -1,0 +1,90 @@
+"""Frames and messages of the pyvisor wire protocol (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import functools
+import struct
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+
+__all__ = [
+    "HEADER",
+    "MSG_HELLO",
+    "MSG_CALL",
+    "MSG_REPLY",
+    "MSG_CANCEL",
+    "MSG_BEAT",
+    "MSG_PING",
+    "MSG_PONG",
+    "MSG_SHUTDOWN",
+    "new_packer",
+    "unpack_body",
+    "frame",
+    "error_map",
+    "qualified_name",
+]
+
+#: Frame header: 4-byte big-endian unsigned body length.
+HEADER = struct.Struct(">I")
+
+MSG_HELLO = 0
+MSG_CALL = 1
+MSG_REPLY = 2
+MSG_CANCEL = 3
+MSG_BEAT = 4
+MSG_PING = 5
+MSG_PONG = 6
+MSG_SHUTDOWN = 7
+
+#: Error kinds of a reply.
+KIND_EXCEPTION = "exception"
+KIND_UNKNOWN_FUNCTION = "unknown_function"
+KIND_CANCELLED = "cancelled"
+KIND_REPLY_TOO_LARGE = "reply_too_large"
+KIND_UNSERIALIZABLE = "unserializable"
+KIND_INTERNAL = "internal"
+
+
+def new_packer() -> Callable[[Any], bytes]:
+    """A reusable encoder (``bytes`` → bin, ``str`` → str). Not thread-safe: one per thread."""
+    pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+    return pack
+
+
+#: Decode one frame body (str → ``str``, bin → ``bytes``, arrays → ``list``, any map keys).
+unpack_body: Callable[[Any], Any] = functools.partial(
+    msgpack.unpackb, raw=False, strict_map_key=False
+)
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix an encoded message with its length header."""
+    return HEADER.pack(len(body)) + body
+
+
+def qualified_name(cls: type) -> str:
+    """``ValueError`` for builtins, ``module.Qualified.Name`` otherwise."""
+    module = getattr(cls, "__module__", None)
+    qualname = str(getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None) or cls)
+    if not module or module == "builtins":
+        return qualname
+    return f"{module}.{qualname}"
+
+
+def error_map(
+    kind: str,
+    type_name: str,
+    message: str,
+    traceback: Optional[str] = None,
+    functions: Optional[Sequence[str]] = None,
+) -> Dict[str, Any]:
+    """The ``error`` map of a failed reply; every key is present (``nil`` when absent)."""
+    return {
+        "kind": kind,
+        "type": type_name,
+        "message": message,
+        "traceback": traceback,
+        "functions": None if functions is None else list(functions),
+    }
+

@@ -1,0 +1,175 @@
+"""``@expose`` and the table of exposed functions."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Optional, TypeVar, overload
+
+__all__ = ["FunctionSpec", "expose", "registered", "RESERVED_NAMES"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Execution kinds, as named in the ``hello`` message.
+INLINE = "inline"
+ASYNC = "async"
+THREADS = "threads"
+
+#: How a function is invoked (decided once, at decoration time).
+CALL_PAYLOAD = 0  # fn(payload)
+CALL_PAYLOAD_CTX = 1  # fn(payload, ctx=ctx)
+CALL_PAYLOAD_CTX_POS = 2  # fn(payload, ctx)   (ctx is positional-only)
+CALL_CTX_ONLY = 3  # fn(ctx=ctx)
+CALL_NOTHING = 4  # fn()
+
+#: Names the adapter provides itself.
+RESERVED_NAMES = frozenset({"health"})
+
+
+class FunctionSpec:
+    """One exposed function and how to run it."""
+
+    __slots__ = ("name", "fn", "idempotent", "kind", "threads", "call_mode", "origin")
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        idempotent: bool,
+        kind: str,
+        threads: int,
+        call_mode: int,
+        origin: tuple[str, str, int] | None,
+    ) -> None:
+        self.name = name
+        self.fn = fn
+        self.idempotent = idempotent
+        self.kind = kind
+        self.threads = threads
+        self.call_mode = call_mode
+        self.origin = origin
+
+    def describe(self) -> Dict[str, Any]:
+        """The entry of this function in ``hello.functions``."""
+        return {
+            "name": self.name,
+            "idempotent": self.idempotent,
+            "kind": self.kind,
+            "threads": self.threads,
+        }
+
+    def __repr__(self) -> str:
+        return f"FunctionSpec(name={self.name!r}, kind={self.kind!r}, idempotent={self.idempotent})"
+
+
+_registry: Dict[str, FunctionSpec] = {}
+
+
+def registered() -> Dict[str, FunctionSpec]:
+    """The exposed user functions, by name (a copy)."""
+    return dict(_registry)
+
+
+def _call_mode(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return CALL_PAYLOAD
+    ctx = params.get("ctx")
+    positional = [
+        p
+        for p in params.values()
+        if p.name != "ctx"
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if ctx is None:
+        return CALL_PAYLOAD if positional else CALL_NOTHING
+    if ctx.kind is ctx.VAR_KEYWORD or ctx.kind is ctx.VAR_POSITIONAL:  # `*ctx` / `**ctx`: not ours
+        return CALL_PAYLOAD if positional else CALL_NOTHING
+    if not positional:
+        return CALL_CTX_ONLY if ctx.kind is not ctx.POSITIONAL_ONLY else CALL_NOTHING
+    return CALL_PAYLOAD_CTX_POS if ctx.kind is ctx.POSITIONAL_ONLY else CALL_PAYLOAD_CTX
+
+
+def _origin(fn: Callable[..., Any]) -> tuple[str, str, int] | None:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    return (getattr(fn, "__qualname__", ""), code.co_filename, code.co_firstlineno)
+
+
+def _register(
+    fn: Callable[..., Any], name: Optional[str], idempotent: bool, threads: Optional[int]
+) -> None:
+    if not callable(fn):
+        raise TypeError(f"@expose needs a function, got {fn!r}")
+    fname = getattr(fn, "__name__", None) if name is None else name
+    if fname is None:
+        raise ValueError(f"{fn!r} has no __name__: expose it with name=...")
+    if not isinstance(fname, str) or not fname:
+        raise ValueError(f"invalid exposed name {fname!r}")
+    if fname in RESERVED_NAMES:
+        raise ValueError(f"the name {fname!r} is reserved by pyvisor_worker")
+    is_async = inspect.iscoroutinefunction(fn)
+    if threads is not None:
+        if is_async:
+            raise ValueError(f"{fname!r}: threads= cannot be used with an async def function")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"{fname!r}: threads must be a positive int, got {threads!r}")
+    kind = ASYNC if is_async else (THREADS if threads is not None else INLINE)
+    spec = FunctionSpec(
+        name=fname,
+        fn=fn,
+        idempotent=bool(idempotent),
+        kind=kind,
+        threads=threads if threads is not None else 0,
+        call_mode=_call_mode(fn),
+        origin=_origin(fn),
+    )
+    previous = _registry.get(fname)
+    if previous is not None:
+        # The same definition executed twice (a script imported once as __main__ and once
+        # under its module name) replaces itself; anything else is a real clash.
+        if previous.origin is None or previous.origin != spec.origin:
+            raise ValueError(f"a function named {fname!r} is already exposed ({previous.fn!r})")
+    _registry[fname] = spec
+
+
+@overload
+def expose(fn: F) -> F: ...
+
+
+@overload
+def expose(
+    *, name: Optional[str] = None, idempotent: bool = False, threads: Optional[int] = None
+) -> Callable[[F], F]: ...
+
+
+def expose(
+    fn: Optional[F] = None,
+    *,
+    name: Optional[str] = None,
+    idempotent: bool = False,
+    threads: Optional[int] = None,
+) -> Any:
+    """Expose a function to the pyvisor parent.
+
+    Usable bare (``@expose``) or with keywords (``@expose(name=..., idempotent=True,
+    threads=4)``). The function is returned unchanged.
+
+    - ``name``: the name callers use (default: the function's ``__name__``).
+    - ``idempotent``: the parent may retry the call on another worker after a crash.
+    - ``threads``: run a plain function on its own pool of that many threads instead of
+      inline (not allowed for ``async def`` functions, which run on the worker's event loop).
+
+    The function receives the call's payload as its one positional argument, and a
+    :class:`~pyvisor_worker.Context` as ``ctx`` if it declares a ``ctx`` parameter.
+    """
+    if fn is not None:
+        _register(fn, name, idempotent, threads)
+        return fn
+
+    def decorate(f: F) -> F:
+        _register(f, name, idempotent, threads)
+        return f
+
+    return decorate

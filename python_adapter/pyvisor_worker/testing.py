@@ -1,0 +1,403 @@
+"""A fake pyvisor parent, to test worker scripts without the Rust side.
+
+::
+
+    from pyvisor_worker.testing import FakeParent
+
+    def test_predict(tmp_path):
+        with FakeParent.spawn("worker.py", beat_interval_ms=200) as parent:
+            call_id = parent.call("predict", {"x": 1.0})
+            reply = parent.reply_for(call_id)
+            assert reply.ok, reply.error
+            assert reply.value == {"y": 2.0}
+
+It starts the worker exactly as the parent does (``python -m pyvisor_worker SCRIPT`` with the
+worker's end of a socketpair in ``PYVISOR_FD``, its own process group, stdin from
+``/dev/null``, stdout/stderr as pipes) and speaks the protocol of docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Mapping, Optional, Union
+
+from ._config import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from ._framing import (
+    HEADER,
+    MSG_BEAT,
+    MSG_CALL,
+    MSG_CANCEL,
+    MSG_HELLO,
+    MSG_PING,
+    MSG_PONG,
+    MSG_REPLY,
+    MSG_SHUTDOWN,
+    frame,
+    new_packer,
+    unpack_body,
+)
+from ._watchdog import _load_libc, set_parent_death_signal
+
+__all__ = ["FakeParent", "Reply", "Beat", "WorkerExited", "encode_frame"]
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class WorkerExited(EOFError):
+    """The worker closed its socket (it exited, or is exiting)."""
+
+
+@dataclass
+class Reply:
+    """A ``reply`` message."""
+
+    id: int
+    attempt: int
+    ok: bool
+    value: Any
+
+    @property
+    def error(self) -> Dict[str, Any]:
+        """The error map of a failed reply (``kind``, ``type``, ``message``, ...); ``{}`` if ok."""
+        if self.ok:
+            return {}
+        err: Dict[str, Any] = self.value
+        return err
+
+
+@dataclass
+class Beat:
+    """A ``beat`` message and when it arrived (``time.monotonic()``)."""
+
+    received: float
+    seq: int
+    rss: int
+    in_progress: List[List[Any]]
+    served: int
+    raw: Dict[str, Any] = field(repr=False)
+
+
+def encode_frame(message: Any) -> bytes:
+    """One protocol frame (length header + MessagePack body) for ``message``."""
+    return frame(new_packer()(message))
+
+
+class FakeParent:
+    """The parent's side of one worker: a process and the socket to it."""
+
+    def __init__(
+        self,
+        proc: "subprocess.Popen[bytes]",
+        sock: socket.socket,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.max_frame = max_frame
+        #: The worker's hello map (empty until it arrived; see ``spawn(wait_hello=...)``).
+        self.hello: Dict[str, Any] = {}
+        #: Every beat received so far, in order.
+        self.beats: List[Beat] = []
+        self._pack = new_packer()
+        self._buf = bytearray()
+        self._inbox: Deque[List[Any]] = deque()
+        self._replies: Dict[int, Reply] = {}
+        self._next_id = 1
+        self._eof = False
+        self._stdout: List[bytes] = []
+        self._stderr: List[bytes] = []
+        self._pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, self._stdout), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, self._stderr), daemon=True),
+        ]
+        for t in self._pumps:
+            t.start()
+
+    # ------------------------------------------------------------------ start
+
+    @classmethod
+    def spawn(
+        cls,
+        script: Optional[StrPath] = None,
+        *args: str,
+        module: Optional[str] = None,
+        beat_interval_ms: int = 1000,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[StrPath] = None,
+        python: str = sys.executable,
+        worker_id: str = "test-worker",
+        run_id: str = "test-run",
+        wait_hello: bool = True,
+        timeout: float = 30.0,
+        parent_death_signal: bool = True,
+    ) -> "FakeParent":
+        """Start ``python -m pyvisor_worker SCRIPT args...`` (or ``--module MODULE``).
+
+        With ``wait_hello`` (the default) it returns once the worker sent ``hello`` (available
+        as ``.hello``), and raises :class:`WorkerExited` with the worker's stderr if it died
+        first. ``env`` adds to (and overrides) this process's environment.
+
+        With ``parent_death_signal`` the worker gets ``PR_SET_PDEATHSIG=SIGKILL`` like under
+        the real parent: it dies when the *thread* that spawned it ends, so spawn from a
+        thread that outlives the worker (normally the main thread).
+        """
+        if (script is None) == (module is None):
+            raise ValueError("give exactly one of script or module")
+        target = ["--module", module] if module is not None else [os.fspath(script)]  # type: ignore[arg-type]
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fd = child_sock.fileno()
+        full_env = dict(os.environ)
+        full_env.update(
+            {
+                "PYVISOR_FD": str(child_fd),
+                "PYVISOR_WORKER_ID": worker_id,
+                "PYVISOR_PROTOCOL": str(PROTOCOL_VERSION),
+                "PYVISOR_MAX_FRAME": str(max_frame),
+                "PYVISOR_BEAT_INTERVAL_MS": str(beat_interval_ms),
+                "PYVISOR_RUN_ID": run_id,
+            }
+        )
+        if env:
+            full_env.update(env)
+        try:
+            proc = subprocess.Popen(
+                [python, "-m", "pyvisor_worker", *target, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(child_fd,),
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_kill_with_parent if parent_death_signal else None,
+            )
+        finally:
+            child_sock.close()
+        parent = cls(proc, parent_sock, max_frame)
+        if wait_hello:
+            msg = parent._next_message(timeout)
+            if msg[0] != MSG_HELLO:
+                parent.kill()
+                raise AssertionError(f"the first message is not hello: {msg!r}")
+            parent.hello = msg[1]
+        return parent
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, message: Any) -> None:
+        """Encode and send one message."""
+        self.sock.sendall(frame(self._pack(message)))
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (for malformed-frame tests)."""
+        self.sock.sendall(data)
+
+    def call(
+        self,
+        function: str,
+        payload: Any = None,
+        *,
+        call_id: Optional[int] = None,
+        attempt: int = 1,
+        deadline_ms: Optional[int] = None,
+        traceparent: Optional[str] = None,
+        tracestate: Optional[str] = None,
+    ) -> int:
+        """Send a ``call``; returns its id (fresh unless ``call_id`` is given)."""
+        if call_id is None:
+            call_id = self._next_id
+        self._next_id = max(self._next_id, call_id + 1)
+        self.send([MSG_CALL, call_id, attempt, function, deadline_ms, traceparent, tracestate, payload])
+        return call_id
+
+    def cancel(self, call_id: int) -> None:
+        self.send([MSG_CANCEL, call_id])
+
+    def ping(self, nonce: Any = 0) -> None:
+        self.send([MSG_PING, nonce])
+
+    def shutdown(self, grace_ms: int = 5000) -> None:
+        self.send([MSG_SHUTDOWN, grace_ms])
+
+    def invoke(self, function: str, payload: Any = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Call and wait; returns the value, raises AssertionError with the error otherwise."""
+        reply = self.reply_for(self.call(function, payload), timeout)
+        if not reply.ok:
+            raise AssertionError(f"{function} failed: {reply.error}")
+        return reply.value
+
+    # ------------------------------------------------------------------ receiving
+
+    def recv(self, timeout: float = DEFAULT_TIMEOUT) -> List[Any]:
+        """The next message other than a beat (beats are collected in ``.beats``)."""
+        while True:
+            msg = self._inbox.popleft() if self._inbox else self._next_message(timeout)
+            if msg[0] != MSG_BEAT:
+                if msg[0] == MSG_REPLY:
+                    self._replies.pop(msg[1], None)
+                return msg
+
+    def reply_for(self, call_id: int, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+        """Wait for the reply to ``call_id``; other messages stay queued for :meth:`recv`."""
+        deadline = time.monotonic() + timeout
+        while call_id not in self._replies:
+            msg = self._next_message(max(0.0, deadline - time.monotonic()))
+            if msg[0] != MSG_BEAT:
+                self._inbox.append(msg)
+        reply = self._replies.pop(call_id)
+        for i, queued in enumerate(self._inbox):
+            if queued[0] == MSG_REPLY and queued[1] == call_id:
+                del self._inbox[i]
+                break
+        return reply
+
+    def pong_for(self, nonce: Any, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
+        """Wait for the pong answering ``nonce``; returns its beat map."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, queued in enumerate(self._inbox):
+                if queued[0] == MSG_PONG and queued[1] == nonce:
+                    del self._inbox[i]
+                    beat: Dict[str, Any] = queued[2]
+                    return beat
+            msg = self._next_message(max(0.0, deadline - time.monotonic()))
+            if msg[0] != MSG_BEAT:
+                self._inbox.append(msg)
+
+    def wait_beats(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> List[Beat]:
+        """Wait until at least ``count`` beats have arrived in total; returns them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.beats) < count:
+            msg = self._next_message(max(0.0, deadline - time.monotonic()))
+            if msg[0] != MSG_BEAT:
+                self._inbox.append(msg)
+        return list(self.beats)
+
+    def _next_message(self, timeout: float) -> List[Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._take_frame()
+            if msg is not None:
+                if msg[0] == MSG_BEAT:
+                    b = msg[1]
+                    self.beats.append(
+                        Beat(time.monotonic(), b["seq"], b["rss"], b["in_progress"], b["served"], b)
+                    )
+                elif msg[0] == MSG_REPLY:
+                    self._replies[msg[1]] = Reply(msg[1], msg[2], msg[3], msg[4])
+                return msg
+            if self._eof:
+                raise WorkerExited(self._describe_exit())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no message from the worker in {timeout:.1f} s{self._stderr_tail()}")
+            ready, _, _ = select.select([self.sock], [], [], remaining)
+            if ready:
+                try:
+                    data = self.sock.recv(1 << 20)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    self._eof = True
+                self._buf += data
+
+    def _take_frame(self) -> Optional[List[Any]]:
+        if len(self._buf) < 4:
+            return None
+        (n,) = HEADER.unpack_from(self._buf, 0)
+        if n > self.max_frame:
+            raise AssertionError(f"the worker sent a frame of {n} bytes (max {self.max_frame})")
+        if len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4 : 4 + n])
+        del self._buf[: 4 + n]
+        msg = unpack_body(body)
+        if not isinstance(msg, list) or not msg:
+            raise AssertionError(f"the worker sent a malformed message: {msg!r}")
+        return msg
+
+    # ------------------------------------------------------------------ process
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stdout_text(self) -> str:
+        return b"".join(self._stdout).decode("utf-8", "replace")
+
+    def stderr_text(self) -> str:
+        return b"".join(self._stderr).decode("utf-8", "replace")
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Wait for the worker to exit; returns its status (negative: killed by that signal)."""
+        status = self.proc.wait(timeout)
+        for t in self._pumps:
+            t.join(timeout)
+        return status
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker process (not its group)."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Close the socket (the worker sees EOF and exits); SIGKILL its group if it lingers."""
+        try:
+            self.sock.close()
+        finally:
+            try:
+                return self.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                return self.wait(timeout)
+
+    def __enter__(self) -> "FakeParent":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _stderr_tail(self, lines: int = 20) -> str:
+        tail = self.stderr_text().splitlines()[-lines:]
+        return ("\n--- worker stderr ---\n" + "\n".join(tail)) if tail else ""
+
+    def _describe_exit(self) -> str:
+        try:
+            status: Optional[int] = self.proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            status = None
+        else:
+            for t in self._pumps:
+                t.join(2.0)
+        return f"the worker closed its socket (exit status {status}){self._stderr_tail()}"
+
+
+def _pump(stream: Any, sink: List[bytes]) -> None:
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        sink.append(chunk)
+    stream.close()
+
+
+def _kill_with_parent() -> None:  # runs in the child between fork and exec
+    set_parent_death_signal(signal.SIGKILL)
+
+
+_load_libc()  # now, not in the forked child
