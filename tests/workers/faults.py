@@ -1,0 +1,104 @@
+"""Test worker for fault tolerance: side effects, crashes, hangs, leaks, cancellation."""
+
+import asyncio
+import ctypes
+import os
+import time
+
+from pyvisor_worker import Context, expose, run_worker
+
+SIDE_EFFECTS = os.environ.get("SIDE_EFFECT_LOG")
+EVENTS = os.environ.get("EVENT_LOG")
+
+
+def _log(path, line):
+    if path:
+        # One write with O_APPEND: lines from concurrent workers never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{line}\n".encode())
+        finally:
+            os.close(fd)
+
+
+@expose(idempotent=True)
+def echo(x):
+    return x
+
+
+@expose
+def record(x):
+    """Not idempotent: its side effect must happen at most once per call."""
+    _log(SIDE_EFFECTS, x)
+    return x
+
+
+@expose(idempotent=True)
+def segfault(_):
+    ctypes.string_at(0)
+
+
+@expose
+def hold_gil(_):
+    return sum(range(10**12))
+
+
+@expose
+def spin(seconds):
+    end = time.time() + seconds
+    n = 0
+    while time.time() < end:
+        n += 1
+    return seconds
+
+
+@expose
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+_leaked = []
+
+
+@expose(idempotent=True)
+def leak(mib):
+    _leaked.append(b"\x01" * (mib << 20))  # really touched, so resident
+    return len(_leaked)
+
+
+@expose
+def wait_cancel(timeout, ctx: Context):
+    end = time.time() + timeout
+    while time.time() < end:
+        if ctx.cancelled:
+            _log(EVENTS, f"inline saw cancel {ctx.call_id}")
+            return "saw cancel"
+        time.sleep(0.01)
+    return "no cancel"
+
+
+@expose
+async def async_wait(seconds):
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _log(EVENTS, "async cancelled")
+        raise
+    return seconds
+
+
+@expose
+def mark(x):
+    _log(EVENTS, f"ran {x}")
+    return x
+
+
+@expose
+def overrun(seconds):
+    time.sleep(seconds)  # ignores cancel: only harakiri ends it early
+    return seconds
+
+
+if __name__ == "__main__":
+    run_worker()
