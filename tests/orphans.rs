@@ -77,10 +77,88 @@ async fn sigkill_of_the_rust_process_leaves_no_python_process() {
     }
 }
 
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start this binary as the helper in `mode`; return it and its `ORPHAN` lines up to `ready`.
+fn helper(mode: &str, program: &str) -> (KillOnDrop, Vec<String>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_process_for_the_sigkill_test", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, mode)
+        .env("PYVISOR_PROGRAM_ID", program)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("helper starts");
+    let stdout = child.stdout.take().unwrap();
+    let guard = KillOnDrop(child);
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let Some((_, ours)) = line.split_once("ORPHAN ") else { continue };
+        lines.push(ours.to_string());
+        if ours == "ready" {
+            break;
+        }
+    }
+    (guard, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_escaped_an_earlier_run_are_stopped_by_the_next_run() {
+    let program = format!("orphan-test-{}", std::process::id());
+    let (mut first, lines) = tokio::task::spawn_blocking({
+        let program = program.clone();
+        move || helper("detach", &program)
+    })
+    .await
+    .unwrap();
+    let escaped: u32 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("child ").and_then(|p| p.parse().ok()))
+        .unwrap_or_else(|| panic!("helper output: {lines:?}"));
+    let sleeper = KillOnDrop2(escaped);
+    first.0.kill().unwrap();
+    let _ = first.0.wait();
+    // It left the worker's session and group: neither the parent-death signal nor the
+    // watchdog reaches it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(common::alive(escaped), "the detached subprocess should have escaped");
+    // The next run of the same program finds it by its run-id marker and stops it.
+    let (_second, lines) = tokio::task::spawn_blocking(move || helper("restart", &program)).await.unwrap();
+    assert_eq!(lines.last().map(String::as_str), Some("ready"), "{lines:?}");
+    assert!(common::eventually(Duration::from_secs(10), || !common::alive(escaped)).await, "the escaped process survived the next run");
+    drop(sleeper);
+}
+
+struct KillOnDrop2(u32);
+impl Drop for KillOnDrop2 {
+    fn drop(&mut self) {
+        if common::alive(self.0) {
+            common::signal(self.0, libc::SIGKILL);
+        }
+    }
+}
+
 #[test]
-#[ignore = "helper process for sigkill_of_the_rust_process_leaves_no_python_process"]
+#[ignore = "helper process for the orphan tests"]
 fn helper_process_for_the_sigkill_test() {
-    if std::env::var_os(HELPER_ENV).is_none() {
+    let Some(mode) = std::env::var_os(HELPER_ENV) else { return };
+    if mode == "detach" || mode == "restart" {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let pool = Pool::start(common::spec("stubborn.py").workers(1)).await.expect("pool starts");
+            if mode == "detach" {
+                println!("ORPHAN child {}", pool.call::<_, u32>("detach", &()).await.expect("detach"));
+            }
+            println!("ORPHAN ready");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

@@ -21,6 +21,14 @@ def spawn_child(_):
 
 
 @expose
+def detach(_):
+    """A subprocess in its own session: out of reach of the process group."""
+    p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    _children.append(p)
+    return p.pid
+
+
+@expose
 def hold_gil(_):
     # One long C loop that never releases the GIL.
     return sum(range(10**12))

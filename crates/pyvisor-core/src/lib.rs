@@ -37,7 +37,7 @@ pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCer
 pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
 pub use pool::{CallOptions, Pool};
-pub use process::run_id;
+pub use process::{program_id, reap_orphans, run_id};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
 pub use slot::WorkerState;

@@ -311,6 +311,11 @@ impl Pool {
 
     async fn start_inner(spec: PoolSpec, supervisor: Option<ActorCell>) -> Result<Pool, StartError> {
         let python = spec.validate()?;
+        // Once per process: stop what earlier, crashed runs of this program left behind.
+        static REAPED: std::sync::Once = std::sync::Once::new();
+        REAPED.call_once(|| {
+            crate::process::reap_orphans();
+        });
         let shared = Arc::new(PoolShared::new(spec, python));
         let (tx, rx) = oneshot::channel();
         let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };

@@ -61,7 +61,9 @@ fn spawner() -> &'static Mutex<std_mpsc::Sender<SpawnRequest>> {
     })
 }
 
-/// The identity of this run, passed to every worker (`PYVISOR_RUN_ID`) as an orphan marker.
+/// The identity of this run, passed to every worker (`PYVISOR_RUN_ID`) as an orphan marker:
+/// `PID-STARTTIME-NONCE`, where STARTTIME is the parent's start time in clock ticks after
+/// boot (so a recycled pid is not mistaken for the same run).
 pub fn run_id() -> &'static str {
     static RUN_ID: OnceLock<String> = OnceLock::new();
     RUN_ID.get_or_init(|| {
@@ -69,8 +71,77 @@ pub fn run_id() -> &'static str {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        format!("{}-{:x}", std::process::id(), now)
+        let pid = std::process::id();
+        format!("{pid}-{}-{:x}", start_time(pid).unwrap_or(0), now)
     })
+}
+
+/// The identity of this program for orphan clean-up (`PYVISOR_PROGRAM`): `PYVISOR_PROGRAM_ID`
+/// if set (to tell apart deployments of one binary), else the executable's path.
+pub fn program_id() -> &'static str {
+    static PROGRAM: OnceLock<String> = OnceLock::new();
+    PROGRAM.get_or_init(|| {
+        std::env::var("PYVISOR_PROGRAM_ID").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+            std::env::current_exe()
+                .and_then(|p| p.canonicalize())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into())
+        })
+    })
+}
+
+/// A process's start time in clock ticks after boot (`/proc/PID/stat`, field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // rest starts at field 3 (state); field 22 is the 20th after it.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the run `run_id` (`PID-STARTTIME-NONCE`) is still alive.
+fn run_alive(run_id: &str) -> bool {
+    let mut parts = run_id.split('-');
+    let (Some(pid), Some(start)) = (parts.next().and_then(|p| p.parse::<u32>().ok()), parts.next().and_then(|s| s.parse::<u64>().ok()))
+    else {
+        return false;
+    };
+    start_time(pid) == Some(start)
+}
+
+/// Find processes left by earlier, dead runs of this program (their environment carries our
+/// `PYVISOR_PROGRAM` and a `PYVISOR_RUN_ID` whose parent is gone) and SIGKILL them. Matches the
+/// markers only, never names. Returns the pids killed.
+pub fn reap_orphans() -> Vec<u32> {
+    let me = std::process::id();
+    let program = format!("PYVISOR_PROGRAM={}", program_id());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut killed = Vec::new();
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let mut same_program = false;
+        let mut run = None;
+        for kv in env.split(|b| *b == 0) {
+            if kv == program.as_bytes() {
+                same_program = true;
+            } else if let Some(r) = kv.strip_prefix(b"PYVISOR_RUN_ID=") {
+                run = Some(String::from_utf8_lossy(r).into_owned());
+            }
+        }
+        let Some(run) = run else { continue };
+        if !same_program || run == run_id() || run_alive(&run) {
+            continue;
+        }
+        // SAFETY: plain syscall.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+        tracing::warn!(pid, run = %run, "killed a process left by an earlier run of this program");
+        killed.push(pid);
+    }
+    killed
 }
 
 /// Spawn one worker for `spec` with the resolved interpreter `python`.
@@ -103,6 +174,7 @@ pub(crate) async fn spawn_worker(
         .env("PYVISOR_MAX_FRAME", spec.max_frame.to_string())
         .env("PYVISOR_BEAT_INTERVAL_MS", spec.heartbeat_interval.as_millis().to_string())
         .env("PYVISOR_RUN_ID", run_id())
+        .env("PYVISOR_PROGRAM", program_id())
         .env("PYTHONUNBUFFERED", "1");
     for (k, v) in &spec.env {
         cmd.env(k, v);
