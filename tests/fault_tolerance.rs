@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pyvisor::{CallError, CallOptions, DeathCause, DeathCertificate, Pool, PoolEvent, RecyclePolicy, RecycleReason, WorkerState};
+use pyvisor::{CallError, CallOptions, ChaosAction, DeathCause, DeathCertificate, Pool, PoolEvent, RecyclePolicy, RecycleReason, WorkerState};
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pyvisor-{tag}-{}", std::process::id()));
@@ -153,8 +153,7 @@ async fn hung_workers_are_detected_and_the_gil_case_has_its_stack() {
     }
     // SIGSTOP: detected and replaced.
     assert!(wait_ready(&pool, 2, Duration::from_secs(20)).await);
-    let victim = pool.status().await.workers[0].pid.unwrap();
-    common::signal(victim, libc::SIGSTOP);
+    let victim = pool.chaos().stop(None).expect("a ready worker to stop");
     assert!(common::eventually(Duration::from_secs(20), || events.deaths().iter().any(|c| c.pid == Some(victim))).await, "the stopped worker was not declared hung");
     let cert = events.deaths().into_iter().find(|c| c.pid == Some(victim)).unwrap();
     assert!(matches!(cert.cause, DeathCause::Hung { .. }) && cert.killed_by_pyvisor);
@@ -352,4 +351,48 @@ async fn cancellation_reaches_python_and_expired_queued_calls_never_run() {
     pool.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = HashSet::<u8>::new();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_points_kill_before_or_after_the_side_effect() {
+    let dir = tmpdir("points");
+    let log = dir.join("side_effects.log");
+    let count = |id: u64| std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.parse::<u64>().ok() == Some(id)).count();
+    let events = Events::default();
+    let pool = Pool::start(events.spec(
+        common::spec("faults.py")
+            .workers(1)
+            .heartbeat_interval(Duration::from_millis(100))
+            .taint_window(Duration::ZERO)
+            .env("SIDE_EFFECT_LOG", log.to_str().unwrap())
+            .recycle(RecyclePolicy::default().memory_limits(None, Some(150 << 20))),
+    ))
+    .await
+    .unwrap();
+    let chaos = pool.chaos();
+    // Killed after its side effect: a non-idempotent call fails and is not repeated.
+    assert_eq!(chaos.arm("after_side_effect", ChaosAction::Kill).await.unwrap(), 1);
+    assert!(matches!(pool.call::<_, u64>("record_points", &1u64).await, Err(CallError::WorkerCrashed { .. })));
+    assert_eq!(count(1), 1);
+    // Killed before its side effect, retried (idempotent by the caller's word): exactly once.
+    assert!(wait_ready(&pool, 1, Duration::from_secs(20)).await);
+    chaos.arm("before_side_effect", ChaosAction::Kill).await.unwrap();
+    let v: u64 = pool.call_with("record_points", &2u64, CallOptions::new().idempotent(true)).await.expect("retried");
+    assert_eq!((v, count(2)), (2, 1));
+    // Killed after it, retried: the side effect repeats — that is what idempotent promises.
+    assert!(wait_ready(&pool, 1, Duration::from_secs(20)).await);
+    chaos.arm("after_side_effect", ChaosAction::Kill).await.unwrap();
+    let v: u64 = pool.call_with("record_points", &3u64, CallOptions::new().idempotent(true)).await.expect("retried");
+    assert_eq!((v, count(3)), (3, 2));
+    // Pushed past the hard memory limit: killed by pyvisor, with the cause on the certificate.
+    assert!(wait_ready(&pool, 1, Duration::from_secs(20)).await);
+    let pid = pool.status().await.workers[0].pid.unwrap();
+    chaos.arm("after_side_effect", ChaosAction::Alloc { mib: 200 }).await.unwrap();
+    let _ = pool.call::<_, u64>("record_points", &4u64).await;
+    assert!(common::eventually(Duration::from_secs(10), || events.deaths().iter().any(|c| c.pid == Some(pid))).await);
+    let cert = events.deaths().into_iter().find(|c| c.pid == Some(pid)).unwrap();
+    assert!(matches!(cert.cause, DeathCause::MemoryLimit { bytes, limit } if bytes > limit && limit == 150 << 20), "{:?}", cert.cause);
+    assert!(!events.0.lock().unwrap().iter().any(|e| matches!(e, PoolEvent::Quarantined { .. })));
+    pool.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ CALL_CTX_ONLY = 3  # fn(ctx=ctx)
 CALL_NOTHING = 4  # fn()
 
 #: Names the adapter provides itself.
-RESERVED_NAMES = frozenset({"health"})
+RESERVED_NAMES = frozenset({"health", "__pyvisor_chaos_arm"})
 
 
 class FunctionSpec:

@@ -196,6 +196,11 @@ class _Worker:
         health = FunctionSpec("health", self._health, True, INLINE, 0, CALL_NOTHING, None)
         self._functions: Dict[str, FunctionSpec] = dict(functions)
         self._functions["health"] = health
+        from .chaos import _arm_from_parent
+
+        self._functions["__pyvisor_chaos_arm"] = FunctionSpec(
+            "__pyvisor_chaos_arm", _arm_from_parent, False, INLINE, 0, CALL_PAYLOAD, None
+        )
         self._names: List[str] = sorted(self._functions)
 
         # Writer: one lock around sendall; staged replies go out with the next write.

@@ -5,7 +5,7 @@ import ctypes
 import os
 import time
 
-from pyvisor_worker import Context, expose, run_worker
+from pyvisor_worker import Context, chaos, expose, run_worker
 
 SIDE_EFFECTS = os.environ.get("SIDE_EFFECT_LOG")
 EVENTS = os.environ.get("EVENT_LOG")
@@ -30,6 +30,15 @@ def echo(x):
 def record(x):
     """Not idempotent: its side effect must happen at most once per call."""
     _log(SIDE_EFFECTS, x)
+    return x
+
+
+@expose
+def record_points(x):
+    """A side effect between two chaos points."""
+    chaos.point("before_side_effect")
+    _log(SIDE_EFFECTS, x)
+    chaos.point("after_side_effect")
     return x
 
 

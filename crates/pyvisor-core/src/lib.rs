@@ -14,6 +14,7 @@
 //! - `death`, `error`, `events`, `status`: what users see; `telemetry`: the tracing set-up.
 
 mod backoff;
+mod chaos;
 mod connection;
 mod death;
 mod error;
@@ -33,6 +34,7 @@ mod worker;
 mod writer;
 
 pub use backoff::{Backoff, Jitter};
+pub use chaos::{Chaos, ChaosAction};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};

@@ -526,6 +526,11 @@ impl Pool {
         }
     }
 
+    /// Fault injection for tests: kill or stop workers, arm chaos points.
+    pub fn chaos(&self) -> crate::chaos::Chaos {
+        crate::chaos::Chaos { shared: Arc::clone(&self.inner.shared) }
+    }
+
     /// A snapshot of every position: worker, pid, state, in flight, served, restarts.
     pub async fn status(&self) -> PoolStatus {
         match self.inner.router.call(RouterMsg::Status, Some(Duration::from_secs(5))).await {
@@ -575,5 +580,54 @@ fn remote_error(function: &str, e: RemoteError, shared: &PoolShared) -> CallErro
             CallError::BadResult { function, message: format!("{}: {}", e.type_name, e.message) }
         }
         _ => CallError::Worker { function, message: format!("{}: {}", e.type_name, e.message) },
+    }
+}
+
+/// Call `function` on this particular worker (control calls such as chaos arming), waiting up to
+/// `timeout` for room on it.
+pub(crate) async fn call_on_slot(
+    shared: &PoolShared,
+    slot: &Arc<WorkerSlot>,
+    function: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Bytes, CallError> {
+    let until = Instant::now() + timeout;
+    let gone = || CallError::Worker { function: function.to_string(), message: format!("worker {} is gone", slot.id) };
+    while !slot.try_reserve() {
+        if slot.state() == crate::slot::WorkerState::Dead {
+            return Err(gone());
+        }
+        if Instant::now() >= until {
+            return Err(CallError::Timeout { function: function.to_string(), after: timeout, sent: false });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let header = CallHeader {
+        id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
+        attempt: 1,
+        function,
+        deadline_ms: Some(unix_ms(until)),
+        traceparent: None,
+        tracestate: None,
+    };
+    let Ok(rx) = slot.register(header.id, 1, function, Some(until.into_std()), None) else {
+        slot.release();
+        return Err(gone());
+    };
+    let mut guard = InFlightGuard { slot, id: header.id, armed: true };
+    if let Some(w) = slot.writer() {
+        let _ = w.send(&encode_call(&header, payload));
+    }
+    let outcome = tokio::time::timeout_at(until, rx).await;
+    guard.armed = false;
+    match outcome {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(Failure::Remote(e)))) => Err(remote_error(function, e, shared)),
+        Ok(Ok(Err(Failure::Crashed(certificate)))) => {
+            Err(CallError::WorkerCrashed { function: function.to_string(), attempts: 1, certificate })
+        }
+        Ok(Ok(Err(Failure::ShutDown))) | Ok(Err(_)) => Err(shared.closed_error()),
+        Err(_) => Err(CallError::Timeout { function: function.to_string(), after: timeout, sent: true }),
     }
 }

@@ -20,6 +20,11 @@ impl SlotTable {
         self.routable.read().map(|g| Arc::clone(&g)).unwrap_or_default()
     }
 
+    /// Every routable slot now.
+    pub(crate) fn routable(&self) -> Vec<Arc<WorkerSlot>> {
+        self.snapshot().iter().cloned().collect()
+    }
+
     /// Add a slot that just became ready.
     pub(crate) fn insert(&self, slot: Arc<WorkerSlot>) {
         if let Ok(mut g) = self.routable.write() {
