@@ -52,10 +52,83 @@ pub struct BenchArgs {
     json: bool,
 }
 
-struct Tally {
-    hist: Histogram<u64>,
-    ok: u64,
-    errors: BTreeMap<String, u64>,
+/// Results of a load run.
+pub struct Tally {
+    pub hist: Histogram<u64>,
+    pub ok: u64,
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid"),
+            ok: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+    /// Calls made: ok plus every error.
+    pub fn calls(&self) -> u64 {
+        self.ok + self.errors.values().sum::<u64>()
+    }
+}
+
+/// `concurrency` callers call `function` with `payload` until `calls` are issued or `stop_at`;
+/// a result different from the payload counts as `mismatch`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_load(
+    pool: &Pool,
+    function: &str,
+    payload: &Arc<Vec<u8>>,
+    concurrency: usize,
+    calls: Option<u64>,
+    stop_at: Option<Instant>,
+    issued: &Arc<AtomicU64>,
+    done: &Arc<AtomicU64>,
+) -> Tally {
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let pool = pool.clone();
+        let payload = Arc::clone(payload);
+        let function = function.to_string();
+        let issued = Arc::clone(issued);
+        let done = Arc::clone(done);
+        tasks.push(tokio::spawn(async move {
+            let mut t = Tally::new();
+            loop {
+                if let Some(limit) = calls {
+                    if issued.fetch_add(1, Ordering::Relaxed) >= limit {
+                        break;
+                    }
+                }
+                if stop_at.is_some_and(|s| Instant::now() >= s) {
+                    break;
+                }
+                let t0 = Instant::now();
+                let r = pool.call_raw(&function, &payload, CallOptions::new()).await;
+                let us = t0.elapsed().as_micros() as u64;
+                let _ = t.hist.record(us.max(1));
+                match r {
+                    Ok(bytes) if value::same_value(&bytes, &payload) => t.ok += 1,
+                    Ok(_) => *t.errors.entry("mismatch".into()).or_default() += 1,
+                    Err(e) => *t.errors.entry(e.kind().into()).or_default() += 1,
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            t
+        }));
+    }
+    let mut total = Tally::new();
+    for t in tasks {
+        if let Ok(t) = t.await {
+            let _ = total.hist.add(&t.hist);
+            total.ok += t.ok;
+            for (k, v) in t.errors {
+                *total.errors.entry(k).or_default() += v;
+            }
+        }
+    }
+    total
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -126,60 +199,7 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
         })
     };
 
-    let mut tasks = Vec::with_capacity(a.concurrency);
-    for _ in 0..a.concurrency {
-        let pool = pool.clone();
-        let payload = Arc::clone(&payload);
-        let function = a.function.clone();
-        let issued = Arc::clone(&issued);
-        let done = Arc::clone(&done);
-        let limit = a.calls;
-        tasks.push(tokio::spawn(async move {
-            let mut t = Tally {
-                hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid"),
-                ok: 0,
-                errors: BTreeMap::new(),
-            };
-            loop {
-                if let Some(limit) = limit {
-                    if issued.fetch_add(1, Ordering::Relaxed) >= limit {
-                        break;
-                    }
-                }
-                if stop_at.is_some_and(|s| Instant::now() >= s) {
-                    break;
-                }
-                let t0 = Instant::now();
-                let r = pool.call_raw(&function, &payload, CallOptions::new()).await;
-                let us = t0.elapsed().as_micros() as u64;
-                let _ = t.hist.record(us.max(1));
-                match r {
-                    Ok(bytes) if value::same_value(&bytes, &payload) => t.ok += 1,
-                    Ok(_) => *t.errors.entry("mismatch".into()).or_default() += 1,
-                    Err(e) => *t.errors.entry(e.kind().into()).or_default() += 1,
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            t
-        }));
-    }
-    let mut total = Tally {
-        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid"),
-        ok: 0,
-        errors: BTreeMap::new(),
-    };
-    for t in tasks {
-        match t.await {
-            Ok(t) => {
-                let _ = total.hist.add(&t.hist);
-                total.ok += t.ok;
-                for (k, v) in t.errors {
-                    *total.errors.entry(k).or_default() += v;
-                }
-            }
-            Err(e) => *total.errors.entry(format!("internal: {e}")).or_default() += 0,
-        }
-    }
+    let total = run_load(&pool, &a.function, &payload, a.concurrency, a.calls, stop_at, &issued, &done).await;
     let elapsed = started.elapsed();
     ticker.abort();
     if let Some(pb) = &progress {
@@ -187,7 +207,7 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
     }
     pool.shutdown().await;
 
-    let calls = total.ok + total.errors.values().sum::<u64>();
+    let calls = total.calls();
     let throughput = calls as f64 / elapsed.as_secs_f64().max(1e-9);
     let p = |q: f64| if calls == 0 { 0 } else { total.hist.value_at_quantile(q) };
     if a.json {

@@ -1,6 +1,7 @@
 //! `pyvisor`: call a Python function, check an installation, benchmark a pool.
 
 mod bench;
+mod chaos;
 mod run;
 mod tree_file;
 mod value;
@@ -44,6 +45,8 @@ enum Command {
     },
     /// Run calls through a pool and report latency, throughput and errors.
     Bench(bench::BenchArgs),
+    /// Load a pool while killing random workers; report what was saved and the recovery time.
+    Chaos(chaos::ChaosArgs),
     /// Start a supervision tree from a TOML file; show live status until Ctrl-C.
     Run {
         /// The tree file (see docs/supervision.md and examples/tree.toml).
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
             Command::Run { tree } => run::run(interpreter, tree).await,
+            Command::Chaos(args) => chaos::run(interpreter, args).await,
         }
     })
 }

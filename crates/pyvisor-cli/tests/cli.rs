@@ -274,3 +274,23 @@ fn run_reports_bad_toml_with_line_and_field() {
     assert!(err.contains("line 7") && err.contains("wrokers"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn chaos_json_reports_kills_retries_and_recovery() {
+    let out = run(pyvisor().args(["chaos", "--script", &worker("faults.py"), "--function", "echo", "--payload", r#"{"k": [1, "x"]}"#]).args([
+        "--workers", "3", "--concurrency", "8", "--duration", "3", "--kill-every", "150", "--json",
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for key in ["calls", "ok", "retried", "errors", "kills", "restarts", "time_to_full_strength_ms"] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    check_contract(&v);
+    assert!(v["kills"].as_u64().unwrap() >= 10, "{v}");
+    // echo is idempotent: the crash barrier saves every call.
+    assert_eq!(v["ok"], v["calls"], "{v}");
+    assert_eq!(v["poisoned"], 0);
+    assert!(v["restarts"].as_u64().unwrap() >= v["kills"].as_u64().unwrap() / 2, "{v}");
+    assert!(v["time_to_full_strength_ms"].as_f64().is_some(), "{v}");
+}
