@@ -138,6 +138,7 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
             "time_to_full_strength_ms": full_strength_ms,
             "p50_us": if calls == 0 { 0 } else { tally.hist.value_at_quantile(0.5) },
             "p99_us": if calls == 0 { 0 } else { tally.hist.value_at_quantile(0.99) },
+            "throughput": calls as f64 / elapsed.as_secs_f64().max(1e-9),
             "workers": a.workers,
             "concurrency": a.concurrency,
             "elapsed_s": elapsed.as_secs_f64(),
