@@ -213,6 +213,9 @@ async fn a_segfaulting_request_becomes_poison_and_is_quarantined_while_others_ar
         assert!(b.await.unwrap() > 0);
     }
     assert_eq!(pool.status().await.crashes, 2);
+    let kept = pool.death_certificates();
+    assert_eq!(kept.len(), 2, "the pool keeps its death certificates");
+    assert!(kept.iter().all(|c| c.is_fault() && c.calls_in_flight.iter().any(|call| call.function == "segfault")));
     pool.shutdown().await;
 }
 

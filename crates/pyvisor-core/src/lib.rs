@@ -38,7 +38,7 @@ pub use chaos::{Chaos, ChaosAction};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
-pub use pool::{CallOptions, Pool};
+pub use pool::{CallOptions, Pool, KEPT_CERTIFICATES};
 pub use process::{program_id, reap_orphans, run_id};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;

@@ -43,7 +43,11 @@ pub(crate) struct PoolShared {
     failed: Mutex<Option<Arc<StartError>>>,
     pub quarantine: Quarantine,
     pub stats: PoolStats,
+    deaths: Mutex<std::collections::VecDeque<Arc<DeathCertificate>>>,
 }
+
+/// Death certificates a pool keeps for [`Pool::death_certificates`].
+pub const KEPT_CERTIFICATES: usize = 64;
 
 /// Counters of a pool's fault handling.
 #[derive(Default)]
@@ -112,6 +116,7 @@ impl PoolShared {
             failed: Mutex::new(None),
             quarantine: Quarantine::default(),
             stats: PoolStats::default(),
+            deaths: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -140,6 +145,15 @@ impl PoolShared {
 
     pub(crate) fn close(&self) {
         self.queue.close();
+    }
+
+    pub(crate) fn record_death(&self, cert: Arc<DeathCertificate>) {
+        if let Ok(mut d) = self.deaths.lock() {
+            if d.len() == KEPT_CERTIFICATES {
+                d.pop_front();
+            }
+            d.push_back(cert);
+        }
     }
 
     fn closed_error(&self) -> CallError {
@@ -524,6 +538,12 @@ impl Pool {
             shared.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pool = %shared.name, function, attempt = header.attempt, "retrying after a crash");
         }
+    }
+
+    /// The last death certificates of this pool's workers (up to [`KEPT_CERTIFICATES`]),
+    /// oldest first.
+    pub fn death_certificates(&self) -> Vec<Arc<DeathCertificate>> {
+        self.inner.shared.deaths.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Fault injection for tests: kill or stop workers, arm chaos points.

@@ -193,6 +193,7 @@ impl RouterState {
         self.shared.table.remove(id);
         self.members.remove(&id);
         self.shared.stats.crashes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.record_death(Arc::clone(&cert));
         let index = cert.index;
         self.shared.emit(PoolEvent::WorkerDied { certificate: Arc::clone(&cert) });
         if self.shutting_down || index >= self.positions.len() {

@@ -361,9 +361,9 @@ impl PoolSpec {
         if self.max_in_flight == 0 {
             return Err(StartError::InvalidSpec("max_in_flight must be at least 1".into()));
         }
-        if self.max_frame < 1024 || self.max_frame > u32::MAX as usize {
+        if self.max_frame < 64 * 1024 || self.max_frame > u32::MAX as usize {
             return Err(StartError::InvalidSpec(format!(
-                "max_frame must be between 1 KiB and 4 GiB, got {}",
+                "max_frame must be between 64 KiB and 4 GiB, got {}",
                 self.max_frame
             )));
         }
