@@ -16,8 +16,17 @@ through ``python -m pyvisor_worker SCRIPT`` and calls them over its own socket::
 from . import chaos
 from ._config import PROTOCOL_VERSION
 from ._context import Context
+from ._otel import tracer
 from ._registry import expose
 from ._version import __version__
 from ._worker import run_worker
 
-__all__ = ["expose", "run_worker", "Context", "chaos", "__version__", "PROTOCOL_VERSION"]
+__all__ = [
+    "expose",
+    "run_worker",
+    "Context",
+    "tracer",
+    "chaos",
+    "__version__",
+    "PROTOCOL_VERSION",
+]

@@ -16,6 +16,11 @@ Threads (all but the main thread are daemons):
 - one ``ThreadPoolExecutor`` per function exposed with ``threads=N``.
 - the **main thread** installs the SIGTERM handler and waits for the end.
 
+With tracing active (``_otel``: the ``otel`` extra and an OTLP endpoint), each call runs inside
+its own span, made current on the thread (or asyncio task) that executes it; the span is
+started and ended by the executing side (``_execute_traced``, ``_run_async``,
+``_cancelled_frame``). Every exit path flushes the spans first, bounded.
+
 All writes go through one lock around ``sendall``; replies that are ready together are joined
 into one write.
 """
@@ -44,6 +49,7 @@ from ._config import (
     current_config,
     exit_bad_start,
 )
+from . import _otel
 from ._context import Context
 from ._framing import (
     HEADER,
@@ -171,6 +177,9 @@ def _flush_stdio() -> None:
 
 
 def _hard_exit(status: int) -> NoReturn:
+    tracing = _otel.active()
+    if tracing is not None:
+        tracing.shutdown()  # export the last spans first (bounded)
     _flush_stdio()
     os._exit(status)
 
@@ -184,7 +193,12 @@ def _say(message: str) -> None:
 
 
 class _Worker:
-    def __init__(self, config: WorkerConfig, functions: Dict[str, FunctionSpec]) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        functions: Dict[str, FunctionSpec],
+        tracing: Optional[_otel.Tracing] = None,
+    ) -> None:
         sock = socket.socket(fileno=config.fd)
         sock.setblocking(True)
         os.set_inheritable(sock.fileno(), False)  # user subprocesses must not hold it open
@@ -192,6 +206,7 @@ class _Worker:
         self._sendall = sock.sendall
         self._max_frame = config.max_frame
         self._beat_interval = config.beat_interval_ms / 1000.0
+        self._tracing = tracing
 
         health = FunctionSpec("health", self._health, True, INLINE, 0, CALL_NOTHING, None)
         self._functions: Dict[str, FunctionSpec] = dict(functions)
@@ -493,6 +508,9 @@ class _Worker:
         )
 
     def _cancelled_frame(self, call: _Call, pack: Pack) -> bytes:
+        """The reply to a call cancelled before its function ran."""
+        if self._tracing is not None:
+            self._tracing.cancelled_before_start(call)
         return self._error_frame(
             call._call_id,
             call._attempt,
@@ -506,6 +524,8 @@ class _Worker:
         """Run a plain function (inline or on its thread pool); returns the reply frame."""
         if call._cancelled:
             return self._cancelled_frame(call, pack)
+        if self._tracing is not None:
+            return self._execute_traced(call, pack, self._tracing)
         spec = call._spec
         call._phase = RUNNING
         call._started = time.time()
@@ -530,6 +550,43 @@ class _Worker:
         if n > self._max_frame:
             return self._result_frame(call, result, pack)
         return _HEADER_PACK(n) + body
+
+    def _execute_traced(self, call: _Call, pack: Pack, tracing: _otel.Tracing) -> bytes:
+        """``_execute`` inside the call's span (current on this thread while the function runs)."""
+        spec = call._spec
+        call._phase = RUNNING
+        call._started = time.time()
+        span, token = tracing.start(call)
+        try:
+            mode = spec.call_mode
+            if mode == CALL_PAYLOAD:
+                result = spec.fn(call._payload)
+            elif mode == CALL_PAYLOAD_CTX:
+                result = spec.fn(call._payload, ctx=call)
+            else:
+                result = _invoke(spec, call)
+        except (SystemExit, KeyboardInterrupt) as e:
+            tracing.finish(span, token, call, e)
+            self._user_exit(e)
+        except BaseException as e:
+            tracing.finish(span, token, call, e)
+            return self._exception_frame(call, e, pack)
+        return self._traced_result_frame(call, result, pack, tracing, span, token)
+
+    def _traced_result_frame(
+        self, call: _Call, result: Any, pack: Pack, tracing: _otel.Tracing, span: Any, token: Any
+    ) -> bytes:
+        """The reply to a call that returned; ends its span (ERROR if the value can't be sent)."""
+        try:
+            body = pack([MSG_REPLY, call._call_id, call._attempt, True, result])
+        except Exception as e:
+            tracing.finish(span, token, call, e)
+            return self._result_frame(call, result, pack)
+        if len(body) > self._max_frame:
+            tracing.finish(span, token, call, None, KIND_REPLY_TOO_LARGE)
+            return self._result_frame(call, result, pack)
+        tracing.finish(span, token, call)
+        return _HEADER_PACK(len(body)) + body
 
     # ------------------------------------------------------------------ serving threads
 
@@ -817,16 +874,29 @@ class _Worker:
         else:
             call._phase = RUNNING
             call._started = time.time()
+            tracing = self._tracing
+            span = token = None
+            if tracing is not None:
+                # Attached in this task's own context: the function's coroutine (and tasks
+                # it creates) see the call's span as current.
+                span, token = tracing.start(call)
             try:
                 result = await _invoke(call._spec, call)
             except (SystemExit, KeyboardInterrupt) as e:
+                if tracing is not None:
+                    tracing.finish(span, token, call, e)
                 self._user_exit(e)
             except BaseException as e:
                 if _is_cancelled_error(e):
                     call._cancelled = True
+                if tracing is not None:
+                    tracing.finish(span, token, call, e)
                 data = self._exception_frame(call, e, pack)
             else:
-                data = self._result_frame(call, result, pack)
+                if tracing is not None:
+                    data = self._traced_result_frame(call, result, pack, tracing, span, token)
+                else:
+                    data = self._result_frame(call, result, pack)
         out = self._async_out
         out.append((call, data))
         if len(out) == 1:  # replies finished in this loop iteration go out in one write
@@ -961,4 +1031,10 @@ def run_worker() -> None:
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     except (ImportError, RuntimeError, ValueError, OSError, AttributeError):
         pass
-    _Worker(config, registered()).serve()
+    # Tracing (the `otel` extra) is set up before hello, only if asked for and installed.
+    tracing = _otel.activate(config.worker_id, config.run_id)
+    try:
+        _Worker(config, registered(), tracing).serve()
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # the last spans, bounded: a dead collector can't hold the exit

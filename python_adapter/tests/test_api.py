@@ -25,6 +25,7 @@ def test_public_names() -> None:
         "expose",
         "run_worker",
         "Context",
+        "tracer",
         "chaos",
         "__version__",
         "PROTOCOL_VERSION",

@@ -60,6 +60,24 @@ pub enum DeathCause {
     },
 }
 
+impl DeathCause {
+    /// A short, stable name: `exited`, `protocol_error`, `start_timeout`, `version_mismatch`,
+    /// `spawn_failed`, `actor_failed`, `hung`, `memory_limit`, `harakiri`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeathCause::Exited => "exited",
+            DeathCause::ProtocolError(_) => "protocol_error",
+            DeathCause::StartTimeout(_) => "start_timeout",
+            DeathCause::VersionMismatch { .. } => "version_mismatch",
+            DeathCause::SpawnFailed(_) => "spawn_failed",
+            DeathCause::ActorFailed(_) => "actor_failed",
+            DeathCause::Hung { .. } => "hung",
+            DeathCause::MemoryLimit { .. } => "memory_limit",
+            DeathCause::Harakiri { .. } => "harakiri",
+        }
+    }
+}
+
 impl fmt::Display for DeathCause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

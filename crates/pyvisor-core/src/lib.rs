@@ -19,6 +19,7 @@ mod connection;
 mod death;
 mod error;
 mod events;
+mod metrics;
 mod pool;
 mod process;
 mod python;
@@ -30,6 +31,7 @@ mod spec;
 mod status;
 pub mod supervisor;
 pub mod telemetry;
+mod tracing_ctx;
 mod worker;
 mod writer;
 

@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::death::{DeathCertificate, WorkerId};
 use crate::error::{CallError, PythonError, StartError};
@@ -44,6 +45,7 @@ pub(crate) struct PoolShared {
     pub quarantine: Quarantine,
     pub stats: PoolStats,
     deaths: Mutex<std::collections::VecDeque<Arc<DeathCertificate>>>,
+    members: RwLock<Vec<Arc<WorkerSlot>>>,
 }
 
 /// Death certificates a pool keeps for [`Pool::death_certificates`].
@@ -117,6 +119,7 @@ impl PoolShared {
             quarantine: Quarantine::default(),
             stats: PoolStats::default(),
             deaths: Mutex::new(std::collections::VecDeque::new()),
+            members: RwLock::new(Vec::new()),
         }
     }
 
@@ -147,6 +150,17 @@ impl PoolShared {
         self.queue.close();
     }
 
+    /// Every worker the router holds now (any state), for gauges.
+    pub(crate) fn members(&self) -> Vec<Arc<WorkerSlot>> {
+        self.members.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_members(&self, m: Vec<Arc<WorkerSlot>>) {
+        if let Ok(mut g) = self.members.write() {
+            *g = m;
+        }
+    }
+
     pub(crate) fn record_death(&self, cert: Arc<DeathCertificate>) {
         if let Ok(mut d) = self.deaths.lock() {
             if d.len() == KEPT_CERTIFICATES {
@@ -164,24 +178,51 @@ impl PoolShared {
     }
 
     pub(crate) fn emit(&self, event: PoolEvent) {
+        // Each lifecycle occurrence is a short span of its own, so that it reaches traces too.
+        let pool = &*self.name;
         match &event {
             PoolEvent::WorkerSpawned { worker, index, pid } => {
-                tracing::info!(pool = %self.name, worker = %worker, index, pid, "worker spawned")
+                let _s = tracing::debug_span!("pyvisor.worker.spawn", pyvisor.pool = pool, pyvisor.worker.id = %worker, pyvisor.worker.index = index, process.pid = pid).entered();
+                tracing::info!(pool, worker = %worker, index, pid, "worker spawned")
             }
             PoolEvent::WorkerReady { worker, pid, startup, .. } => {
-                tracing::info!(pool = %self.name, worker = %worker, pid, startup_ms = startup.as_millis() as u64, "worker ready")
+                let _s = tracing::debug_span!("pyvisor.worker.ready", pyvisor.pool = pool, pyvisor.worker.id = %worker, process.pid = pid, pyvisor.startup_ms = startup.as_millis() as u64).entered();
+                tracing::info!(pool, worker = %worker, pid, startup_ms = startup.as_millis() as u64, "worker ready")
             }
-            PoolEvent::WorkerDied { .. } => {}
+            PoolEvent::WorkerDied { certificate: c } => {
+                let _s = tracing::info_span!(
+                    "pyvisor.worker.crash",
+                    otel.status_code = "ERROR",
+                    pyvisor.pool = pool,
+                    pyvisor.worker.id = %c.worker,
+                    process.pid = c.pid.unwrap_or(0),
+                    pyvisor.death.cause = c.cause.kind(),
+                    pyvisor.exit.code = c.exit_code.unwrap_or(0),
+                    pyvisor.exit.signal = c.signal.unwrap_or(0),
+                    pyvisor.became_ready = c.became_ready,
+                    pyvisor.uptime_ms = c.uptime.as_millis() as u64,
+                    pyvisor.calls_in_flight = c.calls_in_flight.len(),
+                    pyvisor.oom_suspected = c.oom_suspected,
+                )
+                .entered();
+                tracing::warn!(exception.type = "WorkerDied", exception.message = %c, "death certificate")
+            }
             PoolEvent::RestartScheduled { index, failures, delay } => {
-                tracing::warn!(pool = %self.name, index, failures, delay_ms = delay.as_millis() as u64, "worker start failed; restart scheduled")
+                let _s = tracing::debug_span!("pyvisor.worker.restart_scheduled", pyvisor.pool = pool, pyvisor.worker.index = index, pyvisor.failures = failures, pyvisor.backoff_ms = delay.as_millis() as u64).entered();
+                tracing::warn!(pool, index, failures, delay_ms = delay.as_millis() as u64, "worker start failed; restart scheduled")
             }
-            PoolEvent::PoolFailed { reason } => tracing::error!(pool = %self.name, "pool failed: {reason}"),
-            PoolEvent::PoolStopped => tracing::info!(pool = %self.name, "pool stopped"),
+            PoolEvent::PoolFailed { reason } => {
+                let _s = tracing::debug_span!("pyvisor.pool.failed", otel.status_code = "ERROR", pyvisor.pool = pool).entered();
+                tracing::error!(pool, "pool failed: {reason}")
+            }
+            PoolEvent::PoolStopped => tracing::info!(pool, "pool stopped"),
             PoolEvent::Quarantined { function, window } => {
-                tracing::error!(pool = %self.name, function, window_s = window.as_secs(), "poison request quarantined")
+                let _s = tracing::debug_span!("pyvisor.quarantine", pyvisor.pool = pool, rpc.method = %function, pyvisor.quarantine_s = window.as_secs()).entered();
+                tracing::error!(pool, function, window_s = window.as_secs(), "poison request quarantined")
             }
             PoolEvent::Recycled { worker, reason } => {
-                tracing::info!(pool = %self.name, worker = %worker, reason = %reason, "worker recycled")
+                let _s = tracing::debug_span!("pyvisor.worker.recycle", pyvisor.pool = pool, pyvisor.worker.id = %worker, pyvisor.recycle.reason = %reason).entered();
+                tracing::info!(pool, worker = %worker, reason = %reason, "worker recycled")
             }
         }
         if let Some(cb) = &self.spec.on_event {
@@ -331,6 +372,7 @@ impl Pool {
             crate::process::reap_orphans();
         });
         let shared = Arc::new(PoolShared::new(spec, python));
+        crate::metrics::register_pool(&shared);
         let (tx, rx) = oneshot::channel();
         let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };
         let spawned = match supervisor {
@@ -391,6 +433,55 @@ impl Pool {
     /// Call with an already-encoded MessagePack payload; returns the encoded result.
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
         let shared = &*self.inner.shared;
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            "pyvisor.call",
+            otel.kind = "client",
+            rpc.system = "pyvisor",
+            rpc.method = function,
+            pyvisor.pool = %shared.name,
+            pyvisor.idempotent = tracing::field::Empty,
+            pyvisor.attempts = tracing::field::Empty,
+            pyvisor.outcome = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = if span.is_disabled() {
+            self.call_inner(function, payload, opts, None).await
+        } else {
+            if let Some(tp) = opts.traceparent.as_deref() {
+                crate::tracing_ctx::set_remote_parent(&span, tp, opts.tracestate.as_deref());
+            }
+            let r = self.call_inner(function, payload, opts, Some(&span)).instrument(span.clone()).await;
+            match &r {
+                Ok(_) => {
+                    span.record("pyvisor.outcome", "ok");
+                }
+                Err(e) => {
+                    span.record("pyvisor.outcome", e.kind());
+                    span.record("error.type", e.kind());
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            r
+        };
+        crate::metrics::call_done(
+            &shared.name,
+            function,
+            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    async fn call_inner(
+        &self,
+        function: &str,
+        payload: &[u8],
+        opts: CallOptions,
+        call_span: Option<&tracing::Span>,
+    ) -> Result<Bytes, CallError> {
+        let shared = &*self.inner.shared;
         let spec = &shared.spec;
         let called = Instant::now();
         let deadline = match (opts.deadline, opts.no_timeout) {
@@ -432,6 +523,12 @@ impl Pool {
         let idempotent = opts.idempotent.unwrap_or_else(|| {
             shared.functions().is_some_and(|f| f.iter().any(|f| f.name == function && f.idempotent))
         });
+        if let Some(s) = call_span {
+            s.record("pyvisor.idempotent", idempotent);
+        }
+        // Without tracing, the caller's own trace context (if any) passes through unchanged.
+        let passthrough = (opts.traceparent.clone(), opts.tracestate.clone());
+        let mut previous_attempt: Option<tracing::Span> = None;
         let queue_until = {
             let q = called + spec.queue_timeout;
             deadline.map_or(q, |d| d.min(q))
@@ -456,7 +553,12 @@ impl Pool {
                 let mode = if suspect { PickMode::Alone { call_id: header.id } } else { PickMode::Normal };
                 (mode, usize::MAX, until)
             };
-            let slot = match shared.queue.acquire(&shared.table, mode, max_queue, until).await {
+            let acquire = shared.queue.acquire(&shared.table, mode, max_queue, until);
+            let acquired = match call_span {
+                Some(_) => acquire.instrument(tracing::debug_span!("pyvisor.queue_wait", pyvisor.attempt = header.attempt)).await,
+                None => acquire.await,
+            };
+            let slot = match acquired {
                 Ok(s) => s,
                 Err(QueueExit::Full) => {
                     return Err(CallError::Overloaded { pool: shared.name.to_string(), max_queue: spec.max_queue })
@@ -488,18 +590,51 @@ impl Pool {
                 continue;
             };
             let mut guard = InFlightGuard { slot: &slot, id: header.id, armed: true };
+            let attempt_span = call_span.map(|_| {
+                let s = tracing::debug_span!(
+                    "pyvisor.attempt",
+                    otel.kind = "client",
+                    pyvisor.attempt = header.attempt,
+                    pyvisor.worker.id = %slot.id,
+                    process.pid = slot.pid().unwrap_or(0),
+                    error.type = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
+                if let Some(prev) = &previous_attempt {
+                    crate::tracing_ctx::link(&s, prev);
+                }
+                s
+            });
+            let trace = attempt_span.as_ref().and_then(crate::tracing_ctx::traceparent);
+            let (tp, ts) = match &trace {
+                Some((tp, ts)) => (Some(tp.as_str()), ts.as_deref()),
+                None => (passthrough.0.as_deref(), passthrough.1.as_deref()),
+            };
             if let Some(w) = slot.writer() {
                 // A failed write means the worker is going down; its actor fails this call.
-                let _ = w.send(&encode_call(&header, payload));
+                let _ = w.send(&encode_call(&CallHeader { traceparent: tp, tracestate: ts, ..header }, payload));
             }
-            let outcome = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, rx).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(timeout_err(true)),
-                },
-                None => rx.await,
+            let wait = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, rx).await.ok(),
+                    None => Some(rx.await),
+                }
+            };
+            let outcome = match &attempt_span {
+                Some(s) => wait.instrument(s.clone()).await,
+                None => wait.await,
+            };
+            let Some(outcome) = outcome else {
+                if let Some(s) = &attempt_span {
+                    s.record("error.type", "timeout");
+                    s.record("otel.status_code", "ERROR");
+                }
+                return Err(timeout_err(true));
             };
             guard.armed = false;
+            if let Some(s) = call_span {
+                s.record("pyvisor.attempts", header.attempt);
+            }
             let certificate = match outcome {
                 Ok(Ok(bytes)) => return Ok(bytes),
                 Ok(Err(Failure::Remote(e))) => return Err(remote_error(function, e, shared)),
@@ -507,6 +642,10 @@ impl Pool {
                 Ok(Err(Failure::Crashed(certificate))) => certificate,
             };
             // The crash barrier.
+            if let Some(s) = &attempt_span {
+                crate::tracing_ctx::record_crash(s, &certificate);
+            }
+            previous_attempt = attempt_span;
             certificates.push(Arc::clone(&certificate));
             if !idempotent {
                 return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate });
@@ -536,6 +675,10 @@ impl Pool {
             suspect = true;
             header.attempt += 1;
             shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::retry(&shared.name, function);
+            if let Some(s) = call_span {
+                s.record("pyvisor.attempts", header.attempt);
+            }
             tracing::debug!(pool = %shared.name, function, attempt = header.attempt, "retrying after a crash");
         }
     }

@@ -176,6 +176,10 @@ pub(crate) async fn spawn_worker(
         .env("PYVISOR_RUN_ID", run_id())
         .env("PYVISOR_PROGRAM", program_id())
         .env("PYTHONUNBUFFERED", "1");
+    // Workers export their spans where we export ours (the user's env wins).
+    for (k, v) in crate::telemetry::worker_env() {
+        cmd.env(k, v);
+    }
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }

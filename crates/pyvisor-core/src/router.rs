@@ -112,6 +112,10 @@ impl RouterState {
         }
     }
 
+    fn sync_members(&self) {
+        self.shared.set_members(self.members.values().map(|m| Arc::clone(&m.slot)).collect());
+    }
+
     fn ready_count(&self) -> usize {
         self.members.values().filter(|m| m.slot.state() == WorkerState::Ready).count()
     }
@@ -194,6 +198,7 @@ impl RouterState {
         self.members.remove(&id);
         self.shared.stats.crashes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared.record_death(Arc::clone(&cert));
+        crate::metrics::crash(&self.shared.name, cert.cause.kind());
         let index = cert.index;
         self.shared.emit(PoolEvent::WorkerDied { certificate: Arc::clone(&cert) });
         if self.shutting_down || index >= self.positions.len() {
@@ -219,7 +224,9 @@ impl RouterState {
         if cert.became_ready {
             if was_current {
                 // Capacity first: a ready worker is replaced at once; the replacement is tainted.
-                self.spawn_worker(myself, index, true).await;
+                crate::metrics::restart(&self.shared.name, "replacement");
+                let span = tracing::debug_span!("pyvisor.worker.replace", pyvisor.pool = %self.shared.name, pyvisor.worker.index = index, pyvisor.taint_window_ms = self.shared.spec.taint_window.as_millis() as u64);
+                tracing::Instrument::instrument(self.spawn_worker(myself, index, true), span).await;
             }
             return Ok(());
         }
@@ -253,6 +260,7 @@ impl RouterState {
         let delay = spec.start_backoff.delay(pos.consecutive_failures);
         pos.next_start = Some(now + delay);
         let failures = pos.consecutive_failures;
+        crate::metrics::restart(&self.shared.name, "start_retry");
         self.shared.emit(PoolEvent::RestartScheduled { index, failures, delay });
         myself.send_after(delay, move || RouterMsg::StartWorker { index });
         Ok(())
@@ -336,6 +344,7 @@ impl Actor for PoolRouter {
         for index in 0..st.positions.len() {
             st.spawn_worker(&myself, index, false).await;
         }
+        st.sync_members();
         Ok(())
     }
 
@@ -365,6 +374,7 @@ impl Actor for PoolRouter {
                     }
                     let reason = st.recycling.get(&old).map(|(_, r)| r.clone()).unwrap_or(RecycleReason::Ttl);
                     st.shared.stats.recycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::recycle(&st.shared.name, &reason.to_string());
                     st.shared.emit(PoolEvent::Recycled { worker: old, reason });
                 }
                 st.positions[slot.index].consecutive_failures = 0;
@@ -440,6 +450,7 @@ impl Actor for PoolRouter {
             }
             _ => {}
         }
+        st.sync_members();
         Ok(())
     }
 

@@ -1,35 +1,308 @@
-//! One telemetry set-up for the CLI, the examples and users: a `tracing` subscriber with an
-//! env filter (`PYVISOR_LOG`, else `RUST_LOG`, else `info`), writing to stderr.
+//! One telemetry set-up for the CLI, the examples and users: a `tracing` subscriber that logs
+//! to stderr (filtered by `PYVISOR_LOG`, else `RUST_LOG`, else `info`) and, when an OTLP
+//! endpoint is configured, exports spans and metrics over OTLP (gRPC or HTTP/protobuf, batch
+//! export) with the standard `OTEL_*` variables:
 //!
-//! The OpenTelemetry export (issue 5) extends this module; callers keep calling [`init`].
+//! | variable | meaning |
+//! |---|---|
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | collector base address, e.g. `http://localhost:4317`; unset: no export |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf` (default `http/protobuf`, the spec's) |
+//! | `OTEL_SERVICE_NAME` | service name (default `pyvisor`) |
+//! | `OTEL_SDK_DISABLED` | `true`: no export |
+//! | `OTEL_METRIC_EXPORT_INTERVAL` | metric export interval in ms (default 60000) |
+//!
+//! Workers get the resolved endpoint, protocol and service name in their environment, so the
+//! adapter (with the `otel` extra) exports its spans to the same place, as children of ours.
+//! Owns the set-up and the shutdown flush; spans are made where the work happens.
 
-use tracing_subscriber::EnvFilter;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-/// Keeps telemetry running; flushes on drop (once exporters exist).
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+static EXPORT_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Whether spans and metrics are being exported (calls then carry a `traceparent`).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Environment for workers so they export where we do (empty when we do not export).
+pub(crate) fn worker_env() -> &'static [(String, String)] {
+    EXPORT_ENV.get().map_or(&[], Vec::as_slice)
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// OTLP over gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (port 4318 by convention).
+    HttpProtobuf,
+}
+
+impl Protocol {
+    fn env_value(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// What to export where. [`TelemetryConfig::from_env`] reads the standard variables.
+///
+/// ```
+/// use pyvisor_core::telemetry::{Protocol, TelemetryConfig};
+/// let c = TelemetryConfig::default().endpoint("http://127.0.0.1:4317").protocol(Protocol::Grpc);
+/// assert!(c.exports());
+/// ```
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Collector base address; `None`: no export (console logs only).
+    pub endpoint: Option<String>,
+    /// Transport.
+    pub protocol: Protocol,
+    /// `service.name`.
+    pub service_name: String,
+    /// Metric export interval.
+    pub metric_interval: Duration,
+    /// Log filter for the console (`PYVISOR_LOG`/`RUST_LOG` syntax).
+    pub log_filter: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            endpoint: None,
+            protocol: Protocol::HttpProtobuf,
+            service_name: "pyvisor".into(),
+            metric_interval: Duration::from_secs(60),
+            log_filter: "info".into(),
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+impl TelemetryConfig {
+    /// From `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`,
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, and `PYVISOR_LOG`/`RUST_LOG`.
+    pub fn from_env() -> Self {
+        let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let endpoint = if disabled {
+            None
+        } else {
+            env("OTEL_EXPORTER_OTLP_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        };
+        let protocol = match env("OTEL_EXPORTER_OTLP_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")).as_deref() {
+            Some("grpc") => Protocol::Grpc,
+            _ => Protocol::HttpProtobuf,
+        };
+        let mut c = TelemetryConfig { endpoint, protocol, ..Default::default() };
+        if let Some(name) = env("OTEL_SERVICE_NAME") {
+            c.service_name = name;
+        }
+        if let Some(ms) = env("OTEL_METRIC_EXPORT_INTERVAL").and_then(|v| v.parse::<u64>().ok()) {
+            c.metric_interval = Duration::from_millis(ms.max(1));
+        }
+        if let Some(f) = env("PYVISOR_LOG").or_else(|| env("RUST_LOG")) {
+            c.log_filter = f;
+        }
+        c
+    }
+    /// Export to this collector base address.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+    /// Use this transport.
+    pub fn protocol(mut self, p: Protocol) -> Self {
+        self.protocol = p;
+        self
+    }
+    /// Set `service.name`.
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = name.into();
+        self
+    }
+    /// Set the metric export interval.
+    pub fn metric_interval(mut self, d: Duration) -> Self {
+        self.metric_interval = d;
+        self
+    }
+    /// Whether this configuration exports anything.
+    pub fn exports(&self) -> bool {
+        self.endpoint.is_some()
+    }
+}
+
+/// Keeps telemetry running; flushes and shuts the exporters down when dropped (on a thread of
+/// its own: the HTTP exporter's flush blocks, and must never run on an async worker thread).
 #[derive(Debug)]
 #[must_use = "telemetry stops when the guard is dropped"]
 pub struct TelemetryGuard {
-    _private: (),
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
 }
 
-/// Install the global subscriber. Safe to call more than once (later calls do nothing).
+impl TelemetryGuard {
+    /// Flush everything exported so far (blocking; from a thread of its own).
+    pub fn flush(&self) {
+        let (t, m) = (self.tracer.clone(), self.meter.clone());
+        if t.is_none() && m.is_none() {
+            return;
+        }
+        let _ = std::thread::spawn(move || {
+            if let Some(t) = t {
+                let _ = t.force_flush();
+            }
+            if let Some(m) = m {
+                let _ = m.force_flush();
+            }
+        })
+        .join();
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let (t, m) = (self.tracer.take(), self.meter.take());
+        if t.is_none() && m.is_none() {
+            return;
+        }
+        EXPORTING.store(false, Ordering::Relaxed);
+        let _ = std::thread::spawn(move || {
+            if let Some(t) = t {
+                let _ = t.force_flush();
+                let _ = t.shutdown_with_timeout(Duration::from_secs(5));
+            }
+            if let Some(m) = m {
+                let _ = m.force_flush();
+                let _ = m.shutdown();
+            }
+        })
+        .join();
+    }
+}
+
+fn endpoint_for(base: &str, protocol: Protocol, signal: &str) -> String {
+    match protocol {
+        Protocol::Grpc => base.to_string(),
+        Protocol::HttpProtobuf => format!("{}/v1/{signal}", base.trim_end_matches('/')),
+    }
+}
+
+/// The OpenTelemetry layer and its guard, for programs that build their own subscriber:
+/// `registry().with(my_layers).with(layer)`. `None` when `config` exports nothing. Must be
+/// called inside a tokio runtime when the protocol is gRPC.
+pub fn otel_layer<S>(config: &TelemetryConfig) -> (Option<impl Layer<S>>, TelemetryGuard)
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    let none = TelemetryGuard { tracer: None, meter: None };
+    let Some(base) = config.endpoint.as_deref() else { return (None, none) };
+    let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+    let span_exporter = match config.protocol {
+        Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint_for(base, config.protocol, "traces"))
+            .build(),
+        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint_for(base, config.protocol, "traces"))
+            .build(),
+    };
+    let span_exporter = match span_exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("pyvisor: OpenTelemetry span exporter not started: {e}");
+            return (None, none);
+        }
+    };
+    let tracer_provider = SdkTracerProvider::builder()
+        .with_batch_exporter(span_exporter)
+        .with_resource(resource.clone())
+        .build();
+    let metric_exporter = match config.protocol {
+        Protocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint_for(base, config.protocol, "metrics"))
+            .build(),
+        Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint_for(base, config.protocol, "metrics"))
+            .build(),
+    };
+    let meter_provider = match metric_exporter {
+        Ok(e) => {
+            let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(e).with_interval(config.metric_interval).build();
+            let p = SdkMeterProvider::builder().with_reader(reader).with_resource(resource).build();
+            opentelemetry::global::set_meter_provider(p.clone());
+            Some(p)
+        }
+        Err(e) => {
+            eprintln!("pyvisor: OpenTelemetry metric exporter not started: {e}");
+            None
+        }
+    };
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    let tracer: SdkTracer = tracer_provider.tracer("pyvisor");
+    // ractor makes an INFO span per actor: keep those out of traces.
+    let filter = EnvFilter::new("ractor=warn,pyvisor_core=debug,pyvisor=debug,pyvisor_cli=debug,info");
+    let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter);
+    let _ = EXPORT_ENV.set(vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), base.to_string()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), config.protocol.env_value().into()),
+        ("OTEL_SERVICE_NAME".into(), format!("{}-worker", config.service_name)),
+        ("PYVISOR_PARENT_SERVICE_NAME".into(), config.service_name.clone()),
+    ]);
+    EXPORTING.store(true, Ordering::Relaxed);
+    crate::metrics::enable();
+    (Some(layer), TelemetryGuard { tracer: Some(tracer_provider), meter: meter_provider })
+}
+
+/// Install the global subscriber from the environment ([`TelemetryConfig::from_env`]). Safe to
+/// call more than once (later calls only return a guard that does nothing).
 ///
 /// ```
 /// let _guard = pyvisor_core::telemetry::init();
 /// tracing::info!("visible with PYVISOR_LOG=info");
 /// ```
 pub fn init() -> TelemetryGuard {
-    let filter = std::env::var("PYVISOR_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
-    // ractor logs every actor at INFO; keep it quiet unless asked for.
-    let filter = EnvFilter::try_new(format!("ractor=warn,{filter}")).unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
+    init_with(&TelemetryConfig::from_env())
+}
+
+/// Install the global subscriber with this configuration. With gRPC export, call it inside a
+/// tokio runtime.
+pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // ractor logs every actor at INFO; keep it quiet unless asked for.
+    let filter = EnvFilter::try_new(format!("ractor=warn,{}", config.log_filter))
+        .unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .try_init();
-    TelemetryGuard { _private: () }
+        .with_filter(filter);
+    let (otel, guard) = otel_layer(config);
+    if tracing_subscriber::registry().with(fmt).with(otel).try_init().is_err() {
+        // A subscriber was already installed: ours would never see a span.
+        drop(guard);
+        return TelemetryGuard { tracer: None, meter: None };
+    }
+    guard
 }

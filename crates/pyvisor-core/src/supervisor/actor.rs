@@ -174,7 +174,10 @@ impl SupState {
                 "supervisor `{}`: restart intensity exceeded ({} restarts within {:?}); last: child `{path}` exited: {reason}",
                 self.spec.name, self.spec.intensity.max_restarts, self.spec.intensity.period
             );
-            tracing::error!("{why}");
+            {
+                let _s = tracing::debug_span!("pyvisor.supervisor.intensity_exceeded", otel.status_code = "ERROR", pyvisor.supervisor = %self.spec.name, pyvisor.child = %path).entered();
+                tracing::error!("{why}");
+            }
             self.stopping = true;
             self.stop_all().await;
             return Err(Box::new(SupervisorFailure(why)));
@@ -209,7 +212,10 @@ impl SupState {
             c.life = Life::Restarting { at, generation: self.generation };
             restart_list.push((c.spec.id.clone(), self.generation));
         }
-        tracing::info!(supervisor = %self.spec.name, child = %path, delay_ms = delay.as_millis() as u64, strategy = ?self.spec.strategy, "restart scheduled");
+        {
+            let _s = tracing::debug_span!("pyvisor.supervisor.restart", pyvisor.supervisor = %self.spec.name, pyvisor.child = %path, pyvisor.strategy = ?self.spec.strategy, pyvisor.backoff_ms = delay.as_millis() as u64, pyvisor.restarted = restart_list.len()).entered();
+            tracing::info!(supervisor = %self.spec.name, child = %path, delay_ms = delay.as_millis() as u64, strategy = ?self.spec.strategy, "restart scheduled");
+        }
         myself.send_after(delay, move || SupervisorMsg::Restart { children: restart_list });
         Ok(())
     }

@@ -1,0 +1,448 @@
+"""Tracing: continue the parent's trace inside the worker (the ``otel`` extra).
+
+The parent sends, in every ``call``, the W3C ``traceparent``/``tracestate`` of its attempt span.
+When tracing is active, each call runs inside a ``SERVER`` span that is a child of that context
+and is exported by this worker's own OTLP exporter.
+
+Tracing is activated once, by ``run_worker()`` before ``hello``, and only when
+
+- an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+  ``OTEL_EXPORTER_OTLP_ENDPOINT``, non-empty),
+- ``OTEL_SDK_DISABLED`` is not ``true`` and ``OTEL_TRACES_EXPORTER`` is not ``none``,
+- and the ``opentelemetry`` packages can be imported.
+
+Otherwise this module imports nothing from ``opentelemetry`` and the worker's per-call cost is
+one ``is not None`` test. The module itself must stay cheap to import: everything from
+``opentelemetry`` is imported inside :func:`activate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+
+from ._framing import qualified_name
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._worker import _Call
+
+__all__ = [
+    "tracer",
+    "activate",
+    "active",
+    "tracing_requested",
+    "span_protocol",
+    "service_name",
+    "Tracing",
+    "FLUSH_TIMEOUT",
+]
+
+#: How long the exit paths wait for the last spans to be exported, in seconds.
+FLUSH_TIMEOUT = 2.0
+DEFAULT_SERVICE_NAME = "pyvisor-worker"
+INSTRUMENTATION_NAME = "pyvisor_worker"
+
+GRPC = "grpc"
+HTTP_PROTOBUF = "http/protobuf"
+
+
+def _say(message: str) -> None:
+    try:
+        sys.stderr.write(f"pyvisor_worker: {message}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def _env(env: Mapping[str, str], key: str) -> str:
+    return (env.get(key) or "").strip()
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def tracing_requested(env: Mapping[str, str]) -> bool:
+    """Whether the environment asks for span export (before looking at what is installed)."""
+    if _env(env, "OTEL_SDK_DISABLED").lower() == "true":
+        return False
+    if _env(env, "OTEL_TRACES_EXPORTER").lower() == "none":
+        return False
+    return bool(
+        _env(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def span_protocol(env: Mapping[str, str]) -> str:
+    """``grpc`` (the default) or ``http/protobuf``, from the ``OTEL_EXPORTER_OTLP_*PROTOCOL``
+    variables (the traces-specific one wins)."""
+    raw = _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env(env, "OTEL_EXPORTER_OTLP_PROTOCOL")
+    value = raw.lower()
+    if value in ("", GRPC):
+        return GRPC
+    if value == HTTP_PROTOBUF:
+        return HTTP_PROTOBUF
+    if value.startswith("http"):
+        # http/json has no Python exporter; a collector's HTTP port accepts protobuf too.
+        _say(f"OTLP protocol {raw!r} is not supported by the Python exporters; using http/protobuf")
+        return HTTP_PROTOBUF
+    _say(f"unknown OTLP protocol {raw!r}; using grpc")
+    return GRPC
+
+
+def service_name(env: Mapping[str, str], detected: Optional[str] = None) -> str:
+    """``OTEL_SERVICE_NAME``, else a ``service.name`` from ``OTEL_RESOURCE_ATTRIBUTES``
+    (``detected``), else ``pyvisor-worker``; with ``-worker`` appended when it equals the
+    parent's own service name (``PYVISOR_PARENT_SERVICE_NAME``)."""
+    name = _env(env, "OTEL_SERVICE_NAME")
+    if not name and detected and not detected.startswith("unknown_service"):
+        name = detected
+    if not name:
+        name = DEFAULT_SERVICE_NAME
+    parent = _env(env, "PYVISOR_PARENT_SERVICE_NAME")
+    if parent and name == parent:
+        name = f"{name}-worker"
+    return name
+
+
+# ---------------------------------------------------------------------- the active state
+
+
+class Tracing:
+    """The worker's tracer provider and the per-call span handling (enabled path only)."""
+
+    def __init__(self, provider: Any, worker_id: str, pid: int) -> None:
+        from opentelemetry import context as context_api
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.provider = provider
+        self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+        self._start_span = self.tracer.start_span
+        self._extract = TraceContextTextMapPropagator().extract
+        self._attach = context_api.attach
+        self._detach = context_api.detach
+        self._with_span = trace.set_span_in_context
+        self._root = context_api.Context()
+        self._server = SpanKind.SERVER
+        self._status = Status
+        self._error = StatusCode.ERROR
+        self._worker_id = worker_id
+        self._pid = pid
+        self._names: Dict[str, str] = {}
+        self._close_lock = threading.Lock()
+        self._closer: Optional[threading.Thread] = None
+        self._close_deadline = 0.0
+
+    # -------------------------------------------------------------- per call
+
+    def start(self, call: "_Call", start_time: Optional[int] = None, current: bool = True) -> Tuple[Any, Any]:
+        """Start the call's span (a child of its traceparent) and make it current on this
+        thread or task. Returns ``(span, token)`` for :meth:`finish`; ``(None, None)`` if the
+        span could not be started (tracing never fails a call)."""
+        try:
+            traceparent = call._traceparent
+            if traceparent and type(traceparent) is str:
+                carrier = {"traceparent": traceparent}
+                tracestate = call._tracestate
+                if tracestate and type(tracestate) is str:
+                    carrier["tracestate"] = tracestate
+                parent = self._extract(carrier)
+            else:
+                parent = self._root
+            function = call._spec.name
+            name = self._names.get(function)
+            if name is None:
+                name = self._names[function] = f"pyvisor.worker {function}"
+            span = self._start_span(
+                name,
+                context=parent,
+                kind=self._server,
+                attributes={
+                    "rpc.system": "pyvisor",
+                    "rpc.method": function,
+                    "pyvisor.call.id": call._call_id,
+                    "pyvisor.call.attempt": call._attempt,
+                    "pyvisor.worker.id": self._worker_id,
+                    "process.pid": self._pid,
+                },
+                start_time=start_time,
+            )
+            token = self._attach(self._with_span(span, parent)) if current else None
+            return span, token
+        except Exception:
+            return None, None
+
+    def finish(
+        self,
+        span: Any,
+        token: Any,
+        call: "_Call",
+        exc: Optional[BaseException] = None,
+        error_type: Optional[str] = None,
+    ) -> None:
+        """Detach the call's context and end its span, with ERROR status for an exception
+        (recorded as an event), a cancelled call or ``error_type``."""
+        if token is not None:
+            self._detach(token)
+        if span is None:
+            return
+        try:
+            if call._cancelled:
+                error_type = "cancelled"
+                if exc is not None and not _is_cancelled_error(exc):
+                    span.record_exception(exc)
+            elif exc is not None:
+                error_type = qualified_name(type(exc))
+                span.record_exception(exc)
+            if error_type is not None:
+                span.set_attribute("error.type", error_type)
+                span.set_status(self._status(self._error, error_type))
+            span.end()
+        except Exception:
+            pass
+
+    def cancelled_before_start(self, call: "_Call") -> None:
+        """A call cancelled before its function ran: a span from its arrival to now."""
+        start_time = int(call._started * 1e9) if call._started else None
+        span, _ = self.start(call, start_time, current=False)
+        self.finish(span, None, call, None, "cancelled")
+
+    # -------------------------------------------------------------- end
+
+    def shutdown(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Flush and shut the provider down, waiting at most ``timeout`` seconds.
+
+        The SDK's flush does not honour its timeout while an exporter retries an unreachable
+        collector, so it runs on a daemon thread that this call waits for, bounded. Safe to
+        call from several threads and more than once: they all wait for the same flush.
+        """
+        with self._close_lock:
+            closer = self._closer
+            if closer is None:
+                closer = threading.Thread(
+                    target=self._close, args=(timeout,), name="pyvisor-otel-flush", daemon=True
+                )
+                self._closer = closer
+                self._close_deadline = time.monotonic() + timeout
+                closer.start()
+        closer.join(max(0.0, self._close_deadline - time.monotonic()))
+
+    def _close(self, timeout: float) -> None:
+        try:
+            self.provider.force_flush(int(timeout * 1000))
+        except Exception:
+            pass
+        try:
+            self.provider.shutdown()
+        except Exception:
+            pass
+
+
+def _is_cancelled_error(exc: BaseException) -> bool:
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
+
+
+_state: Optional[Tracing] = None
+
+
+def active() -> Optional[Tracing]:
+    """The active tracing state, or ``None`` when tracing is off."""
+    return _state
+
+
+def activate(worker_id: str, run_id: str = "") -> Optional[Tracing]:
+    """Set tracing up from the environment if it is asked for and installed (once)."""
+    global _state
+    if _state is not None:
+        return _state
+    env = os.environ
+    if not tracing_requested(env):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry") is None:
+        return None  # the extra is not installed: tracing is simply off
+    try:
+        _state = _build(env, worker_id, run_id)
+    except ImportError as e:
+        _say(f"tracing is off: {e} (install pyvisor-worker[otel])")
+    except Exception as e:
+        _say(f"tracing is off: OpenTelemetry set-up failed: {type(e).__name__}: {e}")
+    return _state
+
+
+def _build(env: Mapping[str, str], worker_id: str, run_id: str) -> Tracing:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    if span_protocol(env) == HTTP_PROTOBUF:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    pid = os.getpid()
+    # Resource.create() reads OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME; ours override.
+    detected = Resource.create()
+    ours: Dict[str, Any] = {
+        "service.name": service_name(env, str(detected.attributes.get("service.name") or "")),
+        "service.instance.id": worker_id or f"{socket.gethostname()}:{pid}",
+        "process.pid": pid,
+        "pyvisor.worker.id": worker_id,
+    }
+    if run_id:
+        ours["pyvisor.run.id"] = run_id
+    # No atexit hook: the worker flushes itself, bounded (an SDK hook could block the exit
+    # for the exporter's whole retry budget when the collector is unreachable).
+    provider = TracerProvider(resource=detected.merge(Resource(ours)), shutdown_on_exit=False)
+    # The exporter reads endpoint, headers, timeout, compression and TLS from OTEL_* itself.
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return Tracing(provider, worker_id, pid)
+
+
+# ---------------------------------------------------------------------- public tracer()
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _NoopSpan:
+    """Stands for a span when tracing is off: every span method is accepted and ignored."""
+
+    __slots__ = ()
+
+    def is_recording(self) -> bool:
+        return False
+
+    def end(self, end_time: Optional[int] = None) -> None:
+        pass
+
+    def __enter__(self) -> "_NoopSpan":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _noop
+
+    def __repr__(self) -> str:
+        return "<pyvisor_worker no-op span>"
+
+
+NOOP_SPAN = _NoopSpan()
+
+
+class _CurrentSpan:
+    """What ``tracer().start_as_current_span(...)`` returns: a context manager (and
+    decorator) that looks the tracer up when it is entered, so it may be created at import
+    time, before ``run_worker()`` activated tracing."""
+
+    __slots__ = ("_name", "_args", "_kwargs", "_inner")
+
+    def __init__(self, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self._name = name
+        self._args = args
+        self._kwargs = kwargs
+        self._inner: Any = None
+
+    def __enter__(self) -> Any:
+        state = _state
+        if state is None:
+            return NOOP_SPAN
+        inner = state.tracer.start_as_current_span(self._name, *self._args, **self._kwargs)
+        span = inner.__enter__()
+        self._inner = inner
+        return span
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        inner = self._inner
+        if inner is None:
+            return False
+        self._inner = None
+        return inner.__exit__(*exc_info)
+
+    def _fresh(self) -> "_CurrentSpan":
+        return _CurrentSpan(self._name, self._args, self._kwargs)
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self._fresh():
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self._fresh():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class _Tracer:
+    """The adapter's tracer: OpenTelemetry's when tracing is active, a no-op otherwise.
+
+    The same object is returned before and after activation; each method looks the active
+    tracer up when called.
+    """
+
+    __slots__ = ()
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Like ``opentelemetry.trace.Tracer.start_span``; the new span's parent is the current
+        span (the call's span inside an exposed function). End it with ``span.end()``."""
+        state = _state
+        if state is None:
+            return NOOP_SPAN
+        return state.tracer.start_span(name, *args, **kwargs)
+
+    def start_as_current_span(self, name: str, *args: Any, **kwargs: Any) -> _CurrentSpan:
+        """Like ``opentelemetry.trace.Tracer.start_as_current_span``: a context manager (or
+        decorator) that starts a span, makes it current and ends it on exit."""
+        return _CurrentSpan(name, args, kwargs)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether spans are being recorded and exported (tracing is active)."""
+        return _state is not None
+
+    def __repr__(self) -> str:
+        return f"<pyvisor_worker tracer ({'active' if _state is not None else 'no-op'})>"
+
+
+_TRACER = _Tracer()
+
+
+def tracer() -> _Tracer:
+    """The adapter's tracer, for spans of your own under the call's span::
+
+        from pyvisor_worker import expose, tracer
+
+        @expose
+        def predict(features):
+            with tracer().start_as_current_span("preprocess") as span:
+                span.set_attribute("n", len(features))
+                ...
+
+    With tracing active (the ``otel`` extra installed and an OTLP endpoint configured) it
+    delegates to an OpenTelemetry tracer of the worker's own provider; otherwise its spans do
+    nothing (and nothing from ``opentelemetry`` is imported). It may be called at import
+    time: the returned object follows activation.
+    """
+    return _TRACER
