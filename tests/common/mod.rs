@@ -79,3 +79,5 @@ pub fn logs() {
         std::mem::forget(pyvisor::telemetry::init());
     }
 }
+
+pub mod otel;

@@ -16,6 +16,8 @@ use crate::slot::WorkerState;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
 static POOLS: Mutex<Vec<Weak<PoolShared>>> = Mutex::new(Vec::new());
+/// Observable instruments report only while their handles live.
+static GAUGES: OnceLock<Vec<opentelemetry::metrics::ObservableGauge<u64>>> = OnceLock::new();
 
 struct Instruments {
     calls: Counter<u64>,
@@ -55,7 +57,7 @@ pub(crate) fn enable() {
         recycles: meter.u64_counter("pyvisor.worker.recycles").with_description("Workers recycled, by reason").with_unit("{recycle}").build(),
         crashes: meter.u64_counter("pyvisor.worker.crashes").with_description("Worker deaths, by cause").with_unit("{crash}").build(),
     });
-    let _ = meter
+    let queue = meter
         .u64_observable_gauge("pyvisor.queue.depth")
         .with_description("Calls waiting for a free worker")
         .with_unit("{call}")
@@ -65,7 +67,7 @@ pub(crate) fn enable() {
             }
         })
         .build();
-    let _ = meter
+    let in_flight = meter
         .u64_observable_gauge("pyvisor.calls.in_flight")
         .with_description("Calls outstanding on workers")
         .with_unit("{call}")
@@ -76,7 +78,7 @@ pub(crate) fn enable() {
             }
         })
         .build();
-    let _ = meter
+    let workers = meter
         .u64_observable_gauge("pyvisor.workers")
         .with_description("Workers by state")
         .with_unit("{worker}")
@@ -93,7 +95,7 @@ pub(crate) fn enable() {
             }
         })
         .build();
-    let _ = meter
+    let memory = meter
         .u64_observable_gauge("pyvisor.worker.memory")
         .with_description("Worker resident memory from its last beat")
         .with_unit("By")
@@ -110,6 +112,7 @@ pub(crate) fn enable() {
             }
         })
         .build();
+    let _ = GAUGES.set(vec![queue, in_flight, workers, memory]);
     ENABLED.store(true, Ordering::Release);
 }
 

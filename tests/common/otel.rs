@@ -1,0 +1,217 @@
+//! Shared checks for the telemetry tests: one workload, and the span tree it must produce.
+//! Also a minimal OTLP/HTTP (protobuf) receiver, since the fake collector speaks only gRPC.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fake_opentelemetry_collector::ExportedSpan;
+use prost::Message;
+use pyvisor::{CallOptions, ChaosAction, Pool};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+/// An echo call, then a call whose first attempt is killed and retried.
+pub async fn workload() {
+    let pool = Pool::start(super::spec("faults.py").workers(1).heartbeat_interval(Duration::from_millis(100)))
+        .await
+        .expect("pool starts");
+    let v: u64 = pool.call("echo", &7u64).await.unwrap();
+    assert_eq!(v, 7);
+    pool.chaos().arm("before_side_effect", ChaosAction::Kill).await.unwrap();
+    let v: u64 = pool.call_with("record_points", &9u64, CallOptions::new().idempotent(true)).await.unwrap();
+    assert_eq!(v, 9);
+    // Wait out the replacement's taint window? No: one worker, so the tainted one serves.
+    pool.shutdown().await; // workers flush their spans on a graceful exit
+}
+
+fn by_id(spans: &[ExportedSpan]) -> BTreeMap<&str, &ExportedSpan> {
+    spans.iter().map(|s| (s.span_id.as_str(), s)).collect()
+}
+
+/// The collector renders values as `Some(AnyValue { value: Some(StringValue("x")) })`.
+pub fn clean(v: &str) -> String {
+    let Some(start) = v.find("Value(").map(|i| i + "Value(".len()) else { return v.to_string() };
+    let rest = &v[start..];
+    let end = rest.rfind(")) })").unwrap_or(rest.len());
+    rest[..end].trim_matches('"').replace("\\\"", "\"")
+}
+
+fn attr(s: &ExportedSpan, k: &str) -> Option<String> {
+    s.attributes.get(k).map(|v| clean(v))
+}
+
+fn event_attr(attributes: &BTreeMap<String, String>, k: &str) -> Option<String> {
+    attributes.get(k).map(|v| clean(v))
+}
+
+/// The call spans, each with its attempts and the Python span under the successful attempt.
+pub fn check_traces(spans: &[ExportedSpan]) {
+    let ids = by_id(spans);
+    let calls: Vec<&ExportedSpan> = spans.iter().filter(|s| s.name == "pyvisor.call").collect();
+    let call = |method: &str| {
+        *calls.iter().find(|s| attr(s, "rpc.method").as_deref() == Some(method)).unwrap_or_else(|| panic!("no pyvisor.call for {method}: {:#?}", names(spans)))
+    };
+    let children = |parent: &ExportedSpan, name: &str| -> Vec<&ExportedSpan> {
+        let mut v: Vec<&ExportedSpan> = spans.iter().filter(|s| s.parent_span_id == parent.span_id && s.name == name).collect();
+        v.sort_by_key(|s| s.start_time_unix_nano);
+        v
+    };
+    // echo: call → queue wait + one attempt → the Python function's span, one trace.
+    let echo = call("echo");
+    assert_eq!(attr(echo, "pyvisor.pool").as_deref(), Some("faults"));
+    assert_eq!(attr(echo, "pyvisor.outcome").as_deref(), Some("ok"));
+    assert_eq!(attr(echo, "pyvisor.attempts").as_deref(), Some("1"));
+    assert_eq!(attr(echo, "rpc.system").as_deref(), Some("pyvisor"));
+    assert_eq!(children(echo, "pyvisor.queue_wait").len(), 1);
+    let attempts = children(echo, "pyvisor.attempt");
+    assert_eq!(attempts.len(), 1, "{:#?}", names(spans));
+    let a = attempts[0];
+    assert_eq!(a.trace_id, echo.trace_id);
+    assert_eq!(attr(a, "pyvisor.attempt").as_deref(), Some("1"));
+    assert!(attr(a, "process.pid").is_some_and(|p| p != "0"));
+    let py = spans
+        .iter()
+        .find(|s| s.parent_span_id == a.span_id && s.name.starts_with("pyvisor.worker"))
+        .unwrap_or_else(|| panic!("no Python span under the echo attempt: {:#?}", names(spans)));
+    assert_eq!(py.trace_id, echo.trace_id, "the Python span is in the call's trace");
+    assert_eq!(attr(py, "rpc.method").as_deref(), Some("echo"));
+    // record_points: two attempts, the first crashed (recorded), the retry linked to it.
+    let rec = call("record_points");
+    assert_eq!(attr(rec, "pyvisor.attempts").as_deref(), Some("2"));
+    assert_eq!(attr(rec, "pyvisor.idempotent").as_deref(), Some("true"));
+    let attempts = children(rec, "pyvisor.attempt");
+    assert_eq!(attempts.len(), 2, "{:#?}", names(spans));
+    let (first, second) = (attempts[0], attempts[1]);
+    assert_eq!(attr(first, "error.type").as_deref(), Some("worker_crashed"));
+    assert_eq!(first.status.as_ref().map(|s| s.code.as_str()), Some("STATUS_CODE_ERROR"));
+    let crash = first.events.iter().find(|e| event_attr(&e.attributes, "exception.type").as_deref() == Some("WorkerCrashed"));
+    let crash = crash.unwrap_or_else(|| panic!("no crash event: {:#?}", first.events));
+    assert!(event_attr(&crash.attributes, "exception.message").is_some_and(|m| m.contains("SIGKILL")));
+    assert_eq!(attr(second, "pyvisor.attempt").as_deref(), Some("2"));
+    assert!(second.links.iter().any(|l| l.span_id == first.span_id), "the retry links to the attempt it replaces");
+    assert!(spans.iter().any(|s| s.parent_span_id == second.span_id && s.name.starts_with("pyvisor.worker")), "no Python span under the retry");
+    // Lifecycle: the crash has a span of its own with the certificate's fields.
+    let died = spans.iter().find(|s| s.name == "pyvisor.worker.crash").expect("a crash span");
+    assert_eq!(attr(died, "pyvisor.death.cause").as_deref(), Some("exited"));
+    assert_eq!(attr(died, "pyvisor.exit.signal").as_deref(), Some("9"));
+    assert!(spans.iter().any(|s| s.name == "pyvisor.worker.ready"));
+    // ractor's own actor spans stay out.
+    assert!(!spans.iter().any(|s| s.name == "Actor"));
+    let _ = ids;
+}
+
+fn names(spans: &[ExportedSpan]) -> Vec<String> {
+    spans.iter().map(|s| format!("{} {} <- {} {:?}", s.name, s.span_id, s.parent_span_id, s.attributes)).collect()
+}
+
+/// A minimal OTLP/HTTP receiver: `POST /v1/traces` and `/v1/metrics` with protobuf bodies.
+pub struct HttpReceiver {
+    pub endpoint: String,
+    spans: mpsc::UnboundedReceiver<ExportedSpan>,
+    metrics: mpsc::UnboundedReceiver<String>,
+}
+
+impl HttpReceiver {
+    pub async fn start() -> HttpReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stx, spans) = mpsc::unbounded_channel();
+        let (mtx, metrics) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (stx, mtx) = (stx.clone(), mtx.clone());
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(conn);
+                    loop {
+                        let mut request_line = String::new();
+                        if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if conn.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let h = h.trim_end();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        if conn.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if path.ends_with("/v1/traces") {
+                            use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+                            if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
+                                for rs in req.resource_spans {
+                                    for ss in rs.scope_spans {
+                                        for s in ss.spans {
+                                            let _ = stx.send(ExportedSpan::from(s));
+                                        }
+                                    }
+                                }
+                            }
+                        } else if path.ends_with("/v1/metrics") {
+                            use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+                            if let Ok(req) = ExportMetricsServiceRequest::decode(body.as_slice()) {
+                                for rm in req.resource_metrics {
+                                    for sm in rm.scope_metrics {
+                                        for m in sm.metrics {
+                                            let _ = mtx.send(m.name);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        if conn.get_mut().write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HttpReceiver { endpoint, spans, metrics }
+    }
+
+    /// Spans received, waiting up to `limit` for at least `at_least`.
+    pub async fn spans(&mut self, at_least: usize, limit: Duration) -> Vec<ExportedSpan> {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while out.len() < at_least {
+                match self.spans.recv().await {
+                    Some(s) => out.push(s),
+                    None => break,
+                }
+            }
+        })
+        .await;
+        while let Ok(s) = self.spans.try_recv() {
+            out.push(s);
+        }
+        out
+    }
+
+    /// Metric names received, waiting up to `limit` for `name`.
+    pub async fn metric_names(&mut self, name: &str, limit: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while !out.iter().any(|n: &String| n == name) {
+                match self.metrics.recv().await {
+                    Some(n) => out.push(n),
+                    None => break,
+                }
+            }
+        })
+        .await;
+        out
+    }
+}
