@@ -32,6 +32,8 @@ fn run_example(name: &str, expect: &str) {
     let child = Command::new(&path)
         .env("PYVISOR_PYTHON", common::python())
         .env("PYVISOR_LOG", "warn")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -65,4 +67,9 @@ fn supervision_tree_runs_and_exits_cleanly() {
 #[test]
 fn embed_in_ractor_runs_and_exits_cleanly() {
     run_example("embed_in_ractor", "app stopped");
+}
+
+#[test]
+fn jaeger_trace_runs_without_an_endpoint_and_exports_nothing() {
+    run_example("jaeger_trace", "set OTEL_EXPORTER_OTLP_ENDPOINT to export traces");
 }

@@ -82,7 +82,9 @@ def tracing_requested(env: Mapping[str, str]) -> bool:
 def span_protocol(env: Mapping[str, str]) -> str:
     """``grpc`` (the default) or ``http/protobuf``, from the ``OTEL_EXPORTER_OTLP_*PROTOCOL``
     variables (the traces-specific one wins)."""
-    raw = _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env(env, "OTEL_EXPORTER_OTLP_PROTOCOL")
+    raw = _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env(
+        env, "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
     value = raw.lower()
     if value in ("", GRPC):
         return GRPC
@@ -143,7 +145,9 @@ class Tracing:
 
     # -------------------------------------------------------------- per call
 
-    def start(self, call: "_Call", start_time: Optional[int] = None, current: bool = True) -> Tuple[Any, Any]:
+    def start(
+        self, call: "_Call", start_time: Optional[int] = None, current: bool = True
+    ) -> Tuple[Any, Any]:
         """Start the call's span (a child of its traceparent) and make it current on this
         thread or task. Returns ``(span, token)`` for :meth:`finish`; ``(None, None)`` if the
         span could not be started (tracing never fails a call)."""
@@ -205,6 +209,9 @@ class Tracing:
             if error_type is not None:
                 span.set_attribute("error.type", error_type)
                 span.set_status(self._status(self._error, error_type))
+        except Exception:
+            pass
+        try:
             span.end()
         except Exception:
             pass
@@ -285,10 +292,19 @@ def _build(env: Mapping[str, str], worker_id: str, run_id: str) -> Tracing:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    exporter: Any
     if span_protocol(env) == HTTP_PROTOBUF:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+
+        exporter = HttpSpanExporter()
     else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        exporter = GrpcSpanExporter()
 
     pid = os.getpid()
     # Resource.create() reads OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME; ours override.
@@ -305,7 +321,7 @@ def _build(env: Mapping[str, str], worker_id: str, run_id: str) -> Tracing:
     # for the exporter's whole retry budget when the collector is unreachable).
     provider = TracerProvider(resource=detected.merge(Resource(ours)), shutdown_on_exit=False)
     # The exporter reads endpoint, headers, timeout, compression and TLS from OTEL_* itself.
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return Tracing(provider, worker_id, pid)
 
 
@@ -330,8 +346,8 @@ class _NoopSpan:
     def __enter__(self) -> "_NoopSpan":
         return self
 
-    def __exit__(self, *exc_info: Any) -> bool:
-        return False
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name.startswith("__"):

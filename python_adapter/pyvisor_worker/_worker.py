@@ -860,7 +860,9 @@ class _Worker:
         self._loop_pack = new_packer()
 
     def _async_start(self, call: _Call) -> None:  # on the loop thread
-        call._handle = self._loop.create_task(self._run_async(call))  # type: ignore[union-attr]
+        tracing = self._tracing
+        coro = self._run_async(call) if tracing is None else self._run_async_traced(call, tracing)
+        call._handle = self._loop.create_task(coro)  # type: ignore[union-attr]
 
     def _async_cancel(self, call: _Call) -> None:  # on the loop thread
         # A task that has not started yet replies `cancelled` itself when it starts.
@@ -874,29 +876,46 @@ class _Worker:
         else:
             call._phase = RUNNING
             call._started = time.time()
-            tracing = self._tracing
-            span = token = None
-            if tracing is not None:
-                # Attached in this task's own context: the function's coroutine (and tasks
-                # it creates) see the call's span as current.
-                span, token = tracing.start(call)
             try:
                 result = await _invoke(call._spec, call)
             except (SystemExit, KeyboardInterrupt) as e:
-                if tracing is not None:
-                    tracing.finish(span, token, call, e)
                 self._user_exit(e)
             except BaseException as e:
                 if _is_cancelled_error(e):
                     call._cancelled = True
-                if tracing is not None:
-                    tracing.finish(span, token, call, e)
                 data = self._exception_frame(call, e, pack)
             else:
-                if tracing is not None:
-                    data = self._traced_result_frame(call, result, pack, tracing, span, token)
-                else:
-                    data = self._result_frame(call, result, pack)
+                data = self._result_frame(call, result, pack)
+        out = self._async_out
+        out.append((call, data))
+        if len(out) == 1:  # replies finished in this loop iteration go out in one write
+            self._loop.call_soon(self._flush_async)  # type: ignore[union-attr]
+
+    async def _run_async_traced(self, call: _Call, tracing: _otel.Tracing) -> None:
+        """``_run_async`` inside the call's span. The span is attached in this task's own
+        context, so the function's coroutine (and tasks it creates) see it as current."""
+        pack: Pack = self._loop_pack  # type: ignore[assignment]
+        if call._cancelled:
+            data = self._cancelled_frame(call, pack)
+        else:
+            call._phase = RUNNING
+            call._started = time.time()
+            span, token = tracing.start(call)
+            try:
+                result = await _invoke(call._spec, call)
+            except (SystemExit, KeyboardInterrupt) as e:
+                tracing.finish(span, token, call, e)
+                self._user_exit(e)
+            except BaseException as e:
+                if _is_cancelled_error(e):
+                    call._cancelled = True
+                tracing.finish(span, token, call, e)
+                data = self._exception_frame(call, e, pack)
+            else:
+                data = self._traced_result_frame(call, result, pack, tracing, span, token)
+        self._async_done(call, data)
+
+    def _async_done(self, call: _Call, data: bytes) -> None:  # on the loop thread
         out = self._async_out
         out.append((call, data))
         if len(out) == 1:  # replies finished in this loop iteration go out in one write

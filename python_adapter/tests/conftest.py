@@ -184,6 +184,15 @@ if __name__ == "__main__":
 SpawnFn = Callable[..., FakeParent]
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_otlp_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers inherit the test process's environment: an OTLP endpoint set outside (a CI
+    exporting its own traces) would turn tracing on in every worker where the `otel` extra is
+    installed. Tests that want tracing pass their own endpoint."""
+    for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture
 def write_script(tmp_path: Path) -> Callable[[str, str], Path]:
     def write(source: str, name: str = "worker.py") -> Path:

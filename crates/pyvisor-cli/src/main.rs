@@ -56,7 +56,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = pyvisor_core::telemetry::init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -64,16 +63,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Inside the runtime (the gRPC exporter needs it); dropped, and so flushed, before it ends.
+    let telemetry = {
+        let _enter = rt.enter();
+        pyvisor_core::telemetry::init()
+    };
     let interpreter = Interpreter::from_option(cli.python);
-    rt.block_on(async move {
-        match cli.command {
+    let telemetry = std::sync::Arc::new(telemetry);
+    let flusher = std::sync::Arc::clone(&telemetry);
+    let code = rt.block_on(async move {
+        let code = match cli.command {
             Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
             Command::Run { tree } => run::run(interpreter, tree).await,
             Command::Chaos(args) => chaos::run(interpreter, args).await,
-        }
-    })
+        };
+        // Flush while the runtime still drives the exporters (on a blocking thread: the HTTP
+        // exporter's flush blocks).
+        let _ = tokio::task::spawn_blocking(move || flusher.flush()).await;
+        code
+    });
+    drop(telemetry);
+    code
 }
 
 fn spec_for(interpreter: &Interpreter, script: PathBuf) -> PoolSpec {

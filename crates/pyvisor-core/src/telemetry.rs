@@ -214,6 +214,13 @@ where
 {
     let none = TelemetryGuard { tracer: None, meter: None };
     let Some(base) = config.endpoint.as_deref() else { return (None, none) };
+    if config.protocol == Protocol::Grpc && tokio::runtime::Handle::try_current().is_err() {
+        eprintln!(
+            "pyvisor: OTLP over gRPC needs a tokio runtime: call telemetry::init inside one (or use \
+             OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf); not exporting"
+        );
+        return (None, none);
+    }
     let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
     let span_exporter = match config.protocol {
         Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
@@ -305,4 +312,17 @@ pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
         return TelemetryGuard { tracer: None, meter: None };
     }
     guard
+}
+
+/// The trace id of the current `tracing` span, when spans are exported (to find a trace in
+/// Jaeger: `http://localhost:16686/trace/ID`).
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !exporting() {
+        return None;
+    }
+    let cx = tracing::Span::current().context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
 }

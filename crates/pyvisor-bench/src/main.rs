@@ -1,0 +1,418 @@
+//! `pyvisor-bench`: the benchmark suite. In one run, interleaved round by round, it measures
+//! the raw floor (a minimal Rust client and a minimal Python MessagePack echo loop over one Unix
+//! socket, `floor.rs` and `python/floor.py`) and pyvisor on the same payloads, and prints every
+//! figure with its ratio to the floor. Timing claims live here, never in tests; CI only runs
+//! `--quick` to see that it runs and prints ratios.
+//!
+//! Run: `make bench` (release build); see docs/benchmarks.md.
+
+mod floor;
+mod plot;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use pyvisor_core::{CallOptions, Interpreter, Pool, PoolEvent, PoolSpec};
+
+use floor::{histogram, Floor};
+
+#[derive(Parser, Debug)]
+#[command(name = "pyvisor-bench", about = "pyvisor against the raw floor, interleaved, with ratios")]
+struct Args {
+    /// Small counts: checks that the suite runs (CI), figures are not meaningful.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds per scenario (floor and pyvisor alternate within each).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Python interpreter with pyvisor_worker and msgpack (default: $PYVISOR_PYTHON, else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/results.json")]
+    json: PathBuf,
+    /// Where to write the latency-vs-concurrency plot (SVG).
+    #[arg(long, default_value = "target/bench/latency.svg")]
+    plot: PathBuf,
+    /// (internal) run the traced side of the tracing scenario, exporting to this OTLP endpoint.
+    #[arg(long, hide = true)]
+    child_traced: Option<String>,
+    /// (internal) calls for the traced child.
+    #[arg(long, hide = true, default_value_t = 1000)]
+    calls: usize,
+}
+
+fn python_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+/// A MessagePack string payload of about `n` bytes.
+fn payload(n: usize) -> Vec<u8> {
+    if n >= 64 * 1024 {
+        // Large: bytes, which pass through as MessagePack bin.
+        let mut v = Vec::with_capacity(n + 5);
+        let _ = rmp::encode::write_bin_len(&mut v, (n - 5) as u32);
+        v.resize(n, b'x');
+        v
+    } else {
+        rmp_serde::to_vec(&"x".repeat(n.saturating_sub(3))).expect("encoding a string cannot fail")
+    }
+}
+
+fn echo_spec(python: &Path, workers: usize, max_in_flight: usize) -> PoolSpec {
+    PoolSpec::script(python_dir().join("echo.py")).python(python).name("bench").workers(workers).max_in_flight(max_in_flight)
+}
+
+async fn pyvisor_sequential(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
+    let mut h = histogram();
+    for _ in 0..n {
+        let t = Instant::now();
+        pool.call_raw("echo", payload, CallOptions::new()).await.expect("echo");
+        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+    }
+    h
+}
+
+async fn pyvisor_concurrent(pool: &Pool, payload: &[u8], n: usize, callers: usize) -> (Duration, Histogram<u64>) {
+    let left = Arc::new(AtomicUsize::new(n));
+    let payload = Arc::new(payload.to_vec());
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (pool, left, payload) = (pool.clone(), left.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut h = histogram();
+                while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_ok() {
+                    let t = Instant::now();
+                    pool.call_raw("echo", &payload, CallOptions::new()).await.expect("echo");
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let mut h = histogram();
+    for t in tasks {
+        if let Ok(th) = t.await {
+            let _ = h.add(&th);
+        }
+    }
+    (start.elapsed(), h)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// One compared figure.
+struct Row {
+    name: String,
+    unit: &'static str,
+    floor: f64,
+    pyvisor: f64,
+    /// pyvisor / floor.
+    ratio: f64,
+    target: String,
+    met: Option<bool>,
+}
+
+fn row(name: &str, unit: &'static str, floor: f64, pyvisor: f64, target: Option<(&str, bool)>) -> Row {
+    let ratio = if floor > 0.0 { pyvisor / floor } else { f64::NAN };
+    Row {
+        name: name.into(),
+        unit,
+        floor,
+        pyvisor,
+        ratio,
+        target: target.map_or_else(String::new, |(t, _)| t.to_string()),
+        met: target.map(|(_, m)| m),
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
+        .map_or(0, |kb| kb >> 20);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
+}
+
+async fn bare_interpreters(python: &Path, n: usize) -> Duration {
+    let t = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| tokio::process::Command::new(python).args(["-c", "import pyvisor_worker"]).spawn().expect("python starts"))
+        .collect();
+    for mut c in children {
+        let _ = c.wait().await;
+    }
+    t.elapsed()
+}
+
+/// The traced side of the tracing scenario, in a process of its own (the subscriber is global).
+async fn child_traced(python: &Path, endpoint: &str, n: usize) -> ExitCode {
+    let guard = pyvisor_core::telemetry::init_with(
+        &pyvisor_core::telemetry::TelemetryConfig::default()
+            .endpoint(endpoint)
+            .protocol(pyvisor_core::telemetry::Protocol::Grpc)
+            .service_name("pyvisor-bench"),
+    );
+    let pool = Pool::start(echo_spec(python, 1, 1)).await.expect("pool starts");
+    let p = payload(100);
+    let _ = pyvisor_sequential(&pool, &p, 200).await;
+    let h = pyvisor_sequential(&pool, &p, n).await;
+    println!("{}", serde_json::json!({"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99)}));
+    pool.shutdown().await;
+    drop(guard);
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let python = match Interpreter::from_option(args.python.clone()).resolve() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(endpoint) = &args.child_traced {
+        return child_traced(&python, endpoint, args.calls).await;
+    }
+    let quick = args.quick;
+    let rounds = args.rounds.unwrap_or(if quick { 2 } else { 5 });
+    let (seq_n, pipe_n) = if quick { (200, 2_000) } else { (3_000, 60_000) };
+    eprintln!("pyvisor-bench: {} rounds, {seq_n} sequential and {pipe_n} pipelined calls per round{}", rounds, if quick { " (quick)" } else { "" });
+
+    let mut floor = match Floor::start(&python, &python_dir().join("floor.py")) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot start the floor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let seq_pool = Pool::start(echo_spec(&python, 1, 1)).await.expect("pool starts");
+    let pipe_pool = Pool::start(echo_spec(&python, 1, 64)).await.expect("pool starts");
+    let small = payload(100);
+    // Warm up both sides.
+    let _ = floor.sequential(&small, 500);
+    let _ = pyvisor_sequential(&seq_pool, &small, 500).await;
+
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+
+    // Sequential and pipelined, interleaved.
+    let (mut fs, mut ps) = (histogram(), histogram());
+    let (mut fthr, mut pthr) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        eprintln!("round {}/{rounds}: sequential and pipelined", r + 1);
+        let _ = fs.add(&floor.sequential(&small, seq_n));
+        let _ = ps.add(&pyvisor_sequential(&seq_pool, &small, seq_n).await);
+        let (e, _) = floor.pipelined(&small, pipe_n, 64);
+        fthr.push(pipe_n as f64 / e.as_secs_f64());
+        let (e, _) = pyvisor_concurrent(&pipe_pool, &small, pipe_n, 64).await;
+        pthr.push(pipe_n as f64 / e.as_secs_f64());
+    }
+    let (f50, p50) = (fs.value_at_quantile(0.5) as f64, ps.value_at_quantile(0.5) as f64);
+    let (f99, p99) = (fs.value_at_quantile(0.99) as f64, ps.value_at_quantile(0.99) as f64);
+    let (ft, pt) = (median(&mut fthr), median(&mut pthr));
+    rows.push(row("sequential p50 (1 worker, 1 caller, 100 B)", "µs", f50, p50, Some(("≤ 1.2×", p50 <= 1.2 * f50))));
+    rows.push(row("sequential p99", "µs", f99, p99, None));
+    rows.push(row("pipelined throughput (1 worker, 64 callers, max_in_flight 64)", "calls/s", ft, pt, Some(("≥ 0.6×", pt >= 0.6 * ft))));
+
+    // Scaling: 2 and 4 workers, 64 callers, against the one-process floor.
+    for workers in [2usize, 4] {
+        let pool = Pool::start(echo_spec(&python, workers, 64)).await.expect("pool starts");
+        let _ = pyvisor_concurrent(&pool, &small, pipe_n / 10, 64).await;
+        let mut thr = Vec::new();
+        let mut fl = Vec::new();
+        for r in 0..rounds {
+            eprintln!("round {}/{rounds}: scaling, {workers} workers", r + 1);
+            let (e, _) = floor.pipelined(&small, pipe_n, 64);
+            fl.push(pipe_n as f64 / e.as_secs_f64());
+            let (e, _) = pyvisor_concurrent(&pool, &small, pipe_n, 64).await;
+            thr.push(pipe_n as f64 / e.as_secs_f64());
+        }
+        rows.push(row(&format!("throughput, {workers} workers, 64 callers (vs 1-process floor)"), "calls/s", median(&mut fl), median(&mut thr), None));
+        pool.shutdown().await;
+    }
+
+    // Payload sizes, sequential.
+    for (label, size, target) in [("100 B", 100usize, None), ("10 KiB", 10 * 1024, None), ("1 MiB", 1 << 20, Some(1.3))] {
+        let p = payload(size);
+        let n = if size >= 1 << 20 { seq_n / 20 } else { seq_n / 2 }.max(10);
+        let (mut fh, mut ph) = (histogram(), histogram());
+        for r in 0..rounds {
+            eprintln!("round {}/{rounds}: payload {label}", r + 1);
+            let _ = fh.add(&floor.sequential(&p, n));
+            let _ = ph.add(&pyvisor_sequential(&seq_pool, &p, n).await);
+        }
+        let (a, b) = (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64);
+        let t = target.map(|t: f64| (if t == 1.3 { "≤ 1.3×" } else { "" }, b <= t * a));
+        rows.push(row(&format!("sequential p50, payload {label}"), "µs", a, b, t));
+    }
+
+    // Latency vs concurrency (the plot).
+    let mut curve = Vec::new();
+    for c in [1usize, 4, 16, 64] {
+        let pool = Pool::start(echo_spec(&python, 1, c)).await.expect("pool starts");
+        let n = if quick { 1_000 } else { 20_000 };
+        let _ = pyvisor_concurrent(&pool, &small, n / 10, c).await;
+        let (_, fh) = floor.pipelined(&small, n, c);
+        let (_, ph) = pyvisor_concurrent(&pool, &small, n, c).await;
+        curve.push((c, fh.value_at_quantile(0.5), ph.value_at_quantile(0.5)));
+        pool.shutdown().await;
+    }
+    if let Some(dir) = args.plot.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = plot::latency_vs_concurrency(&args.plot, &curve) {
+        eprintln!("warning: plot not written: {e}");
+    }
+    json.insert("latency_vs_concurrency".into(), serde_json::json!(curve.iter().map(|(c, f, p)| serde_json::json!({"concurrency": c, "floor_p50_us": f, "pyvisor_p50_us": p})).collect::<Vec<_>>()));
+    drop(floor);
+
+    // Tracing on (child process exporting every span to a receiver here) vs off (this process).
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start().await.expect("collector starts");
+    let exe = std::env::current_exe().expect("own path");
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        eprintln!("round {}/{rounds}: tracing off / on", r + 1);
+        off.push(pyvisor_sequential(&seq_pool, &small, seq_n).await.value_at_quantile(0.5) as f64);
+        let out = tokio::process::Command::new(&exe)
+            .args(["--child-traced", &collector.endpoint(), "--calls", &seq_n.to_string(), "--python"])
+            .arg(&python)
+            .env("PYVISOR_LOG", "warn")
+            .output()
+            .await
+            .expect("traced child runs");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        on.push(v["p50"].as_f64().unwrap_or(f64::NAN));
+        let _ = collector.exported_spans(usize::MAX, Duration::from_millis(50)).await;
+    }
+    let (a, b) = (median(&mut off), median(&mut on));
+    rows.push(row("tracing on vs off, sequential p50 (every call sampled and exported)", "µs", a, b, Some(("≤ 1.15×", b <= 1.15 * a))));
+    collector.abort();
+
+    // Cold start: a pool of 4 vs 4 bare interpreters importing the adapter.
+    let (mut bare, mut pool_start) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        bare.push(bare_interpreters(&python, 4).await.as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let p = Pool::start(echo_spec(&python, 4, 1)).await.expect("pool starts");
+        pool_start.push(t.elapsed().as_secs_f64() * 1e3);
+        p.shutdown().await;
+    }
+    rows.push(row("cold start, 4 workers (floor: 4 bare interpreters importing the adapter)", "ms", median(&mut bare), median(&mut pool_start), None));
+
+    // Recovery: SIGKILL to a ready replacement, vs one bare interpreter start.
+    let ready_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let r2 = ready_at.clone();
+    let spec = echo_spec(&python, 1, 1).heartbeat_interval(Duration::from_secs(3600)).on_event(move |e| {
+        if let PoolEvent::WorkerReady { .. } = e {
+            if let Ok(mut g) = r2.lock() {
+                *g = Some(Instant::now());
+            }
+        }
+    });
+    let rec_pool = Pool::start(spec).await.expect("pool starts");
+    let (mut bare1, mut recover) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        bare1.push(bare_interpreters(&python, 1).await.as_secs_f64() * 1e3);
+        *ready_at.lock().expect("lock") = None;
+        let t = Instant::now();
+        rec_pool.chaos().kill(None);
+        loop {
+            if let Some(at) = *ready_at.lock().expect("lock") {
+                recover.push(at.duration_since(t).as_secs_f64() * 1e3);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rows.push(row("recovery: SIGKILL to ready replacement (floor: 1 bare interpreter start)", "ms", median(&mut bare1), median(&mut recover), None));
+    rec_pool.shutdown().await;
+    seq_pool.shutdown().await;
+    pipe_pool.shutdown().await;
+
+    // Rust-side memory per idle worker: the parent's RSS rise from 0 to 64 idle workers.
+    let idle = if quick { 8 } else { 64 };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes();
+    let big = Pool::start(echo_spec(&python, idle, 1).start_timeout(Duration::from_secs(120))).await.expect("pool starts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per = (rss_bytes().saturating_sub(before)) as f64 / idle as f64 / 1024.0;
+    big.shutdown().await;
+    rows.push(Row {
+        name: format!("Rust-side memory per idle worker (RSS rise 0 → {idle} workers)"),
+        unit: "KiB",
+        floor: f64::NAN,
+        pyvisor: per,
+        ratio: f64::NAN,
+        target: "≤ 256 KiB".into(),
+        met: Some(per <= 256.0),
+    });
+
+    // Report.
+    println!("\npyvisor-bench{} — {}", if quick { " (quick: figures not meaningful)" } else { "" }, machine());
+    println!("python: {}", python.display());
+    println!(
+        "raw floor, absolute: sequential p50 {f50:.0} µs (anchor ≈ 60 µs), p99 {f99:.0} µs; pipelined ×64 {ft:.0} calls/s (anchor ≈ 170k calls/s)\n"
+    );
+    println!("{:<80} {:>12} {:>12} {:>8}  {:<10} {}", "scenario", "floor", "pyvisor", "ratio", "target", "met");
+    for r in &rows {
+        println!(
+            "{:<80} {:>12} {:>12} {:>8}  {:<10} {}",
+            format!("{} [{}]", r.name, r.unit),
+            if r.floor.is_nan() { "-".into() } else { format!("{:.1}", r.floor) },
+            format!("{:.1}", r.pyvisor),
+            if r.ratio.is_nan() { "-".into() } else { format!("{:.2}×", r.ratio) },
+            r.target,
+            r.met.map_or("", |m| if m { "yes" } else { "NO" })
+        );
+    }
+    json.insert("machine".into(), machine().into());
+    json.insert("quick".into(), quick.into());
+    json.insert(
+        "rows".into(),
+        serde_json::json!(rows
+            .iter()
+            .map(|r| serde_json::json!({"scenario": r.name, "unit": r.unit, "floor": r.floor, "pyvisor": r.pyvisor, "ratio": r.ratio, "target": r.target, "met": r.met}))
+            .collect::<Vec<_>>()),
+    );
+    if let Some(dir) = args.json.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(&args.json, serde_json::to_string_pretty(&serde_json::Value::Object(json)).unwrap_or_default()) {
+        eprintln!("warning: {} not written: {e}", args.json.display());
+    }
+    println!("\nresults: {}  plot: {}", args.json.display(), args.plot.display());
+    ExitCode::SUCCESS
+}
