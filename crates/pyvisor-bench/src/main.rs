@@ -42,6 +42,9 @@ struct Args {
     /// (internal) run the traced side of the tracing scenario, exporting to this OTLP endpoint.
     #[arg(long, hide = true)]
     child_traced: Option<String>,
+    /// (internal) the traced child traces the Rust side only.
+    #[arg(long, hide = true)]
+    rust_only: bool,
     /// (internal) calls for the traced child.
     #[arg(long, hide = true, default_value_t = 1000)]
     calls: usize,
@@ -171,14 +174,19 @@ async fn bare_interpreters(python: &Path, n: usize) -> Duration {
 }
 
 /// The traced side of the tracing scenario, in a process of its own (the subscriber is global).
-async fn child_traced(python: &Path, endpoint: &str, n: usize) -> ExitCode {
+async fn child_traced(python: &Path, endpoint: &str, n: usize, rust_only: bool) -> ExitCode {
     let guard = pyvisor_core::telemetry::init_with(
         &pyvisor_core::telemetry::TelemetryConfig::default()
             .endpoint(endpoint)
             .protocol(pyvisor_core::telemetry::Protocol::Grpc)
             .service_name("pyvisor-bench"),
     );
-    let pool = Pool::start(echo_spec(python, 1, 1)).await.expect("pool starts");
+    let mut spec = echo_spec(python, 1, 1);
+    if rust_only {
+        // The worker does not trace (as without the adapter's otel extra).
+        spec = spec.env("OTEL_SDK_DISABLED", "true");
+    }
+    let pool = Pool::start(spec).await.expect("pool starts");
     let p = payload(100);
     let _ = pyvisor_sequential(&pool, &p, 200).await;
     let h = pyvisor_sequential(&pool, &p, n).await;
@@ -203,12 +211,34 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     if let Some(endpoint) = &args.child_traced {
-        return child_traced(&python, endpoint, args.calls).await;
+        return child_traced(&python, endpoint, args.calls, args.rust_only).await;
     }
     let quick = args.quick;
     let rounds = args.rounds.unwrap_or(if quick { 2 } else { 5 });
     let (seq_n, pipe_n) = if quick { (200, 2_000) } else { (3_000, 60_000) };
     eprintln!("pyvisor-bench: {} rounds, {seq_n} sequential and {pipe_n} pipelined calls per round{}", rounds, if quick { " (quick)" } else { "" });
+
+    // Rust-side memory per idle worker: the parent's RSS rise from 0 to 64 idle workers.
+    let idle = if quick { 8 } else { 64 };
+    // First, before anything else has allocated and freed: a 1-worker pool loads the code and
+    // warms the runtime, then the rise from 0 to `idle` workers is measured.
+    let warm = Pool::start(echo_spec(&python, 1, 1)).await.expect("pool starts");
+    warm.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes();
+    let big = Pool::start(echo_spec(&python, idle, 1).start_timeout(Duration::from_secs(120))).await.expect("pool starts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per = (rss_bytes().saturating_sub(before)) as f64 / idle as f64 / 1024.0;
+    big.shutdown().await;
+    let memory_row = Row {
+        name: format!("Rust-side memory per idle worker (RSS rise 0 → {idle} workers)"),
+        unit: "KiB",
+        floor: f64::NAN,
+        pyvisor: per,
+        ratio: f64::NAN,
+        target: "≤ 256 KiB".into(),
+        met: Some(per <= 256.0),
+    };
 
     let mut floor = match Floor::start(&python, &python_dir().join("floor.py")) {
         Ok(f) => f,
@@ -301,23 +331,43 @@ async fn run(args: Args) -> ExitCode {
     // Tracing on (child process exporting every span to a receiver here) vs off (this process).
     let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start().await.expect("collector starts");
     let exe = std::env::current_exe().expect("own path");
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut on_rust) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        eprintln!("round {}/{rounds}: tracing off / on", r + 1);
+        eprintln!("round {}/{rounds}: tracing off / on (Rust only) / on (Rust and Python)", r + 1);
         off.push(pyvisor_sequential(&seq_pool, &small, seq_n).await.value_at_quantile(0.5) as f64);
-        let out = tokio::process::Command::new(&exe)
-            .args(["--child-traced", &collector.endpoint(), "--calls", &seq_n.to_string(), "--python"])
-            .arg(&python)
-            .env("PYVISOR_LOG", "warn")
-            .output()
-            .await
-            .expect("traced child runs");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        on.push(v["p50"].as_f64().unwrap_or(f64::NAN));
-        let _ = collector.exported_spans(usize::MAX, Duration::from_millis(50)).await;
+        for (rust_only, sink) in [(true, &mut on_rust), (false, &mut on)] {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(["--child-traced", &collector.endpoint(), "--calls", &seq_n.to_string(), "--python"])
+                .arg(&python)
+                .env("PYVISOR_LOG", "warn")
+                // Every span exported, none dropped: queues large enough for a whole run
+                // (the standard variables; both the Rust and the Python SDK read them).
+                .env("OTEL_BSP_MAX_QUEUE_SIZE", "65536")
+                .env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048")
+                .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+            if rust_only {
+                cmd.arg("--rust-only");
+            }
+            let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("traced child runs");
+            let stdout = child.stdout.take();
+            let mut done = tokio::spawn(async move { child.wait().await });
+            // Drain the receiver while the child exports (it buffers little).
+            while !done.is_finished() {
+                let _ = collector.exported_spans(usize::MAX, Duration::from_millis(50)).await;
+            }
+            let _ = (&mut done).await;
+            let mut text = String::new();
+            if let Some(mut s) = stdout {
+                use tokio::io::AsyncReadExt;
+                let _ = s.read_to_string(&mut text).await;
+            }
+            let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+            sink.push(v["p50"].as_f64().unwrap_or(f64::NAN));
+        }
     }
-    let (a, b) = (median(&mut off), median(&mut on));
-    rows.push(row("tracing on vs off, sequential p50 (every call sampled and exported)", "µs", a, b, Some(("≤ 1.15×", b <= 1.15 * a))));
+    let (a, b, c) = (median(&mut off), median(&mut on), median(&mut on_rust));
+    rows.push(row("tracing on vs off, Rust spans only (every call sampled and exported)", "µs", a, c, None));
+    rows.push(row("tracing on vs off, Rust and Python spans (every call sampled and exported)", "µs", a, b, Some(("≤ 1.15×", b <= 1.15 * a))));
     collector.abort();
 
     // Cold start: a pool of 4 vs 4 bare interpreters importing the adapter.
@@ -362,23 +412,7 @@ async fn run(args: Args) -> ExitCode {
     seq_pool.shutdown().await;
     pipe_pool.shutdown().await;
 
-    // Rust-side memory per idle worker: the parent's RSS rise from 0 to 64 idle workers.
-    let idle = if quick { 8 } else { 64 };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_bytes();
-    let big = Pool::start(echo_spec(&python, idle, 1).start_timeout(Duration::from_secs(120))).await.expect("pool starts");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let per = (rss_bytes().saturating_sub(before)) as f64 / idle as f64 / 1024.0;
-    big.shutdown().await;
-    rows.push(Row {
-        name: format!("Rust-side memory per idle worker (RSS rise 0 → {idle} workers)"),
-        unit: "KiB",
-        floor: f64::NAN,
-        pyvisor: per,
-        ratio: f64::NAN,
-        target: "≤ 256 KiB".into(),
-        met: Some(per <= 256.0),
-    });
+    rows.push(memory_row);
 
     // Report.
     println!("\npyvisor-bench{} — {}", if quick { " (quick: figures not meaningful)" } else { "" }, machine());
