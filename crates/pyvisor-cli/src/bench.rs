@@ -131,19 +131,12 @@ pub async fn run_load(
     total
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(2)
-}
+use crate::value::usage_error as fail;
 
 pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
-    let payload_json: serde_json::Value = match serde_json::from_str(&a.payload) {
-        Ok(v) => v,
-        Err(e) => return fail(format!("--payload is not valid JSON: {e}")),
-    };
-    let payload = match value::json_to_msgpack(&payload_json) {
+    let payload = match value::payload_arg(&a.payload) {
         Ok(p) => Arc::new(p),
-        Err(e) => return fail(format!("cannot encode --payload: {e}")),
+        Err(e) => return fail(e),
     };
     if a.workers == 0 || a.concurrency == 0 || a.max_in_flight == Some(0) {
         return fail("--workers, --concurrency and --max-in-flight must be at least 1");

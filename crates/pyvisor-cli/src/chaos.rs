@@ -45,19 +45,12 @@ pub struct ChaosArgs {
     json: bool,
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(2)
-}
+use crate::value::usage_error as fail;
 
 pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
-    let payload: serde_json::Value = match serde_json::from_str(&a.payload) {
-        Ok(v) => v,
-        Err(e) => return fail(format!("--payload is not valid JSON: {e}")),
-    };
-    let payload = match value::json_to_msgpack(&payload) {
+    let payload = match value::payload_arg(&a.payload) {
         Ok(p) => Arc::new(p),
-        Err(e) => return fail(format!("cannot encode --payload: {e}")),
+        Err(e) => return fail(e),
     };
     if a.workers == 0 || a.concurrency == 0 || a.max_in_flight == 0 || a.kill_every == 0 {
         return fail("--workers, --concurrency, --max-in-flight and --kill-every must be at least 1");

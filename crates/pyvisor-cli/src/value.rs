@@ -7,6 +7,18 @@ pub fn json_to_msgpack(v: &Json) -> Result<Vec<u8>, String> {
     rmp_serde::to_vec_named(v).map_err(|e| e.to_string())
 }
 
+/// A `--payload` argument: JSON text, encoded as MessagePack; the error says which flag is wrong.
+pub fn payload_arg(json: &str) -> Result<Vec<u8>, String> {
+    let v: Json = serde_json::from_str(json).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
+    json_to_msgpack(&v).map_err(|e| format!("cannot encode --payload: {e}"))
+}
+
+/// Print a usage error and return exit status 2.
+pub fn usage_error(msg: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("error: {msg}");
+    std::process::ExitCode::from(2)
+}
+
 /// Decode MessagePack into JSON for printing. Binary becomes an array of byte values;
 /// non-string map keys are rendered as strings.
 pub fn msgpack_to_json(bytes: &[u8]) -> Result<Json, String> {
