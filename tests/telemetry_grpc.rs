@@ -28,5 +28,13 @@ async fn grpc_export_delivers_the_span_tree_and_metrics() {
     for name in ["pyvisor.calls", "pyvisor.call.duration", "pyvisor.call.retries", "pyvisor.worker.crashes", "pyvisor.workers"] {
         assert!(names.iter().any(|n| n == name), "metric {name} missing from {names:?}");
     }
+    // The attributes the docs list.
+    let calls = metrics.iter().flat_map(|m| m.metrics.iter()).find(|m| m.name == "pyvisor.calls").expect("pyvisor.calls");
+    let text = serde_json::to_value(calls).unwrap().to_string();
+    for attr in ["pyvisor.pool", "rpc.method", "pyvisor.outcome", "record_points", "echo"] {
+        assert!(text.contains(attr), "{attr} missing from {text}");
+    }
+    let crashes = metrics.iter().flat_map(|m| m.metrics.iter()).find(|m| m.name == "pyvisor.worker.crashes").expect("crashes");
+    assert!(serde_json::to_value(crashes).unwrap().to_string().contains("pyvisor.death.cause"));
     drop(guard);
 }

@@ -13,16 +13,43 @@ fn target_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().and_then(|d| d.parent()).unwrap().to_path_buf()
 }
 
-/// Run `program` exporting to `collector`, and return every span it exported. The collector
-/// buffers only a few spans, so it is drained while the program runs.
-async fn run(program: PathBuf, args: &[&str], collector: &mut FakeCollectorServer) -> Vec<ExportedSpan> {
+/// Where spans go: the gRPC fake collector, or the HTTP/protobuf receiver of `common::otel`.
+enum Receiver {
+    Grpc(FakeCollectorServer),
+    Http(common::otel::HttpReceiver),
+}
+
+impl Receiver {
+    fn endpoint(&self) -> String {
+        match self {
+            Receiver::Grpc(c) => c.endpoint(),
+            Receiver::Http(h) => h.endpoint.clone(),
+        }
+    }
+    fn protocol(&self) -> &'static str {
+        match self {
+            Receiver::Grpc(_) => "grpc",
+            Receiver::Http(_) => "http/protobuf",
+        }
+    }
+    async fn spans(&mut self, wait: Duration) -> Vec<ExportedSpan> {
+        match self {
+            Receiver::Grpc(c) => c.exported_spans(100_000, wait).await,
+            Receiver::Http(h) => h.spans(100_000, wait).await,
+        }
+    }
+}
+
+/// Run `program` exporting to `receiver`, and return every span it exported. The receivers
+/// buffer little, so they are drained while the program runs.
+async fn run(program: PathBuf, args: &[&str], receiver: &mut Receiver) -> Vec<ExportedSpan> {
     assert!(program.exists(), "{} is not built (run `cargo test --workspace`)", program.display());
     let child = tokio::process::Command::new(&program)
         .args(args)
         .env("PYVISOR_PYTHON", common::python())
         .env("PYVISOR_LOG", "warn")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", receiver.protocol())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -30,12 +57,12 @@ async fn run(program: PathBuf, args: &[&str], collector: &mut FakeCollectorServe
     let mut done = tokio::spawn(child.wait_with_output());
     let mut spans = Vec::new();
     let out = loop {
-        spans.extend(collector.exported_spans(100_000, Duration::from_millis(100)).await);
+        spans.extend(receiver.spans(Duration::from_millis(100)).await);
         if done.is_finished() {
             break (&mut done).await.unwrap().unwrap();
         }
     };
-    spans.extend(collector.exported_spans(100_000, Duration::from_secs(2)).await);
+    spans.extend(receiver.spans(Duration::from_secs(2)).await);
     assert!(out.status.success(), "{}: {}", program.display(), String::from_utf8_lossy(&out.stderr));
     spans
 }
@@ -53,8 +80,16 @@ fn python_under_attempts<'a>(spans: &'a [ExportedSpan], function: &str) -> Vec<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_jaeger_example_and_pyvisor_bench_export_rust_and_python_spans() {
-    let mut collector = FakeCollectorServer::start().await.unwrap();
+async fn over_grpc_the_jaeger_example_and_pyvisor_bench_export_rust_and_python_spans() {
+    check(Receiver::Grpc(FakeCollectorServer::start().await.unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_protobuf_the_jaeger_example_and_pyvisor_bench_export_rust_and_python_spans() {
+    check(Receiver::Http(common::otel::HttpReceiver::start().await)).await;
+}
+
+async fn check(mut collector: Receiver) {
 
     let spans = run(target_dir().join("examples/jaeger_trace"), &[], &mut collector).await;
     let pairs = python_under_attempts(&spans, "score");
