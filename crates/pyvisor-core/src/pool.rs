@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use pyvisor_protocol::{call_overhead, encode_call, encode_cancel, CallHeader, FunctionInfo, RemoteError, RemoteErrorKind};
+use pyvisor_protocol::{call_overhead, encode_call, encode_call_head, encode_cancel, CallHeader, FunctionInfo, RemoteError, RemoteErrorKind};
 use ractor::{Actor, ActorCell, ActorRef};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -612,7 +612,8 @@ impl Pool {
             };
             if let Some(w) = slot.writer() {
                 // A failed write means the worker is going down; its actor fails this call.
-                let _ = w.send(&encode_call(&CallHeader { traceparent: tp, tracestate: ts, ..header }, payload));
+                let head = encode_call_head(&CallHeader { traceparent: tp, tracestate: ts, ..header }, payload.len());
+                let _ = w.send_parts(&head, payload);
             }
             let wait = async {
                 match deadline {

@@ -272,20 +272,35 @@ pub fn call_overhead(h: &CallHeader<'_>) -> usize {
         + h.tracestate.map_or(0, str::len)
 }
 
+/// Encode the head of a `call` frame: the length prefix (counting `payload_len` more bytes) and
+/// every field before the payload. Writing the head and then the payload makes the whole frame,
+/// without copying the payload (see [`encode_call`] for one buffer).
+pub fn encode_call_head(h: &CallHeader<'_>, payload_len: usize) -> Vec<u8> {
+    let mut buf = begin(call_overhead(h));
+    write_call_fields(&mut buf, h);
+    let len = (buf.len() - LENGTH_PREFIX + payload_len) as u32;
+    buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+fn write_call_fields(buf: &mut Vec<u8>, h: &CallHeader<'_>) {
+    put_array_len(buf, 8);
+    put_uint(buf, u64::from(msg_type::CALL));
+    put_uint(buf, h.id);
+    put_uint(buf, u64::from(h.attempt));
+    put_str(buf, h.function);
+    match h.deadline_ms {
+        Some(d) => put_uint(buf, d),
+        None => rmp::encode::write_nil(buf).unwrap_or(()),
+    }
+    put_opt_str(buf, h.traceparent);
+    put_opt_str(buf, h.tracestate);
+}
+
 /// Encode a complete `call` frame (prefix included) around an already-encoded payload.
 pub fn encode_call(h: &CallHeader<'_>, payload: &[u8]) -> Vec<u8> {
     let mut buf = begin(call_overhead(h) + payload.len());
-    put_array_len(&mut buf, 8);
-    put_uint(&mut buf, u64::from(msg_type::CALL));
-    put_uint(&mut buf, h.id);
-    put_uint(&mut buf, u64::from(h.attempt));
-    put_str(&mut buf, h.function);
-    match h.deadline_ms {
-        Some(d) => put_uint(&mut buf, d),
-        None => rmp::encode::write_nil(&mut buf).unwrap_or(()),
-    }
-    put_opt_str(&mut buf, h.traceparent);
-    put_opt_str(&mut buf, h.tracestate);
+    write_call_fields(&mut buf, h);
     buf.extend_from_slice(payload);
     finish(buf)
 }
@@ -432,6 +447,15 @@ mod tests {
         assert_eq!(a[5].as_str(), Some("00-abc-def-01"));
         assert!(a[6].is_nil());
         assert_eq!(a[7].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn head_plus_payload_is_the_whole_frame() {
+        let payload = rmp_serde::to_vec(&"a payload").unwrap();
+        let h = CallHeader { id: 3, attempt: 2, function: "f", deadline_ms: None, traceparent: Some("tp"), tracestate: Some("ts") };
+        let mut split = encode_call_head(&h, payload.len());
+        split.extend_from_slice(&payload);
+        assert_eq!(split, encode_call(&h, &payload));
     }
 
     #[test]
