@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -353,7 +353,6 @@ async fn cancellation_reaches_python_and_expired_queued_calls_never_run() {
     assert!(text.contains("ran on time") && !text.contains("ran late"), "log: {text}");
     pool.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = HashSet::<u8>::new();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

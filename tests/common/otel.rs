@@ -26,10 +26,6 @@ pub async fn workload() {
     pool.shutdown().await; // workers flush their spans on a graceful exit
 }
 
-fn by_id(spans: &[ExportedSpan]) -> BTreeMap<&str, &ExportedSpan> {
-    spans.iter().map(|s| (s.span_id.as_str(), s)).collect()
-}
-
 /// The collector renders values as `Some(AnyValue { value: Some(StringValue("x")) })`.
 pub fn clean(v: &str) -> String {
     let Some(start) = v.find("Value(").map(|i| i + "Value(".len()) else { return v.to_string() };
@@ -48,7 +44,6 @@ fn event_attr(attributes: &BTreeMap<String, String>, k: &str) -> Option<String> 
 
 /// The call spans, each with its attempts and the Python span under the successful attempt.
 pub fn check_traces(spans: &[ExportedSpan]) {
-    let ids = by_id(spans);
     let calls: Vec<&ExportedSpan> = spans.iter().filter(|s| s.name == "pyvisor.call").collect();
     let call = |method: &str| {
         *calls.iter().find(|s| attr(s, "rpc.method").as_deref() == Some(method)).unwrap_or_else(|| panic!("no pyvisor.call for {method}: {:#?}", names(spans)))
@@ -99,7 +94,6 @@ pub fn check_traces(spans: &[ExportedSpan]) {
     assert!(spans.iter().any(|s| s.name == "pyvisor.worker.ready"));
     // ractor's own actor spans stay out.
     assert!(!spans.iter().any(|s| s.name == "Actor"));
-    let _ = ids;
 }
 
 fn names(spans: &[ExportedSpan]) -> Vec<String> {

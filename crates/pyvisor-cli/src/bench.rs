@@ -152,7 +152,7 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
         return fail("--timeout must be a positive number of seconds");
     };
     let max_in_flight = a.max_in_flight.unwrap_or(1);
-    let mut spec = crate::spec_for(&interpreter, a.script.clone())
+    let spec = crate::spec_for(&interpreter, a.script.clone())
         .name("bench")
         .workers(a.workers)
         .max_in_flight(max_in_flight)
@@ -164,9 +164,6 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
                 eprintln!("worker {worker} pid {pid}");
             }
         });
-    if let Interpreter::Venv(v) = &interpreter {
-        spec = spec.venv(v);
-    }
     let pool = match Pool::start(spec).await {
         Ok(p) => p,
         Err(e) => return fail(e),

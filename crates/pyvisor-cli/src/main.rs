@@ -89,11 +89,7 @@ fn main() -> ExitCode {
 }
 
 fn spec_for(interpreter: &Interpreter, script: PathBuf) -> PoolSpec {
-    let spec = PoolSpec::script(script);
-    match interpreter {
-        Interpreter::Path(p) => spec.python(p),
-        _ => spec,
-    }
+    PoolSpec::script(script).interpreter(interpreter.clone())
 }
 
 async fn call(interpreter: Interpreter, script: PathBuf, function: String, json: String, timeout: f64) -> ExitCode {

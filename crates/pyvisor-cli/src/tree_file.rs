@@ -173,8 +173,7 @@ fn child(ctx: &Ctx<'_>, parent: &str, c: ChildToml, seen: &mut std::collections:
         };
         p = match (c.python, ctx.interpreter) {
             (Some(py), _) => p.python(if py.components().count() > 1 && py.is_relative() { ctx.base.join(py) } else { py }),
-            (None, Interpreter::Path(py)) => p.python(py),
-            (None, _) => p,
+            (None, interpreter) => p.interpreter(interpreter.clone()),
         };
         if let Some(a) = c.args {
             p = p.args(a);

@@ -489,12 +489,17 @@ impl Pool {
             (None, true) => None,
             (None, false) => opts.timeout.or(spec.call_timeout).map(|t| called + t),
         };
+        // One look at the function table: the name must exist; its flag is the default idempotency.
+        let mut exposed_idempotent = false;
         if let Some(funcs) = shared.functions() {
-            if !funcs.iter().any(|f| f.name == function) {
-                return Err(CallError::UnknownFunction {
-                    function: function.to_string(),
-                    available: funcs.iter().map(|f| f.name.clone()).collect(),
-                });
+            match funcs.iter().find(|f| f.name == function) {
+                Some(f) => exposed_idempotent = f.idempotent,
+                None => {
+                    return Err(CallError::UnknownFunction {
+                        function: function.to_string(),
+                        available: funcs.iter().map(|f| f.name.clone()).collect(),
+                    })
+                }
             }
         }
         let header = CallHeader {
@@ -520,14 +525,10 @@ impl Pool {
                 });
             }
         }
-        let idempotent = opts.idempotent.unwrap_or_else(|| {
-            shared.functions().is_some_and(|f| f.iter().any(|f| f.name == function && f.idempotent))
-        });
+        let idempotent = opts.idempotent.unwrap_or(exposed_idempotent);
         if let Some(s) = call_span {
             s.record("pyvisor.idempotent", idempotent);
         }
-        // Without tracing, the caller's own trace context (if any) passes through unchanged.
-        let passthrough = (opts.traceparent.clone(), opts.tracestate.clone());
         let mut previous_attempt: Option<tracing::Span> = None;
         let queue_until = {
             let q = called + spec.queue_timeout;
@@ -608,7 +609,8 @@ impl Pool {
             let trace = attempt_span.as_ref().and_then(crate::tracing_ctx::traceparent);
             let (tp, ts) = match &trace {
                 Some((tp, ts)) => (Some(tp.as_str()), ts.as_deref()),
-                None => (passthrough.0.as_deref(), passthrough.1.as_deref()),
+                // Without tracing, the caller's own trace context (if any) passes through.
+                None => (header.traceparent, header.tracestate),
             };
             if let Some(w) = slot.writer() {
                 // A failed write means the worker is going down; its actor fails this call.

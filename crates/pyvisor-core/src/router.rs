@@ -159,6 +159,7 @@ impl RouterState {
             .enumerate()
             .map(|(index, p)| {
                 let m = p.current.and_then(|id| self.members.get(&id));
+                let beat = m.and_then(|m| m.slot.last_beat()).map(|b| b.beat);
                 WorkerStatus {
                     index,
                     worker: m.map(|m| m.slot.id),
@@ -167,8 +168,8 @@ impl RouterState {
                     in_flight: m.map_or(0, |m| m.slot.in_flight()),
                     served: m.map_or(0, |m| m.slot.served()),
                     restarts: p.restarts,
-                    rss: m.and_then(|m| m.slot.last_beat()).map(|b| b.beat.rss),
-                    in_progress: m.and_then(|m| m.slot.last_beat()).map(|b| b.beat.in_progress).unwrap_or_default(),
+                    rss: beat.as_ref().map(|b| b.rss),
+                    in_progress: beat.map(|b| b.in_progress).unwrap_or_default(),
                     tainted: m.is_some_and(|m| m.slot.is_tainted()),
                     last_beat_age: m.and_then(|m| m.slot.last_beat_age()),
                     restart_in: p.next_start.map(|t| t.saturating_duration_since(Instant::now())),

@@ -63,6 +63,12 @@ impl std::fmt::Display for WorkerState {
     }
 }
 
+/// The instant taint deadlines are measured from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Why a call ended without a reply value.
 #[derive(Debug, Clone)]
 pub(crate) enum Failure {
@@ -119,7 +125,9 @@ pub(crate) struct WorkerSlot {
     table: Mutex<Table>,
     writer: OnceLock<Arc<FrameWriter>>,
     last_beat: Mutex<Option<BeatRecord>>,
-    tainted_until: Mutex<Option<Instant>>,
+    /// End of the taint window in ns after [`epoch`], 0 when never tainted: an atomic, since
+    /// routing reads it for every slot on every call.
+    tainted_until: AtomicU64,
     /// Id of the call that has this worker to itself (a suspect retried alone), or 0.
     exclusive: AtomicU64,
     abandoned: Mutex<HashMap<u64, Abandoned>>,
@@ -139,7 +147,7 @@ impl WorkerSlot {
             table: Mutex::new(Table { open: true, calls: HashMap::new() }),
             writer: OnceLock::new(),
             last_beat: Mutex::new(None),
-            tainted_until: Mutex::new(None),
+            tainted_until: AtomicU64::new(0),
             exclusive: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
         }
@@ -147,14 +155,16 @@ impl WorkerSlot {
 
     /// Avoid this worker for `window` (it replaces a crashed one).
     pub(crate) fn taint(&self, window: Duration) {
-        if let Ok(mut t) = self.tainted_until.lock() {
-            *t = Some(Instant::now() + window);
-        }
+        let until = epoch().elapsed().saturating_add(window).as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.tainted_until.store(until.max(1), Ordering::Release);
     }
 
     /// Whether the taint window is still open.
     pub(crate) fn is_tainted(&self) -> bool {
-        self.tainted_until.lock().ok().and_then(|t| *t).is_some_and(|t| Instant::now() < t)
+        match self.tainted_until.load(Ordering::Acquire) {
+            0 => false,
+            until => (epoch().elapsed().as_nanos() as u64) < until,
+        }
     }
 
     /// Take the worker for one call alone: only if it is ready and has nothing in flight.

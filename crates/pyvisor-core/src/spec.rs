@@ -222,6 +222,11 @@ impl PoolSpec {
         self.interpreter = Interpreter::Venv(dir.into());
         self
     }
+    /// Run this interpreter (e.g. `Interpreter::from_option(cli_flag)`).
+    pub fn interpreter(mut self, interpreter: Interpreter) -> Self {
+        self.interpreter = interpreter;
+        self
+    }
     /// Extra arguments for the script (its `sys.argv[1:]`).
     pub fn args<I, S>(mut self, args: I) -> Self
     where

@@ -45,35 +45,7 @@ impl FrameWriter {
 
     /// Queue one complete frame. Never blocks, never splits a frame across callers.
     pub(crate) fn send(&self, frame: &[u8]) -> Result<(), WriteClosed> {
-        let mut g = self.inner.lock().map_err(|_| WriteClosed)?;
-        if g.closed {
-            return Err(WriteClosed);
-        }
-        if !g.pending.is_empty() {
-            g.pending.extend_from_slice(frame);
-            return Ok(());
-        }
-        match self.stream.try_write(frame) {
-            Ok(n) if n == frame.len() => Ok(()),
-            Ok(n) => {
-                g.pending.extend_from_slice(&frame[n..]);
-                drop(g);
-                self.wake.notify_one();
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                g.pending.extend_from_slice(frame);
-                drop(g);
-                self.wake.notify_one();
-                Ok(())
-            }
-            Err(_) => {
-                g.closed = true;
-                drop(g);
-                self.wake.notify_one();
-                Err(WriteClosed)
-            }
-        }
+        self.send_parts(frame, &[])
     }
 
     /// Queue one frame given as two parts (a head and an already-encoded payload), written with

@@ -55,7 +55,6 @@ struct Child {
     life: Life,
     restarts: u32,
     consecutive: u32,
-    last_start: Option<Instant>,
 }
 
 pub(crate) struct SupState {
@@ -98,7 +97,6 @@ impl SupState {
         let now = Instant::now();
         let c = &mut self.children[i];
         c.life = Life::Running(Running { cell, handle, since: now });
-        c.last_start = Some(now);
         tracing::info!(supervisor = %self.spec.name, child = %path, kind = c.spec.kind.name(), "child started");
         Ok(())
     }
@@ -262,7 +260,6 @@ impl Actor for SupervisorActor {
                 life: Life::Stopped,
                 restarts: 0,
                 consecutive: 0,
-                last_start: None,
             })
             .collect();
         let st = SupState {
@@ -405,7 +402,7 @@ impl Actor for SupervisorActor {
 
 async fn add_child(myself: &ActorRef<SupervisorMsg>, st: &mut SupState, spec: ChildSpec) -> Result<(), SupervisorError> {
     let path = join_path(&st.path, &spec.id);
-    st.children.push(Child { path: path.clone(), spec, life: Life::Stopped, restarts: 0, consecutive: 0, last_start: None });
+    st.children.push(Child { path: path.clone(), spec, life: Life::Stopped, restarts: 0, consecutive: 0 });
     let i = st.children.len() - 1;
     match st.start_child(myself, i).await {
         Ok(()) => Ok(()),
