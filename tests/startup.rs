@@ -34,9 +34,9 @@ async fn a_protocol_version_mismatch_is_refused_with_both_versions() {
     match Pool::start(quick_failure(common::spec("bad_version.py"))).await {
         Err(e @ StartError::TooManyStartFailures { .. }) => {
             let StartError::TooManyStartFailures { certificate, .. } = &e else { unreachable!() };
-            assert_eq!(certificate.cause, DeathCause::VersionMismatch { worker: 99, parent: 1 });
+            assert_eq!(certificate.cause, DeathCause::VersionMismatch { worker: 99, parent: pyvisor::protocol::PROTOCOL_VERSION });
             let msg = e.to_string();
-            assert!(msg.contains("worker speaks 99") && msg.contains("pyvisor speaks 1"), "{msg}");
+            assert!(msg.contains("worker speaks 99") && msg.contains(&format!("pyvisor speaks {}", pyvisor::protocol::PROTOCOL_VERSION)), "{msg}");
         }
         other => panic!("expected TooManyStartFailures, got {other:?}"),
     }

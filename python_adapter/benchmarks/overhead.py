@@ -44,7 +44,7 @@ BARE_SERVER = textwrap.dedent(
                 break
             msg = msgpack.unpackb(view[start + 4:start + 4 + size], raw=False)
             start += 4 + size
-            body = msgpack.packb([2, msg[1], msg[2], True, msg[7]], use_bin_type=True)
+            body = msgpack.packb([2, msg[1], msg[2], True, None, msg[7]], use_bin_type=True)
             out.append(H.pack(len(body)) + body)
         if start == end:
             start = end = 0

@@ -1,8 +1,21 @@
 """Tracing: continue the parent's trace inside the worker (the ``otel`` extra).
 
 The parent sends, in every ``call``, the W3C ``traceparent``/``tracestate`` of its attempt span.
-When tracing is active, each call runs inside a ``SERVER`` span that is a child of that context
-and is exported by this worker's own OTLP exporter.
+The function's own span is **recorded by the parent**, not here: for a call with a
+``traceparent`` the worker (``_worker``) draws a random span id, times the function
+(``time.time_ns()`` just before and after it) and returns ``[span_id, start_ns, end_ns]`` in
+the reply; the parent turns that into the function's span, a child of its attempt span. That
+part needs nothing from OpenTelemetry and happens whether or not tracing is active here.
+
+When tracing is active in the worker, this module adds two things:
+
+- while a traced call's function runs, :meth:`Tracing.enter` makes current (on its thread, or
+  in its asyncio task) a cheap *non-recording* span whose context is the function's span
+  (trace id and flags from the ``traceparent``, the span id the reply reports), so spans that
+  user code starts (through :func:`tracer`, its own OpenTelemetry tracer, or instrumented
+  libraries) are children of the function's span;
+- the worker's own tracer provider and OTLP exporter, which export those user spans (and
+  nothing else), flushed on every exit path.
 
 Tracing is activated once, by ``run_worker()`` before ``hello``, and only when
 
@@ -11,9 +24,8 @@ Tracing is activated once, by ``run_worker()`` before ``hello``, and only when
 - ``OTEL_SDK_DISABLED`` is not ``true`` and ``OTEL_TRACES_EXPORTER`` is not ``none``,
 - and the ``opentelemetry`` packages can be imported.
 
-Otherwise this module imports nothing from ``opentelemetry`` and the worker's per-call cost is
-one ``is not None`` test. The module itself must stay cheap to import: everything from
-``opentelemetry`` is imported inside :func:`activate`.
+Otherwise this module imports nothing from ``opentelemetry``. The module itself must stay
+cheap to import: everything from ``opentelemetry`` is imported inside :func:`activate`.
 """
 
 from __future__ import annotations
@@ -21,13 +33,13 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import socket
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
-from ._framing import qualified_name
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -41,6 +53,7 @@ __all__ = [
     "span_protocol",
     "service_name",
     "Tracing",
+    "parse_traceparent",
     "FLUSH_TIMEOUT",
 ]
 
@@ -116,111 +129,105 @@ def service_name(env: Mapping[str, str], detected: Optional[str] = None) -> str:
 # ---------------------------------------------------------------------- the active state
 
 
+#: A W3C traceparent of version 00, the one the parent sends (checked first: it is cheaper).
+_TRACEPARENT_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
+#: Any version (as OpenTelemetry's propagator accepts it): a later version may append fields.
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
+).fullmatch
+_ZERO_SPAN_ID = "0" * 16
+
+
+def parse_traceparent(traceparent: Any) -> Optional[Tuple[int, str]]:
+    """``(trace_id, flags)`` of a valid W3C ``traceparent`` (flags as its two hex digits),
+    else ``None``."""
+    if type(traceparent) is not str:
+        return None
+    if _TRACEPARENT_00(traceparent) is not None:
+        hex_trace_id = traceparent[3:35]
+        parent_id = traceparent[36:52]
+        flags = traceparent[53:]
+    else:
+        m = _TRACEPARENT(traceparent)
+        if m is None:
+            return None
+        version, hex_trace_id, parent_id, flags, rest = m.groups()
+        if version == "ff" or (version == "00" and rest):
+            return None
+    trace_id = int(hex_trace_id, 16)
+    if trace_id == 0 or parent_id == _ZERO_SPAN_ID:
+        return None
+    return trace_id, flags
+
+
 class Tracing:
-    """The worker's tracer provider and the per-call span handling (enabled path only)."""
+    """The worker's tracer provider, and the context a traced call's function runs in
+    (enabled path only)."""
 
     def __init__(self, provider: Any, worker_id: str, pid: int) -> None:
         from opentelemetry import context as context_api
         from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
         self.provider = provider
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
-        self._start_span = self.tracer.start_span
-        self._extract = TraceContextTextMapPropagator().extract
+        self.worker_id = worker_id
+        self.pid = pid
         self._attach = context_api.attach
         self._detach = context_api.detach
-        self._with_span = trace.set_span_in_context
-        self._root = context_api.Context()
-        self._server = SpanKind.SERVER
-        self._status = Status
-        self._error = StatusCode.ERROR
-        self._worker_id = worker_id
-        self._pid = pid
-        self._names: Dict[str, str] = {}
+        self._context = context_api.Context
+        # The context key of the current span, found through the public API (the module
+        # that defines it keeps it private).
+        (self._span_key,) = trace.set_span_in_context(trace.INVALID_SPAN, context_api.Context())
+        self._span = NonRecordingSpan
+        self._span_context = SpanContext
+        self._trace_flags = TraceFlags
+        self._flags = {"00": TraceFlags(0), "01": TraceFlags(1)}
+        self._trace_state_from_header = TraceState.from_header
+        self._no_trace_state = TraceState()
+        # The last tracestate seen and its parsed form (a parent sends the same one again).
+        self._last_state: Tuple[Optional[str], Any] = (None, self._no_trace_state)
         self._close_lock = threading.Lock()
         self._closer: Optional[threading.Thread] = None
         self._close_deadline = 0.0
 
     # -------------------------------------------------------------- per call
 
-    def start(
-        self, call: "_Call", start_time: Optional[int] = None, current: bool = True
-    ) -> Tuple[Any, Any]:
-        """Start the call's span (a child of its traceparent) and make it current on this
-        thread or task. Returns ``(span, token)`` for :meth:`finish`; ``(None, None)`` if the
-        span could not be started (tracing never fails a call)."""
+    def enter(self, call: "_Call", span_id: int) -> Any:
+        """Make the function's span current on this thread (or in this asyncio task) while
+        the function runs: a non-recording span with the ``traceparent``'s trace id and flags
+        and ``span_id``, so spans the function starts are its children. Returns a token for
+        :meth:`exit`, or ``None`` (no valid ``traceparent``: nothing attached, user spans are
+        roots). Never raises: tracing never fails a call."""
         try:
-            traceparent = call._traceparent
-            if traceparent and type(traceparent) is str:
-                carrier = {"traceparent": traceparent}
-                tracestate = call._tracestate
-                if tracestate and type(tracestate) is str:
-                    carrier["tracestate"] = tracestate
-                parent = self._extract(carrier)
+            parsed = parse_traceparent(call._traceparent)
+            if parsed is None:
+                return None
+            trace_id, flags = parsed
+            trace_flags = self._flags.get(flags)
+            if trace_flags is None:
+                trace_flags = self._trace_flags(int(flags, 16))
+            tracestate = call._tracestate
+            if tracestate and type(tracestate) is str:
+                last = self._last_state
+                if last[0] == tracestate:
+                    trace_state = last[1]
+                else:
+                    trace_state = self._trace_state_from_header([tracestate])
+                    self._last_state = (tracestate, trace_state)
             else:
-                parent = self._root
-            function = call._spec.name
-            name = self._names.get(function)
-            if name is None:
-                name = self._names[function] = f"pyvisor.worker {function}"
-            span = self._start_span(
-                name,
-                context=parent,
-                kind=self._server,
-                attributes={
-                    "rpc.system": "pyvisor",
-                    "rpc.method": function,
-                    "pyvisor.call.id": call._call_id,
-                    "pyvisor.call.attempt": call._attempt,
-                    "pyvisor.worker.id": self._worker_id,
-                    "process.pid": self._pid,
-                },
-                start_time=start_time,
+                trace_state = self._no_trace_state
+            span = self._span(
+                self._span_context(trace_id, span_id, False, trace_flags, trace_state)
             )
-            token = self._attach(self._with_span(span, parent)) if current else None
-            return span, token
+            return self._attach(self._context({self._span_key: span}))
         except Exception:
-            return None, None
+            return None
 
-    def finish(
-        self,
-        span: Any,
-        token: Any,
-        call: "_Call",
-        exc: Optional[BaseException] = None,
-        error_type: Optional[str] = None,
-    ) -> None:
-        """Detach the call's context and end its span, with ERROR status for an exception
-        (recorded as an event), a cancelled call or ``error_type``."""
+    def exit(self, token: Any) -> None:
+        """Undo :meth:`enter` (same thread or task)."""
         if token is not None:
             self._detach(token)
-        if span is None:
-            return
-        try:
-            if call._cancelled:
-                error_type = "cancelled"
-                if exc is not None and not _is_cancelled_error(exc):
-                    span.record_exception(exc)
-            elif exc is not None:
-                error_type = qualified_name(type(exc))
-                span.record_exception(exc)
-            if error_type is not None:
-                span.set_attribute("error.type", error_type)
-                span.set_status(self._status(self._error, error_type))
-        except Exception:
-            pass
-        try:
-            span.end()
-        except Exception:
-            pass
-
-    def cancelled_before_start(self, call: "_Call") -> None:
-        """A call cancelled before its function ran: a span from its arrival to now."""
-        start_time = int(call._started * 1e9) if call._started else None
-        span, _ = self.start(call, start_time, current=False)
-        self.finish(span, None, call, None, "cancelled")
 
     # -------------------------------------------------------------- end
 
@@ -251,11 +258,6 @@ class Tracing:
             self.provider.shutdown()
         except Exception:
             pass
-
-
-def _is_cancelled_error(exc: BaseException) -> bool:
-    asyncio = sys.modules.get("asyncio")
-    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 _state: Optional[Tracing] = None
@@ -422,7 +424,8 @@ class _Tracer:
 
     def start_span(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Like ``opentelemetry.trace.Tracer.start_span``; the new span's parent is the current
-        span (the call's span inside an exposed function). End it with ``span.end()``."""
+        span (inside an exposed function called with a ``traceparent``: the function's span,
+        which the parent records). End it with ``span.end()``."""
         state = _state
         if state is None:
             return NOOP_SPAN
@@ -446,7 +449,7 @@ _TRACER = _Tracer()
 
 
 def tracer() -> _Tracer:
-    """The adapter's tracer, for spans of your own under the call's span::
+    """The adapter's tracer, for spans of your own under the function's span::
 
         from pyvisor_worker import expose, tracer
 
@@ -457,7 +460,8 @@ def tracer() -> _Tracer:
                 ...
 
     With tracing active (the ``otel`` extra installed and an OTLP endpoint configured) it
-    delegates to an OpenTelemetry tracer of the worker's own provider; otherwise its spans do
+    delegates to an OpenTelemetry tracer of the worker's own provider, which exports the spans;
+    otherwise its spans do
     nothing (and nothing from ``opentelemetry`` is imported). It may be called at import
     time: the returned object follows activation.
     """

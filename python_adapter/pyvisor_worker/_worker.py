@@ -16,10 +16,16 @@ Threads (all but the main thread are daemons):
 - one ``ThreadPoolExecutor`` per function exposed with ``threads=N``.
 - the **main thread** installs the SIGTERM handler and waits for the end.
 
-With tracing active (``_otel``: the ``otel`` extra and an OTLP endpoint), each call runs inside
-its own span, made current on the thread (or asyncio task) that executes it; the span is
-started and ended by the executing side (``_execute_traced``, ``_run_async``,
-``_cancelled_frame``). Every exit path flushes the spans first, bounded.
+Replies are ``[2, id, attempt, ok, span, value_or_error]``. A call without a ``traceparent``
+takes the fast path and its ``span`` is ``nil``. For a call with one (``_execute_traced``,
+``_run_async_traced``), the executing side draws a random non-zero span id and takes
+``time.time_ns()`` just before and just after the function, and ``span`` is
+``[span_id, start_ns, end_ns]`` (also in error replies produced after the function ran); the
+parent records the function's span from it. Nothing from OpenTelemetry is involved in that.
+With tracing active in the worker as well (``_otel``: the ``otel`` extra and an OTLP
+endpoint), a non-recording span with that id is made current on the executing thread (or in
+the asyncio task) while the function runs, so the spans user code starts are its children;
+the worker exports only those, and every exit path flushes them first, bounded.
 
 All writes go through one lock around ``sendall``; replies that are ready together are joined
 into one write.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import select
 import signal
 import socket
@@ -110,6 +117,8 @@ _WAKE_SHUTDOWN = b"\x00"
 _SIGTERM_BYTE = int(signal.SIGTERM)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _HEADER_PACK = HEADER.pack
+_getrandbits = random.getrandbits
+_time_ns = time.time_ns
 
 
 def _rss() -> int:
@@ -445,29 +454,33 @@ class _Worker:
         pack: Pack,
         tb: Optional[str] = None,
         functions: Optional[List[str]] = None,
+        span: Optional[List[int]] = None,
     ) -> bytes:
         err = error_map(kind, type_name, message, tb, functions)
+        reply = [MSG_REPLY, call_id, attempt, False, span, err]
         try:
-            body = pack([MSG_REPLY, call_id, attempt, False, err])
+            body = pack(reply)
         except Exception:  # e.g. a message with lone surrogates
             err["message"] = message.encode("utf-8", "replace").decode("utf-8")
             err["traceback"] = None if tb is None else tb.encode("utf-8", "replace").decode("utf-8")
-            body = pack([MSG_REPLY, call_id, attempt, False, err])
+            body = pack(reply)
         if len(body) > self._max_frame:
             # Only a huge message or traceback gets here: keep their ends, which matter most.
             room = max(64, self._max_frame // 4)
             err["message"] = message[-room:]
             err["traceback"] = None if tb is None else tb[-room:]
-            body = pack([MSG_REPLY, call_id, attempt, False, err])
+            body = pack(reply)
             if len(body) > self._max_frame:
                 err["message"] = message[:64]
                 err["traceback"] = None
-                body = pack([MSG_REPLY, call_id, attempt, False, err])
+                body = pack(reply)
         return _HEADER_PACK(len(body)) + body
 
-    def _result_frame(self, call: _Call, result: Any, pack: Pack) -> bytes:
+    def _result_frame(
+        self, call: _Call, result: Any, pack: Pack, span: Optional[List[int]] = None
+    ) -> bytes:
         try:
-            body = pack([MSG_REPLY, call._call_id, call._attempt, True, result])
+            body = pack([MSG_REPLY, call._call_id, call._attempt, True, span, result])
         except Exception as e:
             return self._error_frame(
                 call._call_id,
@@ -476,6 +489,7 @@ class _Worker:
                 qualified_name(type(e)),
                 f"the return value of {call._spec.name!r} cannot be encoded: {e}",
                 pack,
+                span=span,
             )
         n = len(body)
         if n > self._max_frame:
@@ -487,10 +501,13 @@ class _Worker:
                 f"the reply of {call._spec.name!r} is {n} bytes, over the maximum frame size "
                 f"of {self._max_frame} bytes",
                 pack,
+                span=span,
             )
         return _HEADER_PACK(n) + body
 
-    def _exception_frame(self, call: _Call, exc: BaseException, pack: Pack) -> bytes:
+    def _exception_frame(
+        self, call: _Call, exc: BaseException, pack: Pack, span: Optional[List[int]] = None
+    ) -> bytes:
         tb = exc.__traceback__
         if tb is not None:
             tb = tb.tb_next  # the adapter's own frame
@@ -504,13 +521,18 @@ class _Worker:
             message = f"<unprintable {type(exc).__name__}>"
         kind = KIND_CANCELLED if call._cancelled and _is_cancelled_error(exc) else KIND_EXCEPTION
         return self._error_frame(
-            call._call_id, call._attempt, kind, qualified_name(type(exc)), message, pack, text
+            call._call_id,
+            call._attempt,
+            kind,
+            qualified_name(type(exc)),
+            message,
+            pack,
+            text,
+            span=span,
         )
 
     def _cancelled_frame(self, call: _Call, pack: Pack) -> bytes:
-        """The reply to a call cancelled before its function ran."""
-        if self._tracing is not None:
-            self._tracing.cancelled_before_start(call)
+        """The reply to a call cancelled before its function ran (no span: it never ran)."""
         return self._error_frame(
             call._call_id,
             call._attempt,
@@ -524,8 +546,8 @@ class _Worker:
         """Run a plain function (inline or on its thread pool); returns the reply frame."""
         if call._cancelled:
             return self._cancelled_frame(call, pack)
-        if self._tracing is not None:
-            return self._execute_traced(call, pack, self._tracing)
+        if call._traceparent is not None:
+            return self._execute_traced(call, pack)
         spec = call._spec
         call._phase = RUNNING
         call._started = time.time()
@@ -543,7 +565,7 @@ class _Worker:
             return self._exception_frame(call, e, pack)
         # (_result_frame, inlined for the common case)
         try:
-            body = pack([MSG_REPLY, call._call_id, call._attempt, True, result])
+            body = pack([MSG_REPLY, call._call_id, call._attempt, True, None, result])
         except Exception:
             return self._result_frame(call, result, pack)
         n = len(body)
@@ -551,12 +573,17 @@ class _Worker:
             return self._result_frame(call, result, pack)
         return _HEADER_PACK(n) + body
 
-    def _execute_traced(self, call: _Call, pack: Pack, tracing: _otel.Tracing) -> bytes:
-        """``_execute`` inside the call's span (current on this thread while the function runs)."""
+    def _execute_traced(self, call: _Call, pack: Pack) -> bytes:
+        """``_execute`` for a call with a ``traceparent``: the function is timed and the reply
+        carries ``[span_id, start_ns, end_ns]``; with tracing active, a span with that id is
+        current on this thread while it runs."""
         spec = call._spec
         call._phase = RUNNING
         call._started = time.time()
-        span, token = tracing.start(call)
+        span_id = _getrandbits(64) or 1
+        tracing = self._tracing
+        token = None if tracing is None else tracing.enter(call, span_id)
+        start = _time_ns()
         try:
             mode = spec.call_mode
             if mode == CALL_PAYLOAD:
@@ -565,28 +592,17 @@ class _Worker:
                 result = spec.fn(call._payload, ctx=call)
             else:
                 result = _invoke(spec, call)
-        except (SystemExit, KeyboardInterrupt) as e:
-            tracing.finish(span, token, call, e)
-            self._user_exit(e)
         except BaseException as e:
-            tracing.finish(span, token, call, e)
-            return self._exception_frame(call, e, pack)
-        return self._traced_result_frame(call, result, pack, tracing, span, token)
-
-    def _traced_result_frame(
-        self, call: _Call, result: Any, pack: Pack, tracing: _otel.Tracing, span: Any, token: Any
-    ) -> bytes:
-        """The reply to a call that returned; ends its span (ERROR if the value can't be sent)."""
-        try:
-            body = pack([MSG_REPLY, call._call_id, call._attempt, True, result])
-        except Exception as e:
-            tracing.finish(span, token, call, e)
-            return self._result_frame(call, result, pack)
-        if len(body) > self._max_frame:
-            tracing.finish(span, token, call, None, KIND_REPLY_TOO_LARGE)
-            return self._result_frame(call, result, pack)
-        tracing.finish(span, token, call)
-        return _HEADER_PACK(len(body)) + body
+            end = _time_ns()
+            if token is not None:
+                tracing.exit(token)  # type: ignore[union-attr]
+            if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                self._user_exit(e)
+            return self._exception_frame(call, e, pack, [span_id, start, end])
+        end = _time_ns()
+        if token is not None:
+            tracing.exit(token)  # type: ignore[union-attr]
+        return self._result_frame(call, result, pack, [span_id, start, end])
 
     # ------------------------------------------------------------------ serving threads
 
@@ -860,8 +876,10 @@ class _Worker:
         self._loop_pack = new_packer()
 
     def _async_start(self, call: _Call) -> None:  # on the loop thread
-        tracing = self._tracing
-        coro = self._run_async(call) if tracing is None else self._run_async_traced(call, tracing)
+        if call._traceparent is None:
+            coro = self._run_async(call)
+        else:
+            coro = self._run_async_traced(call)
         call._handle = self._loop.create_task(coro)  # type: ignore[union-attr]
 
     def _async_cancel(self, call: _Call) -> None:  # on the loop thread
@@ -886,33 +904,38 @@ class _Worker:
                 data = self._exception_frame(call, e, pack)
             else:
                 data = self._result_frame(call, result, pack)
-        out = self._async_out
-        out.append((call, data))
-        if len(out) == 1:  # replies finished in this loop iteration go out in one write
-            self._loop.call_soon(self._flush_async)  # type: ignore[union-attr]
+        self._async_done(call, data)
 
-    async def _run_async_traced(self, call: _Call, tracing: _otel.Tracing) -> None:
-        """``_run_async`` inside the call's span. The span is attached in this task's own
-        context, so the function's coroutine (and tasks it creates) see it as current."""
+    async def _run_async_traced(self, call: _Call) -> None:  # on the loop thread
+        """``_run_async`` for a call with a ``traceparent`` (see ``_execute_traced``). With
+        tracing active, the span is attached in this task's own context, so the function's
+        coroutine (and the tasks it creates) see it as current."""
         pack: Pack = self._loop_pack  # type: ignore[assignment]
         if call._cancelled:
             data = self._cancelled_frame(call, pack)
         else:
             call._phase = RUNNING
             call._started = time.time()
-            span, token = tracing.start(call)
+            span_id = _getrandbits(64) or 1
+            tracing = self._tracing
+            token = None if tracing is None else tracing.enter(call, span_id)
+            start = _time_ns()
             try:
                 result = await _invoke(call._spec, call)
-            except (SystemExit, KeyboardInterrupt) as e:
-                tracing.finish(span, token, call, e)
-                self._user_exit(e)
             except BaseException as e:
+                end = _time_ns()
+                if token is not None:
+                    tracing.exit(token)  # type: ignore[union-attr]
+                if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                    self._user_exit(e)
                 if _is_cancelled_error(e):
                     call._cancelled = True
-                tracing.finish(span, token, call, e)
-                data = self._exception_frame(call, e, pack)
+                data = self._exception_frame(call, e, pack, [span_id, start, end])
             else:
-                data = self._traced_result_frame(call, result, pack, tracing, span, token)
+                end = _time_ns()
+                if token is not None:
+                    tracing.exit(token)  # type: ignore[union-attr]
+                data = self._result_frame(call, result, pack, [span_id, start, end])
         self._async_done(call, data)
 
     def _async_done(self, call: _Call, data: bytes) -> None:  # on the loop thread

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Mapping, Optional, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from ._config import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from ._framing import (
@@ -60,12 +60,18 @@ class WorkerExited(EOFError):
 
 @dataclass
 class Reply:
-    """A ``reply`` message."""
+    """A ``reply`` message: ``[2, id, attempt, ok, span, value_or_error]``.
+
+    ``span`` is ``None``, or ``(span_id, start_ns, end_ns)`` for a call sent with a
+    ``traceparent`` whose function ran: the function span's id (also the parent of the spans
+    the function made) and ``time.time_ns()`` just before and after the function.
+    """
 
     id: int
     attempt: int
     ok: bool
     value: Any
+    span: Optional[Tuple[int, int, int]] = None
 
     @property
     def error(self) -> Dict[str, Any]:
@@ -296,7 +302,7 @@ class FakeParent:
                         Beat(time.monotonic(), b["seq"], b["rss"], b["in_progress"], b["served"], b)
                     )
                 elif msg[0] == MSG_REPLY:
-                    self._replies[msg[1]] = Reply(msg[1], msg[2], msg[3], msg[4])
+                    self._replies[msg[1]] = _reply(msg)
                 return msg
             if self._eof:
                 raise WorkerExited(self._describe_exit())
@@ -388,6 +394,20 @@ class FakeParent:
             for t in self._pumps:
                 t.join(2.0)
         return f"the worker closed its socket (exit status {status}){self._stderr_tail()}"
+
+
+def _reply(msg: List[Any]) -> Reply:
+    if len(msg) != 6:
+        raise AssertionError(f"a reply has {len(msg)} elements instead of 6: {msg!r:.300}")
+    span = msg[4]
+    if span is not None:
+        if type(span) is not list or len(span) != 3:
+            raise AssertionError(f"malformed span in a reply: {span!r:.300}")
+        span_id, start_ns, end_ns = span
+        if type(span_id) is not int or type(start_ns) is not int or type(end_ns) is not int:
+            raise AssertionError(f"malformed span in a reply: {span!r:.300}")
+        span = (span_id, start_ns, end_ns)
+    return Reply(msg[1], msg[2], msg[3], msg[5], span)
 
 
 def _pump(stream: Any, sink: List[bytes]) -> None:

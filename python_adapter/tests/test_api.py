@@ -19,7 +19,7 @@ from pyvisor_worker._registry import (
 
 
 def test_public_names() -> None:
-    assert pyvisor_worker.PROTOCOL_VERSION == 1
+    assert pyvisor_worker.PROTOCOL_VERSION == 2
     assert pyvisor_worker.__version__ == "0.1.0"
     assert set(pyvisor_worker.__all__) == {
         "expose",

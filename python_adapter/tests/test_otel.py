@@ -1,4 +1,10 @@
-"""Tracing with the `otel` extra: real workers export their spans to a receiver in the test.
+"""Tracing with the `otel` extra: real workers export the spans user code makes to a receiver
+in the test.
+
+The function's own span is recorded by the parent from the reply's ``[span_id, start_ns,
+end_ns]``; the worker exports no span per call. What is checked here: that spans made inside
+a traced call are children of that span id in the traceparent's trace, that calls without a
+traceparent make root spans, and that export and the flush on every exit path still work.
 
 Skipped when the extra is not installed. The receivers are written here: an OTLP/HTTP one (a
 ``http.server`` decoding ``ExportTraceServiceRequest``) and, when ``grpcio`` is there, an
@@ -24,21 +30,25 @@ pytest.importorskip("opentelemetry.sdk.trace")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
 trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
 
-from pyvisor_worker.testing import FakeParent  # noqa: E402
+from pyvisor_worker.testing import FakeParent, Reply  # noqa: E402
 
 ExportTraceServiceRequest = trace_service_pb2.ExportTraceServiceRequest
 ExportTraceServiceResponse = trace_service_pb2.ExportTraceServiceResponse
 
-SPAN_KIND_SERVER = 2
-STATUS_UNSET = 0
-STATUS_ERROR = 2
+SPAN_KIND_INTERNAL = 1
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
 
 
-def traceparent(trace_id: str = TRACE_ID, span_id: str = PARENT_SPAN_ID) -> str:
-    return f"00-{trace_id}-{span_id}-01"
+def traceparent(trace_id: str = TRACE_ID, span_id: str = PARENT_SPAN_ID, flags: str = "01") -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
+
+
+def span_id_hex(reply: Reply) -> str:
+    """The function span's id from a reply, as OTLP spells span ids."""
+    assert reply.span is not None, reply
+    return format(reply.span[0], "016x")
 
 
 WORKER = '''
@@ -73,7 +83,19 @@ def fail(message):
 
 
 @expose
+def unserializable(_):
+    return object()
+
+
+@expose
 def exit_with(code):
+    sys.exit(code)
+
+
+@expose
+def span_then_exit(code):
+    with TRACER.start_as_current_span("user.before_exit"):
+        pass
     sys.exit(code)
 
 
@@ -92,8 +114,13 @@ def nested(x):
 
 @expose
 async def async_nested(x):
+    async def child():
+        with pyvisor_worker.tracer().start_as_current_span("user.async.task"):
+            await asyncio.sleep(0)
+
     with pyvisor_worker.tracer().start_as_current_span("user.async"):
         await asyncio.sleep(0)
+    await asyncio.create_task(child())  # a task created by the function sees the span too
     return x
 
 
@@ -112,7 +139,7 @@ def threaded_nested(x):
 
 @expose
 def global_provider_span(_):
-    """A span from the user's own (global) provider nests under the call's span too."""
+    """A span from the user's own (global) provider nests under the function's span too."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -192,9 +219,8 @@ class Collected:
                             "trace_state": s.trace_state,
                             "kind": s.kind,
                             "attributes": _attrs(s.attributes),
-                            "events": [(e.name, _attrs(e.attributes)) for e in s.events],
-                            "status_code": s.status.code,
-                            "status_message": s.status.message,
+                            "start": s.start_time_unix_nano,
+                            "end": s.end_time_unix_nano,
                             "scope": ss.scope.name,
                             "resource": resource,
                         }
@@ -207,10 +233,10 @@ class Collected:
         with self.lock:
             return [s for s in self.spans if s["name"] == name]
 
-    def call_span(self, call_id: int) -> Dict[str, Any]:
-        with self.lock:
-            found = [s for s in self.spans if s["attributes"].get("pyvisor.call.id") == call_id]
-        assert len(found) == 1, f"{len(found)} spans for call {call_id}: {self.spans}"
+    def one(self, name: str, trace_id: str) -> Dict[str, Any]:
+        """The one span called ``name`` in trace ``trace_id``."""
+        found = [s for s in self.named(name) if s["trace_id"] == trace_id]
+        assert len(found) == 1, f"{len(found)} spans {name!r} in trace {trace_id}: {self.spans}"
         return found[0]
 
 
@@ -276,16 +302,40 @@ def _write(directory: Path) -> Path:
     return path
 
 
+def _assert_timed(reply: Reply, sent_ns: int, received_ns: int) -> None:
+    """The reply carries a function span inside the call's wall-clock window."""
+    assert reply.span is not None, reply
+    span_id, start_ns, end_ns = reply.span
+    assert 0 < span_id < 2**64
+    assert sent_ns <= start_ns <= end_ns <= received_ns
+
+
 # ---------------------------------------------------------------------- OTLP/HTTP, one worker
 
 
 class HttpRun:
     def __init__(self) -> None:
         self.ids: Dict[str, int] = {}
-        self.replies: Dict[str, Any] = {}
+        self.replies: Dict[str, Reply] = {}
+        self.sent: Dict[str, int] = {}
+        self.received: Dict[str, int] = {}
         self.pid = 0
         self.status: Optional[int] = None
         self.collected: Collected = Collected()
+
+
+TRACED = {  # key -> trace id of its traceparent
+    "echo": TRACE_ID,
+    "fail": "1" * 32,
+    "nested": "2" * 32,
+    "async": "3" * 32,
+    "threaded": "4" * 32,
+    "global": "7" * 32,
+    "tracestate": "8" * 32,
+    "not_sampled": "9" * 32,
+    "unserializable": "a" * 32,
+    "unknown": "b" * 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -314,30 +364,55 @@ def http_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpRun]:
         ids = run.ids
 
         def call(key: str, fn: str, payload: Any = None, **kwargs: Any) -> None:
+            run.sent[key] = time.time_ns()
             ids[key] = parent.call(fn, payload, **kwargs)
 
+        def wait(*keys: str) -> None:
+            for key in keys:
+                run.replies[key] = parent.reply_for(ids[key])
+                run.received[key] = time.time_ns()
+
         call("echo", "echo", 1, attempt=2, traceparent=traceparent(), tracestate="vendor=v1")
-        call("root", "echo", 2)  # no traceparent: a root span
-        call("fail", "fail", "boom", traceparent=traceparent("1" * 32))
-        call("nested", "nested", 3, traceparent=traceparent("2" * 32))
-        call("async", "async_nested", 4, traceparent=traceparent("3" * 32))
-        call("threaded", "threaded_nested", 5, traceparent=traceparent("4" * 32))
-        call("global", "global_provider_span", None, traceparent=traceparent("7" * 32))
+        call("fail", "fail", "boom", traceparent=traceparent(TRACED["fail"]))
+        call("nested", "nested", 3, traceparent=traceparent(TRACED["nested"]))
+        # The same function without a traceparent, after a traced call on the same thread.
+        call("root", "nested", 30)
+        call("async", "async_nested", 4, traceparent=traceparent(TRACED["async"]))
+        call("async_root", "async_nested", 40)
+        call("threaded", "threaded_nested", 5, traceparent=traceparent(TRACED["threaded"]))
+        call("threaded_root", "threaded_nested", 50)
+        call("global", "global_provider_span", None, traceparent=traceparent(TRACED["global"]))
+        call(
+            "tracestate",
+            "nested",
+            8,
+            traceparent=traceparent(TRACED["tracestate"]),
+            tracestate="vendor=v1,other=x",
+        )
+        call(
+            "not_sampled", "nested", 9, traceparent=traceparent(TRACED["not_sampled"], flags="00")
+        )
+        call("malformed", "nested", 10, traceparent="00-not-a-traceparent")
+        call(
+            "unserializable",
+            "unserializable",
+            None,
+            traceparent=traceparent(TRACED["unserializable"]),
+        )
+        call("unknown", "no_such_function", None, traceparent=traceparent(TRACED["unknown"]))
         call("state", "otel_state")
-        for key in list(ids):
-            run.replies[key] = parent.reply_for(ids[key])
+        wait(*list(ids))
 
         # A running async call, cancelled.
         call("async_cancel", "async_wait", 30, traceparent=traceparent("5" * 32))
         time.sleep(0.1)
         parent.cancel(ids["async_cancel"])
-        run.replies["async_cancel"] = parent.reply_for(ids["async_cancel"])
+        wait("async_cancel")
         # A plain call cancelled while queued behind a slow one.
         call("slow", "sleep", 0.3)
         call("queued_cancel", "echo", 6, traceparent=traceparent("6" * 32))
         parent.cancel(ids["queued_cancel"])
-        run.replies["queued_cancel"] = parent.reply_for(ids["queued_cancel"])
-        run.replies["slow"] = parent.reply_for(ids["slow"])
+        wait("queued_cancel", "slow")
 
         parent.shutdown(grace_ms=5000)
         run.status = parent.wait(timeout=15)
@@ -349,8 +424,9 @@ def http_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpRun]:
 
 def test_http_worker_served_and_exited_cleanly(http_run: HttpRun) -> None:
     assert http_run.status == 0
+    failing = ("fail", "unserializable", "unknown", "async_cancel", "queued_cancel")
     for key, reply in http_run.replies.items():
-        if key in ("fail", "async_cancel", "queued_cancel"):
+        if key in failing:
             assert not reply.ok, key
         else:
             assert reply.ok, (key, reply.error)
@@ -360,56 +436,49 @@ def test_http_worker_served_and_exited_cleanly(http_run: HttpRun) -> None:
     assert http_run.collected.requests >= 1
 
 
-def test_call_span_continues_the_parents_trace(http_run: HttpRun) -> None:
-    span = http_run.collected.call_span(http_run.ids["echo"])
-    assert span["name"] == "pyvisor.worker echo"
-    assert span["trace_id"] == TRACE_ID
-    assert span["parent_span_id"] == PARENT_SPAN_ID
-    assert span["trace_state"] == "vendor=v1"
-    assert span["kind"] == SPAN_KIND_SERVER
-    assert span["scope"] == "pyvisor_worker"
-    assert span["status_code"] == STATUS_UNSET
-    assert span["attributes"] == {
-        "rpc.system": "pyvisor",
-        "rpc.method": "echo",
-        "pyvisor.call.id": http_run.ids["echo"],
-        "pyvisor.call.attempt": 2,
-        "pyvisor.worker.id": "otel-worker",
-        "process.pid": http_run.pid,
-    }
+@pytest.mark.parametrize(
+    "key",
+    ["echo", "fail", "nested", "async", "threaded", "global", "not_sampled", "malformed",
+     "unserializable", "async_cancel"],
+)
+def test_traced_calls_report_their_function_span(http_run: HttpRun, key: str) -> None:
+    _assert_timed(http_run.replies[key], http_run.sent[key], http_run.received[key])
 
 
-def test_resource_names_the_worker(http_run: HttpRun) -> None:
-    resource = http_run.collected.call_span(http_run.ids["echo"])["resource"]
-    # OTEL_SERVICE_NAME equals the parent's: "-worker" is appended.
-    assert resource["service.name"] == "pyvisor-test-worker"
-    assert resource["service.instance.id"] == "otel-worker"
-    assert resource["pyvisor.worker.id"] == "otel-worker"
-    assert resource["pyvisor.run.id"] == "otel-run"
-    assert resource["process.pid"] == http_run.pid
+def test_span_ids_are_distinct(http_run: HttpRun) -> None:
+    ids = [r.span[0] for r in http_run.replies.values() if r.span is not None]
+    assert len(ids) >= 10
+    assert len(set(ids)) == len(ids)
 
 
-def test_call_without_traceparent_is_a_root_span(http_run: HttpRun) -> None:
-    span = http_run.collected.call_span(http_run.ids["root"])
-    assert span["name"] == "pyvisor.worker echo"
-    assert span["parent_span_id"] == ""
-    assert span["trace_id"] not in (TRACE_ID, "0" * 32)
+@pytest.mark.parametrize(
+    "key", ["root", "async_root", "threaded_root", "state", "slow", "unknown", "queued_cancel"]
+)
+def test_calls_without_traceparent_or_that_never_ran_have_no_span(
+    http_run: HttpRun, key: str
+) -> None:
+    assert http_run.replies[key].span is None
 
 
-def test_exception_is_recorded_with_error_status(http_run: HttpRun) -> None:
-    span = http_run.collected.call_span(http_run.ids["fail"])
-    assert span["name"] == "pyvisor.worker fail"
-    assert span["trace_id"] == "1" * 32
-    assert span["parent_span_id"] == PARENT_SPAN_ID
-    assert span["status_code"] == STATUS_ERROR
-    assert span["status_message"] == "__main__.MyError"
-    assert span["attributes"]["error.type"] == "__main__.MyError"
-    events = [attrs for name, attrs in span["events"] if name == "exception"]
-    assert len(events) == 1
-    assert events[0]["exception.message"] == "boom"
-    assert "MyError" in events[0]["exception.type"]
-    assert "raise MyError(message)" in events[0]["exception.stacktrace"]
-    assert http_run.replies["fail"].error["type"] == "__main__.MyError"
+def test_error_replies_after_the_function_ran(http_run: HttpRun) -> None:
+    err = http_run.replies["fail"].error
+    assert err["kind"] == "exception" and err["type"] == "__main__.MyError"
+    assert "raise MyError(message)" in err["traceback"]
+    assert "pyvisor_worker" not in err["traceback"]  # the adapter's own frame is left out
+    assert http_run.replies["unserializable"].error["kind"] == "unserializable"
+    assert http_run.replies["unknown"].error["kind"] == "unknown_function"
+
+
+def test_the_worker_exports_no_span_per_call(http_run: HttpRun) -> None:
+    names = {s["name"] for s in http_run.collected.spans}
+    assert not [n for n in names if n.startswith("pyvisor.worker")], names
+    assert names <= {
+        "user.inline",
+        "user.decorated",
+        "user.async",
+        "user.async.task",
+        "user.threaded",
+    }, names
 
 
 @pytest.mark.parametrize(
@@ -419,38 +488,75 @@ def test_exception_is_recorded_with_error_status(http_run: HttpRun) -> None:
         ("nested", "user.decorated"),
         ("async", "user.async"),
         ("threaded", "user.threaded"),
+        ("tracestate", "user.inline"),
     ],
 )
-def test_user_spans_are_children_of_the_call_span(
+def test_user_spans_are_children_of_the_function_span(
     http_run: HttpRun, key: str, user_span: str
 ) -> None:
-    call_span = http_run.collected.call_span(http_run.ids[key])
-    spans = http_run.collected.named(user_span)
-    children = [s for s in spans if s["trace_id"] == call_span["trace_id"]]
-    assert len(children) == 1, http_run.collected.named(user_span)
-    assert children[0]["parent_span_id"] == call_span["span_id"]
-    assert children[0]["scope"] == "pyvisor_worker"
+    reply = http_run.replies[key]
+    child = http_run.collected.one(user_span, TRACED[key])
+    assert child["parent_span_id"] == span_id_hex(reply)
+    assert child["scope"] == "pyvisor_worker"
+    assert child["kind"] == SPAN_KIND_INTERNAL
+    # Made while the function ran.
+    _, start_ns, end_ns = reply.span  # type: ignore[misc]
+    assert start_ns <= child["start"] <= child["end"] <= end_ns
     if user_span == "user.inline":
-        assert children[0]["attributes"] == {"user.value": 3}
+        assert child["attributes"] == {"user.value": reply.value}
+
+
+def test_tasks_created_by_an_async_function_see_its_span(http_run: HttpRun) -> None:
+    child = http_run.collected.one("user.async.task", TRACED["async"])
+    assert child["parent_span_id"] == span_id_hex(http_run.replies["async"])
+
+
+def test_user_spans_carry_the_calls_tracestate(http_run: HttpRun) -> None:
+    assert http_run.collected.one("user.inline", TRACED["tracestate"])["trace_state"] == (
+        "vendor=v1,other=x"
+    )
+    assert http_run.collected.one("user.inline", TRACED["nested"])["trace_state"] == ""
+
+
+def test_the_parents_sampling_decision_is_followed(http_run: HttpRun) -> None:
+    """Flags 00: the user's spans are not sampled (the default sampler follows the parent)."""
+    assert not [s for s in http_run.collected.spans if s["trace_id"] == TRACED["not_sampled"]]
 
 
 def test_spans_of_the_users_global_provider_nest_too(http_run: HttpRun) -> None:
-    call_span = http_run.collected.call_span(http_run.ids["global"])
-    assert call_span["trace_id"] == "7" * 32
-    assert http_run.replies["global"].value == ["7" * 32, call_span["span_id"]]
+    reply = http_run.replies["global"]
+    assert reply.value == [TRACED["global"], span_id_hex(reply)]
 
 
 @pytest.mark.parametrize(
-    "key, function", [("async_cancel", "async_wait"), ("queued_cancel", "echo")]
+    "key, user_span, value",
+    [
+        ("root", "user.inline", 30),
+        ("malformed", "user.inline", 10),
+        ("async_root", "user.async", None),
+        ("threaded_root", "user.threaded", None),
+    ],
 )
-def test_cancelled_calls_have_error_status(http_run: HttpRun, key: str, function: str) -> None:
-    span = http_run.collected.call_span(http_run.ids[key])
-    assert span["name"] == f"pyvisor.worker {function}"
-    assert span["parent_span_id"] == PARENT_SPAN_ID
-    assert span["status_code"] == STATUS_ERROR
-    assert span["status_message"] == "cancelled"
-    assert span["attributes"]["error.type"] == "cancelled"
-    assert not [name for name, _ in span["events"] if name == "exception"]
+def test_user_spans_without_a_valid_traceparent_are_roots(
+    http_run: HttpRun, key: str, user_span: str, value: Any
+) -> None:
+    traced = set(TRACED.values())
+    roots = [s for s in http_run.collected.named(user_span) if s["trace_id"] not in traced]
+    if value is not None:
+        roots = [s for s in roots if s["attributes"].get("user.value") == value]
+    assert len(roots) == 1, http_run.collected.named(user_span)
+    assert roots[0]["parent_span_id"] == ""
+    assert roots[0]["trace_id"] != "0" * 32
+
+
+def test_resource_names_the_worker(http_run: HttpRun) -> None:
+    resource = http_run.collected.one("user.inline", TRACED["nested"])["resource"]
+    # OTEL_SERVICE_NAME equals the parent's: "-worker" is appended.
+    assert resource["service.name"] == "pyvisor-test-worker"
+    assert resource["service.instance.id"] == "otel-worker"
+    assert resource["pyvisor.worker.id"] == "otel-worker"
+    assert resource["pyvisor.run.id"] == "otel-run"
+    assert resource["process.pid"] == http_run.pid
 
 
 # ---------------------------------------------------------------------- other set-ups
@@ -484,25 +590,20 @@ def test_grpc_export_and_flush_on_eof(tmp_path: Path, monkeypatch: pytest.Monkey
             env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}"},
         )
         try:
-            ok = parent.call("nested", 1, traceparent=traceparent())
-            bad = parent.call("fail", "grpc boom", traceparent=traceparent())
-            assert parent.reply_for(ok).ok
-            assert not parent.reply_for(bad).ok
+            ok = parent.reply_for(parent.call("nested", 1, traceparent=traceparent()))
+            bad = parent.reply_for(parent.call("fail", "grpc boom", traceparent=traceparent()))
+            assert ok.ok and not bad.ok
+            assert bad.span is not None
         finally:
             status = parent.close(timeout=15)
         assert status == 0
     finally:
         server.stop(None)
-    span = collected.call_span(ok)
-    assert span["name"] == "pyvisor.worker nested"
-    assert (span["trace_id"], span["parent_span_id"]) == (TRACE_ID, PARENT_SPAN_ID)
-    assert span["resource"]["service.name"] == "pyvisor-worker"
-    assert span["resource"]["service.instance.id"] == "grpc-worker"
-    child = collected.named("user.inline")
-    assert len(child) == 1 and child[0]["parent_span_id"] == span["span_id"]
-    failed = collected.call_span(bad)
-    assert failed["status_code"] == STATUS_ERROR
-    assert [name for name, _ in failed["events"]] == ["exception"]
+    child = collected.one("user.inline", TRACE_ID)
+    assert child["parent_span_id"] == span_id_hex(ok)
+    assert child["resource"]["service.name"] == "pyvisor-worker"
+    assert child["resource"]["service.instance.id"] == "grpc-worker"
+    assert collected.one("user.decorated", TRACE_ID)["parent_span_id"] == span_id_hex(ok)
 
 
 def test_spans_are_flushed_when_user_code_exits_the_worker(
@@ -519,19 +620,18 @@ def test_spans_are_flushed_when_user_code_exits_the_worker(
             },
         )
         try:
-            ok = parent.call("echo", 1, traceparent=traceparent())
-            assert parent.reply_for(ok).ok
-            bye = parent.call("exit_with", 3, traceparent=traceparent())
+            ok = parent.reply_for(parent.call("nested", 1, traceparent=traceparent("c" * 32)))
+            assert ok.ok
+            parent.call("span_then_exit", 3, traceparent=traceparent("d" * 32))
             assert parent.wait(timeout=15) == 3
         finally:
             parent.close()
     finally:
         stop()
-    assert collected.call_span(ok)["status_code"] == STATUS_UNSET
-    span = collected.call_span(bye)
-    assert span["name"] == "pyvisor.worker exit_with"
-    assert span["status_code"] == STATUS_ERROR
-    assert span["attributes"]["error.type"] == "SystemExit"
+    assert collected.one("user.inline", "c" * 32)["parent_span_id"] == span_id_hex(ok)
+    last = collected.one("user.before_exit", "d" * 32)
+    # A child of the exiting call's function span (whose reply never came).
+    assert last["parent_span_id"] not in ("", PARENT_SPAN_ID, span_id_hex(ok))
 
 
 def test_unreachable_collector_never_blocks_the_worker(
@@ -548,8 +648,9 @@ def test_unreachable_collector_never_blocks_the_worker(
     try:
         assert parent.invoke("otel_state") == {"loaded": True, "enabled": True}
         for i in range(20):
-            assert parent.invoke("echo", i) == i
-        assert not parent.reply_for(parent.call("fail", "x")).ok
+            reply = parent.reply_for(parent.call("nested", i, traceparent=traceparent()))
+            assert reply.value == i and reply.span is not None
+        assert not parent.reply_for(parent.call("fail", "x", traceparent=traceparent())).ok
         started = time.monotonic()
         parent.shutdown(grace_ms=1000)
         assert parent.wait(timeout=15) == 0
@@ -579,7 +680,13 @@ def test_without_endpoint_opentelemetry_is_not_imported(
     with FakeParent.spawn(_write(tmp_path), env=env) as parent:
         assert parent.invoke("otel_state") == {"loaded": False, "enabled": False}
         assert parent.invoke("noop_api") == [False, 7]
-        # Still not imported after the tracer API was used.
+        # Traced calls still report their function span (the parent records it).
+        sent = time.time_ns()
+        reply = parent.reply_for(parent.call("nested", 1, traceparent=traceparent()))
+        _assert_timed(reply, sent, time.time_ns())
+        reply = parent.reply_for(parent.call("async_nested", 2, traceparent=traceparent()))
+        assert reply.ok and reply.span is not None
+        # Still not imported after the tracer API and the traced path were used.
         assert parent.invoke("otel_state") == {"loaded": False, "enabled": False}
         parent.shutdown()
         assert parent.wait() == 0

@@ -8,14 +8,24 @@ import time
 import pytest
 
 from pyvisor_worker import PROTOCOL_VERSION, __version__
-from pyvisor_worker.testing import FakeParent, WorkerExited, encode_frame
+from pyvisor_worker.testing import FakeParent, Reply, WorkerExited, encode_frame
 
 from conftest import SpawnFn
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _assert_timed(reply: Reply, sent_ns: int, received_ns: int) -> None:
+    """The reply carries ``(span_id, start_ns, end_ns)`` inside the call's wall-clock window."""
+    assert reply.span is not None, reply
+    span_id, start_ns, end_ns = reply.span
+    assert 0 < span_id < 2**64
+    assert sent_ns <= start_ns <= end_ns <= received_ns
 
 
 def test_hello_describes_the_worker(worker: FakeParent) -> None:
     hello = worker.hello
-    assert hello["protocol"] == PROTOCOL_VERSION == 1
+    assert hello["protocol"] == PROTOCOL_VERSION == 2
     assert hello["pid"] == worker.pid
     assert hello["adapter"] == __version__
     assert isinstance(hello["python"], str) and hello["python"].count(".") == 2
@@ -151,7 +161,13 @@ def test_reply_too_large(spawn: SpawnFn) -> None:
     parent = spawn(max_frame=64 * 1024)
     reply = parent.reply_for(parent.call("big", 100_000))
     assert reply.error["kind"] == "reply_too_large"
+    assert reply.span is None
     assert parent.invoke("big", 1000) == b"x" * 1000
+    # Traced: the error reply still carries the function's span.
+    sent = time.time_ns()
+    reply = parent.reply_for(parent.call("big", 100_000, traceparent=TRACEPARENT))
+    assert reply.error["kind"] == "reply_too_large"
+    _assert_timed(reply, sent, time.time_ns())
 
 
 def test_pipelined_calls_all_get_replies_in_order(worker: FakeParent) -> None:
@@ -162,7 +178,8 @@ def test_pipelined_calls_all_get_replies_in_order(worker: FakeParent) -> None:
     replies = [worker.recv() for _ in range(8)]
     assert [r[1] for r in replies] == list(range(100, 108))  # inline: arrival order
     assert all(r[3] is True for r in replies)
-    assert replies[-1][4] == list(range(100, 108))
+    assert all(len(r) == 6 and r[4] is None for r in replies)  # no traceparent: no span
+    assert replies[-1][5] == list(range(100, 108))
 
 
 def test_frames_split_at_every_byte(worker: FakeParent) -> None:
@@ -232,7 +249,7 @@ def test_garbage_body_exits_3(worker: FakeParent) -> None:
         [99, 1],
         [1, 5, 1, "echo"],  # a call with too few elements
         [1, "id", 1, "echo", None, None, None, 0],
-        [2, 1, 1, True, None],  # a reply, which only the worker sends
+        [2, 1, 1, True, None, None],  # a reply, which only the worker sends
     ],
 )
 def test_uninterpretable_message_exits_3(worker: FakeParent, message: object) -> None:
@@ -242,3 +259,107 @@ def test_uninterpretable_message_exits_3(worker: FakeParent, message: object) ->
 def test_two_values_in_one_frame_exit_3(worker: FakeParent) -> None:
     body = b"\x91\x05" + b"\x01"  # [5] followed by a stray 1
     _expect_protocol_error(worker, len(body).to_bytes(4, "big") + body)
+
+
+# ---------------------------------------------------------------------- the function's span
+# (Tracing is off in these workers: the timing needs nothing from OpenTelemetry.)
+
+
+@pytest.mark.parametrize(
+    "function, payload, ok",
+    [
+        ("echo", 1, True),  # inline
+        ("predict", [1], True),  # inline, with ctx
+        ("no_args", None, True),
+        ("fail", "boom", False),  # an exception
+        ("unserializable", "set", False),
+        ("async_sleep", 0, True),
+        ("async_fail", None, False),
+        ("thread_sleep", 0, True),
+    ],
+)
+def test_traced_call_reports_its_function_span(
+    worker: FakeParent, function: str, payload: object, ok: bool
+) -> None:
+    sent = time.time_ns()
+    reply = worker.reply_for(worker.call(function, payload, traceparent=TRACEPARENT))
+    received = time.time_ns()
+    assert reply.ok is ok, reply.error
+    _assert_timed(reply, sent, received)
+    # The same call without a traceparent: no span.
+    reply = worker.reply_for(worker.call(function, payload))
+    assert reply.ok is ok and reply.span is None
+
+
+def test_function_span_brackets_the_function(worker: FakeParent) -> None:
+    sent = time.time_ns()
+    reply = worker.reply_for(worker.call("sleep", 0.05, traceparent=TRACEPARENT))
+    _assert_timed(reply, sent, time.time_ns())
+    _, start_ns, end_ns = reply.span  # type: ignore[misc]
+    assert end_ns - start_ns >= 45_000_000  # it slept 50 ms in between
+
+
+def test_span_ids_are_random_and_distinct(worker: FakeParent) -> None:
+    ids = [worker.call("echo", i, traceparent=TRACEPARENT) for i in range(50)]
+    span_ids = [worker.reply_for(i).span[0] for i in ids]  # type: ignore[index]
+    assert len(set(span_ids)) == 50
+    assert any(s >= 2**63 for s in span_ids)  # the full 64 bits (fails with odds 2**-50)
+
+
+def test_any_traceparent_gets_a_span_and_is_not_parsed(worker: FakeParent) -> None:
+    """The worker does not validate the traceparent to time the call (the parent sent it)."""
+    for tp in ("", "garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-00"):
+        reply = worker.reply_for(worker.call("echo", 1, traceparent=tp))
+        assert reply.ok and reply.span is not None, tp
+
+
+def test_calls_whose_function_never_ran_have_no_span(worker: FakeParent) -> None:
+    reply = worker.reply_for(worker.call("nope", 1, traceparent=TRACEPARENT))
+    assert reply.error["kind"] == "unknown_function" and reply.span is None
+
+    # A plain call cancelled while queued behind a slow one.
+    slow = worker.call("sleep", 0.3)
+    queued = worker.call("echo", 1, traceparent=TRACEPARENT)
+    worker.cancel(queued)
+    reply = worker.reply_for(queued)
+    assert reply.error["kind"] == "cancelled" and reply.span is None
+    assert worker.reply_for(slow).ok
+
+    # A threads call cancelled before its pool thread picked it up.
+    busy = worker.call("thread_sleep", 0.3)
+    waiting = worker.call("thread_sleep", 0, traceparent=TRACEPARENT)
+    worker.cancel(waiting)
+    reply = worker.reply_for(waiting)
+    assert reply.error["kind"] == "cancelled" and reply.span is None
+    assert worker.reply_for(busy).ok
+
+
+def test_call_cancelled_while_running_reports_its_span(worker: FakeParent) -> None:
+    sent = time.time_ns()
+    call_id = worker.call("async_sleep", 30, traceparent=TRACEPARENT)
+    time.sleep(0.1)
+    worker.cancel(call_id)
+    reply = worker.reply_for(call_id)
+    assert reply.error["kind"] == "cancelled"
+    _assert_timed(reply, sent, time.time_ns())
+
+    # A plain function sees ctx.cancelled and returns: its reply is an ordinary one.
+    sent = time.time_ns()
+    call_id = worker.call("until_cancelled", 10, traceparent=TRACEPARENT)
+    time.sleep(0.1)
+    worker.cancel(call_id)
+    reply = worker.reply_for(call_id)
+    assert reply.value == "saw cancel"
+    _assert_timed(reply, sent, time.time_ns())
+
+
+def test_shutting_down_worker_replies_without_span(worker: FakeParent) -> None:
+    slow = worker.call("sleep", 0.3)
+    time.sleep(0.05)
+    worker.shutdown(grace_ms=5000)
+    time.sleep(0.05)
+    late = worker.call("echo", 1, traceparent=TRACEPARENT)
+    reply = worker.reply_for(late)
+    assert reply.error["kind"] == "internal" and reply.span is None
+    assert worker.reply_for(slow).ok
+    assert worker.wait() == 0

@@ -5,13 +5,20 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict
 
 import pytest
 
 import pyvisor_worker
-from pyvisor_worker._otel import NOOP_SPAN, service_name, span_protocol, tracing_requested
+from pyvisor_worker._otel import (
+    NOOP_SPAN,
+    parse_traceparent,
+    service_name,
+    span_protocol,
+    tracing_requested,
+)
 from pyvisor_worker.testing import FakeParent
 
 OTEL_INSTALLED = importlib.util.find_spec("opentelemetry") is not None
@@ -79,6 +86,32 @@ def test_service_name(env: Dict[str, str], detected: str, expected: str) -> None
     assert service_name(env, detected) == expected
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.mark.parametrize(
+    "traceparent, expected",
+    [
+        (f"00-{TRACE_ID}-00f067aa0ba902b7-01", (int(TRACE_ID, 16), "01")),
+        (f"00-{TRACE_ID}-00f067aa0ba902b7-00", (int(TRACE_ID, 16), "00")),
+        (f"01-{TRACE_ID}-00f067aa0ba902b7-03-future", (int(TRACE_ID, 16), "03")),
+        (f"00-{TRACE_ID}-00f067aa0ba902b7-01-extra", None),  # version 00 has no more fields
+        (f"ff-{TRACE_ID}-00f067aa0ba902b7-01", None),
+        (f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01", None),
+        (f"00-{'0' * 32}-00f067aa0ba902b7-01", None),
+        (f"00-{TRACE_ID}-{'0' * 16}-01", None),
+        (f"00-0x{TRACE_ID[2:]}-00f067aa0ba902b7-01", None),
+        (f"00-{TRACE_ID[:-1]}-00f067aa0ba902b7-01", None),
+        ("", None),
+        ("garbage", None),
+        (None, None),
+        (123, None),
+    ],
+)
+def test_parse_traceparent(traceparent: object, expected: object) -> None:
+    assert parse_traceparent(traceparent) == expected
+
+
 def test_tracer_is_a_no_op_until_activated() -> None:
     tracer = pyvisor_worker.tracer()
     assert tracer is pyvisor_worker.tracer()
@@ -143,6 +176,15 @@ def test_endpoint_without_the_extra_leaves_tracing_off_quietly(tmp_path: Path) -
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": ""}
     with FakeParent.spawn(script, env=env) as parent:
         assert parent.invoke("state") == [False, False]
+        # A traced call still reports its function span (the parent records it), and the
+        # traced path imports nothing either.
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        sent = time.time_ns()
+        reply = parent.reply_for(parent.call("state", traceparent=tp))
+        assert reply.value == [False, False]
+        assert reply.span is not None
+        span_id, start_ns, end_ns = reply.span
+        assert span_id > 0 and sent <= start_ns <= end_ns <= time.time_ns()
         parent.shutdown()
         assert parent.wait() == 0
         assert parent.stderr_text() == ""

@@ -10,9 +10,10 @@ use pyvisor::{CallOptions, ChaosAction, Pool};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
-/// A call whose first attempt is killed and retried, then an echo call. (A killed worker loses
-/// the spans its batch exporter had not sent yet, so the echo runs on the survivor, which exits
-/// gracefully and flushes.)
+/// A call whose first attempt is killed and retried, then an echo call, a call whose function
+/// makes a span of its own, one that raises, and two at once on the one worker (one waits in
+/// the queue). (A killed worker loses the spans its batch exporter had not sent yet, so the
+/// spans made in Python come from the survivor, which exits gracefully and flushes.)
 pub async fn workload() {
     let pool = Pool::start(super::spec("faults.py").workers(1).heartbeat_interval(Duration::from_millis(100)))
         .await
@@ -23,6 +24,12 @@ pub async fn workload() {
     // One worker: its replacement serves although tainted.
     let v: u64 = pool.call("echo", &7u64).await.unwrap();
     assert_eq!(v, 7);
+    let v: String = pool.call("traced", "ok").await.unwrap();
+    assert_eq!(v, "ok");
+    let e = pool.call::<_, String>("traced", "fail").await.unwrap_err();
+    assert_eq!(e.kind(), "python", "{e}");
+    let (a, b) = tokio::join!(pool.call::<_, f64>("nap", &0.2), pool.call::<_, f64>("nap", &0.2));
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     pool.shutdown().await; // workers flush their spans on a graceful exit
 }
 
@@ -42,8 +49,10 @@ fn event_attr(attributes: &BTreeMap<String, String>, k: &str) -> Option<String> 
     attributes.get(k).map(|v| clean(v))
 }
 
-/// The call spans, each with its attempts and the Python span under the successful attempt.
-pub fn check_traces(spans: &[ExportedSpan]) {
+/// The call spans, each with its attempts and the Python function's span under each attempt
+/// that ran; spans made in Python under that; the queue wait of a call that waited. With
+/// `resources` (the HTTP receiver records them), the services the spans came from.
+pub fn check_traces(spans: &[ExportedSpan], resources: bool) {
     let calls: Vec<&ExportedSpan> = spans.iter().filter(|s| s.name == "pyvisor.call").collect();
     let call = |method: &str| {
         *calls.iter().find(|s| attr(s, "rpc.method").as_deref() == Some(method)).unwrap_or_else(|| panic!("no pyvisor.call for {method}: {:#?}", names(spans)))
@@ -53,25 +62,73 @@ pub fn check_traces(spans: &[ExportedSpan]) {
         v.sort_by_key(|s| s.start_time_unix_nano);
         v
     };
-    // echo: call → queue wait + one attempt → the Python function's span, one trace.
+    let function_span = |attempt: &ExportedSpan, function: &str| -> ExportedSpan {
+        let py = spans
+            .iter()
+            .find(|s| s.parent_span_id == attempt.span_id && s.name == format!("pyvisor.worker {function}"))
+            .unwrap_or_else(|| panic!("no Python span under the {function} attempt: {:#?}", names(spans)));
+        assert_eq!(py.trace_id, attempt.trace_id, "the Python span is in the call's trace");
+        assert_eq!(py.kind, "SPAN_KIND_SERVER");
+        assert_eq!(attr(py, "rpc.method").as_deref(), Some(function));
+        assert_eq!(attr(py, "pyvisor.call.attempt"), attr(attempt, "pyvisor.attempt"));
+        assert_eq!(attr(py, "process.pid"), attr(attempt, "process.pid"), "timed by the worker that ran it");
+        assert_eq!(attr(py, "pyvisor.worker.id"), attr(attempt, "pyvisor.worker.id"));
+        // The worker's timing of the function lies within the attempt (one clock, one machine).
+        assert!(py.start_time_unix_nano >= attempt.start_time_unix_nano, "{py:#?} {attempt:#?}");
+        assert!(py.end_time_unix_nano <= attempt.end_time_unix_nano && py.start_time_unix_nano <= py.end_time_unix_nano);
+        if resources {
+            assert_eq!(attr(py, "resource:service.name").as_deref(), Some("pyvisor-test-worker"));
+            assert_eq!(attr(attempt, "resource:service.name").as_deref(), Some("pyvisor-test"));
+        }
+        py.clone()
+    };
+    // echo: call → one attempt → the Python function's span, one trace.
     let echo = call("echo");
     assert_eq!(attr(echo, "pyvisor.pool").as_deref(), Some("faults"));
     assert_eq!(attr(echo, "pyvisor.outcome").as_deref(), Some("ok"));
     assert_eq!(attr(echo, "pyvisor.attempts").as_deref(), Some("1"));
     assert_eq!(attr(echo, "rpc.system").as_deref(), Some("pyvisor"));
-    assert_eq!(children(echo, "pyvisor.queue_wait").len(), 1);
     let attempts = children(echo, "pyvisor.attempt");
     assert_eq!(attempts.len(), 1, "{:#?}", names(spans));
     let a = attempts[0];
     assert_eq!(a.trace_id, echo.trace_id);
     assert_eq!(attr(a, "pyvisor.attempt").as_deref(), Some("1"));
     assert!(attr(a, "process.pid").is_some_and(|p| p != "0"));
-    let py = spans
-        .iter()
-        .find(|s| s.parent_span_id == a.span_id && s.name.starts_with("pyvisor.worker"))
-        .unwrap_or_else(|| panic!("no Python span under the echo attempt: {:#?}", names(spans)));
-    assert_eq!(py.trace_id, echo.trace_id, "the Python span is in the call's trace");
-    assert_eq!(attr(py, "rpc.method").as_deref(), Some("echo"));
+    function_span(a, "echo");
+    // traced: a span made in Python is a child of the function's span (exported by the worker).
+    let traced: Vec<&&ExportedSpan> = calls.iter().filter(|s| attr(s, "rpc.method").as_deref() == Some("traced")).collect();
+    assert_eq!(traced.len(), 2, "{:#?}", names(spans));
+    for t in traced {
+        let attempt = children(t, "pyvisor.attempt")[0];
+        let py = function_span(attempt, "traced");
+        let user = spans
+            .iter()
+            .find(|s| s.parent_span_id == py.span_id && s.name == "user.step")
+            .unwrap_or_else(|| panic!("no user span under {py:#?}: {:#?}", names(spans)));
+        assert_eq!(user.trace_id, py.trace_id);
+        if resources {
+            assert_eq!(attr(user, "resource:service.name").as_deref(), Some("pyvisor-test-worker"));
+        }
+        if attr(t, "pyvisor.outcome").as_deref() == Some("ok") {
+            assert!(py.status.as_ref().is_none_or(|s| s.code != "STATUS_CODE_ERROR"), "{py:#?}");
+            continue;
+        }
+        // The Python exception, recorded on the function's span.
+        assert_eq!(attr(t, "pyvisor.outcome").as_deref(), Some("python"));
+        assert_eq!(attr(&py, "error.type").as_deref(), Some("ValueError"));
+        assert_eq!(py.status.as_ref().map(|s| s.code.as_str()), Some("STATUS_CODE_ERROR"));
+        let ev = py.events.iter().find(|e| e.name == "exception").unwrap_or_else(|| panic!("{py:#?}"));
+        assert_eq!(event_attr(&ev.attributes, "exception.type").as_deref(), Some("ValueError"));
+        assert_eq!(event_attr(&ev.attributes, "exception.message").as_deref(), Some("asked to fail"));
+        assert!(event_attr(&ev.attributes, "exception.stacktrace").is_some_and(|t| t.contains("Traceback")));
+    }
+    // Two naps at once on one worker: one of them waited in the queue (and only a call that
+    // waited has a queue-wait span).
+    let naps: Vec<&&ExportedSpan> = calls.iter().filter(|s| attr(s, "rpc.method").as_deref() == Some("nap")).collect();
+    assert_eq!(naps.len(), 2);
+    let waits: usize = naps.iter().map(|n| children(n, "pyvisor.queue_wait").len()).sum();
+    assert_eq!(waits, 1, "{:#?}", names(spans));
+    assert!(children(echo, "pyvisor.queue_wait").is_empty());
     // record_points: two attempts, the first crashed (recorded), the retry linked to it.
     let rec = call("record_points");
     assert_eq!(attr(rec, "pyvisor.attempts").as_deref(), Some("2"));
@@ -86,7 +143,9 @@ pub fn check_traces(spans: &[ExportedSpan]) {
     assert!(event_attr(&crash.attributes, "exception.message").is_some_and(|m| m.contains("SIGKILL")));
     assert_eq!(attr(second, "pyvisor.attempt").as_deref(), Some("2"));
     assert!(second.links.iter().any(|l| l.span_id == first.span_id), "the retry links to the attempt it replaces");
-    assert!(spans.iter().any(|s| s.parent_span_id == second.span_id && s.name.starts_with("pyvisor.worker")), "no Python span under the retry");
+    function_span(second, "record_points");
+    // The killed attempt never replied: no function span under it.
+    assert!(!spans.iter().any(|s| s.parent_span_id == first.span_id && s.name.starts_with("pyvisor.worker")));
     // Lifecycle: the crash has a span of its own with the certificate's fields.
     let died = spans.iter().find(|s| s.name == "pyvisor.worker.crash").expect("a crash span");
     assert_eq!(attr(died, "pyvisor.death.cause").as_deref(), Some("exited"));
@@ -148,9 +207,17 @@ impl HttpReceiver {
                             use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
                             if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
                                 for rs in req.resource_spans {
+                                    // Kept with each span as `resource:service.name`.
+                                    let service = rs.resource.as_ref().and_then(|r| {
+                                        r.attributes.iter().find(|kv| kv.key == "service.name").map(|kv| format!("{:?}", kv.value))
+                                    });
                                     for ss in rs.scope_spans {
                                         for s in ss.spans {
-                                            let _ = stx.send(ExportedSpan::from(s));
+                                            let mut span = ExportedSpan::from(s);
+                                            if let Some(service) = &service {
+                                                span.attributes.insert("resource:service.name".into(), service.clone());
+                                            }
+                                            let _ = stx.send(span);
                                         }
                                     }
                                 }

@@ -5,7 +5,7 @@ import ctypes
 import os
 import time
 
-from pyvisor_worker import Context, chaos, expose, run_worker
+from pyvisor_worker import Context, chaos, expose, run_worker, tracer
 
 SIDE_EFFECTS = os.environ.get("SIDE_EFFECT_LOG")
 EVENTS = os.environ.get("EVENT_LOG")
@@ -100,6 +100,17 @@ async def async_wait(seconds):
 @expose
 def mark(x):
     _log(EVENTS, f"ran {x}")
+    return x
+
+
+@expose
+def traced(x):
+    """Makes a span of its own (exported by the worker when tracing is active), then fails
+    when asked to."""
+    with tracer().start_as_current_span("user.step") as span:
+        span.set_attribute("step.input", str(x))
+    if x == "fail":
+        raise ValueError("asked to fail")
     return x
 
 

@@ -14,7 +14,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio_util::codec::FramedRead;
 
 use crate::pool::PoolShared;
-use crate::slot::{Failure, WorkerSlot};
+use crate::slot::{Failure, Outcome, WorkerSlot};
 use crate::worker::WorkerMsg;
 
 /// How the reader ended.
@@ -43,7 +43,8 @@ pub(crate) async fn read_loop(
             Some(Err(_)) => break ReadEnd::Eof,
             Some(Ok(frame)) => match decode_worker_message(frame.freeze()) {
                 Ok(WorkerMessage::Reply(r)) => {
-                    if slot.complete(r.id, r.attempt, r.outcome.map_err(Failure::Remote)) {
+                    let outcome = Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span };
+                    if slot.complete(r.id, r.attempt, outcome) {
                         shared.queue.on_release();
                     }
                 }

@@ -19,6 +19,7 @@ mod connection;
 mod death;
 mod error;
 mod events;
+mod function_span;
 mod metrics;
 mod pool;
 mod process;

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::death::{DeathCertificate, WorkerId};
 use crate::error::{CallError, PythonError, StartError};
 use crate::events::PoolEvent;
+use crate::function_span::FunctionSpan;
 use crate::queue::{CapacityQueue, QueueExit};
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
 use crate::routing::{PickMode, SlotTable};
@@ -554,10 +555,20 @@ impl Pool {
                 let mode = if suspect { PickMode::Alone { call_id: header.id } } else { PickMode::Normal };
                 (mode, usize::MAX, until)
             };
-            let acquire = shared.queue.acquire(&shared.table, mode, max_queue, until);
-            let acquired = match call_span {
-                Some(_) => acquire.instrument(tracing::debug_span!("pyvisor.queue_wait", pyvisor.attempt = header.attempt)).await,
-                None => acquire.await,
+            // A call that finds room at once has no queue-wait span.
+            let acquired = match shared.queue.try_acquire(&shared.table, mode) {
+                Some(now) => now,
+                None => {
+                    let acquire = shared.queue.acquire(&shared.table, mode, max_queue, until);
+                    match call_span {
+                        Some(_) => {
+                            acquire
+                                .instrument(tracing::debug_span!("pyvisor.queue_wait", pyvisor.attempt = header.attempt))
+                                .await
+                        }
+                        None => acquire.await,
+                    }
+                }
             };
             let slot = match acquired {
                 Ok(s) => s,
@@ -606,7 +617,8 @@ impl Pool {
                 }
                 s
             });
-            let trace = attempt_span.as_ref().and_then(crate::tracing_ctx::traceparent);
+            let attempt_cx = attempt_span.as_ref().and_then(crate::tracing_ctx::exported_context);
+            let trace = attempt_cx.as_ref().map(crate::tracing_ctx::traceparent);
             let (tp, ts) = match &trace {
                 Some((tp, ts)) => (Some(tp.as_str()), ts.as_deref()),
                 // Without tracing, the caller's own trace context (if any) passes through.
@@ -638,11 +650,28 @@ impl Pool {
             if let Some(s) = call_span {
                 s.record("pyvisor.attempts", header.attempt);
             }
-            let certificate = match outcome {
-                Ok(Ok(bytes)) => return Ok(bytes),
-                Ok(Err(Failure::Remote(e))) => return Err(remote_error(function, e, shared)),
-                Ok(Err(Failure::ShutDown)) | Err(_) => return Err(shared.closed_error()),
-                Ok(Err(Failure::Crashed(certificate))) => certificate,
+            let Ok(outcome) = outcome else { return Err(shared.closed_error()) };
+            // The Python function's span, from the worker's timing (sampled traces only).
+            if let (Some(attempt), Some(timing)) = (attempt_cx.as_ref().filter(|c| c.is_sampled()), outcome.span) {
+                crate::function_span::record(FunctionSpan {
+                    attempt,
+                    timing,
+                    function,
+                    call_id: header.id,
+                    attempt_no: header.attempt,
+                    worker: &slot.id,
+                    pid: slot.pid().unwrap_or(0),
+                    error: match &outcome.result {
+                        Err(Failure::Remote(e)) => Some(e),
+                        _ => None,
+                    },
+                });
+            }
+            let certificate = match outcome.result {
+                Ok(bytes) => return Ok(bytes),
+                Err(Failure::Remote(e)) => return Err(remote_error(function, e, shared)),
+                Err(Failure::ShutDown) => return Err(shared.closed_error()),
+                Err(Failure::Crashed(certificate)) => certificate,
             };
             // The crash barrier.
             if let Some(s) = &attempt_span {
@@ -787,7 +816,7 @@ pub(crate) async fn call_on_slot(
     }
     let outcome = tokio::time::timeout_at(until, rx).await;
     guard.armed = false;
-    match outcome {
+    match outcome.map(|o| o.map(|o| o.result)) {
         Ok(Ok(Ok(bytes))) => Ok(bytes),
         Ok(Ok(Err(Failure::Remote(e)))) => Err(remote_error(function, e, shared)),
         Ok(Ok(Err(Failure::Crashed(certificate)))) => {

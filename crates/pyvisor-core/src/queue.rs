@@ -67,6 +67,15 @@ impl CapacityQueue {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// Reserve capacity on some ready worker without waiting: `None` when the call would have
+    /// to wait ([`CapacityQueue::acquire`] then).
+    pub(crate) fn try_acquire(&self, table: &SlotTable, mode: PickMode) -> Option<Result<Arc<WorkerSlot>, QueueExit>> {
+        if self.is_closed() {
+            return Some(Err(QueueExit::Closed));
+        }
+        table.pick(mode).map(Ok)
+    }
+
     /// Reserve capacity on some ready worker, waiting in the queue until `until`.
     pub(crate) async fn acquire(
         &self,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pyvisor_protocol::{Beat, RemoteError};
+use pyvisor_protocol::{Beat, RemoteError, SpanTiming};
 use tokio::sync::oneshot;
 
 use crate::death::{CallInFlight, DeathCertificate, WorkerId};
@@ -77,7 +77,13 @@ pub(crate) enum Failure {
     ShutDown,
 }
 
-pub(crate) type Outcome = Result<Bytes, Failure>;
+/// What a waiting caller gets: the result, and the function's span timing when the worker
+/// reported one (a traced call that ran).
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) result: Result<Bytes, Failure>,
+    pub(crate) span: Option<SpanTiming>,
+}
 
 struct Pending {
     attempt: u32,
@@ -348,7 +354,7 @@ impl WorkerSlot {
         let n = drained.len();
         for p in drained {
             self.release();
-            let _ = p.tx.send(Err(failure.clone()));
+            let _ = p.tx.send(Outcome { result: Err(failure.clone()), span: None });
         }
         n
     }

@@ -12,16 +12,21 @@
 //! | `OTEL_METRIC_EXPORT_INTERVAL` | metric export interval in ms (default 60000) |
 //!
 //! Workers get the resolved endpoint, protocol and service name in their environment, so the
-//! adapter (with the `otel` extra) exports its spans to the same place, as children of ours.
+//! adapter (with the `otel` extra) exports the spans user code makes to the same place, as
+//! children of ours. The Python function's own span is recorded here, in the parent, from the
+//! timing the worker reports (`function_span.rs`), under the workers' service name
+//! (`SERVICE-worker`): a second tracer provider, whose span ids the worker chooses.
 //! Owns the set-up and the shutdown flush; spans are made where the work happens.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -29,6 +34,38 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 static EXPORT_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+/// The tracer of the workers' spans (their service name), while exporting.
+static WORKER_TRACER: RwLock<Option<SdkTracer>> = RwLock::new(None);
+
+thread_local! {
+    /// The span id the next span of the workers' provider takes on this thread (the one the
+    /// worker chose and its own spans already name as their parent).
+    static CHOSEN_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+}
+
+/// Random ids, except a span id chosen with [`with_chosen_span_id`].
+#[derive(Debug, Default)]
+struct WorkerIds(RandomIdGenerator);
+
+impl IdGenerator for WorkerIds {
+    fn new_trace_id(&self) -> TraceId {
+        self.0.new_trace_id()
+    }
+    fn new_span_id(&self) -> SpanId {
+        CHOSEN_SPAN_ID.with(Cell::take).unwrap_or_else(|| self.0.new_span_id())
+    }
+}
+
+/// Run `f` with the workers' tracer (`None` when not exporting); the span it starts on this
+/// thread gets the id `span_id`.
+pub(crate) fn with_worker_tracer<R>(span_id: SpanId, f: impl FnOnce(&SdkTracer) -> R) -> Option<R> {
+    let guard = WORKER_TRACER.read().ok()?;
+    let tracer = guard.as_ref()?;
+    CHOSEN_SPAN_ID.with(|c| c.set(Some(span_id)));
+    let r = f(tracer);
+    CHOSEN_SPAN_ID.with(|c| c.set(None));
+    Some(r)
+}
 
 /// Whether spans and metrics are being exported (calls then carry a `traceparent`).
 pub fn exporting() -> bool {
@@ -155,18 +192,20 @@ impl TelemetryConfig {
 #[must_use = "telemetry stops when the guard is dropped"]
 pub struct TelemetryGuard {
     tracer: Option<SdkTracerProvider>,
+    /// The workers' spans (service `SERVICE-worker`).
+    workers: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
 }
 
 impl TelemetryGuard {
     /// Flush everything exported so far (blocking; from a thread of its own).
     pub fn flush(&self) {
-        let (t, m) = (self.tracer.clone(), self.meter.clone());
+        let (t, w, m) = (self.tracer.clone(), self.workers.clone(), self.meter.clone());
         if t.is_none() && m.is_none() {
             return;
         }
         let _ = std::thread::spawn(move || {
-            if let Some(t) = t {
+            for t in [t, w].into_iter().flatten() {
                 let _ = t.force_flush();
             }
             if let Some(m) = m {
@@ -179,13 +218,16 @@ impl TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        let (t, m) = (self.tracer.take(), self.meter.take());
+        let (t, w, m) = (self.tracer.take(), self.workers.take(), self.meter.take());
         if t.is_none() && m.is_none() {
             return;
         }
         EXPORTING.store(false, Ordering::Relaxed);
+        if let Ok(mut wt) = WORKER_TRACER.write() {
+            *wt = None;
+        }
         let _ = std::thread::spawn(move || {
-            if let Some(t) = t {
+            for t in [t, w].into_iter().flatten() {
                 let _ = t.force_flush();
                 let _ = t.shutdown_with_timeout(Duration::from_secs(5));
             }
@@ -212,7 +254,7 @@ pub fn otel_layer<S>(config: &TelemetryConfig) -> (Option<impl Layer<S>>, Teleme
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    let none = TelemetryGuard { tracer: None, meter: None };
+    let none = TelemetryGuard { tracer: None, workers: None, meter: None };
     let Some(base) = config.endpoint.as_deref() else { return (None, none) };
     if config.protocol == Protocol::Grpc && tokio::runtime::Handle::try_current().is_err() {
         eprintln!(
@@ -222,7 +264,8 @@ where
         return (None, none);
     }
     let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
-    let span_exporter = match config.protocol {
+    let worker_service = format!("{}-worker", config.service_name);
+    let span_exporter = || match config.protocol {
         Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint_for(base, config.protocol, "traces"))
@@ -233,9 +276,9 @@ where
             .with_endpoint(endpoint_for(base, config.protocol, "traces"))
             .build(),
     };
-    let span_exporter = match span_exporter {
-        Ok(e) => e,
-        Err(e) => {
+    let (span_exporter, worker_exporter) = match (span_exporter(), span_exporter()) {
+        (Ok(e), Ok(w)) => (e, w),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("pyvisor: OpenTelemetry span exporter not started: {e}");
             return (None, none);
         }
@@ -243,6 +286,11 @@ where
     let tracer_provider = SdkTracerProvider::builder()
         .with_batch_exporter(span_exporter)
         .with_resource(resource.clone())
+        .build();
+    let worker_provider = SdkTracerProvider::builder()
+        .with_batch_exporter(worker_exporter)
+        .with_id_generator(WorkerIds::default())
+        .with_resource(Resource::builder().with_service_name(worker_service.clone()).build())
         .build();
     let metric_exporter = match config.protocol {
         Protocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
@@ -271,16 +319,28 @@ where
     let tracer: SdkTracer = tracer_provider.tracer("pyvisor");
     // ractor makes an INFO span per actor: keep those out of traces.
     let filter = EnvFilter::new("ractor=warn,pyvisor_core=debug,pyvisor=debug,pyvisor_cli=debug,info");
-    let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter);
+    // Code location, thread and busy/idle attributes cost per span and say nothing about a call.
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(filter);
     let _ = EXPORT_ENV.set(vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), base.to_string()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), config.protocol.env_value().into()),
-        ("OTEL_SERVICE_NAME".into(), format!("{}-worker", config.service_name)),
+        ("OTEL_SERVICE_NAME".into(), worker_service),
         ("PYVISOR_PARENT_SERVICE_NAME".into(), config.service_name.clone()),
     ]);
+    if let Ok(mut wt) = WORKER_TRACER.write() {
+        *wt = Some(worker_provider.tracer("pyvisor_worker"));
+    }
     EXPORTING.store(true, Ordering::Relaxed);
     crate::metrics::enable();
-    (Some(layer), TelemetryGuard { tracer: Some(tracer_provider), meter: meter_provider })
+    (
+        Some(layer),
+        TelemetryGuard { tracer: Some(tracer_provider), workers: Some(worker_provider), meter: meter_provider },
+    )
 }
 
 /// Install the global subscriber from the environment ([`TelemetryConfig::from_env`]). Safe to
@@ -298,6 +358,11 @@ pub fn init() -> TelemetryGuard {
 /// tokio runtime.
 pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
     use std::io::IsTerminal;
+    if tracing::dispatcher::has_been_set() {
+        // A subscriber is installed already (ours or the program's): ours would never see a
+        // span, and a second set of exporters must not replace the first one's state.
+        return TelemetryGuard { tracer: None, workers: None, meter: None };
+    }
     // ractor logs every actor at INFO; keep it quiet unless asked for.
     let filter = EnvFilter::try_new(format!("ractor=warn,{}", config.log_filter))
         .unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
@@ -309,7 +374,7 @@ pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
     if tracing_subscriber::registry().with(fmt).with(otel).try_init().is_err() {
         // A subscriber was already installed: ours would never see a span.
         drop(guard);
-        return TelemetryGuard { tracer: None, meter: None };
+        return TelemetryGuard { tracer: None, workers: None, meter: None };
     }
     guard
 }

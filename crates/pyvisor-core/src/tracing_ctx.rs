@@ -1,28 +1,29 @@
 //! Trace context plumbing between `tracing` spans and the W3C headers on the wire.
 //!
-//! Owns the conversions only: an attempt span's context as a `traceparent`, a caller's
+//! Owns the conversions only: an attempt span's context (and that as a `traceparent`), a caller's
 //! `traceparent` as a span's parent, links between attempts, and the crash event on an attempt.
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::death::DeathCertificate;
 
-/// The W3C `traceparent` (and `tracestate`) of `span`, when it is exported.
-pub(crate) fn traceparent(span: &tracing::Span) -> Option<(String, Option<String>)> {
+/// The OpenTelemetry context of `span`, when it is exported.
+pub(crate) fn exported_context(span: &tracing::Span) -> Option<SpanContext> {
     if !crate::telemetry::exporting() {
         return None;
     }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if !sc.is_valid() {
-        return None;
-    }
+    let sc = span.context().span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// The W3C `traceparent` (and `tracestate`) of a span context.
+pub(crate) fn traceparent(sc: &SpanContext) -> (String, Option<String>) {
     let tp = format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8());
     let ts = sc.trace_state().header();
-    Some((tp, (!ts.is_empty()).then_some(ts)))
+    (tp, (!ts.is_empty()).then_some(ts))
 }
 
 /// Make the remote context in `traceparent` the parent of `span`.

@@ -13,13 +13,15 @@
 //! let frame = encode_call(&CallHeader { id: 7, attempt: 1, function: "echo",
 //!     deadline_ms: None, traceparent: None, tracestate: None }, &payload);
 //! assert_eq!(u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
-//! // A reply frame body as the worker would send it: [2, id, attempt, true, value]
+//! // A reply frame body as the worker would send it: [2, id, attempt, true, span, value]
+//! // (span is nil: the call carried no traceparent)
 //! let mut body = Vec::new();
-//! rmp::encode::write_array_len(&mut body, 5).unwrap();
+//! rmp::encode::write_array_len(&mut body, 6).unwrap();
 //! rmp::encode::write_uint(&mut body, 2).unwrap();
 //! rmp::encode::write_uint(&mut body, 7).unwrap();
 //! rmp::encode::write_uint(&mut body, 1).unwrap();
 //! rmp::encode::write_bool(&mut body, true).unwrap();
+//! rmp::encode::write_nil(&mut body).unwrap();
 //! body.extend_from_slice(&payload);
 //! match decode_worker_message(bytes::Bytes::from(body)).unwrap() {
 //!     WorkerMessage::Reply(r) => {
@@ -38,4 +40,5 @@ pub use frame::{frame_codec, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
 pub use message::*;
 
 /// The protocol version this crate speaks. A worker announcing another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: `reply` carries the function's span timing (`[2, id, attempt, ok, span, value]`).
+pub const PROTOCOL_VERSION: u32 = 2;

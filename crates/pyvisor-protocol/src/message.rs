@@ -162,6 +162,19 @@ pub struct RemoteError {
     pub functions: Option<Vec<String>>,
 }
 
+/// When the worker ran a traced call's function, and the id it gave that span: the parent
+/// records the function's span from it (`docs/protocol.md`, "reply").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanTiming {
+    /// The function span's id (non-zero), chosen by the worker; spans the function makes are
+    /// its children.
+    pub span_id: u64,
+    /// Just before the function ran, nanoseconds since the Unix epoch (the worker's clock).
+    pub start_unix_ns: u64,
+    /// Just after it returned or raised.
+    pub end_unix_ns: u64,
+}
+
 /// A `reply`: the value is the still-encoded MessagePack bytes of the result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
@@ -169,6 +182,8 @@ pub struct Reply {
     pub id: u64,
     /// Attempt it answers.
     pub attempt: u32,
+    /// The function's timing, for a call that carried a `traceparent` and ran.
+    pub span: Option<SpanTiming>,
     /// Encoded value, or the worker's error.
     pub outcome: Result<Bytes, RemoteError>,
 }
@@ -358,6 +373,26 @@ fn read_map<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// A reply's `span` element: `nil` or `[span_id, start_ns, end_ns]`.
+fn read_span(rd: &mut &[u8]) -> Result<Option<SpanTiming>, ProtocolError> {
+    let bad = |detail: String| ProtocolError::BadField { message: "reply", field: "span", detail };
+    if rd.first() == Some(&0xc0) {
+        *rd = &rd[1..];
+        return Ok(None);
+    }
+    let n = rmp::decode::read_array_len(rd).map_err(|e| bad(e.to_string()))?;
+    if n != 3 {
+        return Err(bad(format!("{n} elements, expected nil or [span_id, start_ns, end_ns]")));
+    }
+    let span_id = read_u64(rd, "reply", "span")?;
+    let start_unix_ns = read_u64(rd, "reply", "span")?;
+    let end_unix_ns = read_u64(rd, "reply", "span")?;
+    if span_id == 0 {
+        return Err(bad("span id 0".into()));
+    }
+    Ok(Some(SpanTiming { span_id, start_unix_ns, end_unix_ns }))
+}
+
 /// Decode one frame body (length prefix already removed) from a worker.
 ///
 /// The reply value is returned as a zero-copy slice of `body`.
@@ -371,8 +406,8 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
     let ty: u64 = rmp::decode::read_int(&mut rd).map_err(malformed)?;
     match ty {
         t if t == u64::from(msg_type::REPLY) => {
-            if len != 5 {
-                return Err(malformed(format!("reply has {len} elements, expected 5")));
+            if len != 6 {
+                return Err(malformed(format!("reply has {len} elements, expected 6")));
             }
             let id = read_u64(&mut rd, "reply", "id")?;
             let attempt = read_u64(&mut rd, "reply", "attempt")?;
@@ -386,6 +421,7 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
                 field: "ok",
                 detail: e.to_string(),
             })?;
+            let span = read_span(&mut rd)?;
             let outcome = if ok {
                 if rd.is_empty() {
                     return Err(malformed("reply has no value"));
@@ -395,7 +431,7 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
             } else {
                 Err(read_map::<RemoteError>(&mut rd, "reply", "error")?)
             };
-            Ok(WorkerMessage::Reply(Reply { id, attempt, outcome }))
+            Ok(WorkerMessage::Reply(Reply { id, attempt, span, outcome }))
         }
         t if t == u64::from(msg_type::BEAT) => {
             Ok(WorkerMessage::Beat(read_map(&mut rd, "beat", "body")?))
@@ -479,10 +515,12 @@ mod tests {
             ("traceback".into(), "Traceback...".into()),
             ("future_key".into(), 1.into()),
         ]);
-        let msg = rmpv::Value::Array(vec![2.into(), 4.into(), 1.into(), false.into(), err]);
+        let span = rmpv::Value::Array(vec![u64::MAX.into(), 10.into(), 20.into()]);
+        let msg = rmpv::Value::Array(vec![2.into(), 4.into(), 1.into(), false.into(), span, err]);
         let body = rmp_serde::to_vec(&msg).unwrap();
         match decode_worker_message(body.into()).unwrap() {
-            WorkerMessage::Reply(Reply { id: 4, attempt: 1, outcome: Err(e) }) => {
+            WorkerMessage::Reply(Reply { id: 4, attempt: 1, span: Some(s), outcome: Err(e) }) => {
+                assert_eq!(s, SpanTiming { span_id: u64::MAX, start_unix_ns: 10, end_unix_ns: 20 });
                 assert_eq!(e.kind, RemoteErrorKind::Exception);
                 assert_eq!(e.type_name, "ValueError");
                 assert_eq!(e.traceback.as_deref(), Some("Traceback..."));
@@ -543,6 +581,11 @@ mod tests {
             vec![0x95, 0x02, 0x01],
             vec![0x92, 0x04, 0x05],
             vec![0x95, 0x02, 0x01, 0x01, 0xc3],
+            // six elements, but a span that is not nil or [id, start, end]
+            vec![0x96, 0x02, 0x01, 0x01, 0xc3, 0x01, 0x01],
+            vec![0x96, 0x02, 0x01, 0x01, 0xc3, 0x92, 0x01, 0x01, 0x01],
+            // span id 0
+            vec![0x96, 0x02, 0x01, 0x01, 0xc3, 0x93, 0x00, 0x01, 0x01, 0x01],
         ] {
             assert!(decode_worker_message(body.into()).is_err());
         }
