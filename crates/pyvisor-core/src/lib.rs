@@ -14,6 +14,7 @@
 //! - `death`, `error`, `events`, `status`: what users see; `telemetry`: the tracing set-up.
 
 mod backoff;
+mod call_trace;
 mod chaos;
 mod connection;
 mod death;

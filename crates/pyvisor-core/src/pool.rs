@@ -19,11 +19,11 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::death::{DeathCertificate, WorkerId};
 use crate::error::{CallError, PythonError, StartError};
 use crate::events::PoolEvent;
+use crate::call_trace::{AttemptTrace, CallTrace};
 use crate::function_span::FunctionSpan;
 use crate::queue::{CapacityQueue, QueueExit};
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
@@ -435,37 +435,12 @@ impl Pool {
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
         let shared = &*self.inner.shared;
         let started = Instant::now();
-        let span = tracing::debug_span!(
-            "pyvisor.call",
-            otel.kind = "client",
-            rpc.system = "pyvisor",
-            rpc.method = function,
-            pyvisor.pool = %shared.name,
-            pyvisor.idempotent = tracing::field::Empty,
-            pyvisor.attempts = tracing::field::Empty,
-            pyvisor.outcome = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        let result = if span.is_disabled() {
-            self.call_inner(function, payload, opts, None).await
-        } else {
-            if let Some(tp) = opts.traceparent.as_deref() {
-                crate::tracing_ctx::set_remote_parent(&span, tp, opts.tracestate.as_deref());
-            }
-            let r = self.call_inner(function, payload, opts, Some(&span)).instrument(span.clone()).await;
-            match &r {
-                Ok(_) => {
-                    span.record("pyvisor.outcome", "ok");
-                }
-                Err(e) => {
-                    span.record("pyvisor.outcome", e.kind());
-                    span.record("error.type", e.kind());
-                    span.record("otel.status_code", "ERROR");
-                }
-            }
-            r
-        };
+        let trace = CallTrace::start(&shared.name, function, opts.traceparent.as_deref(), opts.tracestate.as_deref());
+        let mut attempts = 0;
+        let result = self.call_inner(function, payload, opts, trace.as_ref(), &mut attempts).await;
+        if let Some(t) = trace {
+            t.finish(result.as_ref().map(|_| ()), attempts);
+        }
         crate::metrics::call_done(
             &shared.name,
             function,
@@ -480,7 +455,8 @@ impl Pool {
         function: &str,
         payload: &[u8],
         opts: CallOptions,
-        call_span: Option<&tracing::Span>,
+        trace: Option<&CallTrace>,
+        attempts: &mut u32,
     ) -> Result<Bytes, CallError> {
         let shared = &*self.inner.shared;
         let spec = &shared.spec;
@@ -527,10 +503,10 @@ impl Pool {
             }
         }
         let idempotent = opts.idempotent.unwrap_or(exposed_idempotent);
-        if let Some(s) = call_span {
-            s.record("pyvisor.idempotent", idempotent);
+        if let Some(t) = trace {
+            t.idempotent(idempotent);
         }
-        let mut previous_attempt: Option<tracing::Span> = None;
+        let mut previous_attempt: Option<AttemptTrace> = None;
         let queue_until = {
             let q = called + spec.queue_timeout;
             deadline.map_or(q, |d| d.min(q))
@@ -559,15 +535,8 @@ impl Pool {
             let acquired = match shared.queue.try_acquire(&shared.table, mode) {
                 Some(now) => now,
                 None => {
-                    let acquire = shared.queue.acquire(&shared.table, mode, max_queue, until);
-                    match call_span {
-                        Some(_) => {
-                            acquire
-                                .instrument(tracing::debug_span!("pyvisor.queue_wait", pyvisor.attempt = header.attempt))
-                                .await
-                        }
-                        None => acquire.await,
-                    }
+                    let _wait = trace.map(|t| t.queue_wait(header.attempt));
+                    shared.queue.acquire(&shared.table, mode, max_queue, until).await
                 }
             };
             let slot = match acquired {
@@ -602,24 +571,11 @@ impl Pool {
                 continue;
             };
             let mut guard = InFlightGuard { slot: &slot, id: header.id, armed: true };
-            let attempt_span = call_span.map(|_| {
-                let s = tracing::debug_span!(
-                    "pyvisor.attempt",
-                    otel.kind = "client",
-                    pyvisor.attempt = header.attempt,
-                    pyvisor.worker.id = %slot.id,
-                    process.pid = slot.pid().unwrap_or(0),
-                    error.type = tracing::field::Empty,
-                    otel.status_code = tracing::field::Empty,
-                );
-                if let Some(prev) = &previous_attempt {
-                    crate::tracing_ctx::link(&s, prev);
-                }
-                s
-            });
-            let attempt_cx = attempt_span.as_ref().and_then(crate::tracing_ctx::exported_context);
-            let trace = attempt_cx.as_ref().map(crate::tracing_ctx::traceparent);
-            let (tp, ts) = match &trace {
+            *attempts = header.attempt;
+            let mut attempt_trace =
+                trace.map(|t| t.attempt(header.attempt, &slot.id, slot.pid().unwrap_or(0), previous_attempt.as_ref()));
+            let wire = attempt_trace.as_ref().map(|a| crate::tracing_ctx::traceparent(a.context()));
+            let (tp, ts) = match &wire {
                 Some((tp, ts)) => (Some(tp.as_str()), ts.as_deref()),
                 // Without tracing, the caller's own trace context (if any) passes through.
                 None => (header.traceparent, header.tracestate),
@@ -635,24 +591,17 @@ impl Pool {
                     None => Some(rx.await),
                 }
             };
-            let outcome = match &attempt_span {
-                Some(s) => wait.instrument(s.clone()).await,
-                None => wait.await,
-            };
-            let Some(outcome) = outcome else {
-                if let Some(s) = &attempt_span {
-                    s.record("error.type", "timeout");
-                    s.record("otel.status_code", "ERROR");
+            let Some(outcome) = wait.await else {
+                if let Some(a) = &mut attempt_trace {
+                    a.timed_out();
                 }
                 return Err(timeout_err(true));
             };
             guard.armed = false;
-            if let Some(s) = call_span {
-                s.record("pyvisor.attempts", header.attempt);
-            }
             let Ok(outcome) = outcome else { return Err(shared.closed_error()) };
             // The Python function's span, from the worker's timing (sampled traces only).
-            if let (Some(attempt), Some(timing)) = (attempt_cx.as_ref().filter(|c| c.is_sampled()), outcome.span) {
+            let sampled = attempt_trace.as_ref().map(AttemptTrace::context).filter(|c| c.is_sampled());
+            if let (Some(attempt), Some(timing)) = (sampled, outcome.span) {
                 crate::function_span::record(FunctionSpan {
                     attempt,
                     timing,
@@ -674,10 +623,10 @@ impl Pool {
                 Err(Failure::Crashed(certificate)) => certificate,
             };
             // The crash barrier.
-            if let Some(s) = &attempt_span {
-                crate::tracing_ctx::record_crash(s, &certificate);
+            if let Some(a) = &mut attempt_trace {
+                a.crashed(&certificate);
             }
-            previous_attempt = attempt_span;
+            previous_attempt = attempt_trace;
             certificates.push(Arc::clone(&certificate));
             if !idempotent {
                 return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: header.attempt, certificate });
@@ -692,6 +641,9 @@ impl Pool {
                 shared.quarantine.insert(fingerprint(), until, certificates.clone());
                 shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(pool = %shared.name, function, attempts = header.attempt, "poison request quarantined");
+                if let Some(t) = trace {
+                    t.quarantined();
+                }
                 shared.emit(PoolEvent::Quarantined { function: function.to_string(), window: spec.quarantine_window });
                 return Err(CallError::PoisonRequest {
                     function: function.to_string(),
@@ -708,8 +660,8 @@ impl Pool {
             header.attempt += 1;
             shared.stats.retried.fetch_add(1, Ordering::Relaxed);
             crate::metrics::retry(&shared.name, function);
-            if let Some(s) = call_span {
-                s.record("pyvisor.attempts", header.attempt);
+            if let Some(t) = trace {
+                t.retrying(header.attempt);
             }
             tracing::debug!(pool = %shared.name, function, attempt = header.attempt, "retrying after a crash");
         }

@@ -34,8 +34,15 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 static EXPORT_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+/// The tracer of the calls' spans (`call_trace.rs`), while exporting.
+static CALL_TRACER: RwLock<Option<SdkTracer>> = RwLock::new(None);
 /// The tracer of the workers' spans (their service name), while exporting.
 static WORKER_TRACER: RwLock<Option<SdkTracer>> = RwLock::new(None);
+
+/// The tracer for the calls' spans, when spans are exported.
+pub(crate) fn call_tracer() -> Option<SdkTracer> {
+    CALL_TRACER.read().ok()?.clone()
+}
 
 thread_local! {
     /// The span id the next span of the workers' provider takes on this thread (the one the
@@ -223,8 +230,10 @@ impl Drop for TelemetryGuard {
             return;
         }
         EXPORTING.store(false, Ordering::Relaxed);
-        if let Ok(mut wt) = WORKER_TRACER.write() {
-            *wt = None;
+        for tracer in [&CALL_TRACER, &WORKER_TRACER] {
+            if let Ok(mut t) = tracer.write() {
+                *t = None;
+            }
         }
         let _ = std::thread::spawn(move || {
             for t in [t, w].into_iter().flatten() {
@@ -321,7 +330,7 @@ where
     let filter = EnvFilter::new("ractor=warn,pyvisor_core=debug,pyvisor=debug,pyvisor_cli=debug,info");
     // Code location, thread and busy/idle attributes cost per span and say nothing about a call.
     let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
+        .with_tracer(tracer.clone())
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
@@ -332,8 +341,11 @@ where
         ("OTEL_SERVICE_NAME".into(), worker_service),
         ("PYVISOR_PARENT_SERVICE_NAME".into(), config.service_name.clone()),
     ]);
-    if let Ok(mut wt) = WORKER_TRACER.write() {
-        *wt = Some(worker_provider.tracer("pyvisor_worker"));
+    if let Ok(mut t) = CALL_TRACER.write() {
+        *t = Some(tracer.clone());
+    }
+    if let Ok(mut t) = WORKER_TRACER.write() {
+        *t = Some(worker_provider.tracer("pyvisor_worker"));
     }
     EXPORTING.store(true, Ordering::Relaxed);
     crate::metrics::enable();

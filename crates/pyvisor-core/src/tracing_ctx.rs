@@ -1,23 +1,13 @@
-//! Trace context plumbing between `tracing` spans and the W3C headers on the wire.
+//! Trace context on the wire: W3C `traceparent`/`tracestate` headers to and from
+//! OpenTelemetry contexts.
 //!
-//! Owns the conversions only: an attempt span's context (and that as a `traceparent`), a caller's
-//! `traceparent` as a span's parent, links between attempts, and the crash event on an attempt.
+//! Owns the conversions only: an attempt span's context as the `traceparent` of a `call`, and a
+//! caller's `traceparent` (given in `CallOptions`) as the parent of the call's span.
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::trace::SpanContext;
+use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-use crate::death::DeathCertificate;
-
-/// The OpenTelemetry context of `span`, when it is exported.
-pub(crate) fn exported_context(span: &tracing::Span) -> Option<SpanContext> {
-    if !crate::telemetry::exporting() {
-        return None;
-    }
-    let sc = span.context().span().span_context().clone();
-    sc.is_valid().then_some(sc)
-}
 
 /// The W3C `traceparent` (and `tracestate`) of a span context.
 pub(crate) fn traceparent(sc: &SpanContext) -> (String, Option<String>) {
@@ -26,38 +16,29 @@ pub(crate) fn traceparent(sc: &SpanContext) -> (String, Option<String>) {
     (tp, (!ts.is_empty()).then_some(ts))
 }
 
-/// Make the remote context in `traceparent` the parent of `span`.
-pub(crate) fn set_remote_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&str>) {
+/// The remote context in `traceparent`, as a parent (an empty context if it is malformed).
+pub(crate) fn remote_context(traceparent: &str, tracestate: Option<&str>) -> Context {
     let mut carrier = std::collections::HashMap::new();
     carrier.insert("traceparent".to_string(), traceparent.to_string());
     if let Some(ts) = tracestate {
         carrier.insert("tracestate".to_string(), ts.to_string());
     }
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(cx);
+    TraceContextPropagator::new().extract(&carrier)
 }
 
-/// Link `span` (a retry) to the attempt it replaces.
-pub(crate) fn link(span: &tracing::Span, previous: &tracing::Span) {
-    let sc = previous.context().span().span_context().clone();
-    if sc.is_valid() {
-        span.add_link(sc);
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TraceContextExt;
+
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = remote_context(tp, Some("k=v"));
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote());
+        assert_eq!(traceparent(&sc), (tp.to_string(), Some("k=v".to_string())));
+        assert!(!remote_context("garbage", None).span().span_context().is_valid());
     }
-}
-
-/// Record a worker crash on the attempt span: an exception event with the certificate.
-pub(crate) fn record_crash(span: &tracing::Span, cert: &DeathCertificate) {
-    span.record("error.type", "worker_crashed");
-    span.record("otel.status_code", "ERROR");
-    tracing::warn!(
-        parent: span,
-        exception.type = "WorkerCrashed",
-        exception.message = %cert,
-        pyvisor.death.cause = cert.cause.kind(),
-        pyvisor.worker.id = %cert.worker,
-        process.pid = cert.pid.unwrap_or(0),
-        pyvisor.exit.signal = cert.signal.unwrap_or(0),
-        pyvisor.exit.code = cert.exit_code.unwrap_or(0),
-        "exception"
-    );
 }
