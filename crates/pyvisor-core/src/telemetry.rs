@@ -41,6 +41,9 @@ static WORKER_TRACER: RwLock<Option<SdkTracer>> = RwLock::new(None);
 
 /// The tracer for the calls' spans, when spans are exported.
 pub(crate) fn call_tracer() -> Option<SdkTracer> {
+    if !exporting() {
+        return None; // one atomic load when nothing is exported
+    }
     CALL_TRACER.read().ok()?.clone()
 }
 
