@@ -18,7 +18,7 @@ Threads (all but the main thread are daemons):
 
 Replies are ``[2, id, attempt, ok, span, value_or_error]``. A call without a ``traceparent``
 takes the fast path and its ``span`` is ``nil``. For a call with one (``_execute_traced``,
-``_run_async_traced``), the executing side draws a random non-zero span id and takes
+``_run_async``), the executing side draws a random non-zero span id and takes
 ``time.time_ns()`` just before and just after the function, and ``span`` is
 ``[span_id, start_ns, end_ns]`` (also in error replies produced after the function ran); the
 parent records the function's span from it. Nothing from OpenTelemetry is involved in that.
@@ -577,14 +577,13 @@ class _Worker:
         """``_execute`` for a call with a ``traceparent``: the function is timed and the reply
         carries ``[span_id, start_ns, end_ns]``; with tracing active, a span with that id is
         current on this thread while it runs."""
-        spec = call._spec
         call._phase = RUNNING
         call._started = time.time()
-        span_id = _getrandbits(64) or 1
-        tracing = self._tracing
-        token = None if tracing is None else tracing.enter(call, span_id)
-        start = _time_ns()
+        spec = call._spec
+        timing = self._span_begin(call)
         try:
+            # The dispatch is inlined (as in ``_execute``): a traceback then shows the user's
+            # frames only, past the one adapter frame that ``_exception_frame`` drops.
             mode = spec.call_mode
             if mode == CALL_PAYLOAD:
                 result = spec.fn(call._payload)
@@ -593,16 +592,27 @@ class _Worker:
             else:
                 result = _invoke(spec, call)
         except BaseException as e:
-            end = _time_ns()
-            if token is not None:
-                tracing.exit(token)  # type: ignore[union-attr]
+            span = self._span_end(timing)
             if isinstance(e, (SystemExit, KeyboardInterrupt)):
                 self._user_exit(e)
-            return self._exception_frame(call, e, pack, [span_id, start, end])
+            return self._exception_frame(call, e, pack, span)
+        return self._result_frame(call, result, pack, self._span_end(timing))
+
+    def _span_begin(self, call: _Call) -> Tuple[int, Any, int]:
+        """Just before a traced call's function runs: its span id, the context token (tracing
+        active only) and the start time."""
+        span_id = _getrandbits(64) or 1
+        tracing = self._tracing
+        token = None if tracing is None else tracing.enter(call, span_id)
+        return span_id, token, _time_ns()
+
+    def _span_end(self, timing: Tuple[int, Any, int]) -> List[int]:
+        """Just after it returned or raised: the reply's ``[span_id, start_ns, end_ns]``."""
         end = _time_ns()
+        span_id, token, start = timing
         if token is not None:
-            tracing.exit(token)  # type: ignore[union-attr]
-        return self._result_frame(call, result, pack, [span_id, start, end])
+            self._tracing.exit(token)  # type: ignore[union-attr]
+        return [span_id, start, end]
 
     # ------------------------------------------------------------------ serving threads
 
@@ -876,11 +886,7 @@ class _Worker:
         self._loop_pack = new_packer()
 
     def _async_start(self, call: _Call) -> None:  # on the loop thread
-        if call._traceparent is None:
-            coro = self._run_async(call)
-        else:
-            coro = self._run_async_traced(call)
-        call._handle = self._loop.create_task(coro)  # type: ignore[union-attr]
+        call._handle = self._loop.create_task(self._run_async(call))  # type: ignore[union-attr]
 
     def _async_cancel(self, call: _Call) -> None:  # on the loop thread
         # A task that has not started yet replies `cancelled` itself when it starts.
@@ -888,54 +894,28 @@ class _Worker:
             call._handle.cancel()
 
     async def _run_async(self, call: _Call) -> None:  # on the loop thread
+        """Run an ``async def`` function as this task. A traced call is timed as in
+        ``_execute_traced``; with tracing active, its span is attached in this task's own
+        context, so the function's coroutine (and the tasks it creates) see it as current."""
         pack: Pack = self._loop_pack  # type: ignore[assignment]
         if call._cancelled:
             data = self._cancelled_frame(call, pack)
         else:
             call._phase = RUNNING
             call._started = time.time()
-            try:
-                result = await _invoke(call._spec, call)
-            except (SystemExit, KeyboardInterrupt) as e:
-                self._user_exit(e)
-            except BaseException as e:
-                if _is_cancelled_error(e):
-                    call._cancelled = True
-                data = self._exception_frame(call, e, pack)
-            else:
-                data = self._result_frame(call, result, pack)
-        self._async_done(call, data)
-
-    async def _run_async_traced(self, call: _Call) -> None:  # on the loop thread
-        """``_run_async`` for a call with a ``traceparent`` (see ``_execute_traced``). With
-        tracing active, the span is attached in this task's own context, so the function's
-        coroutine (and the tasks it creates) see it as current."""
-        pack: Pack = self._loop_pack  # type: ignore[assignment]
-        if call._cancelled:
-            data = self._cancelled_frame(call, pack)
-        else:
-            call._phase = RUNNING
-            call._started = time.time()
-            span_id = _getrandbits(64) or 1
-            tracing = self._tracing
-            token = None if tracing is None else tracing.enter(call, span_id)
-            start = _time_ns()
+            timing = None if call._traceparent is None else self._span_begin(call)
             try:
                 result = await _invoke(call._spec, call)
             except BaseException as e:
-                end = _time_ns()
-                if token is not None:
-                    tracing.exit(token)  # type: ignore[union-attr]
+                span = None if timing is None else self._span_end(timing)
                 if isinstance(e, (SystemExit, KeyboardInterrupt)):
                     self._user_exit(e)
                 if _is_cancelled_error(e):
                     call._cancelled = True
-                data = self._exception_frame(call, e, pack, [span_id, start, end])
+                data = self._exception_frame(call, e, pack, span)
             else:
-                end = _time_ns()
-                if token is not None:
-                    tracing.exit(token)  # type: ignore[union-attr]
-                data = self._result_frame(call, result, pack, [span_id, start, end])
+                span = None if timing is None else self._span_end(timing)
+                data = self._result_frame(call, result, pack, span)
         self._async_done(call, data)
 
     def _async_done(self, call: _Call, data: bytes) -> None:  # on the loop thread

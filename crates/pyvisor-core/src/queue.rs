@@ -84,11 +84,8 @@ impl CapacityQueue {
         max_queue: usize,
         until: Instant,
     ) -> Result<Arc<WorkerSlot>, QueueExit> {
-        if self.is_closed() {
-            return Err(QueueExit::Closed);
-        }
-        if let Some(s) = table.pick(mode) {
-            return Ok(s);
+        if let Some(now) = self.try_acquire(table, mode) {
+            return now;
         }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= max_queue {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
