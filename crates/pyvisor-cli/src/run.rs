@@ -10,6 +10,7 @@ use std::time::Duration;
 use pyvisor_core::ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use pyvisor_core::supervisor::{ChildState, Tree};
 use pyvisor_core::{Interpreter, PoolEvent};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::tree_file;
@@ -34,6 +35,16 @@ impl Actor for Host {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// The next delivery of a signal (never, if it could not be listened to).
+async fn received(s: &mut Option<Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -182,11 +193,14 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // Listened to from here on, not re-created per iteration: a signal that arrives while the
+    // loop is printing is kept for the next `select!` (a fresh `ctrl_c()` would miss it).
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
     let code = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break ExitCode::SUCCESS,
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break ExitCode::SUCCESS,
+            _ = received(&mut int) => break ExitCode::SUCCESS,
+            _ = received(&mut term) => break ExitCode::SUCCESS,
             Some(line) = ev_rx.recv() => {
                 if tty {
                     recent.push(line);

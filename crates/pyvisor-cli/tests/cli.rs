@@ -251,7 +251,18 @@ fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
-    let status = child.wait().unwrap();
+    // A guard, not a budget: a run that ignores Ctrl-C fails here instead of hanging CI.
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if stopping.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`pyvisor run` did not stop on SIGINT: {lines:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     lines.extend(rx.try_iter());
     assert!(status.success(), "{lines:?}");
     let pos = |needle: &str| lines.iter().position(|l| l.ends_with(needle)).unwrap_or_else(|| panic!("no `{needle}` in {lines:?}"));
