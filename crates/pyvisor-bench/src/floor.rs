@@ -36,11 +36,12 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 impl Floor {
-    pub fn start(python: &Path, script: &Path) -> std::io::Result<Floor> {
+    /// Start `script` with `env` added to its environment.
+    pub fn start(python: &Path, script: &Path, env: &[(&str, String)]) -> std::io::Result<Floor> {
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(python);
-        cmd.arg(script).env("FLOOR_FD", fd.to_string());
+        cmd.arg(script).env("FLOOR_FD", fd.to_string()).envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: only fcntl between fork and exec.
         unsafe {
             cmd.pre_exec(move || {

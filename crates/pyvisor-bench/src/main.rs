@@ -34,9 +34,11 @@ struct Args {
     /// Python interpreter with pyvisor_worker and msgpack (default: $PYVISOR_PYTHON, else python3).
     #[arg(long)]
     python: Option<PathBuf>,
-    /// Where to write the results as JSON.
-    #[arg(long, default_value = "target/bench/results.json")]
-    json: PathBuf,
+    /// Where to write the results as JSON [default: target/bench/results.json, or
+    /// target/bench/results-SCENARIO-….json with --only, so a partial run never overwrites a
+    /// full one].
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Where to write the latency-vs-concurrency plot (SVG).
     #[arg(long, default_value = "target/bench/latency.svg")]
     plot: PathBuf,
@@ -82,7 +84,17 @@ fn echo_spec(python: &Path, workers: usize, max_in_flight: usize) -> PoolSpec {
     PoolSpec::script(python_dir().join("echo.py")).python(python).name("bench").workers(workers).max_in_flight(max_in_flight)
 }
 
+/// One caller, one call at a time. The caller is a task on the runtime, as a request handler in
+/// a tokio service is: the reply's reader task wakes it on the same worker thread. (A caller
+/// that blocks the program's main thread in `block_on` is woken from another thread, one more
+/// thread switch per call; [`pyvisor_sequential_blocking`] measures that case.)
 async fn pyvisor_sequential(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
+    let (pool, payload) = (pool.clone(), payload.to_vec());
+    tokio::spawn(async move { pyvisor_sequential_blocking(&pool, &payload, n).await }).await.expect("the caller task panicked")
+}
+
+/// One caller, one call at a time, on whatever thread polls this future.
+async fn pyvisor_sequential_blocking(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
     let mut h = histogram();
     for _ in 0..n {
         let t = Instant::now();
@@ -277,7 +289,7 @@ async fn run(args: Args) -> ExitCode {
         None
     };
 
-    let mut floor = match Floor::start(&python, &python_dir().join("floor.py")) {
+    let mut floor = match Floor::start(&python, &python_dir().join("floor.py"), &[]) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: cannot start the floor: {e}");
@@ -297,12 +309,13 @@ async fn run(args: Args) -> ExitCode {
     // Sequential and pipelined, interleaved.
     let mut floor_abs = None;
     if want("sequential") {
-        let (mut fs, mut ps) = (histogram(), histogram());
+        let (mut fs, mut ps, mut pb) = (histogram(), histogram(), histogram());
         let (mut fthr, mut pthr) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             eprintln!("round {}/{rounds}: sequential and pipelined", r + 1);
             let _ = fs.add(&floor.sequential(&small, seq_n));
             let _ = ps.add(&pyvisor_sequential(&seq_pool, &small, seq_n).await);
+            let _ = pb.add(&pyvisor_sequential_blocking(&seq_pool, &small, seq_n).await);
             let (e, _) = floor.pipelined(&small, pipe_n, 64);
             fthr.push(pipe_n as f64 / e.as_secs_f64());
             let (e, _) = pyvisor_concurrent(&pipe_pool, &small, pipe_n, 64).await;
@@ -313,6 +326,7 @@ async fn run(args: Args) -> ExitCode {
         let (ft, pt) = (median(&mut fthr), median(&mut pthr));
         rows.push(row("sequential p50 (1 worker, 1 caller, 100 B)", "µs", f50, p50, Some(("≤ 1.2×", p50 <= 1.2 * f50))));
         rows.push(row("sequential p99", "µs", f99, p99, None));
+        rows.push(row("sequential p50, caller blocking the main thread (block_on)", "µs", f50, pb.value_at_quantile(0.5) as f64, None));
         rows.push(row("pipelined throughput (1 worker, 64 callers, max_in_flight 64)", "calls/s", ft, pt, Some(("≥ 0.6×", pt >= 0.6 * ft))));
         floor_abs = Some((f50, f99, ft));
     }
@@ -350,6 +364,25 @@ async fn run(args: Args) -> ExitCode {
         let (a, b) = (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64);
         let t = target.map(|t: f64| (if t == 1.3 { "≤ 1.3×" } else { "" }, b <= t * a));
         rows.push(row(&format!("sequential p50, payload {label}"), "µs", a, b, t));
+        if size >= 1 << 20 {
+            // Like for like: the floor's interpreter given the allocator padding pyvisor gives
+            // its workers (WORKER_MALLOC_TOP_PAD), so the ratio shows the data path alone.
+            let pad = [("MALLOC_TOP_PAD_", pyvisor_core::WORKER_MALLOC_TOP_PAD.to_string())];
+            match Floor::start(&python, &python_dir().join("floor.py"), &pad) {
+                Ok(mut padded) => {
+                    let _ = padded.sequential(&p, 5);
+                    let (mut fh, mut ph) = (histogram(), histogram());
+                    for r in 0..rounds {
+                        eprintln!("round {}/{rounds}: payload {label}, floor with MALLOC_TOP_PAD_", r + 1);
+                        let _ = fh.add(&padded.sequential(&p, n));
+                        let _ = ph.add(&pyvisor_sequential(&seq_pool, &p, n).await);
+                    }
+                    let (a, b) = (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64);
+                    rows.push(row(&format!("sequential p50, payload {label}, floor with the same MALLOC_TOP_PAD_"), "µs", a, b, None));
+                }
+                Err(e) => eprintln!("warning: cannot start the padded floor: {e}"),
+            }
+        }
     }
 
     // Latency vs concurrency (the plot).
@@ -500,12 +533,16 @@ async fn run(args: Args) -> ExitCode {
             .map(|r| serde_json::json!({"scenario": r.name, "unit": r.unit, "floor": r.floor, "pyvisor": r.pyvisor, "ratio": r.ratio, "target": r.target, "met": r.met}))
             .collect::<Vec<_>>()),
     );
-    if let Some(dir) = args.json.parent() {
+    let json_path = args.json.clone().unwrap_or_else(|| {
+        let name = if args.only.is_empty() { "results".to_string() } else { format!("results-{}", args.only.join("-")) };
+        PathBuf::from("target/bench").join(format!("{name}.json"))
+    });
+    if let Some(dir) = json_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Err(e) = std::fs::write(&args.json, serde_json::to_string_pretty(&serde_json::Value::Object(json)).unwrap_or_default()) {
-        eprintln!("warning: {} not written: {e}", args.json.display());
+    if let Err(e) = std::fs::write(&json_path, serde_json::to_string_pretty(&serde_json::Value::Object(json)).unwrap_or_default()) {
+        eprintln!("warning: {} not written: {e}", json_path.display());
     }
-    println!("\nresults: {}  plot: {}", args.json.display(), args.plot.display());
+    println!("\nresults: {}  plot: {}", json_path.display(), args.plot.display());
     ExitCode::SUCCESS
 }

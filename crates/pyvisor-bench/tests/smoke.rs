@@ -39,6 +39,8 @@ fn the_suite_runs_and_prints_ratios() {
         "throughput, 4 workers",
         "payload 10 KiB",
         "payload 1 MiB",
+        "floor with the same MALLOC_TOP_PAD_",
+        "caller blocking the main thread",
         "tracing on vs off",
         "cold start",
         "recovery",
@@ -48,7 +50,7 @@ fn the_suite_runs_and_prints_ratios() {
         assert!(line.contains('×') || scenario.contains("memory"), "no ratio on `{line}`");
     }
     let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("results written")).expect("JSON");
-    assert_eq!(results["rows"].as_array().map(Vec::len), Some(13));
+    assert_eq!(results["rows"].as_array().map(Vec::len), Some(15));
     assert!(std::fs::read_to_string(&plot).expect("plot written").contains("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
 }

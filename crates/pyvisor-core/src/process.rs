@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use crate::death::WorkerId;
-use crate::spec::{PoolSpec, Target};
+use crate::spec::{PoolSpec, Target, WORKER_MALLOC_TOP_PAD};
 
 /// Lines of stderr kept for death certificates.
 pub(crate) const STDERR_TAIL_LINES: usize = 40;
@@ -179,6 +179,9 @@ pub(crate) async fn spawn_worker(
     // Workers export their spans where we export ours (the user's env wins).
     for (k, v) in crate::telemetry::worker_env() {
         cmd.env(k, v);
+    }
+    if std::env::var_os("MALLOC_TOP_PAD_").is_none() {
+        cmd.env("MALLOC_TOP_PAD_", WORKER_MALLOC_TOP_PAD.to_string());
     }
     for (k, v) in &spec.env {
         cmd.env(k, v);

@@ -20,6 +20,24 @@ pub enum Target {
     Module(String),
 }
 
+/// glibc's `MALLOC_TOP_PAD_` that pyvisor gives its workers, in bytes: how much freed memory
+/// an allocator arena keeps for reuse instead of handing it back to the kernel.
+///
+/// A worker serves calls on a thread of its own, whose glibc arena is trimmed as soon as its
+/// free top exceeds the (small) trim threshold. A call carrying a 1 MiB payload allocates and
+/// frees a few MiB (the decoded argument, the encoded reply), so without padding every such
+/// call faults those pages in again: about 500 page faults per 1 MiB call, measured, which
+/// tripled its latency (docs/benchmarks.md). With 16 MiB kept, the pages are reused. Memory is
+/// only kept once it has been touched, so a worker that never sees a large payload is
+/// unaffected; one that does keeps at most this much more per arena. It is set unless the
+/// parent's environment has `MALLOC_TOP_PAD_`; [`PoolSpec::env`] overrides it. Other C
+/// libraries ignore the variable.
+///
+/// ```
+/// assert_eq!(pyvisor_core::WORKER_MALLOC_TOP_PAD, 16 << 20);
+/// ```
+pub const WORKER_MALLOC_TOP_PAD: usize = 16 << 20;
+
 /// Everything needed to start a pool. Build with [`PoolSpec::script`] or [`PoolSpec::module`].
 ///
 /// ```
@@ -237,6 +255,11 @@ impl PoolSpec {
         self
     }
     /// Set an environment variable for the workers (added to the parent's environment).
+    ///
+    /// pyvisor sets `PYVISOR_*` variables of its own, the OpenTelemetry exporter's variables
+    /// when it exports, and `MALLOC_TOP_PAD_` unless the parent's environment has it
+    /// ([`WORKER_MALLOC_TOP_PAD`]: calls with large payloads reuse freed memory instead of
+    /// faulting it in again). Values set here are applied last and win over all of those.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
