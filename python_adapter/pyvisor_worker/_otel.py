@@ -34,11 +34,12 @@ import functools
 import inspect
 import os
 import re
+import contextvars
 import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._version import __version__
 
@@ -167,7 +168,13 @@ class Tracing:
     def __init__(self, provider: Any, worker_id: str, pid: int) -> None:
         from opentelemetry import context as context_api
         from opentelemetry import trace
-        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+        from opentelemetry.trace import (
+            INVALID_SPAN_CONTEXT,
+            NonRecordingSpan,
+            SpanContext,
+            TraceFlags,
+            TraceState,
+        )
 
         self.provider = provider
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
@@ -179,7 +186,6 @@ class Tracing:
         # The context key of the current span, found through the public API (the module
         # that defines it keeps it private).
         (self._span_key,) = trace.set_span_in_context(trace.INVALID_SPAN, context_api.Context())
-        self._span = NonRecordingSpan
         self._span_context = SpanContext
         self._trace_flags = TraceFlags
         self._flags = {"00": TraceFlags(0), "01": TraceFlags(1)}
@@ -190,44 +196,89 @@ class Tracing:
         self._close_lock = threading.Lock()
         self._closer: Optional[threading.Thread] = None
         self._close_deadline = 0.0
+        self._invalid = INVALID_SPAN_CONTEXT
+        # The call running in this thread or asyncio task: ``[call, span_id, span context or
+        # None until asked]``. Setting it is the only per-call work (see ``enter``).
+        self._current: "contextvars.ContextVar[Optional[List[Any]]]" = contextvars.ContextVar(
+            "pyvisor_current_call", default=None
+        )
+        resolve = self._resolve
+
+        class CallSpan(NonRecordingSpan):  # type: ignore[misc,valid-type]
+            """The running call's function span, as OpenTelemetry's current span: its context
+            is built from the call's ``traceparent`` only when something asks for it (a user
+            span starting), so a call whose function makes no span pays for none of it."""
+
+            def get_span_context(self) -> Any:
+                return resolve()
+
+        self._context_with_call_span = context_api.Context(
+            {self._span_key: CallSpan(INVALID_SPAN_CONTEXT)}
+        )
 
     # -------------------------------------------------------------- per call
 
-    def enter(self, call: "_Call", span_id: int) -> Any:
-        """Make the function's span current on this thread (or in this asyncio task) while
-        the function runs: a non-recording span with the ``traceparent``'s trace id and flags
-        and ``span_id``, so spans the function starts are its children. Returns a token for
-        :meth:`exit`, or ``None`` (no valid ``traceparent``: nothing attached, user spans are
-        roots). Never raises: tracing never fails a call."""
+    def install(self) -> None:
+        """Make the running call's span the current OpenTelemetry span of this thread, for
+        good. Called once by every thread that runs exposed functions (asyncio tasks copy it
+        from the thread that schedules them). Never raises."""
         try:
-            parsed = parse_traceparent(call._traceparent)
-            if parsed is None:
-                return None
-            trace_id, flags = parsed
-            trace_flags = self._flags.get(flags)
-            if trace_flags is None:
-                trace_flags = self._trace_flags(int(flags, 16))
-            tracestate = call._tracestate
-            if tracestate and type(tracestate) is str:
-                last = self._last_state
-                if last[0] == tracestate:
-                    trace_state = last[1]
-                else:
-                    trace_state = self._trace_state_from_header([tracestate])
-                    self._last_state = (tracestate, trace_state)
-            else:
-                trace_state = self._no_trace_state
-            span = self._span(
-                self._span_context(trace_id, span_id, False, trace_flags, trace_state)
-            )
-            return self._attach(self._context({self._span_key: span}))
+            self._attach(self._context_with_call_span)
+        except Exception:
+            pass
+
+    def enter(self, call: "_Call", span_id: int) -> Any:
+        """The function of ``call`` is about to run with span id ``span_id`` in this thread or
+        asyncio task: spans it starts become children of that span (with the ``traceparent``'s
+        trace id and flags), through the span :meth:`install` made current. Returns a token
+        for :meth:`exit`. Never raises: tracing never fails a call."""
+        try:
+            return self._current.set([call, span_id, None])
         except Exception:
             return None
 
     def exit(self, token: Any) -> None:
         """Undo :meth:`enter` (same thread or task)."""
         if token is not None:
-            self._detach(token)
+            try:
+                self._current.reset(token)
+            except Exception:
+                pass
+
+    def _resolve(self) -> Any:
+        """The running call's span context (built once per call, on first use), or the
+        invalid one outside a call or with an unusable ``traceparent`` (user spans are then
+        roots)."""
+        entry = self._current.get()
+        if entry is None:
+            return self._invalid
+        built = entry[2]
+        if built is not None:
+            return built
+        built = self._invalid
+        try:
+            call = entry[0]
+            parsed = parse_traceparent(call._traceparent)
+            if parsed is not None:
+                trace_id, flags = parsed
+                trace_flags = self._flags.get(flags)
+                if trace_flags is None:
+                    trace_flags = self._trace_flags(int(flags, 16))
+                tracestate = call._tracestate
+                if tracestate and type(tracestate) is str:
+                    last = self._last_state
+                    if last[0] == tracestate:
+                        trace_state = last[1]
+                    else:
+                        trace_state = self._trace_state_from_header([tracestate])
+                        self._last_state = (tracestate, trace_state)
+                else:
+                    trace_state = self._no_trace_state
+                built = self._span_context(trace_id, entry[1], False, trace_flags, trace_state)
+        except Exception:
+            pass
+        entry[2] = built
+        return built
 
     # -------------------------------------------------------------- end
 

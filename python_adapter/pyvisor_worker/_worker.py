@@ -225,7 +225,9 @@ class _Worker:
         self._functions["__pyvisor_chaos_arm"] = FunctionSpec(
             "__pyvisor_chaos_arm", _arm_from_parent, False, INLINE, 0, CALL_PAYLOAD, None
         )
-        self._names: List[str] = sorted(self._functions)
+        # What hello and the unknown-function hint show: the internal ``__pyvisor_*`` hooks stay
+        # callable (the parent's chaos API uses them) but are not the user's functions.
+        self._names: List[str] = sorted(n for n in self._functions if not n.startswith("__pyvisor"))
 
         # Writer: one lock around sendall; staged replies go out with the next write.
         self._wlock = threading.Lock()
@@ -277,7 +279,9 @@ class _Worker:
             for s in specs:
                 if s.kind == THREADS:
                     self._executors[s.name] = ThreadPoolExecutor(
-                        max_workers=s.threads, thread_name_prefix=f"pyvisor-{s.name}"
+                        max_workers=s.threads,
+                        thread_name_prefix=f"pyvisor-{s.name}",
+                        initializer=self._thread_start,
                     )
 
         in_main = threading.current_thread() is threading.main_thread()
@@ -329,9 +333,15 @@ class _Worker:
             self._loop.call_soon_threadsafe(self._loop.stop)
         _flush_stdio()
 
+    def _thread_start(self) -> None:
+        """First thing in every thread the adapter starts (and in its thread pools' threads)."""
+        if self._tracing is not None:
+            self._tracing.install()
+
     def _guarded(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
+                self._thread_start()
                 target()
             except BaseException:
                 # A bug in the adapter: say so and die rather than hang without a reader.

@@ -41,6 +41,7 @@ def test_hello_describes_the_worker(worker: FakeParent) -> None:
         "threads": 4,
     }
     assert functions["health"] == {"name": "health", "idempotent": True, "kind": "inline", "threads": 0}
+    assert not [name for name in functions if name.startswith("__pyvisor")], "internal hooks are not listed"
 
 
 VALUES = [
@@ -146,6 +147,7 @@ def test_unknown_function_lists_the_exposed_names(worker: FakeParent) -> None:
     assert err["kind"] == "unknown_function"
     assert "nope" in err["message"]
     assert "echo" in err["functions"] and "health" in err["functions"]
+    assert "__pyvisor_chaos_arm" not in err["functions"] and "__pyvisor" not in err["message"]
     assert err["functions"] == sorted(f["name"] for f in worker.hello["functions"])
 
 
