@@ -84,22 +84,46 @@ fn echo_spec(python: &Path, workers: usize, max_in_flight: usize) -> PoolSpec {
     PoolSpec::script(python_dir().join("echo.py")).python(python).name("bench").workers(workers).max_in_flight(max_in_flight)
 }
 
+/// How latencies are recorded: microseconds (every scenario), or nanoseconds where a
+/// difference of one microsecond matters (the tracing children's ~15 µs calls).
+#[derive(Clone, Copy)]
+enum Unit {
+    Micros,
+    Nanos,
+}
+
 /// One caller, one call at a time. The caller is a task on the runtime, as a request handler in
 /// a tokio service is: the reply's reader task wakes it on the same worker thread. (A caller
 /// that blocks the program's main thread in `block_on` is woken from another thread, one more
 /// thread switch per call; [`pyvisor_sequential_blocking`] measures that case.)
 async fn pyvisor_sequential(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
+    pyvisor_sequential_in(pool, payload, n, Unit::Micros).await
+}
+
+async fn pyvisor_sequential_in(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
     let (pool, payload) = (pool.clone(), payload.to_vec());
-    tokio::spawn(async move { pyvisor_sequential_blocking(&pool, &payload, n).await }).await.expect("the caller task panicked")
+    tokio::spawn(async move { pyvisor_sequential_blocking_in(&pool, &payload, n, unit).await }).await.expect("the caller task panicked")
 }
 
 /// One caller, one call at a time, on whatever thread polls this future.
 async fn pyvisor_sequential_blocking(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
-    let mut h = histogram();
+    pyvisor_sequential_blocking_in(pool, payload, n, Unit::Micros).await
+}
+
+async fn pyvisor_sequential_blocking_in(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
+    let mut h = match unit {
+        Unit::Micros => histogram(),
+        Unit::Nanos => Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds"),
+    };
     for _ in 0..n {
         let t = Instant::now();
         pool.call_raw("echo", payload, CallOptions::new()).await.expect("echo");
-        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        let e = t.elapsed();
+        let v = match unit {
+            Unit::Micros => e.as_micros(),
+            Unit::Nanos => e.as_nanos(),
+        };
+        let _ = h.record((v as u64).max(1));
     }
     h
 }
@@ -240,16 +264,16 @@ async fn child_tracing(python: &Path, mode: &str, endpoint: Option<&str>, n: usi
     }
     let pool = Pool::start(spec).await.expect("pool starts");
     let p = payload(100);
-    let _ = pyvisor_sequential(&pool, &p, TRACING_WARMUP).await;
+    let _ = pyvisor_sequential_in(&pool, &p, TRACING_WARMUP, Unit::Nanos).await;
     let worker = pool.status().await.workers.first().and_then(|w| w.pid);
     let (cpu, worker_cpu) = (cpu_time(), worker.map(process_cpu));
-    let h = pyvisor_sequential(&pool, &p, n).await;
+    let h = pyvisor_sequential_in(&pool, &p, n, Unit::Nanos).await;
     let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64;
     let worker_cpu_us = match (worker, worker_cpu) {
         (Some(pid), Some(before)) => (process_cpu(pid).saturating_sub(before)).as_secs_f64() * 1e6 / n as f64,
         _ => f64::NAN,
     };
-    println!("{}", serde_json::json!({"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "cpu_us": cpu_us, "worker_cpu_us": worker_cpu_us}));
+    println!("{}", serde_json::json!({"p50": h.value_at_quantile(0.5) as f64 / 1000.0, "p99": h.value_at_quantile(0.99) as f64 / 1000.0, "cpu_us": cpu_us, "worker_cpu_us": worker_cpu_us}));
     pool.shutdown().await;
     drop(guard);
     ExitCode::SUCCESS
@@ -485,8 +509,8 @@ async fn run(args: Args) -> ExitCode {
                 let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
                 p50s.push(v["p50"].as_f64().unwrap_or(f64::NAN));
                 eprintln!(
-                    "  {mode}: p50 {} µs, CPU per call: parent {:.1} µs, worker {:.1} µs",
-                    v["p50"],
+                    "  {mode}: p50 {:.1} µs, CPU per call: parent {:.1} µs, worker {:.1} µs",
+                    v["p50"].as_f64().unwrap_or(f64::NAN),
                     v["cpu_us"].as_f64().unwrap_or(f64::NAN),
                     v["worker_cpu_us"].as_f64().unwrap_or(f64::NAN)
                 );
