@@ -13,6 +13,8 @@
 //! Owns these spans and their attributes. Not the exporters (`telemetry.rs`), not the W3C
 //! header format (`tracing_ctx.rs`).
 
+use std::sync::Arc;
+
 use opentelemetry::trace::{Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
@@ -34,7 +36,7 @@ pub(crate) struct AttemptTrace {
 
 impl CallTrace {
     /// Start the call's span, or `None` when spans are not exported.
-    pub(crate) fn start(pool: &str, function: &str, traceparent: Option<&str>, tracestate: Option<&str>) -> Option<Self> {
+    pub(crate) fn start(pool: &Arc<str>, function: &str, traceparent: Option<&str>, tracestate: Option<&str>) -> Option<Self> {
         let tracer = crate::telemetry::call_tracer()?;
         let parent = match traceparent {
             Some(tp) => crate::tracing_ctx::remote_context(tp, tracestate),
@@ -54,7 +56,7 @@ impl CallTrace {
             .with_attributes([
                 KeyValue::new("rpc.system", "pyvisor"),
                 KeyValue::new("rpc.method", function.to_string()),
-                KeyValue::new("pyvisor.pool", pool.to_string()),
+                KeyValue::new("pyvisor.pool", Arc::clone(pool)),
             ])
             .start_with_context(&tracer, &parent);
         Some(CallTrace { cx: Context::new().with_span(span), tracer })
