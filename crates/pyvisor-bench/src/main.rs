@@ -53,6 +53,10 @@ struct Args {
     /// (internal) the OTLP endpoint the tracing child exports to.
     #[arg(long, hide = true)]
     endpoint: Option<String>,
+    /// Where the tracing scenario's children run: `split` (their call path on one CPU,
+    /// OpenTelemetry's exporter threads on any) or `shared` (everything on one CPU).
+    #[arg(long, default_value = "split", value_parser = ["split", "shared"])]
+    tracing_layout: String,
     /// (internal) calls for the tracing child.
     #[arg(long, hide = true, default_value_t = 1000)]
     calls: usize,
@@ -279,34 +283,65 @@ async fn child_tracing(python: &Path, mode: &str, endpoint: Option<&str>, n: usi
     ExitCode::SUCCESS
 }
 
-/// Pin this process (and so its threads and the workers it starts) to one CPU, the last it may
-/// run on. The tracing children do this: on a VM a sequential call's latency depends on whether
-/// caller and worker share a CPU (~15 µs) or not (~30 µs), which the scheduler decides anew for
-/// every process; pinned, off and on are measured alike, and everything tracing costs (the
-/// exporter's thread included) competes with the calls on that one CPU.
-fn pin_to_one_cpu() {
-    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity only read and write the set given.
+/// The last CPU this process may run on.
+fn last_cpu() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity only writes the set given.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return;
+            return None;
         }
-        let Some(cpu) = (0..libc::CPU_SETSIZE as usize).rev().find(|&c| libc::CPU_ISSET(c, &set)) else { return };
+        (0..libc::CPU_SETSIZE as usize).rev().find(|&c| libc::CPU_ISSET(c, &set))
+    }
+}
+
+/// Pin the calling thread, and so the threads and processes it starts from now on, to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: as above; sched_setaffinity(0, ..) only reads the set given, for this thread.
+    unsafe {
         let mut one: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut one);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
-            eprintln!("warning: cannot pin the tracing child to CPU {cpu}: {}", std::io::Error::last_os_error());
+            eprintln!("warning: cannot pin a thread to CPU {cpu}: {}", std::io::Error::last_os_error());
         }
     }
 }
 
+/// The tracing children's runtime. On this VM a sequential call's latency depends on whether
+/// the caller and its worker share a CPU (~15 µs) or not (~30 µs), which the scheduler decides
+/// anew for every process, so off and on would be measured in different layouts. Here the call
+/// path has one fixed layout: the runtime's one worker thread (caller and reader tasks), and
+/// the Python worker, on the last CPU (the worker inherits the pin: pyvisor forks workers from
+/// its spawner thread, which is started from the runtime's thread). With `--tracing-layout split` (the default),
+/// threads started outside the runtime — OpenTelemetry's batch exporters — may run on any CPU,
+/// as on any multi-core machine; with `shared`, they are pinned there too, so every cycle
+/// tracing costs competes with the calls.
+fn tracing_child_runtime(layout: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    let cpu = last_cpu();
+    if layout == "shared" {
+        if let Some(cpu) = cpu {
+            pin_thread(cpu);
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(move || {
+            if let Some(cpu) = cpu {
+                pin_thread(cpu);
+            }
+        })
+        .enable_all()
+        .build()
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.child_tracing.is_some() {
-        pin_to_one_cpu();
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    rt.block_on(run(args))
+    let rt = if args.child_tracing.is_some() {
+        tracing_child_runtime(&args.tracing_layout)
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    rt.expect("tokio runtime").block_on(run(args))
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -487,7 +522,7 @@ async fn run(args: Args) -> ExitCode {
             eprintln!("round {}/{rounds}: tracing off / on / on with the workers' OpenTelemetry SDK", r + 1);
             for (mode, p50s) in [("off", &mut off), ("on", &mut on), ("on-sdk", &mut on_sdk)] {
                 let mut cmd = tokio::process::Command::new(&exe);
-                cmd.args(["--child-tracing", mode, "--endpoint", &sink.endpoint(), "--calls", &seq_n.to_string(), "--python"])
+                cmd.args(["--child-tracing", mode, "--tracing-layout", &args.tracing_layout, "--endpoint", &sink.endpoint(), "--calls", &seq_n.to_string(), "--python"])
                     .arg(&python)
                     .env("PYVISOR_LOG", "warn")
                     // Every span exported, none dropped: queues large enough for a whole run
