@@ -205,6 +205,38 @@ pub struct TelemetryGuard {
     /// The workers' spans (service `SERVICE-worker`).
     workers: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
+    /// gRPC only: the runtime the exporters' connections run on (see [`export_runtime`]).
+    /// Declared last: dropped after `drop` has shut the exporters down.
+    _runtime: Option<ExportRuntime>,
+}
+
+/// The exporters' runtime; shut down without blocking when dropped (that may happen in async
+/// code, where dropping a `Runtime` panics).
+#[derive(Debug)]
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl TelemetryGuard {
+    fn none() -> Self {
+        TelemetryGuard { tracer: None, workers: None, meter: None, _runtime: None }
+    }
+}
+
+/// The runtime of the gRPC exporters: one thread of pyvisor's own. tonic runs each connection
+/// as a task on the runtime it was made in; made in the caller's runtime, every export batch
+/// (HTTP/2 framing and the protobuf encoding of up to thousands of spans) ran on a thread that
+/// also serves calls. On a runtime of its own it never delays a call, exporting does not depend
+/// on the caller's runtime making progress (a flush from a current-thread runtime used to wait
+/// out the exporter's timeout), and `init` works outside any runtime.
+fn export_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("pyvisor-otlp").enable_all().build()
 }
 
 impl TelemetryGuard {
@@ -260,21 +292,26 @@ fn endpoint_for(base: &str, protocol: Protocol, signal: &str) -> String {
 }
 
 /// The OpenTelemetry layer and its guard, for programs that build their own subscriber:
-/// `registry().with(my_layers).with(layer)`. `None` when `config` exports nothing. Must be
-/// called inside a tokio runtime when the protocol is gRPC.
+/// `registry().with(my_layers).with(layer)`. `None` when `config` exports nothing. Works inside
+/// or outside a tokio runtime (gRPC exporters run on a thread of pyvisor's own).
 pub fn otel_layer<S>(config: &TelemetryConfig) -> (Option<impl Layer<S>>, TelemetryGuard)
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    let none = TelemetryGuard { tracer: None, workers: None, meter: None };
+    let none = TelemetryGuard::none();
     let Some(base) = config.endpoint.as_deref() else { return (None, none) };
-    if config.protocol == Protocol::Grpc && tokio::runtime::Handle::try_current().is_err() {
-        eprintln!(
-            "pyvisor: OTLP over gRPC needs a tokio runtime: call telemetry::init inside one (or use \
-             OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf); not exporting"
-        );
-        return (None, none);
-    }
+    let runtime = match config.protocol {
+        Protocol::HttpProtobuf => None,
+        Protocol::Grpc => match export_runtime() {
+            Ok(rt) => Some(ExportRuntime(Some(rt))),
+            Err(e) => {
+                eprintln!("pyvisor: cannot start the OTLP/gRPC exporters' thread ({e}); not exporting");
+                return (None, none);
+            }
+        },
+    };
+    // tonic spawns each connection's task on the runtime current while the exporter is built.
+    let _entered = runtime.as_ref().and_then(|rt| rt.0.as_ref()).map(|rt| rt.enter());
     let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
     let worker_service = format!("{}-worker", config.service_name);
     let span_exporter = || match config.protocol {
@@ -352,9 +389,10 @@ where
     }
     EXPORTING.store(true, Ordering::Relaxed);
     crate::metrics::enable();
+    drop(_entered);
     (
         Some(layer),
-        TelemetryGuard { tracer: Some(tracer_provider), workers: Some(worker_provider), meter: meter_provider },
+        TelemetryGuard { tracer: Some(tracer_provider), workers: Some(worker_provider), meter: meter_provider, _runtime: runtime },
     )
 }
 
@@ -376,7 +414,7 @@ pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
     if tracing::dispatcher::has_been_set() {
         // A subscriber is installed already (ours or the program's): ours would never see a
         // span, and a second set of exporters must not replace the first one's state.
-        return TelemetryGuard { tracer: None, workers: None, meter: None };
+        return TelemetryGuard::none();
     }
     // ractor logs every actor at INFO; keep it quiet unless asked for.
     let filter = EnvFilter::try_new(format!("ractor=warn,{}", config.log_filter))
@@ -389,7 +427,7 @@ pub fn init_with(config: &TelemetryConfig) -> TelemetryGuard {
     if tracing_subscriber::registry().with(fmt).with(otel).try_init().is_err() {
         // A subscriber was already installed: ours would never see a span.
         drop(guard);
-        return TelemetryGuard { tracer: None, workers: None, meter: None };
+        return TelemetryGuard::none();
     }
     guard
 }
