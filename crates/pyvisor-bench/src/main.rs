@@ -132,6 +132,17 @@ async fn pyvisor_sequential_blocking_in(pool: &Pool, payload: &[u8], n: usize, u
     h
 }
 
+/// Sequential p50 of the floor and of pyvisor, `rounds` rounds of `n` calls each, interleaved.
+async fn sequential_p50s(floor: &mut Floor, pool: &Pool, payload: &[u8], n: usize, rounds: usize, what: &str) -> (f64, f64) {
+    let (mut fh, mut ph) = (histogram(), histogram());
+    for r in 0..rounds {
+        eprintln!("round {}/{rounds}: {what}", r + 1);
+        let _ = fh.add(&floor.sequential(payload, n));
+        let _ = ph.add(&pyvisor_sequential(pool, payload, n).await);
+    }
+    (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64)
+}
+
 async fn pyvisor_concurrent(pool: &Pool, payload: &[u8], n: usize, callers: usize) -> (Duration, Histogram<u64>) {
     let left = Arc::new(AtomicUsize::new(n));
     let payload = Arc::new(payload.to_vec());
@@ -453,13 +464,7 @@ async fn run(args: Args) -> ExitCode {
     {
         let p = payload(size);
         let n = if size >= 1 << 20 { seq_n / 20 } else { seq_n / 2 }.max(10);
-        let (mut fh, mut ph) = (histogram(), histogram());
-        for r in 0..rounds {
-            eprintln!("round {}/{rounds}: payload {label}", r + 1);
-            let _ = fh.add(&floor.sequential(&p, n));
-            let _ = ph.add(&pyvisor_sequential(&seq_pool, &p, n).await);
-        }
-        let (a, b) = (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64);
+        let (a, b) = sequential_p50s(&mut floor, &seq_pool, &p, n, rounds, &format!("payload {label}")).await;
         let t = target.map(|t: f64| (if t == 1.3 { "≤ 1.3×" } else { "" }, b <= t * a));
         rows.push(row(&format!("sequential p50, payload {label}"), "µs", a, b, t));
         if size >= 1 << 20 {
@@ -469,13 +474,8 @@ async fn run(args: Args) -> ExitCode {
             match Floor::start(&python, &python_dir().join("floor.py"), &pad) {
                 Ok(mut padded) => {
                     let _ = padded.sequential(&p, 5);
-                    let (mut fh, mut ph) = (histogram(), histogram());
-                    for r in 0..rounds {
-                        eprintln!("round {}/{rounds}: payload {label}, floor with MALLOC_TOP_PAD_", r + 1);
-                        let _ = fh.add(&padded.sequential(&p, n));
-                        let _ = ph.add(&pyvisor_sequential(&seq_pool, &p, n).await);
-                    }
-                    let (a, b) = (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64);
+                    let what = format!("payload {label}, floor with MALLOC_TOP_PAD_");
+                    let (a, b) = sequential_p50s(&mut padded, &seq_pool, &p, n, rounds, &what).await;
                     rows.push(row(&format!("sequential p50, payload {label}, floor with the same MALLOC_TOP_PAD_"), "µs", a, b, None));
                 }
                 Err(e) => eprintln!("warning: cannot start the padded floor: {e}"),
