@@ -9,11 +9,13 @@ part needs nothing from OpenTelemetry and happens whether or not tracing is acti
 
 When tracing is active in the worker, this module adds two things:
 
-- while a traced call's function runs, :meth:`Tracing.enter` makes current (on its thread, or
-  in its asyncio task) a cheap *non-recording* span whose context is the function's span
-  (trace id and flags from the ``traceparent``, the span id the reply reports), so spans that
-  user code starts (through :func:`tracer`, its own OpenTelemetry tracer, or instrumented
-  libraries) are children of the function's span;
+- every thread that runs exposed functions has, once (:meth:`Tracing.install`), a current
+  *non-recording* span that stands for the running call; while a traced call's function runs,
+  :meth:`Tracing.enter` names the call (one ``contextvars`` set, on its thread or in its
+  asyncio task), and that span's context — trace id and flags from the ``traceparent``, the span
+  id the reply reports — is built when first asked for, so spans that user code starts (through
+  :func:`tracer`, its own OpenTelemetry tracer, or instrumented libraries) are children of the
+  function's span, and a function that starts none costs nothing more;
 - the worker's own tracer provider and OTLP exporter, which export those user spans (and
   nothing else), flushed on every exit path.
 
@@ -30,11 +32,11 @@ cheap to import: everything from ``opentelemetry`` is imported inside :func:`act
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
 import re
-import contextvars
 import socket
 import sys
 import threading
@@ -181,8 +183,6 @@ class Tracing:
         self.worker_id = worker_id
         self.pid = pid
         self._attach = context_api.attach
-        self._detach = context_api.detach
-        self._context = context_api.Context
         # The context key of the current span, found through the public API (the module
         # that defines it keeps it private).
         (self._span_key,) = trace.set_span_in_context(trace.INVALID_SPAN, context_api.Context())

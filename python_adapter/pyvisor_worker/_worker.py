@@ -23,8 +23,9 @@ takes the fast path and its ``span`` is ``nil``. For a call with one (``_execute
 ``[span_id, start_ns, end_ns]`` (also in error replies produced after the function ran); the
 parent records the function's span from it. Nothing from OpenTelemetry is involved in that.
 With tracing active in the worker as well (``_otel``: the ``otel`` extra and an OTLP
-endpoint), a non-recording span with that id is made current on the executing thread (or in
-the asyncio task) while the function runs, so the spans user code starts are its children;
+endpoint), a span with that id is current on the executing thread (or in the asyncio task)
+while the function runs (``Tracing.enter``: one ``contextvars`` set), so the spans user code
+starts are its children;
 the worker exports only those, and every exit path flushes them first, bounded.
 
 All writes go through one lock around ``sendall``; replies that are ready together are joined

@@ -180,6 +180,7 @@ pub(crate) async fn spawn_worker(
     for (k, v) in crate::telemetry::worker_env() {
         cmd.env(k, v);
     }
+    // Large payloads reuse freed memory instead of faulting it in again (the user's value wins).
     if std::env::var_os("MALLOC_TOP_PAD_").is_none() {
         cmd.env("MALLOC_TOP_PAD_", WORKER_MALLOC_TOP_PAD.to_string());
     }
