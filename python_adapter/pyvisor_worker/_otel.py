@@ -9,13 +9,12 @@ part needs nothing from OpenTelemetry and happens whether or not tracing is acti
 
 When tracing is active in the worker, this module adds two things:
 
-- every thread that runs exposed functions has, once (:meth:`Tracing.install`), a current
-  *non-recording* span that stands for the running call; while a traced call's function runs,
-  :meth:`Tracing.enter` names the call (one ``contextvars`` set, on its thread or in its
-  asyncio task), and that span's context — trace id and flags from the ``traceparent``, the span
-  id the reply reports — is built when first asked for, so spans that user code starts (through
-  :func:`tracer`, its own OpenTelemetry tracer, or instrumented libraries) are children of the
-  function's span, and a function that starts none costs nothing more;
+- while a traced call's function runs, :meth:`Tracing.enter` makes current (on its thread, or
+  in its asyncio task) a *non-recording* span standing for the function's span, whose context
+  (trace id and flags from the ``traceparent``, the span id the reply reports) is built only
+  when first asked for, so spans that user code starts (through :func:`tracer`, its own
+  OpenTelemetry tracer, or instrumented libraries) are children of the function's span, and a
+  function that starts none pays only for the attach;
 - the worker's own tracer provider and OTLP exporter, which export those user spans (and
   nothing else), flushed on every exit path.
 
@@ -32,7 +31,6 @@ cheap to import: everything from ``opentelemetry`` is imported inside :func:`act
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import os
@@ -41,7 +39,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._version import __version__
 
@@ -182,7 +180,6 @@ class Tracing:
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         self.worker_id = worker_id
         self.pid = pid
-        self._attach = context_api.attach
         # The context key of the current span, found through the public API (the module
         # that defines it keeps it private).
         (self._span_key,) = trace.set_span_in_context(trace.INVALID_SPAN, context_api.Context())
@@ -197,43 +194,41 @@ class Tracing:
         self._closer: Optional[threading.Thread] = None
         self._close_deadline = 0.0
         self._invalid = INVALID_SPAN_CONTEXT
-        # The call running in this thread or asyncio task: ``[call, span_id, span context or
-        # None until asked]``. Setting it is the only per-call work (see ``enter``).
-        self._current: "contextvars.ContextVar[Optional[List[Any]]]" = contextvars.ContextVar(
-            "pyvisor_current_call", default=None
-        )
-        resolve = self._resolve
+        self._attach_context = context_api.attach
+        self._detach = context_api.detach
+        self._context = context_api.Context
+        build = self._build_span_context
 
         class CallSpan(NonRecordingSpan):  # type: ignore[misc,valid-type]
-            """The running call's function span, as OpenTelemetry's current span: its context
-            is built from the call's ``traceparent`` only when something asks for it (a user
-            span starting), so a call whose function makes no span pays for none of it."""
+            """A running call's function span, as OpenTelemetry's current span. Its span
+            context is built from the call's ``traceparent`` only when something asks for it
+            (a user span starting), so a call whose function starts none never pays for it.
+            It names its call, not "whatever runs now": a context captured during the call
+            (``context.get_current()``, threading instrumentation) keeps meaning that call."""
+
+            def __init__(self, call: "_Call", span_id: int) -> None:  # no super(): lazy context
+                self._call = call
+                self._span_id = span_id
+                self._context = None
 
             def get_span_context(self) -> Any:
-                return resolve()
+                sc = self._context
+                if sc is None:
+                    sc = self._context = build(self._call, self._span_id)
+                return sc
 
-        self._context_with_call_span = context_api.Context(
-            {self._span_key: CallSpan(INVALID_SPAN_CONTEXT)}
-        )
+        self._call_span = CallSpan
 
     # -------------------------------------------------------------- per call
 
-    def install(self) -> None:
-        """Make the running call's span the current OpenTelemetry span of this thread, for
-        good. Called once by every thread that runs exposed functions (asyncio tasks copy it
-        from the thread that schedules them). Never raises."""
-        try:
-            self._attach(self._context_with_call_span)
-        except Exception:
-            pass
-
     def enter(self, call: "_Call", span_id: int) -> Any:
-        """The function of ``call`` is about to run with span id ``span_id`` in this thread or
-        asyncio task: spans it starts become children of that span (with the ``traceparent``'s
-        trace id and flags), through the span :meth:`install` made current. Returns a token
-        for :meth:`exit`. Never raises: tracing never fails a call."""
+        """Make the function's span current on this thread (or in this asyncio task) while
+        the function runs, so spans it starts are its children: a non-recording span with the
+        ``traceparent``'s trace id and flags and ``span_id``, whose span context is built only
+        if asked for. Returns a token for :meth:`exit`. Never raises: tracing never fails a
+        call."""
         try:
-            return self._current.set([call, span_id, None])
+            return self._attach_context(self._context({self._span_key: self._call_span(call, span_id)}))
         except Exception:
             return None
 
@@ -241,44 +236,34 @@ class Tracing:
         """Undo :meth:`enter` (same thread or task)."""
         if token is not None:
             try:
-                self._current.reset(token)
+                self._detach(token)
             except Exception:
                 pass
 
-    def _resolve(self) -> Any:
-        """The running call's span context (built once per call, on first use), or the
-        invalid one outside a call or with an unusable ``traceparent`` (user spans are then
-        roots)."""
-        entry = self._current.get()
-        if entry is None:
-            return self._invalid
-        built = entry[2]
-        if built is not None:
-            return built
-        built = self._invalid
+    def _build_span_context(self, call: "_Call", span_id: int) -> Any:
+        """The span context of ``call``'s function span, or the invalid one for an unusable
+        ``traceparent`` (user spans are then roots). Never raises."""
         try:
-            call = entry[0]
             parsed = parse_traceparent(call._traceparent)
-            if parsed is not None:
-                trace_id, flags = parsed
-                trace_flags = self._flags.get(flags)
-                if trace_flags is None:
-                    trace_flags = self._trace_flags(int(flags, 16))
-                tracestate = call._tracestate
-                if tracestate and type(tracestate) is str:
-                    last = self._last_state
-                    if last[0] == tracestate:
-                        trace_state = last[1]
-                    else:
-                        trace_state = self._trace_state_from_header([tracestate])
-                        self._last_state = (tracestate, trace_state)
+            if parsed is None:
+                return self._invalid
+            trace_id, flags = parsed
+            trace_flags = self._flags.get(flags)
+            if trace_flags is None:
+                trace_flags = self._trace_flags(int(flags, 16))
+            tracestate = call._tracestate
+            if tracestate and type(tracestate) is str:
+                last = self._last_state
+                if last[0] == tracestate:
+                    trace_state = last[1]
                 else:
-                    trace_state = self._no_trace_state
-                built = self._span_context(trace_id, entry[1], False, trace_flags, trace_state)
+                    trace_state = self._trace_state_from_header([tracestate])
+                    self._last_state = (tracestate, trace_state)
+            else:
+                trace_state = self._no_trace_state
+            return self._span_context(trace_id, span_id, False, trace_flags, trace_state)
         except Exception:
-            pass
-        entry[2] = built
-        return built
+            return self._invalid
 
     # -------------------------------------------------------------- end
 

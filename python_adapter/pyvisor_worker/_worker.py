@@ -24,8 +24,8 @@ takes the fast path and its ``span`` is ``nil``. For a call with one (``_execute
 parent records the function's span from it. Nothing from OpenTelemetry is involved in that.
 With tracing active in the worker as well (``_otel``: the ``otel`` extra and an OTLP
 endpoint), a span with that id is current on the executing thread (or in the asyncio task)
-while the function runs (``Tracing.enter``: one ``contextvars`` set), so the spans user code
-starts are its children;
+while the function runs (``Tracing.enter``: its span context is built only if user code asks),
+so the spans user code starts are its children;
 the worker exports only those, and every exit path flushes them first, bounded.
 
 All writes go through one lock around ``sendall``; replies that are ready together are joined
@@ -282,7 +282,6 @@ class _Worker:
                     self._executors[s.name] = ThreadPoolExecutor(
                         max_workers=s.threads,
                         thread_name_prefix=f"pyvisor-{s.name}",
-                        initializer=self._thread_start,
                     )
 
         in_main = threading.current_thread() is threading.main_thread()
@@ -334,15 +333,9 @@ class _Worker:
             self._loop.call_soon_threadsafe(self._loop.stop)
         _flush_stdio()
 
-    def _thread_start(self) -> None:
-        """First thing in every thread the adapter starts (and in its thread pools' threads)."""
-        if self._tracing is not None:
-            self._tracing.install()
-
     def _guarded(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
-                self._thread_start()
                 target()
             except BaseException:
                 # A bug in the adapter: say so and die rather than hang without a reader.

@@ -130,6 +130,27 @@ async def async_wait(seconds):
     return "done"
 
 
+@expose
+def captured_context(x):
+    """A context captured during the call and attached in a thread of the user's own (as the
+    threading instrumentation does) still names this call's span."""
+    from opentelemetry import context
+
+    captured = context.get_current()
+
+    def run():
+        token = context.attach(captured)
+        try:
+            pyvisor_worker.tracer().start_span("user.captured").end()
+        finally:
+            context.detach(token)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return x
+
+
 @expose(threads=2)
 def threaded_nested(x):
     span = pyvisor_worker.tracer().start_span("user.threaded")
@@ -330,6 +351,7 @@ TRACED = {  # key -> trace id of its traceparent
     "nested": "2" * 32,
     "async": "3" * 32,
     "threaded": "4" * 32,
+    "captured": "e" * 32,
     "global": "7" * 32,
     "tracestate": "8" * 32,
     "not_sampled": "9" * 32,
@@ -380,6 +402,7 @@ def http_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpRun]:
         call("async", "async_nested", 4, traceparent=traceparent(TRACED["async"]))
         call("async_root", "async_nested", 40)
         call("threaded", "threaded_nested", 5, traceparent=traceparent(TRACED["threaded"]))
+        call("captured", "captured_context", 6, traceparent=traceparent(TRACED["captured"]))
         call("threaded_root", "threaded_nested", 50)
         call("global", "global_provider_span", None, traceparent=traceparent(TRACED["global"]))
         call(
@@ -478,6 +501,7 @@ def test_the_worker_exports_no_span_per_call(http_run: HttpRun) -> None:
         "user.async",
         "user.async.task",
         "user.threaded",
+        "user.captured",
     }, names
 
 
@@ -488,6 +512,7 @@ def test_the_worker_exports_no_span_per_call(http_run: HttpRun) -> None:
         ("nested", "user.decorated"),
         ("async", "user.async"),
         ("threaded", "user.threaded"),
+        ("captured", "user.captured"),
         ("tracestate", "user.inline"),
     ],
 )
