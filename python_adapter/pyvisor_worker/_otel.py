@@ -207,14 +207,17 @@ class Tracing:
             (``context.get_current()``, threading instrumentation) keeps meaning that call."""
 
             def __init__(self, call: "_Call", span_id: int) -> None:  # no super(): lazy context
-                self._call = call
+                # The headers only, not the call: a context captured during the call must not
+                # keep its payload alive.
+                self._headers = (call._traceparent, call._tracestate)
                 self._span_id = span_id
                 self._context = None
 
             def get_span_context(self) -> Any:
                 sc = self._context
                 if sc is None:
-                    sc = self._context = build(self._call, self._span_id)
+                    traceparent, tracestate = self._headers
+                    sc = self._context = build(traceparent, tracestate, self._span_id)
                 return sc
 
         self._call_span = CallSpan
@@ -240,18 +243,17 @@ class Tracing:
             except Exception:
                 pass
 
-    def _build_span_context(self, call: "_Call", span_id: int) -> Any:
-        """The span context of ``call``'s function span, or the invalid one for an unusable
+    def _build_span_context(self, traceparent: Any, tracestate: Any, span_id: int) -> Any:
+        """The span context of a call's function span, or the invalid one for an unusable
         ``traceparent`` (user spans are then roots). Never raises."""
         try:
-            parsed = parse_traceparent(call._traceparent)
+            parsed = parse_traceparent(traceparent)
             if parsed is None:
                 return self._invalid
             trace_id, flags = parsed
             trace_flags = self._flags.get(flags)
             if trace_flags is None:
                 trace_flags = self._trace_flags(int(flags, 16))
-            tracestate = call._tracestate
             if tracestate and type(tracestate) is str:
                 last = self._last_state
                 if last[0] == tracestate:

@@ -47,7 +47,7 @@ pub use process::{program_id, reap_orphans, run_id};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
 pub use slot::WorkerState;
-pub use spec::{PoolSpec, RecyclePolicy, Target, WORKER_MALLOC_TOP_PAD};
+pub use spec::{PoolSpec, RecyclePolicy, Target, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
 pub use status::{PoolStatus, WorkerStatus};
 
 /// The wire protocol crate, re-exported.

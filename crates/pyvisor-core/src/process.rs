@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use crate::death::WorkerId;
-use crate::spec::{PoolSpec, Target, WORKER_MALLOC_TOP_PAD};
+use crate::spec::{PoolSpec, Target, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
 
 /// Lines of stderr kept for death certificates.
 pub(crate) const STDERR_TAIL_LINES: usize = 40;
@@ -180,9 +180,11 @@ pub(crate) async fn spawn_worker(
     for (k, v) in crate::telemetry::worker_env() {
         cmd.env(k, v);
     }
-    // Large payloads reuse freed memory instead of faulting it in again (the user's value wins).
-    if std::env::var_os("MALLOC_TOP_PAD_").is_none() {
+    // Large payloads reuse freed memory instead of faulting it in again (WORKER_MALLOC_TOP_PAD);
+    // a parent that sets the allocator itself keeps its own settings.
+    if ["MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"].iter().all(|k| std::env::var_os(k).is_none()) {
         cmd.env("MALLOC_TOP_PAD_", WORKER_MALLOC_TOP_PAD.to_string());
+        cmd.env("MALLOC_MMAP_THRESHOLD_", WORKER_MALLOC_MMAP_THRESHOLD.to_string());
     }
     for (k, v) in &spec.env {
         cmd.env(k, v);

@@ -28,15 +28,30 @@ pub enum Target {
 /// frees a few MiB (the decoded argument, the encoded reply), so without padding every such
 /// call faults those pages in again: about 500 page faults per 1 MiB call, measured, which
 /// tripled its latency (docs/benchmarks.md). With 16 MiB kept, the pages are reused. Memory is
-/// only kept once it has been touched, so a worker that never sees a large payload is
-/// unaffected; one that does keeps at most this much more per arena. It is set unless the
-/// parent's environment has `MALLOC_TOP_PAD_`; [`PoolSpec::env`] overrides it. Other C
-/// libraries ignore the variable.
+/// only kept once it has been touched, so a worker that never sees a large payload keeps
+/// nothing more; one that does keeps at most this much more per arena.
+///
+/// Setting the pad switches off glibc's adaptive mmap threshold, which would send every
+/// allocation above 128 KiB to `mmap` (a 24 MiB call then faulted twice as many pages as with
+/// no setting at all), so pyvisor also sets `MALLOC_MMAP_THRESHOLD_` to
+/// [`WORKER_MALLOC_MMAP_THRESHOLD`]. Both are set unless the parent's environment has
+/// `MALLOC_TOP_PAD_`, `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES`; [`PoolSpec::env`]
+/// overrides them. They are inherited by processes the worker starts; other C libraries
+/// ignore them.
 ///
 /// ```
 /// assert_eq!(pyvisor_core::WORKER_MALLOC_TOP_PAD, 16 << 20);
 /// ```
 pub const WORKER_MALLOC_TOP_PAD: usize = 16 << 20;
+
+/// glibc's `MALLOC_MMAP_THRESHOLD_` that pyvisor gives its workers with
+/// [`WORKER_MALLOC_TOP_PAD`], in bytes: allocations up to this size come from (and return to)
+/// the arena; larger ones are mapped and unmapped each time.
+///
+/// ```
+/// assert!(pyvisor_core::WORKER_MALLOC_MMAP_THRESHOLD > pyvisor_core::WORKER_MALLOC_TOP_PAD);
+/// ```
+pub const WORKER_MALLOC_MMAP_THRESHOLD: usize = 32 << 20;
 
 /// Everything needed to start a pool. Build with [`PoolSpec::script`] or [`PoolSpec::module`].
 ///
@@ -257,9 +272,9 @@ impl PoolSpec {
     /// Set an environment variable for the workers (added to the parent's environment).
     ///
     /// pyvisor sets `PYVISOR_*` variables of its own, the OpenTelemetry exporter's variables
-    /// when it exports, and `MALLOC_TOP_PAD_` unless the parent's environment has it
-    /// ([`WORKER_MALLOC_TOP_PAD`]: calls with large payloads reuse freed memory instead of
-    /// faulting it in again). Values set here are applied last and win over all of those.
+    /// when it exports, and glibc's `MALLOC_TOP_PAD_` and `MALLOC_MMAP_THRESHOLD_` unless the
+    /// parent's environment sets the allocator ([`WORKER_MALLOC_TOP_PAD`]: calls with large
+    /// payloads reuse freed memory instead of faulting it in again). Values set here are applied last and win over all of those.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
