@@ -31,6 +31,7 @@ cheap to import: everything from ``opentelemetry`` is imported inside :func:`act
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
@@ -196,6 +197,13 @@ class Tracing:
         self._invalid = INVALID_SPAN_CONTEXT
         self._attach_context = context_api.attach
         self._detach = context_api.detach
+        # The API's attach/detach wrap the runtime context's ContextVar in two calls each; with
+        # the default runtime context (contextvars) use the variable itself, a per-call saving.
+        runtime = getattr(context_api, "_RUNTIME_CONTEXT", None)
+        var = getattr(runtime, "_current_context", None)
+        if isinstance(var, contextvars.ContextVar):
+            self._attach_context = var.set
+            self._detach = var.reset
         self._context = context_api.Context
         build = self._build_span_context
 
