@@ -166,7 +166,7 @@ class Tracing:
     """The worker's tracer provider, and the context a traced call's function runs in
     (enabled path only)."""
 
-    def __init__(self, provider: Any, worker_id: str, pid: int) -> None:
+    def __init__(self, provider: Any) -> None:
         from opentelemetry import context as context_api
         from opentelemetry import trace
         from opentelemetry.trace import (
@@ -179,8 +179,6 @@ class Tracing:
 
         self.provider = provider
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
-        self.worker_id = worker_id
-        self.pid = pid
         # The context key of the current span, found through the public API (the module
         # that defines it keeps it private).
         (self._span_key,) = trace.set_span_in_context(trace.INVALID_SPAN, context_api.Context())
@@ -370,7 +368,7 @@ def _build(env: Mapping[str, str], worker_id: str, run_id: str) -> Tracing:
     provider = TracerProvider(resource=detected.merge(Resource(ours)), shutdown_on_exit=False)
     # The exporter reads endpoint, headers, timeout, compression and TLS from OTEL_* itself.
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider, worker_id, pid)
+    return Tracing(provider)
 
 
 # ---------------------------------------------------------------------- public tracer()

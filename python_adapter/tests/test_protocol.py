@@ -319,21 +319,15 @@ def test_calls_whose_function_never_ran_have_no_span(worker: FakeParent) -> None
     reply = worker.reply_for(worker.call("nope", 1, traceparent=TRACEPARENT))
     assert reply.error["kind"] == "unknown_function" and reply.span is None
 
-    # A plain call cancelled while queued behind a slow one.
-    slow = worker.call("sleep", 0.3)
-    queued = worker.call("echo", 1, traceparent=TRACEPARENT)
-    worker.cancel(queued)
-    reply = worker.reply_for(queued)
-    assert reply.error["kind"] == "cancelled" and reply.span is None
-    assert worker.reply_for(slow).ok
-
-    # A threads call cancelled before its pool thread picked it up.
-    busy = worker.call("thread_sleep", 0.3)
-    waiting = worker.call("thread_sleep", 0, traceparent=TRACEPARENT)
-    worker.cancel(waiting)
-    reply = worker.reply_for(waiting)
-    assert reply.error["kind"] == "cancelled" and reply.span is None
-    assert worker.reply_for(busy).ok
+    # A plain call cancelled while queued behind a slow one, and a threads call cancelled
+    # before its pool thread picked it up.
+    for blocker, function, payload in [("sleep", "echo", 1), ("thread_sleep", "thread_sleep", 0)]:
+        busy = worker.call(blocker, 0.3)
+        waiting = worker.call(function, payload, traceparent=TRACEPARENT)
+        worker.cancel(waiting)
+        reply = worker.reply_for(waiting)
+        assert reply.error["kind"] == "cancelled" and reply.span is None, function
+        assert worker.reply_for(busy).ok
 
 
 def test_call_cancelled_while_running_reports_its_span(worker: FakeParent) -> None:

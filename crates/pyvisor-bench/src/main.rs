@@ -100,21 +100,13 @@ enum Unit {
 /// a tokio service is: the reply's reader task wakes it on the same worker thread. (A caller
 /// that blocks the program's main thread in `block_on` is woken from another thread, one more
 /// thread switch per call; [`pyvisor_sequential_blocking`] measures that case.)
-async fn pyvisor_sequential(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
-    pyvisor_sequential_in(pool, payload, n, Unit::Micros).await
-}
-
-async fn pyvisor_sequential_in(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
+async fn pyvisor_sequential(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
     let (pool, payload) = (pool.clone(), payload.to_vec());
-    tokio::spawn(async move { pyvisor_sequential_blocking_in(&pool, &payload, n, unit).await }).await.expect("the caller task panicked")
+    tokio::spawn(async move { pyvisor_sequential_blocking(&pool, &payload, n, unit).await }).await.expect("the caller task panicked")
 }
 
 /// One caller, one call at a time, on whatever thread polls this future.
-async fn pyvisor_sequential_blocking(pool: &Pool, payload: &[u8], n: usize) -> Histogram<u64> {
-    pyvisor_sequential_blocking_in(pool, payload, n, Unit::Micros).await
-}
-
-async fn pyvisor_sequential_blocking_in(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
+async fn pyvisor_sequential_blocking(pool: &Pool, payload: &[u8], n: usize, unit: Unit) -> Histogram<u64> {
     let mut h = match unit {
         Unit::Micros => histogram(),
         Unit::Nanos => Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds"),
@@ -138,7 +130,7 @@ async fn sequential_p50s(floor: &mut Floor, pool: &Pool, payload: &[u8], n: usiz
     for r in 0..rounds {
         eprintln!("round {}/{rounds}: {what}", r + 1);
         let _ = fh.add(&floor.sequential(payload, n));
-        let _ = ph.add(&pyvisor_sequential(pool, payload, n).await);
+        let _ = ph.add(&pyvisor_sequential(pool, payload, n, Unit::Micros).await);
     }
     (fh.value_at_quantile(0.5) as f64, ph.value_at_quantile(0.5) as f64)
 }
@@ -279,10 +271,10 @@ async fn child_tracing(python: &Path, mode: &str, endpoint: Option<&str>, n: usi
     }
     let pool = Pool::start(spec).await.expect("pool starts");
     let p = payload(100);
-    let _ = pyvisor_sequential_in(&pool, &p, TRACING_WARMUP, Unit::Nanos).await;
+    let _ = pyvisor_sequential(&pool, &p, TRACING_WARMUP, Unit::Nanos).await;
     let worker = pool.status().await.workers.first().and_then(|w| w.pid);
     let (cpu, worker_cpu) = (cpu_time(), worker.map(process_cpu));
-    let h = pyvisor_sequential_in(&pool, &p, n, Unit::Nanos).await;
+    let h = pyvisor_sequential(&pool, &p, n, Unit::Nanos).await;
     let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64;
     let worker_cpu_us = match (worker, worker_cpu) {
         (Some(pid), Some(before)) => (process_cpu(pid).saturating_sub(before)).as_secs_f64() * 1e6 / n as f64,
@@ -410,7 +402,7 @@ async fn run(args: Args) -> ExitCode {
     let small = payload(100);
     // Warm up both sides.
     let _ = floor.sequential(&small, 500);
-    let _ = pyvisor_sequential(&seq_pool, &small, 500).await;
+    let _ = pyvisor_sequential(&seq_pool, &small, 500, Unit::Micros).await;
 
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
@@ -423,8 +415,8 @@ async fn run(args: Args) -> ExitCode {
         for r in 0..rounds {
             eprintln!("round {}/{rounds}: sequential and pipelined", r + 1);
             let _ = fs.add(&floor.sequential(&small, seq_n));
-            let _ = ps.add(&pyvisor_sequential(&seq_pool, &small, seq_n).await);
-            let _ = pb.add(&pyvisor_sequential_blocking(&seq_pool, &small, seq_n).await);
+            let _ = ps.add(&pyvisor_sequential(&seq_pool, &small, seq_n, Unit::Micros).await);
+            let _ = pb.add(&pyvisor_sequential_blocking(&seq_pool, &small, seq_n, Unit::Micros).await);
             let (e, _) = floor.pipelined(&small, pipe_n, 64);
             fthr.push(pipe_n as f64 / e.as_secs_f64());
             let (e, _) = pyvisor_concurrent(&pipe_pool, &small, pipe_n, 64).await;
