@@ -115,6 +115,9 @@ pub struct CallInFlight {
     pub running_for: Duration,
     /// W3C trace id of the call, when it was traced.
     pub trace_id: Option<String>,
+    /// Whether its caller had given up on it (cancelled or timed out) while the worker still
+    /// held it.
+    pub abandoned: bool,
 }
 
 /// The record of one worker crash: who, how, and what it took with it.
@@ -173,10 +176,16 @@ impl DeathCertificate {
     /// SIGTERM, SIGINT, SIGHUP that pyvisor did not send, and not the OOM killer) does not
     /// implicate them: random kills of busy workers must never make a call look poisonous.
     pub fn implicates_calls(&self) -> bool {
-        let external = !self.killed_by_pyvisor
+        !self.is_external_kill()
+            && !matches!(self.cause, DeathCause::SpawnFailed(_) | DeathCause::VersionMismatch { .. })
+    }
+
+    /// Whether the process was killed from outside: SIGKILL, SIGTERM, SIGINT or SIGHUP that
+    /// pyvisor did not send and that the OOM killer did not (probably) cause.
+    pub fn is_external_kill(&self) -> bool {
+        !self.killed_by_pyvisor
             && !self.oom_suspected
-            && matches!(self.signal, Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP));
-        !external && !matches!(self.cause, DeathCause::SpawnFailed(_) | DeathCause::VersionMismatch { .. })
+            && matches!(self.signal, Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP))
     }
 
     /// A human name for how the process ended: `exit code 1`, `signal 9 (SIGKILL)`.

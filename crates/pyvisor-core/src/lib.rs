@@ -11,9 +11,13 @@
 //!   `connection` (socket reads);
 //! - `worker` (worker actor: one process), `router` (pool router actor: membership,
 //!   replacement, intensity), `process` (spawning, stdio, process groups);
+//! - `barrier`: the crash barrier's policies (start failures, retry and poison, quarantine) as
+//!   pure values with an injected clock;
 //! - `death`, `error`, `events`, `status`: what users see; `telemetry`: the tracing set-up.
 
 mod backoff;
+#[allow(dead_code)] // pure policy values, not yet on the call path
+mod barrier;
 mod call_trace;
 mod chaos;
 mod connection;

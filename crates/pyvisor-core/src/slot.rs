@@ -333,6 +333,7 @@ impl WorkerSlot {
                 attempt: p.attempt,
                 running_for: p.sent_at.elapsed(),
                 trace_id: p.trace_id.clone(),
+                abandoned: false,
             })
             .collect();
         v.sort_by_key(|c| c.id);
