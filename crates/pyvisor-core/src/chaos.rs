@@ -8,10 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
+use pyvisor_protocol::{encode_call, CallHeader};
+use tokio::time::Instant;
+
 use crate::death::WorkerId;
+use crate::dispatch::{Failure, WorkerSlot};
 use crate::error::CallError;
-use crate::pool::{call_on_slot, PoolShared};
-use crate::slot::{WorkerSlot, WorkerState};
+use crate::shared::PoolShared;
+use crate::status::WorkerState;
 
 /// What an armed chaos point does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +60,7 @@ pub struct Chaos {
 
 impl Chaos {
     fn ready(&self) -> Vec<Arc<WorkerSlot>> {
-        self.shared.table.routable().into_iter().filter(|s| s.state() == WorkerState::Ready).collect()
+        self.shared.dispatch.table.routable().into_iter().filter(|s| s.state() == WorkerState::Ready).collect()
     }
 
     /// Ready workers and their pids.
@@ -99,5 +105,55 @@ impl Chaos {
             armed += 1;
         }
         Ok(armed)
+    }
+}
+
+/// Call `function` on this particular worker (chaos arming), waiting up to `timeout` for room
+/// on it. Bypasses the queue and the crash barrier on purpose.
+async fn call_on_slot(
+    shared: &PoolShared,
+    slot: &Arc<WorkerSlot>,
+    function: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<bytes::Bytes, CallError> {
+    let until = Instant::now() + timeout;
+    let gone = || CallError::Worker { function: function.to_string(), message: format!("worker {} is gone", slot.id) };
+    while !slot.try_reserve(true) {
+        if slot.state() == WorkerState::Dead {
+            return Err(gone());
+        }
+        if Instant::now() >= until {
+            return Err(CallError::Timeout { function: function.to_string(), after: timeout, sent: false });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let header = CallHeader {
+        id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
+        attempt: 1,
+        function,
+        deadline_ms: Some(crate::pool::call::unix_ms(until)),
+        traceparent: None,
+        tracestate: None,
+    };
+    let name: Arc<str> = Arc::from(function);
+    let Ok(rx) = slot.register(header.id, 1, &name, Some(until.into_std()), None, false) else {
+        slot.unreserve(0, true);
+        return Err(gone());
+    };
+    let mut in_flight = crate::dispatch::slot::InFlight::new(Arc::clone(slot), header.id);
+    if let Some(w) = slot.writer() {
+        let _ = w.send(&encode_call(&header, payload));
+    }
+    let outcome = tokio::time::timeout_at(until, rx).await;
+    in_flight.done();
+    match outcome.map(|o| o.map(|o| o.result)) {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(Failure::Remote(e)))) => Err(CallError::from_remote(function, e, shared.functions().as_deref())),
+        Ok(Ok(Err(Failure::Crashed(certificate)))) => {
+            Err(CallError::WorkerCrashed { function: function.to_string(), attempts: 1, certificate })
+        }
+        Ok(Ok(Err(Failure::ShutDown))) | Ok(Err(_)) => Err(shared.closed_error()),
+        Err(_) => Err(CallError::Timeout { function: function.to_string(), after: timeout, sent: true }),
     }
 }

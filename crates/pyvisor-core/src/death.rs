@@ -49,6 +49,12 @@ pub enum DeathCause {
         /// The hard limit.
         limit: u64,
     },
+    /// The worker stopped reading its socket (no answer to a `ping` for `silent_for`, while
+    /// it kept beating); pyvisor killed it.
+    Unresponsive {
+        /// Time since the oldest unanswered ping was sent.
+        silent_for: Duration,
+    },
     /// A call overran its deadline by more than the harakiri grace; pyvisor killed it.
     Harakiri {
         /// The call's id.
@@ -62,7 +68,7 @@ pub enum DeathCause {
 
 impl DeathCause {
     /// A short, stable name: `exited`, `protocol_error`, `start_timeout`, `version_mismatch`,
-    /// `spawn_failed`, `actor_failed`, `hung`, `memory_limit`, `harakiri`.
+    /// `spawn_failed`, `actor_failed`, `hung`, `unresponsive`, `memory_limit`, `harakiri`.
     pub fn kind(&self) -> &'static str {
         match self {
             DeathCause::Exited => "exited",
@@ -73,6 +79,7 @@ impl DeathCause {
             DeathCause::ActorFailed(_) => "actor_failed",
             DeathCause::Hung { .. } => "hung",
             DeathCause::MemoryLimit { .. } => "memory_limit",
+            DeathCause::Unresponsive { .. } => "unresponsive",
             DeathCause::Harakiri { .. } => "harakiri",
         }
     }
@@ -94,6 +101,9 @@ impl fmt::Display for DeathCause {
             DeathCause::Hung { silent_for } => write!(f, "hung: no beat for {silent_for:.1?}"),
             DeathCause::MemoryLimit { bytes, limit } => {
                 write!(f, "memory {} MiB passed the hard limit of {} MiB", bytes >> 20, limit >> 20)
+            }
+            DeathCause::Unresponsive { silent_for } => {
+                write!(f, "stopped reading its socket: no answer to a ping for {silent_for:.1?}")
             }
             DeathCause::Harakiri { call_id, function, overrun } => {
                 write!(f, "harakiri: call {call_id} to `{function}` ran {overrun:.1?} past its deadline")

@@ -224,3 +224,32 @@ fn hint(cert: &DeathCertificate) -> &'static str {
         ""
     }
 }
+
+impl CallError {
+    /// The error for a failure the worker reported for a call to `function`; `functions` is
+    /// the pool's function table, for the unknown-function hint when the worker sent none.
+    pub(crate) fn from_remote(
+        function: &str,
+        e: pyvisor_protocol::RemoteError,
+        functions: Option<&Vec<pyvisor_protocol::FunctionInfo>>,
+    ) -> CallError {
+        use pyvisor_protocol::RemoteErrorKind;
+        let function = function.to_string();
+        match e.kind {
+            RemoteErrorKind::Exception => CallError::Python {
+                function,
+                error: Box::new(PythonError { type_name: e.type_name, message: e.message, traceback: e.traceback }),
+            },
+            RemoteErrorKind::UnknownFunction => CallError::UnknownFunction {
+                function,
+                available: e.functions.unwrap_or_else(|| {
+                    functions.map(|f| f.iter().map(|f| f.name.clone()).collect()).unwrap_or_default()
+                }),
+            },
+            RemoteErrorKind::ReplyTooLarge | RemoteErrorKind::Unserializable => {
+                CallError::BadResult { function, message: format!("{}: {}", e.type_name, e.message) }
+            }
+            _ => CallError::Worker { function, message: format!("{}: {}", e.type_name, e.message) },
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! Owns: the socketpair, the `Command` (own process group, parent-death signal, kill on drop,
 //! the inherited fd), the dedicated spawner thread, stdout/stderr forwarding into `tracing`,
 //! the stderr tail, and killing a process group. It does not interpret the protocol
-//! (see [`crate::connection`]) or decide on restarts (see [`crate::router`]).
+//! (see [`crate::io`]) or decide on restarts (see [`crate::router`]).
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so every worker is
 //! forked from one thread that lives as long as the program: `pyvisor-spawner`.

@@ -4,31 +4,34 @@
 //! routable on `hello`), replacement (a ready worker that dies is replaced at once; a start
 //! failure is retried after a backoff), the pool's start-failure intensity (too many fail the
 //! pool with the last death certificate and escalate to the router's supervisor), status, and
-//! shutdown. It is never on a call's path: callers use the slot table directly.
+//! shutdown, and the routing table that the data path reads (a worker enters it on `hello` and
+//! leaves it when it drains or dies). Calls do not pass through its mailbox: callers pick
+//! workers from the dispatcher directly. Start failures are counted by the crash barrier's
+//! rule (an external kill before `hello` is retried but never counted).
 
 use std::collections::{HashMap, VecDeque};
+
+use crate::barrier::start_failures::{StartFailures, StartVerdict};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pyvisor_protocol::Hello;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::oneshot;
 
 use crate::death::{DeathCause, DeathCertificate, WorkerId};
 use crate::error::StartError;
 use crate::events::{PoolEvent, RecycleReason};
-use crate::pool::PoolShared;
-use crate::slot::{WorkerSlot, WorkerState};
-use crate::status::{PoolStatus, WorkerStatus};
-use crate::worker::{WorkerActor, WorkerArgs, WorkerDied, WorkerMsg};
+use crate::dispatch::{Failure, WorkerSlot};
+use crate::shared::PoolShared;
+use crate::status::{PoolStatus, WorkerState, WorkerStatus};
+use crate::worker::{Reporter, WorkerActor, WorkerArgs, WorkerDied, WorkerMsg, WorkerReport};
 
 pub(crate) enum RouterMsg {
-    WorkerReady { id: WorkerId, hello: Box<Hello>, startup: Duration },
+    /// What a worker reports: ready, or past a recycling threshold.
+    Worker(WorkerReport),
     StartWorker { index: usize },
     Status(RpcReplyPort<PoolStatus>),
     Shutdown(RpcReplyPort<()>),
-    /// A worker passed a recycling threshold (sent again on every check while it holds).
-    RecycleRequest { id: WorkerId, reason: RecycleReason },
 }
 
 /// The error a router fails with when its pool fails: escalates to its supervisor.
@@ -67,7 +70,7 @@ pub(crate) struct RouterState {
     positions: Vec<Position>,
     members: HashMap<WorkerId, Member>,
     by_actor: HashMap<ActorId, WorkerId>,
-    start_failures: VecDeque<Instant>,
+    start_failures: StartFailures,
     startup: Option<oneshot::Sender<Result<(), StartError>>>,
     shutting_down: bool,
     /// Old worker → (its replacement, why), from the replacement's spawn until the old one ends.
@@ -86,11 +89,18 @@ impl RouterState {
     /// replacement that takes it when ready).
     async fn spawn_inner(&mut self, myself: &ActorRef<RouterMsg>, index: usize, tainted: bool, current: bool) -> Option<WorkerId> {
         let id = self.shared.next_worker_id();
-        let slot = Arc::new(WorkerSlot::new(id, index, self.shared.spec.max_in_flight));
-        if tainted && !self.shared.spec.taint_window.is_zero() {
-            slot.taint(self.shared.spec.taint_window);
+        let slot = Arc::new(WorkerSlot::new(id, index, self.shared.spec.max_in_flight, self.shared.dispatch.bell()));
+        let window = self.shared.spec.taint_window;
+        if tainted && !window.is_zero() {
+            slot.taint(window);
+            // Waiters that could not use it may use it when the window ends.
+            self.shared.dispatch.serve_at(tokio::time::Instant::now() + window + Duration::from_millis(1));
         }
-        let args = WorkerArgs { slot: Arc::clone(&slot), shared: Arc::clone(&self.shared), router: myself.clone() };
+        let router = myself.clone();
+        let report: Reporter = Arc::new(move |r| {
+            let _ = router.cast(RouterMsg::Worker(r));
+        });
+        let args = WorkerArgs { slot: Arc::clone(&slot), shared: Arc::clone(&self.shared), report };
         if current {
             self.positions[index].current = Some(id);
             self.positions[index].next_start = None;
@@ -179,8 +189,8 @@ impl RouterState {
         PoolStatus {
             name: self.shared.name.to_string(),
             workers,
-            queued: self.shared.queue.len(),
-            closed: self.shared.queue.is_closed(),
+            queued: self.shared.dispatch.len(),
+            closed: self.shared.is_closed(),
             retried: self.shared.stats.retried.load(std::sync::atomic::Ordering::Relaxed),
             poisoned: self.shared.stats.poisoned.load(std::sync::atomic::Ordering::Relaxed),
             crashes: self.shared.stats.crashes.load(std::sync::atomic::Ordering::Relaxed),
@@ -195,11 +205,11 @@ impl RouterState {
         id: WorkerId,
         cert: Arc<DeathCertificate>,
     ) -> Result<(), ActorProcessingErr> {
-        self.shared.table.remove(id);
+        self.shared.dispatch.remove(id);
         self.members.remove(&id);
         self.shared.stats.crashes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared.record_death(Arc::clone(&cert));
-        crate::metrics::crash(&self.shared.name, cert.cause.kind());
+        crate::observe::metrics::crash(&self.shared.name, cert.cause.kind());
         let index = cert.index;
         self.shared.emit(PoolEvent::WorkerDied { certificate: Arc::clone(&cert) });
         if self.shutting_down || index >= self.positions.len() {
@@ -225,28 +235,20 @@ impl RouterState {
         if cert.became_ready {
             if was_current {
                 // Capacity first: a ready worker is replaced at once; the replacement is tainted.
-                crate::metrics::restart(&self.shared.name, "replacement");
+                crate::observe::metrics::restart(&self.shared.name, "replacement");
                 let span = tracing::debug_span!("pyvisor.worker.replace", pyvisor.pool = %self.shared.name, pyvisor.worker.index = index, pyvisor.taint_window_ms = self.shared.spec.taint_window.as_millis() as u64);
                 tracing::Instrument::instrument(self.spawn_worker(myself, index, true), span).await;
             }
             return Ok(());
         }
-        // A start failure: count it, fail the pool past the intensity, else back off.
+        // Died before hello: a start failure if the worker caused it (counted; past the
+        // intensity the pool fails), else an external kill (retried, never counted). Both back
+        // off.
         let spec = &self.shared.spec;
         let now = Instant::now();
-        self.start_failures.push_back(now);
-        if self.startup.is_none() {
-            while self
-                .start_failures
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > spec.start_failure_period)
-            {
-                self.start_failures.pop_front();
-            }
-        }
-        if self.start_failures.len() > spec.max_start_failures {
+        if let StartVerdict::Exceeded { failures } = self.start_failures.record(&cert, now) {
             let err = StartError::TooManyStartFailures {
-                failures: self.start_failures.len(),
+                failures,
                 period: spec.start_failure_period,
                 max: spec.max_start_failures,
                 certificate: Box::new((*cert).clone()),
@@ -261,7 +263,7 @@ impl RouterState {
         let delay = spec.start_backoff.delay(pos.consecutive_failures);
         pos.next_start = Some(now + delay);
         let failures = pos.consecutive_failures;
-        crate::metrics::restart(&self.shared.name, "start_retry");
+        crate::observe::metrics::restart(&self.shared.name, "start_retry");
         self.shared.emit(PoolEvent::RestartScheduled { index, failures, delay });
         myself.send_after(delay, move || RouterMsg::StartWorker { index });
         Ok(())
@@ -286,7 +288,7 @@ impl RouterState {
 
     async fn stop_workers(&mut self, myself: &ActorRef<RouterMsg>) {
         for m in self.members.values() {
-            self.shared.table.remove(m.slot.id);
+            self.shared.dispatch.remove(m.slot.id);
         }
         myself.stop_children_and_wait(None, Some(Duration::from_secs(10))).await;
         self.members.clear();
@@ -297,7 +299,7 @@ impl RouterState {
         self.shutting_down = true;
         self.shared.close();
         for m in self.members.values() {
-            self.shared.table.remove(m.slot.id);
+            self.shared.dispatch.remove(m.slot.id);
         }
         let spec = &self.shared.spec;
         let budget = spec.shutdown_grace + spec.sigterm_wait + Duration::from_secs(5);
@@ -328,11 +330,11 @@ impl Actor for PoolRouter {
     ) -> Result<Self::State, ActorProcessingErr> {
         let n = args.shared.spec.workers;
         Ok(RouterState {
+            start_failures: StartFailures::from_spec(&args.shared.spec),
             shared: args.shared,
             positions: (0..n).map(|_| Position::default()).collect(),
             members: HashMap::new(),
             by_actor: HashMap::new(),
-            start_failures: VecDeque::new(),
             startup: args.startup,
             shutting_down: false,
             recycling: HashMap::new(),
@@ -356,26 +358,25 @@ impl Actor for PoolRouter {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::WorkerReady { id, hello, startup } => {
+            RouterMsg::Worker(WorkerReport::Ready { id, hello, startup }) => {
                 let Some(m) = st.members.get(&id) else { return Ok(()) };
                 if st.shutting_down || m.slot.state() != WorkerState::Ready {
                     return Ok(());
                 }
                 let slot = Arc::clone(&m.slot);
                 st.shared.set_functions(&hello.functions);
-                st.shared.table.insert(Arc::clone(&slot));
-                st.shared.queue.on_membership_change();
+                st.shared.dispatch.insert(Arc::clone(&slot));
                 // Make before break: a recycling replacement is ready; the old worker drains.
                 if let Some(old) = st.replacement_of.remove(&id) {
                     st.positions[slot.index].current = Some(id);
                     if let Some(om) = st.members.get(&old) {
-                        om.slot.set_state(WorkerState::Draining);
-                        st.shared.table.remove(old);
+                        om.slot.stop_routing();
+                        st.shared.dispatch.remove(old);
                         let _ = om.actor.cast(WorkerMsg::Drain);
                     }
                     let reason = st.recycling.get(&old).map(|(_, r)| r.clone()).unwrap_or(RecycleReason::Ttl);
                     st.shared.stats.recycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    crate::metrics::recycle(&st.shared.name, &reason.to_string());
+                    crate::observe::metrics::recycle(&st.shared.name, &reason.to_string());
                     st.shared.emit(PoolEvent::Recycled { worker: old, reason });
                 }
                 st.positions[slot.index].consecutive_failures = 0;
@@ -385,8 +386,7 @@ impl Actor for PoolRouter {
                     if let Some(tx) = st.startup.take() {
                         let _ = tx.send(Ok(()));
                     }
-                    // From now on start failures are counted in a sliding window.
-                    st.start_failures.clear();
+
                 }
             }
             RouterMsg::StartWorker { index } => {
@@ -397,7 +397,7 @@ impl Actor for PoolRouter {
             RouterMsg::Status(reply) => {
                 let _ = reply.send(st.status());
             }
-            RouterMsg::RecycleRequest { id, reason } => {
+            RouterMsg::Worker(WorkerReport::Recycle { id, reason }) => {
                 let known = st.recycling.contains_key(&id) || st.pending_recycles.iter().any(|(o, _)| *o == id);
                 if !known && !st.shutting_down && st.members.contains_key(&id) {
                     st.pending_recycles.push_back((id, reason));
@@ -433,7 +433,7 @@ impl Actor for PoolRouter {
                         let cert = Arc::new(actor_failure_certificate(&st.shared.name, id, slot.as_deref(), err.to_string()));
                         if let Some(s) = &slot {
                             s.set_state(WorkerState::Dead);
-                            s.close_and_fail(crate::slot::Failure::Crashed(Arc::clone(&cert)));
+                            s.close_and_fail(Failure::Crashed(Arc::clone(&cert)));
                         }
                         cert
                     }
@@ -443,7 +443,7 @@ impl Actor for PoolRouter {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 if let Some(id) = st.by_actor.remove(&cell.get_id()) {
                     st.members.remove(&id);
-                    st.shared.table.remove(id);
+                    st.shared.dispatch.remove(id);
                     if st.recycling.remove(&id).is_some() {
                         st.start_recycles(&myself).await;
                     }
@@ -486,5 +486,14 @@ fn actor_failure_certificate(pool: &str, id: WorkerId, slot: Option<&WorkerSlot>
         calls_in_flight: slot.map(|s| s.calls_in_flight()).unwrap_or_default(),
         stderr_tail: Vec::new(),
         python_stack: None,
+    }
+}
+
+impl Drop for RouterState {
+    /// Whatever way the router ended (stopped, killed, failed), the pool takes no more calls
+    /// and every waiter is told; the workers' own `Drop` fails the calls they held.
+    fn drop(&mut self) {
+        self.shared.close();
+        self.shared.dispatch.table.clear();
     }
 }

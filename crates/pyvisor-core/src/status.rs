@@ -3,7 +3,51 @@
 use std::time::Duration;
 
 use crate::death::WorkerId;
-use crate::slot::WorkerState;
+
+/// What a worker is doing, as the pool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Spawned, waiting for `hello`.
+    Starting,
+    /// Taking calls.
+    Ready,
+    /// Finishing its calls, taking no new ones.
+    Draining,
+    /// Gone.
+    Dead,
+}
+
+impl WorkerState {
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            0 => WorkerState::Starting,
+            1 => WorkerState::Ready,
+            2 => WorkerState::Draining,
+            _ => WorkerState::Dead,
+        }
+    }
+    pub(crate) fn as_u8(self) -> u8 {
+        match self {
+            WorkerState::Starting => 0,
+            WorkerState::Ready => 1,
+            WorkerState::Draining => 2,
+            WorkerState::Dead => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Dead => "dead",
+        })
+    }
+}
 
 /// One position of the pool and the worker in it now.
 #[derive(Debug, Clone, serde::Serialize)]

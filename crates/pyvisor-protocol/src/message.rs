@@ -136,8 +136,11 @@ pub enum RemoteErrorKind {
     ReplyTooLarge,
     /// The return value cannot be encoded as MessagePack.
     Unserializable,
-    /// The adapter itself failed (e.g. it is shutting down).
+    /// The adapter itself failed.
     Internal,
+    /// The worker refused the call without running it (it is shutting down): the parent
+    /// routes the call to another worker.
+    Refused,
     /// A kind this version does not know.
     #[serde(other)]
     Other,

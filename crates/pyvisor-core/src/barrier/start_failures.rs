@@ -59,11 +59,13 @@ impl StartFailures {
     }
 
     /// Counted failures within the period ending at `now`.
+    #[cfg(test)]
     pub(crate) fn failures(&self, now: Instant) -> usize {
         self.at.iter().filter(|t| !self.expired(**t, now)).count()
     }
 
-    /// Forget every failure (the pool's first start completed).
+    /// Forget every failure.
+    #[cfg(test)]
     pub(crate) fn clear(&mut self) {
         self.at.clear();
     }

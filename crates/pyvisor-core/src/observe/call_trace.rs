@@ -39,7 +39,7 @@ impl CallTrace {
     pub(crate) fn start(pool: &Arc<str>, function: &str, traceparent: Option<&str>, tracestate: Option<&str>) -> Option<Self> {
         let tracer = crate::telemetry::call_tracer()?;
         let parent = match traceparent {
-            Some(tp) => crate::tracing_ctx::remote_context(tp, tracestate),
+            Some(tp) => crate::observe::tracing_ctx::remote_context(tp, tracestate),
             None => {
                 let current = tracing::Span::current();
                 if current.is_none() {

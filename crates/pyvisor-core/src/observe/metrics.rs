@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::KeyValue;
 
-use crate::pool::PoolShared;
-use crate::slot::WorkerState;
+use crate::shared::PoolShared;
+use crate::status::WorkerState;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
@@ -63,7 +63,7 @@ pub(crate) fn enable() {
         .with_unit("{call}")
         .with_callback(|o| {
             for p in pools() {
-                o.observe(p.queue.len() as u64, &[KeyValue::new("pyvisor.pool", p.name.to_string())]);
+                o.observe(p.dispatch.len() as u64, &[KeyValue::new("pyvisor.pool", p.name.to_string())]);
             }
         })
         .build();

@@ -388,7 +388,7 @@ where
         *t = Some(worker_provider.tracer("pyvisor_worker"));
     }
     EXPORTING.store(true, Ordering::Relaxed);
-    crate::metrics::enable();
+    crate::observe::metrics::enable();
     drop(_entered);
     (
         Some(layer),

@@ -1,0 +1,421 @@
+//! The pool's fair queue: where a call waits when no worker it may use has room.
+//!
+//! Owns the waiting line (first in, first out), its bound (`max_queue` first attempts; full →
+//! `Overloaded` at once), and hand-off: whoever frees capacity or makes a worker usable rings
+//! the [`CapacityBell`], and the queue, under its lock, walks the line in arrival order and
+//! hands each waiter that can be served a reservation made for it. A woken waiter therefore
+//! never races new calls for the capacity (new calls queue behind it while anybody waits), no
+//! wake-up is lost, and a waiter that wants one kind of worker (a suspect that must run alone)
+//! never blocks the waiters behind it that can run elsewhere. A suspect that finds no idle
+//! worker has one *held* for it, which then drains.
+//!
+//! It does not decide what a call wants (the crash barrier does) nor what a worker is.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::pick::{hold_for, pick_alone, pick_normal, preferred, SlotTable};
+use super::slot::{CapacityBell, InFlight, Outcome, SlotClosed, WorkerSlot};
+use crate::death::WorkerId;
+
+/// What kind of worker a call wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// Any usable worker with room.
+    Any,
+    /// An idle worker, to itself (a suspect's retry), for call `call_id`.
+    Alone {
+        /// The call.
+        call_id: u64,
+    },
+}
+
+/// Why a call left the queue without a worker.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum QueueExit {
+    /// `max_queue` first attempts are already waiting.
+    Full,
+    /// The limit passed (queue timeout or the call's deadline, whichever is first).
+    TimedOut,
+    /// The pool closed.
+    Closed,
+}
+
+/// One unit of capacity on one worker, taken for one call. Dropped unused, it is given back
+/// (with its hold, for a call that wanted to be alone).
+pub(crate) struct Reservation {
+    pub(crate) slot: Arc<WorkerSlot>,
+    alone_id: u64,
+    armed: bool,
+}
+
+impl Reservation {
+    fn new(slot: Arc<WorkerSlot>, alone_id: u64) -> Self {
+        Reservation { slot, alone_id, armed: true }
+    }
+
+    /// Register call `id` on the reserved worker: its capacity now belongs to the call table.
+    /// Fails when the worker stopped taking calls meanwhile; the reservation is given back.
+    pub(crate) fn register(
+        mut self,
+        id: u64,
+        attempt: u32,
+        function: &Arc<str>,
+        deadline: Option<std::time::Instant>,
+        trace_id: Option<String>,
+    ) -> Result<(InFlight, oneshot::Receiver<Outcome>), SlotClosed> {
+        let rx = self.slot.register(id, attempt, function, deadline, trace_id, self.alone_id != 0)?;
+        self.armed = false;
+        Ok((InFlight::new(Arc::clone(&self.slot), id), rx))
+    }
+
+    /// Give the unit back without ringing (under the queue's lock).
+    fn give_back_quiet(mut self) {
+        self.armed = false;
+        self.slot.unreserve(self.alone_id, false);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.slot.unreserve(self.alone_id, true);
+        }
+    }
+}
+
+struct Waiter {
+    ticket: u64,
+    want: Want,
+    first: bool,
+    tx: oneshot::Sender<Reservation>,
+    /// The worker held for this waiter (`Want::Alone`) while it drains.
+    held: Option<Arc<WorkerSlot>>,
+}
+
+impl Waiter {
+    fn release_hold(&mut self) -> bool {
+        match (self.held.take(), self.want) {
+            (Some(s), Want::Alone { call_id }) => s.unhold_quiet(call_id),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Line {
+    waiters: VecDeque<Waiter>,
+    next_ticket: u64,
+    first_attempts: usize,
+    alone: usize,
+    closed: bool,
+}
+
+impl Line {
+    fn remove(&mut self, i: usize) -> Option<Waiter> {
+        let w = self.waiters.remove(i)?;
+        if w.first {
+            self.first_attempts -= 1;
+        }
+        if matches!(w.want, Want::Alone { .. }) {
+            self.alone -= 1;
+        }
+        Some(w)
+    }
+}
+
+/// Routing table plus waiting line: where a call gets its worker.
+pub(crate) struct Dispatcher {
+    pub(crate) table: SlotTable,
+    bell: Arc<CapacityBell>,
+    line: Mutex<Line>,
+    closed: AtomicBool,
+}
+
+impl Dispatcher {
+    pub(crate) fn new() -> Arc<Self> {
+        let d = Arc::new(Dispatcher {
+            table: SlotTable::default(),
+            bell: Arc::new(CapacityBell::default()),
+            line: Mutex::new(Line::default()),
+            closed: AtomicBool::new(false),
+        });
+        let weak: Weak<Dispatcher> = Arc::downgrade(&d);
+        d.bell.on_ring(Box::new(move || {
+            if let Some(d) = weak.upgrade() {
+                d.serve();
+            }
+        }));
+        d
+    }
+
+    /// The bell every slot of this pool rings.
+    pub(crate) fn bell(&self) -> Arc<CapacityBell> {
+        Arc::clone(&self.bell)
+    }
+
+    /// Calls waiting now.
+    pub(crate) fn len(&self) -> usize {
+        self.bell.waiting.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// A worker became ready: route to it, and serve waiters.
+    pub(crate) fn insert(&self, slot: Arc<WorkerSlot>) {
+        self.table.insert(slot);
+        self.serve();
+    }
+
+    /// A worker stopped taking calls: stop routing to it (a hold on it moves elsewhere).
+    pub(crate) fn remove(&self, id: WorkerId) {
+        self.table.remove(id);
+        self.serve();
+    }
+
+    /// Serve waiters again at `at` (e.g. when a taint window ends).
+    pub(crate) fn serve_at(self: &Arc<Self>, at: Instant) {
+        let weak = Arc::downgrade(self);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(d) = weak.upgrade() {
+                    d.serve();
+                }
+            });
+        }
+    }
+
+    /// Refuse new calls and tell every waiter.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let gone: Vec<Waiter> = match self.line.lock() {
+            Ok(mut line) => {
+                line.closed = true;
+                line.first_attempts = 0;
+                line.alone = 0;
+                let mut v: Vec<Waiter> = line.waiters.drain(..).collect();
+                for w in &mut v {
+                    w.release_hold();
+                }
+                self.bell.waiting.store(0, Ordering::SeqCst);
+                v
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(gone); // dropping the senders tells the waiters
+    }
+
+    /// A reservation without waiting, when nobody waits (first in, first out: a new call
+    /// queues behind waiters). `None`: wait with [`Dispatcher::acquire`].
+    pub(crate) fn try_now(&self, want: Want) -> Option<Result<Reservation, QueueExit>> {
+        if self.is_closed() {
+            return Some(Err(QueueExit::Closed));
+        }
+        if want != Want::Any || self.bell.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let slots = self.table.snapshot();
+        pick_normal(&preferred(&slots), true).map(|s| Ok(Reservation::new(s, 0)))
+    }
+
+    /// Reserve a worker as `want` says, waiting in line until `until`. First attempts count
+    /// toward `max_queue`; retries (admitted already) do not.
+    pub(crate) async fn acquire(
+        &self,
+        want: Want,
+        first: bool,
+        max_queue: usize,
+        until: Instant,
+    ) -> Result<Reservation, QueueExit> {
+        if let Some(now) = self.try_now(want) {
+            return now;
+        }
+        let mut ticket = self.enqueue(want, first, max_queue)?;
+        match tokio::time::timeout_at(until, &mut ticket.rx).await {
+            Ok(Ok(r)) => {
+                ticket.left = true;
+                Ok(r)
+            }
+            Ok(Err(_)) => {
+                ticket.left = true;
+                Err(QueueExit::Closed)
+            }
+            Err(_) => match ticket.leave() {
+                Some(r) => Ok(r),
+                None => Err(QueueExit::TimedOut),
+            },
+        }
+    }
+
+    /// Join the line (and be served at once if possible).
+    pub(crate) fn enqueue(&self, want: Want, first: bool, max_queue: usize) -> Result<Ticket<'_>, QueueExit> {
+        let (tx, rx) = oneshot::channel();
+        let ticket = {
+            let Ok(mut line) = self.line.lock() else { return Err(QueueExit::Closed) };
+            if line.closed {
+                return Err(QueueExit::Closed);
+            }
+            if first && line.first_attempts >= max_queue {
+                return Err(QueueExit::Full);
+            }
+            line.next_ticket += 1;
+            let ticket = line.next_ticket;
+            line.waiters.push_back(Waiter { ticket, want, first, tx, held: None });
+            if first {
+                line.first_attempts += 1;
+            }
+            if matches!(want, Want::Alone { .. }) {
+                line.alone += 1;
+            }
+            self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+            self.serve_locked(&mut line);
+            ticket
+        };
+        Ok(Ticket { dispatcher: self, ticket, rx, left: false })
+    }
+
+    /// Hand capacity to waiters, in arrival order.
+    pub(crate) fn serve(&self) {
+        if self.bell.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if let Ok(mut line) = self.line.lock() {
+            self.serve_locked(&mut line);
+        }
+    }
+
+    fn serve_locked(&self, line: &mut Line) {
+        if line.closed || self.is_closed() {
+            return;
+        }
+        let all = self.table.snapshot();
+        let pref = preferred(&all);
+        loop {
+            let mut given_back = false;
+            let mut any_blocked = false;
+            let mut i = 0;
+            while i < line.waiters.len() {
+                if line.waiters[i].tx.is_closed() {
+                    if let Some(mut w) = line.remove(i) {
+                        given_back |= w.release_hold();
+                    }
+                    continue;
+                }
+                let want = line.waiters[i].want;
+                let got = match want {
+                    Want::Any if any_blocked => None,
+                    Want::Any => {
+                        let s = pick_normal(&pref, false);
+                        any_blocked = s.is_none();
+                        s.map(|s| Reservation::new(s, 0))
+                    }
+                    Want::Alone { call_id } => {
+                        let w = &mut line.waiters[i];
+                        if w.held.as_ref().is_some_and(|h| !h.is_ready() || h.held_by() != call_id) {
+                            w.release_hold();
+                        }
+                        let mut s = w.held.as_ref().and_then(|h| h.try_reserve_alone(call_id).then(|| Arc::clone(h)));
+                        if s.is_none() && w.held.is_none() {
+                            s = pick_alone(&pref, call_id);
+                            if s.is_none() {
+                                w.held = hold_for(&pref, &all, call_id);
+                            }
+                        }
+                        s.map(|s| Reservation::new(s, call_id))
+                    }
+                };
+                match got {
+                    Some(r) => match line.remove(i) {
+                        Some(w) => {
+                            if let Err(r) = w.tx.send(r) {
+                                // The waiter left just now: the unit goes to the next one.
+                                r.give_back_quiet();
+                                given_back = true;
+                            }
+                        }
+                        None => {
+                            r.give_back_quiet();
+                            break;
+                        }
+                    },
+                    None => {
+                        if any_blocked && line.alone == 0 {
+                            break;
+                        }
+                        i += 1;
+                    }
+                }
+            }
+            if !given_back {
+                break;
+            }
+        }
+        self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+    }
+
+    /// Leave the line (the waiter gave up). Returns a reservation that reached it meanwhile.
+    fn leave(&self, ticket: u64, rx: &mut oneshot::Receiver<Reservation>) -> Option<Reservation> {
+        if let Ok(mut line) = self.line.lock() {
+            if let Some(i) = line.waiters.iter().position(|w| w.ticket == ticket) {
+                if let Some(mut w) = line.remove(i) {
+                    if w.release_hold() {
+                        self.serve_locked(&mut line);
+                    }
+                }
+                self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+            }
+        }
+        rx.close();
+        rx.try_recv().ok()
+    }
+}
+
+/// A place in line. Dropping it leaves the line; a reservation that reached it meanwhile is
+/// given back.
+pub(crate) struct Ticket<'a> {
+    dispatcher: &'a Dispatcher,
+    ticket: u64,
+    rx: oneshot::Receiver<Reservation>,
+    left: bool,
+}
+
+impl Ticket<'_> {
+    /// The reservation, if one was handed over; `Some(Err(Closed))` if the pool closed.
+    #[cfg(test)]
+    pub(crate) fn try_take(&mut self) -> Option<Result<Reservation, QueueExit>> {
+        match self.rx.try_recv() {
+            Ok(r) => {
+                self.left = true;
+                Some(Ok(r))
+            }
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                self.left = true;
+                Some(Err(QueueExit::Closed))
+            }
+        }
+    }
+
+    /// Leave the line now; a reservation handed over meanwhile is returned.
+    pub(crate) fn leave(&mut self) -> Option<Reservation> {
+        if self.left {
+            return None;
+        }
+        self.left = true;
+        self.dispatcher.leave(self.ticket, &mut self.rx)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        // A reservation that reached us unused is dropped here, which gives it back.
+        drop(self.leave());
+    }
+}

@@ -1,0 +1,479 @@
+//! Worker slots: the shared state of one worker that callers, its reader task, its actor and
+//! the router all touch — state, capacity, the call table, the writer, taint and hold.
+//!
+//! Owns the in-flight table and its invariants:
+//! - a call is either registered in an open table (and gets exactly one outcome: a reply, a
+//!   crash, or shutdown) or refused at once, so no call waits on a worker that already died;
+//! - capacity in use (`in_flight`) is reservations not yet registered, plus calls registered,
+//!   plus calls abandoned by their callers that the worker has not answered;
+//! - a worker *held* for a call (a suspect retried alone) takes no other call until that call
+//!   is answered or given back; every path that ends the call clears the hold.
+//!
+//! It does not choose slots ([`super::pick`]) nor make callers wait ([`super::queue`]); it
+//! rings the [`CapacityBell`] when capacity frees so that waiters are served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pyvisor_protocol::{encode_cancel, Beat, RemoteError, SpanTiming};
+use tokio::sync::oneshot;
+
+use crate::death::{CallInFlight, DeathCertificate, WorkerId};
+use crate::io::writer::FrameWriter;
+use crate::status::WorkerState;
+
+/// The instant taint deadlines are measured from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Rung whenever a slot frees capacity or becomes usable, so that the queue can hand the
+/// capacity to the first waiter that can use it. Costs one atomic load when nobody waits.
+#[derive(Default)]
+pub(crate) struct CapacityBell {
+    /// Calls waiting in the queue (kept by the queue, under its lock).
+    pub(crate) waiting: AtomicUsize,
+    ring: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl CapacityBell {
+    /// Install what a ring does (once, by the queue).
+    pub(crate) fn on_ring(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.ring.set(f);
+    }
+    /// Wake the queue if anybody waits.
+    pub(crate) fn ring(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            if let Some(f) = self.ring.get() {
+                f();
+            }
+        }
+    }
+}
+
+/// Why a call ended without a reply value.
+#[derive(Debug, Clone)]
+pub(crate) enum Failure {
+    Remote(RemoteError),
+    Crashed(Arc<DeathCertificate>),
+    ShutDown,
+}
+
+/// What a waiting caller gets: the result, and the function's span timing when the worker
+/// reported one (a traced call that ran).
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) result: Result<Bytes, Failure>,
+    pub(crate) span: Option<SpanTiming>,
+}
+
+struct Pending {
+    attempt: u32,
+    function: Arc<str>,
+    sent_at: Instant,
+    deadline: Option<Instant>,
+    trace_id: Option<String>,
+    alone: bool,
+    /// `None` once the caller gave up (abandoned): kept until the worker answers, because it
+    /// still holds capacity and may still be running (harakiri, certificates).
+    tx: Option<oneshot::Sender<Outcome>>,
+}
+
+/// A call its caller gave up on that the worker may still be running (harakiri check).
+#[derive(Debug, Clone)]
+pub(crate) struct Abandoned {
+    pub function: Arc<str>,
+    pub deadline: Option<Instant>,
+}
+
+struct Table {
+    open: bool,
+    calls: HashMap<u64, Pending>,
+}
+
+/// The call was refused because the worker is no longer taking calls.
+#[derive(Debug)]
+pub(crate) struct SlotClosed;
+
+/// The last beat seen from a worker.
+#[derive(Debug, Clone)]
+pub(crate) struct BeatRecord {
+    pub at: Instant,
+    pub beat: Beat,
+}
+
+/// One worker's shared state.
+pub(crate) struct WorkerSlot {
+    pub id: WorkerId,
+    pub index: usize,
+    pub spawned_at: Instant,
+    max_in_flight: usize,
+    state: AtomicU8,
+    pid: AtomicU32,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+    table: Mutex<Table>,
+    writer: OnceLock<Arc<FrameWriter>>,
+    last_beat: Mutex<Option<BeatRecord>>,
+    /// End of the taint window in ns after [`epoch`], 0 when never tainted: an atomic, since
+    /// routing reads it for every slot on every call.
+    tainted_until: AtomicU64,
+    /// Id of the call this worker is held for (a suspect retried alone), or 0.
+    held_by: AtomicU64,
+    /// Nonce of the last `pong` (the worker's reading side is alive).
+    last_pong: AtomicU64,
+    bell: Arc<CapacityBell>,
+}
+
+impl WorkerSlot {
+    pub(crate) fn new(id: WorkerId, index: usize, max_in_flight: usize, bell: Arc<CapacityBell>) -> Self {
+        WorkerSlot {
+            id,
+            index,
+            spawned_at: Instant::now(),
+            max_in_flight,
+            state: AtomicU8::new(WorkerState::Starting.as_u8()),
+            pid: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            table: Mutex::new(Table { open: true, calls: HashMap::new() }),
+            writer: OnceLock::new(),
+            last_beat: Mutex::new(None),
+            tainted_until: AtomicU64::new(0),
+            held_by: AtomicU64::new(0),
+            last_pong: AtomicU64::new(0),
+            bell,
+        }
+    }
+
+    /// Avoid this worker for `window` (it replaces a crashed one).
+    pub(crate) fn taint(&self, window: Duration) {
+        let until = epoch().elapsed().saturating_add(window).as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.tainted_until.store(until.max(1), Ordering::Release);
+    }
+
+    /// Whether the taint window is still open.
+    pub(crate) fn is_tainted(&self) -> bool {
+        match self.tainted_until.load(Ordering::Acquire) {
+            0 => false,
+            until => (epoch().elapsed().as_nanos() as u64) < until,
+        }
+    }
+
+    pub(crate) fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+    pub(crate) fn is_ready(&self) -> bool {
+        self.state.load(Ordering::Acquire) == WorkerState::Ready.as_u8()
+    }
+    /// Set the state; becoming ready rings the bell (waiters may use the worker now).
+    pub(crate) fn set_state(&self, s: WorkerState) {
+        self.state.store(s.as_u8(), Ordering::Release);
+        if s == WorkerState::Ready {
+            self.bell.ring();
+        }
+    }
+    /// Ready → Draining (a worker that said it is going away); false if it was not ready.
+    pub(crate) fn stop_routing(&self) -> bool {
+        self.state
+            .compare_exchange(
+                WorkerState::Ready.as_u8(),
+                WorkerState::Draining.as_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+    pub(crate) fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::Acquire) {
+            0 => None,
+            p => Some(p),
+        }
+    }
+    pub(crate) fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Release);
+    }
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+    pub(crate) fn served(&self) -> u64 {
+        self.served.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_writer(&self, w: Arc<FrameWriter>) {
+        let _ = self.writer.set(w);
+    }
+    pub(crate) fn writer(&self) -> Option<&Arc<FrameWriter>> {
+        self.writer.get()
+    }
+    /// The call this worker is held for, or 0.
+    pub(crate) fn held_by(&self) -> u64 {
+        self.held_by.load(Ordering::Acquire)
+    }
+
+    /// Take one unit of capacity if the worker is ready, not held, and has room. `ring`: ring
+    /// the bell when backing off (false only under the queue's lock, which serves waiters
+    /// itself).
+    pub(crate) fn try_reserve(&self, ring: bool) -> bool {
+        if !self.is_ready() || self.held_by() != 0 {
+            return false;
+        }
+        let mut cur = self.in_flight.load(Ordering::Acquire);
+        loop {
+            if cur >= self.max_in_flight {
+                return false;
+            }
+            match self.in_flight.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        // A suspect may have been given the worker meanwhile: back off, and let the queue look
+        // again (our transient unit may have kept the suspect from taking it).
+        if self.held_by() != 0 {
+            self.release_units(1, ring);
+            return false;
+        }
+        true
+    }
+
+    /// Take the worker for call `id` alone: only if it is ready, held by nobody else (or by
+    /// `id`) and has nothing in flight. On success the worker is held for `id`. Called only
+    /// under the queue's lock.
+    pub(crate) fn try_reserve_alone(&self, id: u64) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        let was = self.held_by();
+        if was != id {
+            if was != 0 || self.held_by.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                return false;
+            }
+        }
+        if self.in_flight.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return true;
+        }
+        if was != id {
+            // Not idle: give the hold back (the queue may hold it on purpose instead).
+            self.unhold_quiet(id);
+        }
+        false
+    }
+
+    /// Hold the worker for call `id` so that it drains: no new call joins it. False if it is
+    /// not ready or held already.
+    pub(crate) fn hold(&self, id: u64) -> bool {
+        self.is_ready() && self.held_by.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Clear a hold for `id` without ringing (under the queue's lock).
+    pub(crate) fn unhold_quiet(&self, id: u64) -> bool {
+        self.held_by.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Give back `n` units of capacity (saturating), ringing the bell if `ring`.
+    fn release_units(&self, n: usize, ring: bool) {
+        if n == 0 {
+            return;
+        }
+        let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+        if ring {
+            self.bell.ring();
+        }
+    }
+
+    /// Give back a reservation that was never registered (and its hold, for `alone_id`).
+    pub(crate) fn unreserve(&self, alone_id: u64, ring: bool) {
+        if alone_id != 0 {
+            self.unhold_quiet(alone_id);
+        }
+        self.release_units(1, ring);
+    }
+
+    /// Register a call on a reservation; fails if the worker stopped taking calls (the
+    /// reservation is then still the caller's to give back).
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        attempt: u32,
+        function: &Arc<str>,
+        deadline: Option<Instant>,
+        trace_id: Option<String>,
+        alone: bool,
+    ) -> Result<oneshot::Receiver<Outcome>, SlotClosed> {
+        let (tx, rx) = oneshot::channel();
+        let mut t = self.table.lock().map_err(|_| SlotClosed)?;
+        if !t.open {
+            return Err(SlotClosed);
+        }
+        t.calls.insert(
+            id,
+            Pending {
+                attempt,
+                function: Arc::clone(function),
+                sent_at: Instant::now(),
+                deadline,
+                trace_id,
+                alone,
+                tx: Some(tx),
+            },
+        );
+        Ok(rx)
+    }
+
+    /// Complete a call with a worker's reply. Returns false for a reply nobody held a place for
+    /// (an older attempt, or an unknown id), which is dropped.
+    pub(crate) fn complete(&self, id: u64, attempt: u32, outcome: Outcome) -> bool {
+        let pending = {
+            let Ok(mut t) = self.table.lock() else { return false };
+            match t.calls.get(&id) {
+                Some(p) if p.attempt == attempt => t.calls.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(p) = pending else { return false };
+        if p.alone {
+            self.unhold_quiet(id);
+        }
+        self.served.fetch_add(1, Ordering::AcqRel);
+        // Capacity first, then the caller: a caller that calls again at once finds room.
+        self.release_units(1, true);
+        if let Some(tx) = p.tx {
+            let _ = tx.send(outcome);
+        }
+        true
+    }
+
+    /// The caller gave up on a call (timeout, dropped future). It stays in the table, holding
+    /// its capacity, until the worker answers it (a cancelled call answers at once; an inline
+    /// call that ignores `cancel` keeps its worker busy, and routing must know) or dies.
+    /// Returns true if it was still pending (send `cancel` then).
+    pub(crate) fn abandon(&self, id: u64) -> bool {
+        let Ok(mut t) = self.table.lock() else { return false };
+        if !t.open {
+            return false;
+        }
+        match t.calls.get_mut(&id) {
+            Some(p) if p.tx.is_some() => {
+                p.tx = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Abandoned calls the worker still holds for which `running` holds (harakiri check).
+    pub(crate) fn abandoned_running(&self, running: impl Fn(u64) -> bool) -> Vec<(u64, Abandoned)> {
+        let Ok(t) = self.table.lock() else { return Vec::new() };
+        t.calls
+            .iter()
+            .filter(|(id, p)| p.tx.is_none() && running(**id))
+            .map(|(id, p)| (*id, Abandoned { function: Arc::clone(&p.function), deadline: p.deadline }))
+            .collect()
+    }
+
+    /// Describe every call the worker holds (for a death certificate), abandoned ones included,
+    /// without removing them.
+    pub(crate) fn calls_in_flight(&self) -> Vec<CallInFlight> {
+        let Ok(t) = self.table.lock() else { return Vec::new() };
+        let mut v: Vec<CallInFlight> = t
+            .calls
+            .iter()
+            .map(|(id, p)| CallInFlight {
+                id: *id,
+                function: p.function.to_string(),
+                attempt: p.attempt,
+                running_for: p.sent_at.elapsed(),
+                trace_id: p.trace_id.clone(),
+                abandoned: p.tx.is_none(),
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Calls in the table (registered, abandoned ones included).
+    #[cfg(test)]
+    pub(crate) fn table_len(&self) -> usize {
+        self.table.lock().map_or(0, |t| t.calls.len())
+    }
+
+    /// Whether the table still takes calls.
+    pub(crate) fn is_open(&self) -> bool {
+        self.table.lock().is_ok_and(|t| t.open)
+    }
+
+    /// Stop taking calls and end every pending call with `failure`, giving back their capacity
+    /// and any hold. Returns how many callers were told.
+    pub(crate) fn close_and_fail(&self, failure: Failure) -> usize {
+        let drained: Vec<Pending> = match self.table.lock() {
+            Ok(mut t) => {
+                t.open = false;
+                t.calls.drain().map(|(_, p)| p).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        self.held_by.store(0, Ordering::Release);
+        self.release_units(drained.len(), true);
+        let mut told = 0;
+        for p in drained {
+            if let Some(tx) = p.tx {
+                told += 1;
+                let _ = tx.send(Outcome { result: Err(failure.clone()), span: None });
+            }
+        }
+        told
+    }
+
+    /// A `pong` arrived.
+    pub(crate) fn record_pong(&self, nonce: u64) {
+        self.last_pong.store(nonce, Ordering::Release);
+    }
+    /// Nonce of the last `pong` seen.
+    pub(crate) fn last_pong(&self) -> u64 {
+        self.last_pong.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn record_beat(&self, beat: Beat) {
+        if let Ok(mut b) = self.last_beat.lock() {
+            *b = Some(BeatRecord { at: Instant::now(), beat });
+        }
+    }
+    pub(crate) fn last_beat(&self) -> Option<BeatRecord> {
+        self.last_beat.lock().ok().and_then(|b| b.clone())
+    }
+    pub(crate) fn last_beat_age(&self) -> Option<Duration> {
+        self.last_beat().map(|b| b.at.elapsed())
+    }
+}
+
+/// A call registered on a worker, from the caller's side. Dropping it before the outcome
+/// arrived (timeout, dropped future) abandons the call and sends `cancel`.
+pub(crate) struct InFlight {
+    pub(crate) slot: Arc<WorkerSlot>,
+    pub(crate) id: u64,
+    armed: bool,
+}
+
+impl InFlight {
+    pub(crate) fn new(slot: Arc<WorkerSlot>, id: u64) -> Self {
+        InFlight { slot, id, armed: true }
+    }
+    /// The outcome arrived: nothing to abandon.
+    pub(crate) fn done(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.armed && self.slot.abandon(self.id) {
+            if let Some(w) = self.slot.writer() {
+                let _ = w.send(&encode_cancel(self.id));
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Reading one worker's socket: frames in, decoded messages out.
+//!
+//! Owns framing and decoding of what a worker sends, and the verdict on how reading ended
+//! (EOF, or a protocol violation such as an oversized or malformed frame). It hands every
+//! message to a sink and knows nothing of calls, slots or actors: the worker module wires the
+//! sink (replies to their callers, beats to the slot, `hello` to the actor).
+
+use futures::StreamExt;
+use pyvisor_protocol::{decode_worker_message, frame_codec, WorkerMessage};
+use tokio::net::unix::OwnedReadHalf;
+use tokio_util::codec::FramedRead;
+
+/// How reading ended.
+#[derive(Debug, Clone)]
+pub(crate) enum ReadEnd {
+    /// The worker closed its end (it exited, or closed the socket), or the sink stopped.
+    Eof,
+    /// The worker broke the protocol; it must be killed.
+    Protocol(String),
+}
+
+/// Read frames until EOF or a protocol error, handing each decoded message to `sink`; a sink
+/// that returns false stops the reading (as EOF).
+pub(crate) async fn read_frames<F>(read: OwnedReadHalf, max_frame: usize, mut sink: F) -> ReadEnd
+where
+    F: FnMut(WorkerMessage) -> bool,
+{
+    let mut framed = FramedRead::with_capacity(read, frame_codec(max_frame), 64 * 1024);
+    loop {
+        match framed.next().await {
+            None => return ReadEnd::Eof,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return ReadEnd::Protocol(format!("{e} (max_frame is {max_frame} bytes)"))
+            }
+            Some(Err(_)) => return ReadEnd::Eof,
+            Some(Ok(frame)) => match decode_worker_message(frame.freeze()) {
+                Ok(m) => {
+                    if !sink(m) {
+                        return ReadEnd::Eof;
+                    }
+                }
+                Err(e) => return ReadEnd::Protocol(e.to_string()),
+            },
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The path of one call, from admission to its one outcome.
+//!
+//! 1. *Admit*: resolve the deadline, check the function name against `hello`, the frame size
+//!    and the quarantine.
+//! 2. *Acquire*: a reservation from the dispatcher — at once, or after waiting in the fair
+//!    queue (first attempts count toward `max_queue`; retries were admitted already).
+//! 3. *Attempt*: register the call in the worker's table, write its frame, await the outcome
+//!    (dropping the future abandons the call and sends `cancel`).
+//! 4. *Barrier*: a crash goes to the call's [`CallBarrier`], which says fail, retry (alone for
+//!    a suspect) or poison; a `refused` reply (the worker was going away and did not run the
+//!    call) sends the same attempt to another worker.
+//!
+//! No actor is on this path. Owns none of the policies it applies: they are in
+//! `crate::barrier` and `crate::dispatch`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pyvisor_protocol::{call_overhead, encode_call_head, CallHeader, RemoteErrorKind};
+use tokio::time::Instant;
+
+use super::options::CallOptions;
+use crate::barrier::quarantine::fingerprint;
+use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
+use crate::death::DeathCertificate;
+use crate::dispatch::{Failure, QueueExit, Reservation, Want};
+use crate::error::CallError;
+use crate::events::PoolEvent;
+use crate::observe::call_trace::{AttemptTrace, CallTrace};
+use crate::observe::function_span::FunctionSpan;
+use crate::shared::PoolShared;
+
+pub(crate) fn unix_ms(at: Instant) -> u64 {
+    let from_now = at.saturating_duration_since(Instant::now());
+    (SystemTime::now() + from_now).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A call past admission.
+struct Admitted<'a> {
+    function: &'a str,
+    called: Instant,
+    deadline: Option<Instant>,
+    id: u64,
+    idempotent: bool,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+}
+
+impl Admitted<'_> {
+    fn timeout(&self, sent: bool) -> CallError {
+        CallError::Timeout {
+            function: self.function.to_string(),
+            after: self.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(self.called)),
+            sent,
+        }
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Check a call before it may wait for a worker.
+fn admit<'a>(
+    shared: &'a PoolShared,
+    function: &'a str,
+    payload: &'a [u8],
+    opts: &'a CallOptions,
+) -> Result<Admitted<'a>, CallError> {
+    let spec = &shared.spec;
+    let called = Instant::now();
+    let deadline = opts.deadline_from(called, spec.call_timeout);
+    // One look at the function table: the name must exist; its flag is the default idempotency.
+    let mut exposed_idempotent = false;
+    if let Some(funcs) = shared.functions() {
+        match funcs.iter().find(|f| f.name == function) {
+            Some(f) => exposed_idempotent = f.idempotent,
+            None => {
+                return Err(CallError::UnknownFunction {
+                    function: function.to_string(),
+                    available: funcs.iter().map(|f| f.name.clone()).collect(),
+                })
+            }
+        }
+    }
+    let call = Admitted {
+        function,
+        called,
+        deadline,
+        id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
+        idempotent: opts.idempotent_override().unwrap_or(exposed_idempotent),
+        traceparent: opts.traceparent_str(),
+        tracestate: opts.tracestate_str(),
+    };
+    let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + payload.len();
+    if size > spec.max_frame {
+        return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
+    }
+    if shared.quarantine.is_active() {
+        if let Some(q) = shared.quarantine.get(fingerprint(function, payload)) {
+            return Err(CallError::PoisonRequest {
+                function: function.to_string(),
+                certificates: q.certificates,
+                quarantined_for: q.until.saturating_duration_since(Instant::now()),
+                refused: true,
+            });
+        }
+    }
+    Ok(call)
+}
+
+impl<'a> Admitted<'a> {
+    fn header<'h>(&'h self, attempt: u32, traceparent: Option<&'h str>, tracestate: Option<&'h str>) -> CallHeader<'h> {
+        CallHeader {
+            id: self.id,
+            attempt,
+            function: self.function,
+            deadline_ms: self.deadline.map(unix_ms),
+            traceparent,
+            tracestate,
+        }
+    }
+}
+
+/// Run a call to its one outcome. `attempts` is set to the attempts made.
+pub(crate) async fn run(
+    shared: &PoolShared,
+    function: &str,
+    payload: &[u8],
+    opts: CallOptions,
+    trace: Option<&CallTrace>,
+    attempts: &mut u32,
+) -> Result<Bytes, CallError> {
+    let call = admit(shared, function, payload, &opts)?;
+    let spec = &shared.spec;
+    if let Some(t) = trace {
+        t.idempotent(call.idempotent);
+    }
+    let name: Arc<str> = Arc::from(function);
+    let mut barrier = CallBarrier::new(RetryPolicy::from_spec(spec), call.idempotent);
+    let mut previous_attempt: Option<AttemptTrace> = None;
+    let mut admitted = false;
+    let queue_until = {
+        let q = call.called + spec.queue_timeout;
+        call.deadline.map_or(q, |d| d.min(q))
+    };
+    loop {
+        let attempt = barrier.attempt();
+        let want = if barrier.is_suspect() { Want::Alone { call_id: call.id } } else { Want::Any };
+        // A first attempt waits in the bounded queue; a retry was admitted already and waits
+        // for a worker up to the call's deadline.
+        let until = if attempt == 1 {
+            queue_until
+        } else {
+            call.deadline.unwrap_or_else(|| Instant::now() + spec.queue_timeout)
+        };
+        let reservation = match acquire(shared, want, !admitted, until, trace, attempt).await {
+            Ok(r) => r,
+            Err(QueueExit::Full) => {
+                return Err(CallError::Overloaded { pool: shared.name.to_string(), max_queue: spec.max_queue })
+            }
+            Err(QueueExit::Closed) => return Err(shared.closed_error()),
+            Err(QueueExit::TimedOut) => {
+                let sent = !barrier.certificates().is_empty();
+                if call.expired() {
+                    return Err(call.timeout(sent));
+                }
+                if let Some(last) = barrier.certificates().last() {
+                    // Retries found no worker in time: report the crash.
+                    return Err(CallError::WorkerCrashed {
+                        function: function.to_string(),
+                        attempts: attempt - 1,
+                        certificate: Arc::clone(last),
+                    });
+                }
+                return Err(CallError::QueueTimeout { function: function.to_string(), waited: call.called.elapsed() });
+            }
+        };
+        admitted = true;
+        if call.expired() {
+            // Expired while queued: never sent (the reservation goes back as it drops).
+            return Err(call.timeout(!barrier.certificates().is_empty()));
+        }
+        let slot = Arc::clone(&reservation.slot);
+        let deadline = call.deadline.map(Instant::into_std);
+        // A worker that stopped taking calls meanwhile: the reservation goes back, pick again.
+        let Ok((mut in_flight, rx)) = reservation.register(call.id, attempt, &name, deadline, None) else { continue };
+        *attempts = attempt;
+        let mut attempt_trace = trace.map(|t| t.attempt(attempt, &slot.id, slot.pid().unwrap_or(0), previous_attempt.as_ref()));
+        let wire = attempt_trace.as_ref().map(|a| crate::observe::tracing_ctx::traceparent(a.context()));
+        let (tp, ts) = match &wire {
+            Some((tp, ts)) => (Some(tp.as_str()), ts.as_deref()),
+            // Without tracing, the caller's own trace context (if any) passes through.
+            None => (call.traceparent, call.tracestate),
+        };
+        if let Some(w) = slot.writer() {
+            // A failed write means the worker is going down; its actor fails this call.
+            let head = encode_call_head(&call.header(attempt, tp, ts), payload.len());
+            let _ = w.send_parts(&head, payload);
+        }
+        let outcome = match call.deadline {
+            Some(d) => tokio::time::timeout_at(d, rx).await.ok(),
+            None => Some(rx.await),
+        };
+        let Some(outcome) = outcome else {
+            if let Some(a) = &mut attempt_trace {
+                a.timed_out();
+            }
+            return Err(call.timeout(true));
+        };
+        in_flight.done();
+        let Ok(outcome) = outcome else { return Err(shared.closed_error()) };
+        // The Python function's span, from the worker's timing (sampled traces only).
+        let sampled = attempt_trace.as_ref().map(AttemptTrace::context).filter(|c| c.is_sampled());
+        if let (Some(attempt_ctx), Some(timing)) = (sampled, outcome.span) {
+            crate::observe::function_span::record(FunctionSpan {
+                attempt: attempt_ctx,
+                timing,
+                function,
+                call_id: call.id,
+                attempt_no: attempt,
+                worker: &slot.id,
+                pid: slot.pid().unwrap_or(0),
+                error: match &outcome.result {
+                    Err(Failure::Remote(e)) => Some(e),
+                    _ => None,
+                },
+            });
+        }
+        let certificate = match outcome.result {
+            Ok(bytes) => return Ok(bytes),
+            // The worker was going away and did not run it: same attempt, another worker.
+            Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => continue,
+            Err(Failure::Remote(e)) => return Err(CallError::from_remote(function, e, shared.functions().as_deref())),
+            Err(Failure::ShutDown) => return Err(shared.closed_error()),
+            Err(Failure::Crashed(certificate)) => certificate,
+        };
+        if let Some(a) = &mut attempt_trace {
+            a.crashed(&certificate);
+        }
+        previous_attempt = attempt_trace;
+        match barrier.on_crash(call.id, Arc::clone(&certificate)) {
+            CrashVerdict::Retry { .. } => {
+                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                crate::observe::metrics::retry(&shared.name, function);
+                if let Some(t) = trace {
+                    t.retrying(barrier.attempt());
+                }
+                tracing::debug!(pool = %shared.name, function, attempt = barrier.attempt(), suspect = barrier.is_suspect(), "retrying after a crash");
+            }
+            CrashVerdict::Fail | CrashVerdict::Exhausted => {
+                return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: attempt, certificate })
+            }
+            CrashVerdict::Poison => return Err(poisoned(shared, function, payload, trace, attempt, barrier.certificates())),
+        }
+    }
+}
+
+/// Reserve a worker, with a queue-wait span only when the call has to wait.
+async fn acquire(
+    shared: &PoolShared,
+    want: Want,
+    first: bool,
+    until: Instant,
+    trace: Option<&CallTrace>,
+    attempt: u32,
+) -> Result<Reservation, QueueExit> {
+    if let Some(now) = shared.dispatch.try_now(want) {
+        return now;
+    }
+    let _wait = trace.map(|t| t.queue_wait(attempt));
+    shared.dispatch.acquire(want, first, shared.spec.max_queue, until).await
+}
+
+/// Quarantine a poison request's fingerprint and build its error.
+fn poisoned(
+    shared: &PoolShared,
+    function: &str,
+    payload: &[u8],
+    trace: Option<&CallTrace>,
+    attempt: u32,
+    certificates: &[Arc<DeathCertificate>],
+) -> CallError {
+    let spec = &shared.spec;
+    let until = Instant::now() + spec.quarantine_window;
+    shared.quarantine.insert(fingerprint(function, payload), until, certificates.to_vec());
+    shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(pool = %shared.name, function, attempts = attempt, "poison request quarantined");
+    if let Some(t) = trace {
+        t.quarantined();
+    }
+    shared.emit(PoolEvent::Quarantined { function: function.to_string(), window: spec.quarantine_window });
+    CallError::PoisonRequest {
+        function: function.to_string(),
+        certificates: certificates.to_vec(),
+        quarantined_for: spec.quarantine_window,
+        refused: false,
+    }
+}

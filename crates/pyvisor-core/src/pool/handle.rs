@@ -1,0 +1,210 @@
+//! The pool handle: [`Pool`], cheap to clone; every clone is the same pool.
+//!
+//! Owns starting a pool (the router actor, waiting until every worker is ready), the typed
+//! call API over [`super::call::run`], status, death certificates, chaos and shutdown (also
+//! when the last handle drops).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyvisor_protocol::FunctionInfo;
+use ractor::{Actor, ActorCell, ActorRef};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::options::CallOptions;
+use crate::death::DeathCertificate;
+use crate::error::{CallError, StartError};
+use crate::observe::call_trace::CallTrace;
+use crate::router::{PoolRouter, RouterArgs, RouterMsg};
+use crate::shared::PoolShared;
+use crate::spec::PoolSpec;
+use crate::status::PoolStatus;
+
+struct PoolInner {
+    shared: Arc<PoolShared>,
+    router: ActorRef<RouterMsg>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PoolInner {
+    /// The last handle is gone: shut the pool down (gracefully, in the background).
+    fn drop(&mut self) {
+        if !self.shared.is_closed() {
+            self.shared.close();
+            let (tx, _rx) = oneshot::channel();
+            let _ = self.router.cast(RouterMsg::Shutdown(tx.into()));
+        }
+    }
+}
+
+/// A running pool of Python workers. Cheap to clone; every clone is the same pool. The pool
+/// runs until [`Pool::shutdown`] or until its last handle is dropped (which starts the same
+/// shutdown in the background).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use pyvisor_core::{Pool, PoolSpec};
+/// let pool = Pool::start(PoolSpec::script("worker.py").workers(2)).await?;
+/// let sum: i64 = pool.call("add", &(1, 2)).await?;
+/// assert_eq!(sum, 3);
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("name", &self.inner.shared.name).finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Start a pool and wait until every worker is ready. Start failures are retried with
+    /// backoff; more than `max_start_failures` fail the start with the last death certificate.
+    pub async fn start(spec: PoolSpec) -> Result<Pool, StartError> {
+        Self::start_inner(spec, None).await
+    }
+
+    /// Like [`Pool::start`], with the pool's router linked under `supervisor`: the supervisor
+    /// receives ordinary `SupervisionEvent`s for it (a failed pool arrives as `ActorFailed`
+    /// with a [`crate::PoolFailure`]).
+    pub async fn start_linked(spec: PoolSpec, supervisor: ActorCell) -> Result<Pool, StartError> {
+        Self::start_inner(spec, Some(supervisor)).await
+    }
+
+    async fn start_inner(spec: PoolSpec, supervisor: Option<ActorCell>) -> Result<Pool, StartError> {
+        let python = spec.validate()?;
+        // Once per process: stop what earlier, crashed runs of this program left behind.
+        static REAPED: std::sync::Once = std::sync::Once::new();
+        REAPED.call_once(|| {
+            crate::process::reap_orphans();
+        });
+        let shared = Arc::new(PoolShared::new(spec, python));
+        crate::observe::metrics::register_pool(&shared);
+        let (tx, rx) = oneshot::channel();
+        let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };
+        let spawned = match supervisor {
+            Some(sup) => Actor::spawn_linked(None, PoolRouter, args, sup).await,
+            None => Actor::spawn(None, PoolRouter, args).await,
+        };
+        let (router, join) = spawned.map_err(|e| StartError::Actor(e.to_string()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(Pool { inner: Arc::new(PoolInner { shared, router, join: Mutex::new(Some(join)) }) }),
+            Ok(Err(e)) => {
+                let _ = join.await;
+                Err(e)
+            }
+            Err(_) => {
+                let _ = join.await;
+                Err(StartError::Actor("the pool router stopped while starting".into()))
+            }
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    /// The router actor, e.g. to link or monitor it.
+    pub fn actor(&self) -> ActorCell {
+        self.inner.router.get_cell()
+    }
+
+    /// The functions the workers expose (from their `hello`).
+    pub fn functions(&self) -> Vec<FunctionInfo> {
+        self.inner.shared.functions().map(|f| f.to_vec()).unwrap_or_default()
+    }
+
+    /// Call `function` with `input`, deserializing the result as `O`.
+    pub async fn call<I, O>(&self, function: &str, input: &I) -> Result<O, CallError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        self.call_with(function, input, CallOptions::default()).await
+    }
+
+    /// [`Pool::call`] with options.
+    pub async fn call_with<I, O>(&self, function: &str, input: &I, opts: CallOptions) -> Result<O, CallError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        let payload = rmp_serde::to_vec_named(input)
+            .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })?;
+        let reply = self.call_raw(function, &payload, opts).await?;
+        rmp_serde::from_slice(&reply)
+            .map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+    }
+
+    /// Call with an already-encoded MessagePack payload; returns the encoded result.
+    pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
+        let shared = &*self.inner.shared;
+        let started = Instant::now();
+        let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
+        let mut attempts = 0;
+        let result = super::call::run(shared, function, payload, opts, trace.as_ref(), &mut attempts).await;
+        if let Some(t) = trace {
+            t.finish(result.as_ref().map(|_| ()), attempts);
+        }
+        crate::observe::metrics::call_done(
+            &shared.name,
+            function,
+            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    /// The last death certificates of this pool's workers (up to [`KEPT_CERTIFICATES`]),
+    /// oldest first.
+    pub fn death_certificates(&self) -> Vec<Arc<DeathCertificate>> {
+        self.inner.shared.deaths.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Fault injection for tests: kill or stop workers, arm chaos points.
+    pub fn chaos(&self) -> crate::chaos::Chaos {
+        crate::chaos::Chaos { shared: Arc::clone(&self.inner.shared) }
+    }
+
+    /// A snapshot of every position: worker, pid, state, in flight, served, restarts.
+    pub async fn status(&self) -> PoolStatus {
+        match self.inner.router.call(RouterMsg::Status, Some(Duration::from_secs(5))).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => s,
+            _ => PoolStatus {
+                name: self.inner.shared.name.to_string(),
+                workers: Vec::new(),
+                queued: self.inner.shared.dispatch.len(),
+                closed: true,
+                retried: 0,
+                poisoned: 0,
+                crashes: 0,
+                recycles: 0,
+            },
+        }
+    }
+
+    /// Stop taking calls, let calls in flight finish (shutdown grace), then stop every worker
+    /// (`shutdown` → SIGTERM → SIGKILL to its process group). Idempotent.
+    pub async fn shutdown(&self) {
+        let inner = &*self.inner;
+        inner.shared.close();
+        let spec = &inner.shared.spec;
+        let budget = spec.shutdown_grace + spec.sigterm_wait + Duration::from_secs(10);
+        let _ = inner.router.call(RouterMsg::Shutdown, Some(budget)).await;
+        let join = inner.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
+            let _ = j.await;
+        }
+    }
+}
+

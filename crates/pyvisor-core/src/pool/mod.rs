@@ -1,0 +1,16 @@
+//! The pool as its users see it.
+//!
+//! - [`handle`]: [`Pool`] (cheap to clone): start, call, status, death certificates, chaos,
+//!   shutdown;
+//! - [`options`]: [`CallOptions`];
+//! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
+//!   barrier — with no actor on it.
+//!
+//! The router actor is asked only for status and shutdown.
+
+pub(crate) mod call;
+pub(crate) mod handle;
+pub(crate) mod options;
+
+pub use handle::Pool;
+pub use options::CallOptions;

@@ -1,0 +1,219 @@
+//! The state a pool's handles, its router, its workers and their reader tasks share.
+//!
+//! Owns [`PoolShared`]: the spec, the dispatcher (routing table and queue), the function table
+//! from `hello`, the failure reason, the quarantine, counters, the last death certificates and
+//! the member list, plus lifecycle event emission. It sits below everything that uses it: it
+//! imports no actor, no call path and no observation module.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use pyvisor_protocol::FunctionInfo;
+use tokio::time::Instant;
+
+use crate::barrier::quarantine::{Quarantine, QUARANTINE_CAP};
+use crate::death::{DeathCertificate, WorkerId};
+use crate::dispatch::{Dispatcher, WorkerSlot};
+use crate::error::{CallError, StartError};
+use crate::events::PoolEvent;
+use crate::spec::PoolSpec;
+
+/// State shared by the pool's handles, its router, its workers and their reader tasks.
+pub(crate) struct PoolShared {
+    pub name: Arc<str>,
+    pub spec: PoolSpec,
+    pub python: PathBuf,
+    /// Routing table and waiting line.
+    pub dispatch: Arc<Dispatcher>,
+    pub(crate) next_call_id: AtomicU64,
+    next_worker_id: AtomicU64,
+    functions: RwLock<Option<Arc<Vec<FunctionInfo>>>>,
+    failed: Mutex<Option<Arc<StartError>>>,
+    pub quarantine: SharedQuarantine,
+    pub stats: PoolStats,
+    pub(crate) deaths: Mutex<VecDeque<Arc<DeathCertificate>>>,
+    members: RwLock<Vec<Arc<WorkerSlot>>>,
+}
+
+/// Death certificates a pool keeps for [`Pool::death_certificates`].
+pub const KEPT_CERTIFICATES: usize = 64;
+
+/// Counters of a pool's fault handling.
+#[derive(Default)]
+pub(crate) struct PoolStats {
+    pub retried: AtomicU64,
+    pub poisoned: AtomicU64,
+    pub crashes: AtomicU64,
+    pub recycles: AtomicU64,
+}
+
+/// The pool's quarantine: the crash barrier's [`Quarantine`] value behind a lock, with a
+/// lock-free "is anything quarantined" check for the call path.
+#[derive(Default)]
+pub(crate) struct SharedQuarantine {
+    active: AtomicU64,
+    inner: Mutex<Option<Quarantine>>,
+}
+
+impl SharedQuarantine {
+    /// Whether any fingerprint may be quarantined (one atomic load).
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+    pub(crate) fn insert(&self, fp: u64, until: Instant, certificates: Vec<Arc<DeathCertificate>>) {
+        if let Ok(mut g) = self.inner.lock() {
+            let q = g.get_or_insert_with(|| Quarantine::new(QUARANTINE_CAP));
+            q.insert(fp, until.into_std(), certificates);
+            self.active.store(q.len(std::time::Instant::now()) as u64, Ordering::Release);
+        }
+    }
+    pub(crate) fn get(&self, fp: u64) -> Option<Quarantined> {
+        let mut g = self.inner.lock().ok()?;
+        let q = g.as_mut()?;
+        let now = std::time::Instant::now();
+        let found = q.get(fp, now);
+        self.active.store(q.len(now) as u64, Ordering::Release);
+        found.map(|f| Quarantined { until: Instant::from_std(f.until), certificates: f.certificates })
+    }
+}
+
+/// A quarantined fingerprint, as the call path reports it.
+pub(crate) struct Quarantined {
+    pub until: Instant,
+    pub certificates: Vec<Arc<DeathCertificate>>,
+}
+
+impl PoolShared {
+    pub(crate) fn new(spec: PoolSpec, python: PathBuf) -> Self {
+        PoolShared {
+            name: Arc::from(spec.name.as_str()),
+            spec,
+            python,
+            dispatch: Dispatcher::new(),
+            next_call_id: AtomicU64::new(1),
+            next_worker_id: AtomicU64::new(1),
+            functions: RwLock::new(None),
+            failed: Mutex::new(None),
+            quarantine: SharedQuarantine::default(),
+            stats: PoolStats::default(),
+            deaths: Mutex::new(VecDeque::new()),
+            members: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn next_worker_id(&self) -> WorkerId {
+        WorkerId(self.next_worker_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_functions(&self, f: &[FunctionInfo]) {
+        if let Ok(mut g) = self.functions.write() {
+            if g.as_ref().map_or(true, |cur| cur.as_slice() != f) {
+                *g = Some(Arc::new(f.to_vec()));
+            }
+        }
+    }
+
+    pub(crate) fn functions(&self) -> Option<Arc<Vec<FunctionInfo>>> {
+        self.functions.read().ok().and_then(|g| g.clone())
+    }
+
+    pub(crate) fn fail(&self, err: Arc<StartError>) {
+        if let Ok(mut g) = self.failed.lock() {
+            *g = Some(err);
+        }
+        self.dispatch.close();
+    }
+
+    /// Stop taking calls: every waiter is told at once.
+    pub(crate) fn close(&self) {
+        self.dispatch.close();
+    }
+
+    /// Whether the pool stopped taking calls.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.dispatch.is_closed()
+    }
+
+    /// Every worker the router holds now (any state), for gauges.
+    pub(crate) fn members(&self) -> Vec<Arc<WorkerSlot>> {
+        self.members.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_members(&self, m: Vec<Arc<WorkerSlot>>) {
+        if let Ok(mut g) = self.members.write() {
+            *g = m;
+        }
+    }
+
+    pub(crate) fn record_death(&self, cert: Arc<DeathCertificate>) {
+        if let Ok(mut d) = self.deaths.lock() {
+            if d.len() == KEPT_CERTIFICATES {
+                d.pop_front();
+            }
+            d.push_back(cert);
+        }
+    }
+
+    pub(crate) fn closed_error(&self) -> CallError {
+        match self.failed.lock().ok().and_then(|g| g.clone()) {
+            Some(reason) => CallError::PoolFailed { pool: self.name.to_string(), reason },
+            None => CallError::ShutDown { pool: self.name.to_string() },
+        }
+    }
+
+    pub(crate) fn emit(&self, event: PoolEvent) {
+        // Each lifecycle occurrence is a short span of its own, so that it reaches traces too.
+        let pool = &*self.name;
+        match &event {
+            PoolEvent::WorkerSpawned { worker, index, pid } => {
+                let _s = tracing::debug_span!("pyvisor.worker.spawn", pyvisor.pool = pool, pyvisor.worker.id = %worker, pyvisor.worker.index = index, process.pid = pid).entered();
+                tracing::info!(pool, worker = %worker, index, pid, "worker spawned")
+            }
+            PoolEvent::WorkerReady { worker, pid, startup, .. } => {
+                let _s = tracing::debug_span!("pyvisor.worker.ready", pyvisor.pool = pool, pyvisor.worker.id = %worker, process.pid = pid, pyvisor.startup_ms = startup.as_millis() as u64).entered();
+                tracing::info!(pool, worker = %worker, pid, startup_ms = startup.as_millis() as u64, "worker ready")
+            }
+            PoolEvent::WorkerDied { certificate: c } => {
+                let _s = tracing::info_span!(
+                    "pyvisor.worker.crash",
+                    otel.status_code = "ERROR",
+                    pyvisor.pool = pool,
+                    pyvisor.worker.id = %c.worker,
+                    process.pid = c.pid.unwrap_or(0),
+                    pyvisor.death.cause = c.cause.kind(),
+                    pyvisor.exit.code = c.exit_code.unwrap_or(0),
+                    pyvisor.exit.signal = c.signal.unwrap_or(0),
+                    pyvisor.became_ready = c.became_ready,
+                    pyvisor.uptime_ms = c.uptime.as_millis() as u64,
+                    pyvisor.calls_in_flight = c.calls_in_flight.len(),
+                    pyvisor.oom_suspected = c.oom_suspected,
+                )
+                .entered();
+                tracing::warn!(exception.type = "WorkerDied", exception.message = %c, "death certificate")
+            }
+            PoolEvent::RestartScheduled { index, failures, delay } => {
+                let _s = tracing::debug_span!("pyvisor.worker.restart_scheduled", pyvisor.pool = pool, pyvisor.worker.index = index, pyvisor.failures = failures, pyvisor.backoff_ms = delay.as_millis() as u64).entered();
+                tracing::warn!(pool, index, failures, delay_ms = delay.as_millis() as u64, "worker start failed; restart scheduled")
+            }
+            PoolEvent::PoolFailed { reason } => {
+                let _s = tracing::debug_span!("pyvisor.pool.failed", otel.status_code = "ERROR", pyvisor.pool = pool).entered();
+                tracing::error!(pool, "pool failed: {reason}")
+            }
+            PoolEvent::PoolStopped => tracing::info!(pool, "pool stopped"),
+            PoolEvent::Quarantined { function, window } => {
+                let _s = tracing::debug_span!("pyvisor.quarantine", pyvisor.pool = pool, rpc.method = %function, pyvisor.quarantine_s = window.as_secs()).entered();
+                tracing::error!(pool, function, window_s = window.as_secs(), "poison request quarantined")
+            }
+            PoolEvent::Recycled { worker, reason } => {
+                let _s = tracing::debug_span!("pyvisor.worker.recycle", pyvisor.pool = pool, pyvisor.worker.id = %worker, pyvisor.recycle.reason = %reason).entered();
+                tracing::info!(pool, worker = %worker, reason = %reason, "worker recycled")
+            }
+        }
+        if let Some(cb) = &self.spec.on_event {
+            cb(&event);
+        }
+    }
+}
+

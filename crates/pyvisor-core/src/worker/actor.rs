@@ -1,0 +1,660 @@
+//! The worker actor: one Python process, from spawn to death certificate.
+//!
+//! Owns the child process (through its waiter task and a group-kill guard), the socket halves
+//! (reader task, writer), stdout/stderr forwarding, the start timeout, the `hello` check, the
+//! periodic health check, the recycling drain, and the worker's end:
+//! - a crash (any exit pyvisor did not ask for, also while draining) finalizes a
+//!   [`DeathCertificate`] once the reader has delivered every reply the worker wrote, fails
+//!   the calls still in flight with it, and fails the actor with [`WorkerDied`] so the router
+//!   hears of it as a supervision event;
+//! - a requested stop drains, then `shutdown` → SIGTERM → SIGKILL;
+//! - any other end (killed, panicked) is caught by `Drop` of the state, which fails every call
+//!   still pending and kills the process group.
+//!
+//! It does not decide about replacement (the router does).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use pyvisor_protocol::{encode_ping, encode_shutdown, Hello, RemoteErrorKind, WorkerMessage, PROTOCOL_VERSION};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::health::{judge, Limits, Observed, Overrun, Verdict};
+use crate::death::{DeathCause, DeathCertificate, WorkerId};
+use crate::dispatch::{Failure, Outcome, WorkerSlot};
+use crate::events::RecycleReason;
+use crate::io::reader::{read_frames, ReadEnd};
+use crate::io::writer::FrameWriter;
+use crate::process::{
+    forward_lines, kill_group, measure_memory, oom_kill_count, spawn_worker, wait_group_gone, GroupGuard, StderrTail, Stream,
+};
+use crate::shared::PoolShared;
+use crate::status::WorkerState;
+
+/// The error a worker actor fails with when its process dies: carries the certificate to the
+/// router through ractor's `SupervisionEvent::ActorFailed`.
+#[derive(Debug)]
+pub(crate) struct WorkerDied(pub Arc<DeathCertificate>);
+
+impl std::fmt::Display for WorkerDied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for WorkerDied {}
+
+/// What a worker tells its pool router.
+pub(crate) enum WorkerReport {
+    /// It sent a valid `hello` and takes calls.
+    Ready { id: WorkerId, hello: Box<Hello>, startup: Duration },
+    /// It passed a recycling threshold (sent again on every check while it holds).
+    Recycle { id: WorkerId, reason: RecycleReason },
+}
+
+/// How a worker reaches its router (a cast, in practice).
+pub(crate) type Reporter = Arc<dyn Fn(WorkerReport) + Send + Sync>;
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+pub(crate) enum WorkerMsg {
+    Hello(Hello),
+    ConnectionLost(ReadEnd),
+    Exited(ExitInfo),
+    StartTimeout,
+    ExitWaitOver,
+    /// Periodic health check: heartbeat, reading side, harakiri, memory, recycling, drain.
+    Tick,
+    Shutdown(RpcReplyPort<()>),
+    /// Recycled: take no new calls, finish the ones in flight (up to the drain timeout), then
+    /// stop like a shutdown. A crash meanwhile is a crash.
+    Drain,
+}
+
+pub(crate) struct WorkerActor;
+
+pub(crate) struct WorkerArgs {
+    pub slot: Arc<WorkerSlot>,
+    pub shared: Arc<PoolShared>,
+    pub report: Reporter,
+}
+
+pub(crate) struct WorkerActorState {
+    slot: Arc<WorkerSlot>,
+    shared: Arc<PoolShared>,
+    report: Reporter,
+    pid: Option<u32>,
+    guard: Option<GroupGuard>,
+    armed: Arc<AtomicBool>,
+    exit_rx: Option<watch::Receiver<Option<ExitInfo>>>,
+    stderr: Arc<StderrTail>,
+    stderr_task: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    ready: bool,
+    cause: Option<DeathCause>,
+    killed_by_us: bool,
+    /// A requested stop (shutdown or the end of a drain) is under way.
+    stopping: bool,
+    /// Recycled: draining until this instant.
+    draining_until: Option<Instant>,
+    /// The certificate is written: nothing is pending any more.
+    finalized: bool,
+    oom_before: Option<u64>,
+    started: Instant,
+    ready_at: Option<Instant>,
+    python_stack: Option<String>,
+    ticker: Option<JoinHandle<()>>,
+    limits: Option<Limits>,
+    /// The ping in flight: its nonce and when it was sent.
+    ping: Option<(u64, Instant)>,
+    next_ping: u64,
+    last_ping_at: Option<Instant>,
+}
+
+fn jittered(v: f64, jitter: f64) -> f64 {
+    if jitter <= 0.0 {
+        v
+    } else {
+        v * (1.0 + rand::random_range(-jitter..=jitter))
+    }
+}
+
+impl WorkerActorState {
+    fn kill(&mut self, cause: DeathCause) {
+        if self.cause.is_none() {
+            self.cause = Some(cause);
+        }
+        self.killed_by_us = true;
+        if let Some(pid) = self.pid {
+            kill_group(pid, libc::SIGKILL);
+        }
+    }
+
+    fn certificate(&self, exit: Option<ExitInfo>, cause: DeathCause) -> DeathCertificate {
+        let last_beat = self.slot.last_beat();
+        let signal = exit.and_then(|e| e.signal);
+        let oom_suspected = signal == Some(libc::SIGKILL)
+            && !self.killed_by_us
+            && matches!((self.oom_before, oom_kill_count()), (Some(a), Some(b)) if b > a);
+        DeathCertificate {
+            pool: self.shared.name.to_string(),
+            worker: self.slot.id,
+            index: self.slot.index,
+            pid: self.pid,
+            cause,
+            exit_code: exit.and_then(|e| e.code),
+            signal,
+            killed_by_pyvisor: self.killed_by_us,
+            oom_suspected,
+            uptime: self.started.elapsed(),
+            became_ready: self.ready,
+            died_at: SystemTime::now(),
+            last_rss: last_beat.as_ref().map(|b| b.beat.rss),
+            last_beat_age: last_beat.as_ref().map(|b| b.at.elapsed()),
+            calls_in_flight: self.slot.calls_in_flight(),
+            stderr_tail: self.stderr.snapshot(),
+            python_stack: self.python_stack.clone(),
+        }
+    }
+
+    /// Build the certificate, fail the calls in flight with it, and return the actor error.
+    async fn finalize(&mut self, exit: Option<ExitInfo>) -> ActorProcessingErr {
+        self.slot.set_state(WorkerState::Dead);
+        self.shared.dispatch.remove(self.slot.id);
+        if let Some(pid) = self.pid {
+            // Take whatever the worker left in its group (user subprocesses).
+            kill_group(pid, libc::SIGKILL);
+        }
+        self.armed.store(false, Ordering::SeqCst);
+        // Replies the worker wrote before it died are still in the socket: let the reader
+        // deliver them (it ends at EOF once every holder of the socket is gone) before the
+        // calls left are failed.
+        if let Some(r) = self.reader.as_mut() {
+            if tokio::time::timeout(Duration::from_secs(1), r).await.is_err() {
+                tracing::debug!(pool = %self.shared.name, worker = %self.slot.id, "reader did not reach EOF within 1 s");
+            }
+        }
+        // Let stderr drain so the tail holds the last words (e.g. an import traceback).
+        if let Some(t) = self.stderr_task.as_mut() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        }
+        let cause = self.cause.clone().unwrap_or(DeathCause::Exited);
+        let cert = Arc::new(self.certificate(exit, cause));
+        let failed = self.slot.close_and_fail(Failure::Crashed(Arc::clone(&cert)));
+        self.finalized = true;
+        if let Some(w) = self.slot.writer() {
+            w.close();
+        }
+        tracing::warn!(
+            pool = %cert.pool, worker = %cert.worker, pid = ?cert.pid, cause = %cert.cause,
+            ending = %cert.ending(), ready = cert.became_ready, calls_failed = failed,
+            "worker died"
+        );
+        Box::new(WorkerDied(cert))
+    }
+
+    fn abort_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(t) = self.reader.take() {
+            t.abort();
+        }
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+    }
+
+    /// No beats: capture the Python stack (faulthandler on SIGUSR1), then kill.
+    async fn declare_hung(&mut self, silent_for: Duration) {
+        let Some(pid) = self.pid else { return };
+        tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, pid, silent_ms = silent_for.as_millis() as u64, "worker hung; capturing its stack");
+        self.stderr.start_capture();
+        // SAFETY: plain syscall.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGUSR1);
+        }
+        // A stopped process cannot answer; a live one dumps within milliseconds.
+        let start = Instant::now();
+        let mut last_len = 0;
+        let mut quiet_since = Instant::now();
+        while start.elapsed() < Duration::from_millis(800) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let n = self.stderr.captured().len();
+            if n != last_len {
+                last_len = n;
+                quiet_since = Instant::now();
+            } else if n > 0 && quiet_since.elapsed() > Duration::from_millis(100) {
+                break;
+            }
+        }
+        let lines = self.stderr.take_capture();
+        if !lines.is_empty() {
+            self.python_stack = Some(lines.join("\n"));
+        }
+        self.kill(DeathCause::Hung { silent_for });
+    }
+
+    /// Ping the worker's reading side while calls are in flight (one ping at a time, at most
+    /// one per heartbeat interval); note the answer.
+    fn ping(&mut self, now: Instant) {
+        if let Some((nonce, _)) = self.ping {
+            if self.slot.last_pong() == nonce {
+                self.ping = None;
+            }
+        }
+        if self.ping.is_some() || self.slot.in_flight() == 0 {
+            return;
+        }
+        let interval = self.shared.spec.heartbeat_interval;
+        if self.last_ping_at.is_some_and(|t| now.duration_since(t) < interval) {
+            return;
+        }
+        self.last_ping_at = Some(now);
+        self.next_ping += 1;
+        let nonce = self.next_ping;
+        if let Some(w) = self.slot.writer() {
+            if w.send(&encode_ping(nonce)).is_ok() {
+                self.ping = Some((nonce, now));
+            }
+        }
+    }
+
+    fn observe(&mut self, now: Instant) -> Option<Observed> {
+        let pid = self.pid?;
+        let limits = self.limits.as_ref()?;
+        let last = self.slot.last_beat();
+        let silent_for = match (&last, self.ready_at) {
+            (Some(b), _) => b.at.elapsed(),
+            (None, Some(r)) => r.elapsed(),
+            (None, None) => Duration::ZERO,
+        };
+        let abandoned_running = match (&last, limits.harakiri_grace) {
+            (Some(b), Some(_)) => {
+                let running: std::collections::HashSet<u64> = b
+                    .beat
+                    .in_progress
+                    .iter()
+                    .filter(|c| c.phase == pyvisor_protocol::Phase::Running)
+                    .map(|c| c.id)
+                    .collect();
+                self.slot
+                    .abandoned_running(|id| running.contains(&id))
+                    .into_iter()
+                    .filter_map(|(call_id, c)| {
+                        Some(Overrun { call_id, function: c.function.to_string(), deadline: c.deadline? })
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let memory = if limits.memory_soft.is_some() || limits.memory_hard.is_some() { measure_memory(pid) } else { None };
+        Some(Observed {
+            silent_for,
+            last_beat_at: last.as_ref().map(|b| b.at),
+            abandoned_running,
+            ping_unanswered_for: self.ping.map(|(_, at)| now.duration_since(at)),
+            memory,
+            ready_for: self.ready_at.map_or(Duration::ZERO, |r| now.duration_since(r)),
+            served: self.slot.served(),
+            draining: self.draining_until.is_some(),
+        })
+    }
+
+    /// The periodic check. Returns true when a drain is over and the worker should stop.
+    async fn tick(&mut self) -> bool {
+        if !self.ready || self.stopping || self.cause.is_some() {
+            return false;
+        }
+        let now = Instant::now();
+        self.ping(now);
+        let Some(observed) = self.observe(now) else { return false };
+        let Some(limits) = self.limits.clone() else { return false };
+        match judge(&limits, &observed, now) {
+            Verdict::Healthy => {}
+            Verdict::Hung { silent_for } => {
+                self.declare_hung(silent_for).await;
+                return false;
+            }
+            Verdict::Unresponsive { silent_for } => {
+                tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, silent_ms = silent_for.as_millis() as u64, "worker stopped reading its socket: killing it");
+                self.kill(DeathCause::Unresponsive { silent_for });
+                return false;
+            }
+            Verdict::Harakiri { call_id, function, overrun } => {
+                tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, call_id, function = %function, "harakiri: killing the worker");
+                self.kill(DeathCause::Harakiri { call_id, function, overrun });
+                return false;
+            }
+            Verdict::MemoryHard { bytes, limit } => {
+                tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, bytes, limit, "memory hard limit: killing the worker");
+                self.kill(DeathCause::MemoryLimit { bytes, limit });
+                return false;
+            }
+            Verdict::Recycle(reason) => (self.report)(WorkerReport::Recycle { id: self.slot.id, reason }),
+        }
+        self.draining_until.is_some_and(|until| self.slot.in_flight() == 0 || now >= until)
+    }
+}
+
+impl Drop for WorkerActorState {
+    /// Whatever way the actor ended (stopped, killed, panicked), nothing stays pending on this
+    /// worker and nothing of its process group stays alive (the guard kills the group).
+    fn drop(&mut self) {
+        self.slot.set_state(WorkerState::Dead);
+        self.shared.dispatch.remove(self.slot.id);
+        if !self.finalized && self.slot.is_open() {
+            let failure = if self.stopping || self.shared.is_closed() {
+                Failure::ShutDown
+            } else {
+                let cause = DeathCause::ActorFailed("the worker actor ended without a death certificate".into());
+                Failure::Crashed(Arc::new(self.certificate(None, cause)))
+            };
+            self.slot.close_and_fail(failure);
+        }
+        if let Some(w) = self.slot.writer() {
+            w.close();
+        }
+        self.abort_tasks();
+        if let Some(t) = self.stderr_task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Where a worker's messages go: replies straight to their callers, beats and pongs to the
+/// slot, `hello` to the actor. A `refused` reply (the worker is going away and did not run the
+/// call) also stops routing to the worker. False: stop reading.
+fn deliver(slot: &WorkerSlot, shared: &PoolShared, actor: &ActorRef<WorkerMsg>, m: WorkerMessage) -> bool {
+    match m {
+        WorkerMessage::Reply(r) => {
+            if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
+                shared.dispatch.remove(slot.id);
+            }
+            slot.complete(r.id, r.attempt, Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span });
+            true
+        }
+        WorkerMessage::Beat(b) => {
+            slot.record_beat(b);
+            true
+        }
+        WorkerMessage::Pong { nonce, beat } => {
+            slot.record_beat(beat);
+            slot.record_pong(nonce);
+            true
+        }
+        WorkerMessage::Hello(h) => actor.cast(WorkerMsg::Hello(h)).is_ok(),
+        _ => true,
+    }
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMsg;
+    type State = WorkerActorState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: WorkerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WorkerActorState {
+            slot: args.slot,
+            shared: args.shared,
+            report: args.report,
+            pid: None,
+            guard: None,
+            armed: Arc::new(AtomicBool::new(false)),
+            exit_rx: None,
+            stderr: Arc::new(StderrTail::default()),
+            stderr_task: None,
+            reader: None,
+            tasks: Vec::new(),
+            ready: false,
+            cause: None,
+            killed_by_us: false,
+            stopping: false,
+            draining_until: None,
+            finalized: false,
+            oom_before: oom_kill_count(),
+            started: Instant::now(),
+            ready_at: None,
+            python_stack: None,
+            ticker: None,
+            limits: None,
+            ping: None,
+            next_ping: 0,
+            last_ping_at: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let spec = &st.shared.spec;
+        st.started = Instant::now();
+        let spawned = match spawn_worker(spec, &st.shared.python, st.slot.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                st.cause = Some(DeathCause::SpawnFailed(e.to_string()));
+                return Err(st.finalize(None).await);
+            }
+        };
+        let mut child = spawned.child;
+        let pid = spawned.pid;
+        st.pid = Some(pid);
+        st.slot.set_pid(pid);
+        st.armed.store(true, Ordering::SeqCst);
+        st.guard = Some(GroupGuard { pgid: pid, armed: Arc::clone(&st.armed) });
+
+        let name: Arc<str> = Arc::clone(&st.shared.name);
+        if let Some(out) = child.stdout.take() {
+            st.tasks.push(tokio::spawn(forward_lines(out, Stream::Stdout, Arc::clone(&name), st.slot.id, None)));
+        }
+        if let Some(err) = child.stderr.take() {
+            st.stderr_task = Some(tokio::spawn(forward_lines(
+                err,
+                Stream::Stderr,
+                Arc::clone(&name),
+                st.slot.id,
+                Some(Arc::clone(&st.stderr)),
+            )));
+        }
+        let (exit_tx, exit_rx) = watch::channel(None);
+        st.exit_rx = Some(exit_rx);
+        let me = myself.clone();
+        st.tasks.push(tokio::spawn(async move {
+            use std::os::unix::process::ExitStatusExt;
+            let info = match child.wait().await {
+                Ok(s) => ExitInfo { code: s.code(), signal: s.signal() },
+                Err(_) => ExitInfo { code: None, signal: None },
+            };
+            let _ = exit_tx.send(Some(info));
+            let _ = me.cast(WorkerMsg::Exited(info));
+        }));
+
+        let socket = spawned.socket;
+        let stream = socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(socket));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                st.kill(DeathCause::SpawnFailed(format!("cannot use the worker socket: {e}")));
+                return Ok(());
+            }
+        };
+        let (read, write) = stream.into_split();
+        st.slot.set_writer(FrameWriter::start(write));
+        let (slot, shared, actor) = (Arc::clone(&st.slot), Arc::clone(&st.shared), myself.clone());
+        let max_frame = spec.max_frame;
+        st.reader = Some(tokio::spawn(async move {
+            let end = read_frames(read, max_frame, |m| deliver(&slot, &shared, &actor, m)).await;
+            let _ = actor.cast(WorkerMsg::ConnectionLost(end));
+        }));
+        myself.send_after(spec.start_timeout, || WorkerMsg::StartTimeout);
+        st.shared.emit(crate::PoolEvent::WorkerSpawned { worker: st.slot.id, index: st.slot.index, pid });
+        tracing::debug!(pool = %st.shared.name, worker = %st.slot.id, pid, "worker spawned");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Hello(h) => {
+                if st.ready || st.stopping || st.cause.is_some() {
+                    return Ok(());
+                }
+                if h.protocol != PROTOCOL_VERSION {
+                    st.kill(DeathCause::VersionMismatch { worker: h.protocol, parent: PROTOCOL_VERSION });
+                    return Ok(());
+                }
+                st.ready = true;
+                st.ready_at = Some(Instant::now());
+                let spec = &st.shared.spec;
+                let r = &spec.recycle;
+                st.limits = Some(Limits {
+                    hung_after: spec.heartbeat_interval * spec.heartbeat_max_missed,
+                    deaf_after: spec.heartbeat_interval * spec.heartbeat_max_missed,
+                    harakiri_grace: spec.harakiri_grace,
+                    memory_soft: r.memory_soft_limit,
+                    memory_hard: r.memory_hard_limit,
+                    ttl: r.ttl.map(|t| Duration::from_secs_f64(jittered(t.as_secs_f64(), r.jitter).max(0.0))),
+                    max_requests: r.max_requests.map(|m| jittered(m as f64, r.jitter).round().max(1.0) as u64),
+                });
+                let period = (spec.heartbeat_interval / 2).clamp(Duration::from_millis(10), Duration::from_millis(500));
+                st.ticker = Some(myself.send_interval(period, || WorkerMsg::Tick));
+                st.slot.set_state(WorkerState::Ready);
+                (st.report)(WorkerReport::Ready { id: st.slot.id, hello: Box::new(h), startup: st.started.elapsed() });
+            }
+            WorkerMsg::StartTimeout => {
+                if !st.ready && !st.stopping {
+                    st.kill(DeathCause::StartTimeout(st.shared.spec.start_timeout));
+                }
+            }
+            WorkerMsg::ConnectionLost(end) => {
+                if st.stopping {
+                    return Ok(());
+                }
+                // No new calls from now on.
+                st.slot.set_state(WorkerState::Dead);
+                st.shared.dispatch.remove(st.slot.id);
+                match end {
+                    ReadEnd::Protocol(e) => st.kill(DeathCause::ProtocolError(e)),
+                    ReadEnd::Eof => {
+                        myself.send_after(Duration::from_secs(1), || WorkerMsg::ExitWaitOver);
+                    }
+                }
+            }
+            WorkerMsg::ExitWaitOver => {
+                let exited = st.exit_rx.as_ref().is_some_and(|rx| rx.borrow().is_some());
+                if !exited && !st.stopping {
+                    st.kill(DeathCause::ProtocolError("the worker closed its socket but kept running".into()));
+                }
+            }
+            WorkerMsg::Exited(info) => {
+                if st.stopping {
+                    return Ok(());
+                }
+                // Also while draining: a crash during a recycle is a crash.
+                let err = st.finalize(Some(info)).await;
+                st.abort_tasks();
+                return Err(err);
+            }
+            WorkerMsg::Tick => {
+                if st.tick().await {
+                    st.stopping = true;
+                    shutdown_process(st, Duration::ZERO).await;
+                    myself.stop(Some("recycled".into()));
+                }
+            }
+            WorkerMsg::Shutdown(reply) => {
+                st.stopping = true;
+                let grace = st.shared.spec.shutdown_grace;
+                shutdown_process(st, grace).await;
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+            WorkerMsg::Drain => {
+                if st.stopping || st.draining_until.is_some() {
+                    return Ok(());
+                }
+                st.slot.stop_routing();
+                st.shared.dispatch.remove(st.slot.id);
+                st.draining_until = Some(Instant::now() + st.shared.spec.recycle.drain_timeout);
+                if !st.ready {
+                    st.stopping = true;
+                    shutdown_process(st, Duration::ZERO).await;
+                    myself.stop(Some("recycled".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drain, then `shutdown` → SIGTERM → SIGKILL, within the spec's timeouts.
+async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
+    if let Some(t) = st.ticker.take() {
+        t.abort();
+    }
+    let spec = &st.shared.spec;
+    let deadline = tokio::time::Instant::now() + grace;
+    st.slot.stop_routing();
+    st.shared.dispatch.remove(st.slot.id);
+    while st.slot.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let (Some(pid), Some(mut exit_rx)) = (st.pid, st.exit_rx.clone()) {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Some(w) = st.slot.writer() {
+            let _ = w.send(&encode_shutdown(remaining.as_millis() as u64));
+        }
+        let mut exited = wait_exit(&mut exit_rx, remaining.max(Duration::from_millis(200))).await;
+        if !exited {
+            kill_group(pid, libc::SIGTERM);
+            exited = wait_exit(&mut exit_rx, spec.sigterm_wait).await;
+        }
+        if !exited {
+            kill_group(pid, libc::SIGKILL);
+            exited = wait_exit(&mut exit_rx, Duration::from_secs(2)).await;
+        }
+        if !exited {
+            tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "worker did not exit after SIGKILL");
+        }
+        // Whatever remains in the group (the watchdog, user subprocesses) goes too, and
+        // shutdown returns only once it is gone.
+        kill_group(pid, libc::SIGKILL);
+        if !wait_group_gone(pid, Duration::from_secs(2)).await {
+            tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "processes of the worker's group survived SIGKILL");
+        }
+    }
+    st.armed.store(false, Ordering::SeqCst);
+    st.slot.set_state(WorkerState::Dead);
+    st.slot.close_and_fail(Failure::ShutDown);
+    st.finalized = true;
+    if let Some(w) = st.slot.writer() {
+        w.close();
+    }
+    if let Some(t) = st.stderr_task.as_mut() {
+        let _ = tokio::time::timeout(Duration::from_millis(200), t).await;
+    }
+}
+
+async fn wait_exit(rx: &mut watch::Receiver<Option<ExitInfo>>, d: Duration) -> bool {
+    tokio::time::timeout(d, rx.wait_for(|e| e.is_some())).await.is_ok_and(|r| r.is_ok())
+}
