@@ -2,18 +2,21 @@
 //!
 //! Results are checked against the payload (an echo is expected): a different value counts as
 //! an error of kind `mismatch`. Invariant of the report: `calls == ok + sum(errors)`.
+//!
+//! A pool that fails mid-run (too many start failures) ends the run at once: every later call
+//! would fail instantly. The command then exits non-zero with the pool's reason ([`Halt`]).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use pyvisor_core::{CallOptions, Interpreter, Pool, PoolEvent};
+use pyvisor_core::{CallError, CallOptions, Interpreter, Pool, PoolEvent};
 
 use crate::value;
 
@@ -73,8 +76,45 @@ impl Tally {
     }
 }
 
-/// `concurrency` callers call `function` with `payload` until `calls` are issued or `stop_at`;
-/// a result different from the payload counts as `mismatch`.
+/// Whether the pool failed during a run, and why: set by the first caller that gets
+/// `PoolFailed` or by the pool's `PoolFailed` event, whichever comes first. Once it is set, the
+/// callers stop and the command exits non-zero with the reason.
+#[derive(Clone, Default)]
+pub struct Halt(Arc<OnceLock<String>>);
+
+impl Halt {
+    /// Record why the pool failed (the first reason stays).
+    pub fn set(&self, reason: impl Into<String>) {
+        let _ = self.0.set(reason.into());
+    }
+
+    /// The reason, once the pool has failed.
+    pub fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// For the pool's event hook: records a `PoolFailed` event of pool `pool`, worded as the
+    /// calls' `PoolFailed` error is.
+    pub fn on_event(&self, pool: &str, event: &PoolEvent) {
+        if let PoolEvent::PoolFailed { reason } = event {
+            self.set(format!("pool `{pool}` has failed: {reason}"));
+        }
+    }
+
+    /// Print the reason (if the pool failed) as the command's error; returns whether it did.
+    pub fn report(&self) -> bool {
+        match self.reason() {
+            Some(reason) => {
+                eprintln!("error: {reason}");
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// `concurrency` callers call `function` with `payload` until `calls` are issued, `stop_at`, or
+/// the pool fails (`halt`); a result different from the payload counts as `mismatch`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_load(
     pool: &Pool,
@@ -85,6 +125,7 @@ pub async fn run_load(
     stop_at: Option<Instant>,
     issued: &Arc<AtomicU64>,
     done: &Arc<AtomicU64>,
+    halt: &Halt,
 ) -> Tally {
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -93,9 +134,13 @@ pub async fn run_load(
         let function = function.to_string();
         let issued = Arc::clone(issued);
         let done = Arc::clone(done);
+        let halt = halt.clone();
         tasks.push(tokio::spawn(async move {
             let mut t = Tally::new();
             loop {
+                if halt.reason().is_some() {
+                    break;
+                }
                 if let Some(limit) = calls {
                     if issued.fetch_add(1, Ordering::Relaxed) >= limit {
                         break;
@@ -111,7 +156,15 @@ pub async fn run_load(
                 match r {
                     Ok(bytes) if value::same_value(&bytes, &payload) => t.ok += 1,
                     Ok(_) => *t.errors.entry("mismatch".into()).or_default() += 1,
-                    Err(e) => *t.errors.entry(e.kind().into()).or_default() += 1,
+                    Err(e) => {
+                        *t.errors.entry(e.kind().into()).or_default() += 1;
+                        if matches!(e, CallError::PoolFailed { .. }) {
+                            // Every later call would fail at once: the run is over.
+                            halt.set(e.to_string());
+                            done.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -152,17 +205,21 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
         return fail("--timeout must be a positive number of seconds");
     };
     let max_in_flight = a.max_in_flight.unwrap_or(1);
+    const POOL: &str = "bench";
+    let halt = Halt::default();
+    let on_failure = halt.clone();
     let spec = crate::spec_for(&interpreter, a.script.clone())
-        .name("bench")
+        .name(POOL)
         .workers(a.workers)
         .max_in_flight(max_in_flight)
         .max_queue(a.concurrency.max(1024))
         .queue_timeout(timeout)
         .call_timeout(Some(timeout))
-        .on_event(|e| {
+        .on_event(move |e| {
             if let PoolEvent::WorkerReady { worker, pid, .. } = e {
                 eprintln!("worker {worker} pid {pid}");
             }
+            on_failure.on_event(POOL, e);
         });
     let pool = match Pool::start(spec).await {
         Ok(p) => p,
@@ -189,7 +246,7 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
         })
     };
 
-    let total = run_load(&pool, &a.function, &payload, a.concurrency, a.calls, stop_at, &issued, &done).await;
+    let total = run_load(&pool, &a.function, &payload, a.concurrency, a.calls, stop_at, &issued, &done, &halt).await;
     let elapsed = started.elapsed();
     ticker.abort();
     if let Some(pb) = &progress {
@@ -214,6 +271,7 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
             "concurrency": a.concurrency,
             "max_in_flight": max_in_flight,
             "elapsed_s": elapsed.as_secs_f64(),
+            "pool_failed": halt.reason(),
         });
         println!("{obj}");
     } else {
@@ -227,7 +285,9 @@ pub async fn run(interpreter: Interpreter, a: BenchArgs) -> ExitCode {
         println!("throughput  {throughput:.0} calls/s");
         println!("workers {}  concurrency {}  max_in_flight {}  elapsed {:.2} s", a.workers, a.concurrency, max_in_flight, elapsed.as_secs_f64());
     }
-    if total.errors.is_empty() {
+    if halt.report() {
+        ExitCode::from(1)
+    } else if total.errors.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

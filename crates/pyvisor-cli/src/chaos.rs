@@ -1,5 +1,6 @@
 //! `pyvisor chaos`: load through a pool while killing random workers; reports what the crash
-//! barrier saved and how fast the pool recovered.
+//! barrier saved and how fast the pool recovered. A pool that fails ends the run at once, with
+//! a non-zero exit and the pool's reason (see [`Halt`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use pyvisor_core::{Interpreter, Pool, PoolEvent};
 
-use crate::bench::run_load;
+use crate::bench::{run_load, Halt};
 use crate::value;
 
 #[derive(Args, Debug)]
@@ -59,15 +60,19 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
         Ok(d) if !d.is_zero() => d,
         _ => return fail("--duration must be a positive number of seconds"),
     };
+    const POOL: &str = "chaos";
+    let halt = Halt::default();
+    let on_failure = halt.clone();
     let spec = crate::spec_for(&interpreter, a.script.clone())
-        .name("chaos")
+        .name(POOL)
         .workers(a.workers)
         .max_in_flight(a.max_in_flight)
         .max_queue(a.concurrency.max(1024))
-        .on_event(|e| {
+        .on_event(move |e| {
             if let PoolEvent::WorkerReady { worker, pid, .. } = e {
                 eprintln!("worker {worker} pid {pid}");
             }
+            on_failure.on_event(POOL, e);
         });
     let pool = match Pool::start(spec).await {
         Ok(p) => p,
@@ -76,11 +81,11 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
     let started = Instant::now();
     let stop_at = started + duration;
     let load = {
-        let (pool, payload, function) = (pool.clone(), Arc::clone(&payload), a.function.clone());
+        let (pool, payload, function, halt) = (pool.clone(), Arc::clone(&payload), a.function.clone(), halt.clone());
         let concurrency = a.concurrency;
         tokio::spawn(async move {
             let (issued, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-            run_load(&pool, &function, &payload, concurrency, None, Some(stop_at), &issued, &done).await
+            run_load(&pool, &function, &payload, concurrency, None, Some(stop_at), &issued, &done, &halt).await
         })
     };
     let chaos = pool.chaos();
@@ -88,9 +93,10 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
     let mut last_kill = None;
     let mut tick = tokio::time::interval(Duration::from_millis(a.kill_every));
     tick.tick().await;
-    while Instant::now() < stop_at {
+    // Until the duration ends, or the load does (the pool failed).
+    while Instant::now() < stop_at && !load.is_finished() {
         tick.tick().await;
-        if Instant::now() >= stop_at {
+        if Instant::now() >= stop_at || halt.reason().is_some() {
             break;
         }
         if chaos.kill(None).is_some() {
@@ -102,10 +108,11 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(format!("the load failed: {e}")),
     };
-    // Time from the last kill until every position has a ready worker again.
+    // Time from the last kill until every position has a ready worker again (never, once the
+    // pool has failed).
     let mut full_strength_ms = None;
     let recover_deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < recover_deadline {
+    while Instant::now() < recover_deadline && halt.reason().is_none() {
         if pool.status().await.ready() >= a.workers {
             full_strength_ms = Some(last_kill.map_or(0.0, |k| k.elapsed().as_secs_f64() * 1000.0));
             break;
@@ -135,6 +142,7 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
             "workers": a.workers,
             "concurrency": a.concurrency,
             "elapsed_s": elapsed.as_secs_f64(),
+            "pool_failed": halt.reason(),
         });
         println!("{obj}");
     } else {
@@ -148,10 +156,13 @@ pub async fn run(interpreter: Interpreter, a: ChaosArgs) -> ExitCode {
         println!("restarts    {restarts}");
         match full_strength_ms {
             Some(ms) => println!("full strength {ms:.0} ms after the last kill"),
+            None if halt.reason().is_some() => println!("full strength NOT reached: the pool failed"),
             None => println!("full strength NOT reached within 60 s of the last kill"),
         }
     }
-    if full_strength_ms.is_some() {
+    if halt.report() {
+        ExitCode::from(1)
+    } else if full_strength_ms.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

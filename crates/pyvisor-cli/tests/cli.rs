@@ -305,3 +305,107 @@ fn chaos_json_reports_kills_retries_and_recovery() {
     assert!(v["restarts"].as_u64().unwrap() >= v["kills"].as_u64().unwrap() / 2, "{v}");
     assert!(v["time_to_full_strength_ms"].as_f64().is_some(), "{v}");
 }
+
+/// Runs `pyvisor` (bench or chaos, `--duration 60`) on `starts_once.py` with one worker: the
+/// worker starts once, and every replacement fails at import, so the pool fails a few seconds
+/// after the first worker dies. With `kill_first`, the test kills that worker itself. Returns
+/// the exit status, stdout, stderr and the run's wall time; a run still going after 30 s is
+/// killed and fails the test (it kept calling a failed pool).
+fn run_until_the_pool_fails(subcommand: &str, extra: &[&str], kill_first: bool) -> (std::process::ExitStatus, String, String, Duration) {
+    let dir = std::env::temp_dir().join(format!("pyvisor-pool-fails-{subcommand}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let started = Instant::now();
+    let mut child = pyvisor()
+        .env("STARTS_ONCE_MARKER", dir.join("started"))
+        .args([subcommand, "--script", &worker("starts_once.py"), "--function", "echo", "--payload", "1"])
+        .args(["--workers", "1", "--concurrency", "4", "--duration", "60", "--json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pyvisor starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut killed = !kill_first;
+    // A guard, not a budget: the pool fails within seconds; a run that keeps going is the bug.
+    let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            if !killed {
+                if let Some(pid) = worker_pids(&line).first() {
+                    unsafe {
+                        libc::kill(*pid as i32, libc::SIGKILL);
+                    }
+                    killed = true;
+                }
+            }
+            lines.push(line);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`pyvisor {subcommand}` still running 30 s into its 60 s --duration after its pool failed:\n{}", lines.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = started.elapsed();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    let stdout = out_reader.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status, stdout, lines.join("\n"), elapsed)
+}
+
+/// The failed pool's reason, as the command printed it.
+fn assert_reports_the_pool_failure(subcommand: &str, status: std::process::ExitStatus, stdout: &str, stderr: &str) {
+    assert_eq!(status.code(), Some(1), "exit status {status}; stderr:\n{stderr}");
+    let reason = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("error: pool `{subcommand}` has failed:")))
+        .unwrap_or_else(|| panic!("no `error: pool `{subcommand}` has failed:` line in stderr:\n{stderr}"));
+    assert!(reason.contains("worker start failures") && reason.contains("never became ready"), "{reason}");
+    assert!(stderr.contains("started once already: every restart fails at import"), "the worker's own error is shown:\n{stderr}");
+    // --json still prints exactly one JSON object, which names the failure.
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    check_contract(&v);
+    assert!(v["pool_failed"].as_str().is_some_and(|r| r.contains("worker start failures")), "{v}");
+    for pid in worker_pids(stderr) {
+        assert!(!alive(pid), "worker {pid} outlived the command");
+    }
+}
+
+#[test]
+fn bench_stops_at_once_when_its_pool_fails() {
+    let (status, stdout, stderr, elapsed) = run_until_the_pool_fails("bench", &[], true);
+    assert_reports_the_pool_failure("bench", status, &stdout, &stderr);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    // Calls that fail at once on a failed pool are not made by the million.
+    assert!(v["errors"]["pool_failed"].as_u64().unwrap_or(0) <= 4, "{v}");
+    eprintln!("bench ended {elapsed:.1?} after it started: {v}");
+}
+
+#[test]
+fn chaos_stops_at_once_when_its_pool_fails() {
+    let (status, stdout, stderr, elapsed) = run_until_the_pool_fails("chaos", &["--kill-every", "300"], false);
+    assert_reports_the_pool_failure("chaos", status, &stdout, &stderr);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["errors"]["pool_failed"].as_u64().unwrap_or(0) <= 4, "{v}");
+    assert!(v["kills"].as_u64().unwrap() >= 1, "{v}");
+    eprintln!("chaos ended {elapsed:.1?} after it started: {v}");
+}
