@@ -246,7 +246,8 @@ impl RouterState {
         // off.
         let spec = &self.shared.spec;
         let now = Instant::now();
-        if let StartVerdict::Exceeded { failures } = self.start_failures.record(&cert, now) {
+        let verdict = self.start_failures.record(&cert, now);
+        if let StartVerdict::Exceeded { failures } = verdict {
             let err = StartError::TooManyStartFailures {
                 failures,
                 period: spec.start_failure_period,
@@ -259,8 +260,12 @@ impl RouterState {
             return Ok(());
         }
         let pos = &mut self.positions[index];
-        pos.consecutive_failures += 1;
-        let delay = spec.start_backoff.delay(pos.consecutive_failures);
+        // The backoff grows with the worker's own failures only: an external kill says nothing
+        // about whether the worker can start, so it is retried after the first step.
+        if verdict != StartVerdict::NotCounted {
+            pos.consecutive_failures += 1;
+        }
+        let delay = spec.start_backoff.delay(pos.consecutive_failures.max(1));
         pos.next_start = Some(now + delay);
         let failures = pos.consecutive_failures;
         crate::observe::metrics::restart(&self.shared.name, "start_retry");

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::pick::preferred;
 use super::queue::{Dispatcher, QueueExit, Ticket, Want};
-use super::slot::{CapacityBell, Failure, InFlight, Outcome, WorkerSlot};
+use super::slot::{Failure, InFlight, Outcome, WorkerSlot};
 use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
 use crate::death::{DeathCause, DeathCertificate, WorkerId};
 use crate::status::WorkerState;
@@ -186,9 +186,9 @@ impl<'d> World<'d> {
     }
 
     fn reply(&mut self, i: usize) {
+        let (id, attempt) = (self.calls[i].id, self.calls[i].barrier.attempt());
         let State::Running { slot, rx, .. } = &mut self.calls[i].state else { return };
-        let attempt = self.calls[i].barrier.attempt();
-        assert!(slot.complete(self.calls[i].id, attempt, Outcome { result: Ok(bytes::Bytes::new()), span: None }));
+        assert!(slot.complete(id, attempt, Outcome { result: Ok(bytes::Bytes::new()), span: None }));
         let got = rx.try_recv().expect("the reply reaches its caller");
         assert!(got.result.is_ok());
         if let State::Running { in_flight, .. } = &mut self.calls[i].state {

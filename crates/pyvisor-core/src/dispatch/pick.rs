@@ -92,11 +92,8 @@ pub(crate) fn pick_normal(slots: &[Arc<WorkerSlot>], ring: bool) -> Option<Arc<W
     (0..n).map(|k| &slots[(start + k) % n]).find(|s| s.try_reserve(ring)).cloned()
 }
 
-/// Take an idle worker to call `id` alone (its held one first).
+/// Take an idle worker (not held for another call) to call `id` alone.
 pub(crate) fn pick_alone(slots: &[Arc<WorkerSlot>], id: u64) -> Option<Arc<WorkerSlot>> {
-    if let Some(s) = slots.iter().find(|s| s.held_by() == id) {
-        return s.try_reserve_alone(id).then(|| Arc::clone(s));
-    }
     let n = slots.len();
     if n == 0 {
         return None;

@@ -321,12 +321,18 @@ impl Dispatcher {
                         if w.held.as_ref().is_some_and(|h| !h.is_ready() || h.held_by() != call_id) {
                             w.release_hold();
                         }
+                        // Any idle worker will do, the held one first.
                         let mut s = w.held.as_ref().and_then(|h| h.try_reserve_alone(call_id).then(|| Arc::clone(h)));
-                        if s.is_none() && w.held.is_none() {
+                        if s.is_none() {
                             s = pick_alone(&pref, call_id);
-                            if s.is_none() {
-                                w.held = hold_for(&pref, &all, call_id);
+                            if let (Some(got), Some(h)) = (&s, &w.held) {
+                                if got.id != h.id {
+                                    w.release_hold();
+                                }
                             }
+                        }
+                        if s.is_none() && w.held.is_none() {
+                            w.held = hold_for(&pref, &all, call_id);
                         }
                         s.map(|s| Reservation::new(s, call_id))
                     }
