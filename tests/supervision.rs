@@ -341,3 +341,33 @@ async fn children_can_be_added_and_removed_while_calls_flow() {
     }
     tree.shutdown().await;
 }
+
+/// A pool handle got by path follows the pool's restarts (as a registered name does in OTP):
+/// calls made while the supervisor restarts the pool wait, then go to the new pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_by_path_follows_restarts_of_its_pool() {
+    let tree = Tree::start(
+        SupervisorSpec::new("follow", Strategy::OneForOne)
+            .child(ChildSpec::pool("p", common::spec("basic.py").workers(1))),
+    )
+    .await
+    .unwrap();
+    let handle = tree.pool("p").unwrap();
+    let first: u32 = handle.call("pid", &()).await.unwrap();
+    for round in 0..2 {
+        // The pool dies (its router is killed): the supervisor restarts it.
+        let old = handle.actor();
+        old.kill();
+        assert!(common::eventually(Duration::from_secs(10), || old.get_status() == ractor::ActorStatus::Stopped).await);
+        let pid: u32 = tokio::time::timeout(Duration::from_secs(30), handle.call("pid", &()))
+            .await
+            .expect("a call on a restarting pool waits only up to its queue timeout")
+            .unwrap_or_else(|e| panic!("round {round}: the handle did not follow the restart: {e}"));
+        assert_ne!(pid, first, "served by the new pool's worker");
+        let v: (u32, String) = handle.call("echo", &(round, "again")).await.unwrap();
+        assert_eq!(v, (round, "again".to_string()));
+    }
+    tree.shutdown().await;
+    let after = handle.call::<_, u32>("pid", &()).await;
+    assert!(after.is_err(), "a stopped tree's pool takes no calls");
+}

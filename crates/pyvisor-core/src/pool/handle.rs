@@ -4,7 +4,8 @@
 //! call API over [`super::call::run`], status, death certificates, chaos and shutdown (also
 //! when the last handle drops).
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use pyvisor_protocol::FunctionInfo;
 use ractor::{Actor, ActorCell, ActorRef};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -57,12 +58,27 @@ impl Drop for PoolInner {
 /// ```
 #[derive(Clone)]
 pub struct Pool {
-    inner: Arc<PoolInner>,
+    cell: Arc<PoolCell>,
+}
+
+/// What a handle points at: one running pool, or — for a handle got by path from a tree — the
+/// pool running at that path now, which the supervisor replaces on restart (as a registered
+/// name follows a restarted process in OTP).
+struct PoolCell {
+    /// The pool's name (a replacement has the same spec, so the same name).
+    name: Arc<str>,
+    current: RwLock<Arc<PoolInner>>,
+    /// The handle follows restarts (got by path).
+    follows: bool,
+    /// Set when the path's pool is replaced or stopped for good.
+    changed: Notify,
+    /// The path's pool stopped for good: no replacement will come.
+    ended: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("name", &self.inner.shared.name).finish_non_exhaustive()
+        f.debug_struct("Pool").field("name", &self.inner().shared.name).finish_non_exhaustive()
     }
 }
 
@@ -97,7 +113,7 @@ impl Pool {
         };
         let (router, join) = spawned.map_err(|e| StartError::Actor(e.to_string()))?;
         match rx.await {
-            Ok(Ok(())) => Ok(Pool { inner: Arc::new(PoolInner { shared, router, join: Mutex::new(Some(join)) }) }),
+            Ok(Ok(())) => Ok(Pool::from_inner(Arc::new(PoolInner { shared, router, join: Mutex::new(Some(join)) }), false)),
             Ok(Err(e)) => {
                 let _ = join.await;
                 Err(e)
@@ -109,19 +125,79 @@ impl Pool {
         }
     }
 
+    fn from_inner(inner: Arc<PoolInner>, follows: bool) -> Pool {
+        Pool {
+            cell: Arc::new(PoolCell {
+                name: Arc::clone(&inner.shared.name),
+                current: RwLock::new(inner),
+                follows,
+                changed: Notify::new(),
+                ended: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The pool this handle points at now.
+    fn inner(&self) -> Arc<PoolInner> {
+        match self.cell.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(e) => Arc::clone(&e.into_inner()),
+        }
+    }
+
+    /// A handle to the same pool that will follow its replacements ([`Pool::replace_with`]).
+    pub(crate) fn following(&self) -> Pool {
+        Pool::from_inner(self.inner(), true)
+    }
+
+    /// Point this (following) handle, and every clone of it, at `new`.
+    pub(crate) fn replace_with(&self, new: &Pool) {
+        let inner = new.inner();
+        if let Ok(mut g) = self.cell.current.write() {
+            *g = inner;
+        }
+        self.cell.changed.notify_waiters();
+    }
+
+    /// No replacement will come (the path's child stopped for good).
+    pub(crate) fn end(&self) {
+        self.cell.ended.store(true, Ordering::SeqCst);
+        self.cell.changed.notify_waiters();
+    }
+
+    /// Wait (until `until`) for the pool at this handle's path to be replaced by another than
+    /// `old`; `None` when it will not be.
+    async fn replacement(&self, old: &Arc<PoolInner>, until: Instant) -> Option<Arc<PoolInner>> {
+        loop {
+            let changed = self.cell.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = self.inner();
+            if !Arc::ptr_eq(&now, old) && !now.shared.is_closed() {
+                return Some(now);
+            }
+            if self.cell.ended.load(Ordering::SeqCst) {
+                return None;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// The pool's name.
     pub fn name(&self) -> &str {
-        &self.inner.shared.name
+        &self.cell.name
     }
 
     /// The router actor, e.g. to link or monitor it.
     pub fn actor(&self) -> ActorCell {
-        self.inner.router.get_cell()
+        self.inner().router.get_cell()
     }
 
     /// The functions the workers expose (from their `hello`).
     pub fn functions(&self) -> Vec<FunctionInfo> {
-        self.inner.shared.functions().map(|f| f.to_vec()).unwrap_or_default()
+        self.inner().shared.functions().map(|f| f.to_vec()).unwrap_or_default()
     }
 
     /// Call `function` with `input`, deserializing the result as `O`.
@@ -148,13 +224,38 @@ impl Pool {
 
     /// Call with an already-encoded MessagePack payload; returns the encoded result.
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
-        let shared = &*self.inner.shared;
+        let mut inner = self.inner();
+        let called = Instant::now();
+        loop {
+            let mut attempts = 0;
+            let result = Self::call_on(&inner, function, payload, opts.clone(), &mut attempts).await;
+            // A handle got by path follows restarts: a call that found its pool closed and was
+            // never sent waits for the replacement (up to the queue timeout), then goes there.
+            let closed = matches!(result, Err(CallError::ShutDown { .. } | CallError::PoolFailed { .. }));
+            if !(self.cell.follows && closed && attempts == 0) {
+                return result;
+            }
+            let until = called + inner.shared.spec.queue_timeout;
+            match self.replacement(&inner, until).await {
+                Some(next) => inner = next,
+                None => return result,
+            }
+        }
+    }
+
+    async fn call_on(
+        inner: &PoolInner,
+        function: &str,
+        payload: &[u8],
+        opts: CallOptions,
+        attempts: &mut u32,
+    ) -> Result<Bytes, CallError> {
+        let shared = &*inner.shared;
         let started = Instant::now();
         let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
-        let mut attempts = 0;
-        let result = super::call::run(shared, function, payload, opts, trace.as_ref(), &mut attempts).await;
+        let result = super::call::run(shared, function, payload, opts, trace.as_ref(), attempts).await;
         if let Some(t) = trace {
-            t.finish(result.as_ref().map(|_| ()), attempts);
+            t.finish(result.as_ref().map(|_| ()), *attempts);
         }
         crate::observe::metrics::call_done(
             &shared.name,
@@ -168,22 +269,23 @@ impl Pool {
     /// The last death certificates of this pool's workers (up to [`KEPT_CERTIFICATES`]),
     /// oldest first.
     pub fn death_certificates(&self) -> Vec<Arc<DeathCertificate>> {
-        self.inner.shared.deaths.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()
+        self.inner().shared.deaths.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Fault injection for tests: kill or stop workers, arm chaos points.
     pub fn chaos(&self) -> crate::chaos::Chaos {
-        crate::chaos::Chaos { shared: Arc::clone(&self.inner.shared) }
+        crate::chaos::Chaos { shared: Arc::clone(&self.inner().shared) }
     }
 
     /// A snapshot of every position: worker, pid, state, in flight, served, restarts.
     pub async fn status(&self) -> PoolStatus {
-        match self.inner.router.call(RouterMsg::Status, Some(Duration::from_secs(5))).await {
+        let inner = self.inner();
+        match inner.router.call(RouterMsg::Status, Some(Duration::from_secs(5))).await {
             Ok(ractor::rpc::CallResult::Success(s)) => s,
             _ => PoolStatus {
-                name: self.inner.shared.name.to_string(),
+                name: inner.shared.name.to_string(),
                 workers: Vec::new(),
-                queued: self.inner.shared.dispatch.len(),
+                queued: inner.shared.dispatch.len(),
                 closed: true,
                 retried: 0,
                 poisoned: 0,
@@ -196,7 +298,7 @@ impl Pool {
     /// Stop taking calls, let calls in flight finish (shutdown grace), then stop every worker
     /// (`shutdown` → SIGTERM → SIGKILL to its process group). Idempotent.
     pub async fn shutdown(&self) {
-        let inner = &*self.inner;
+        let inner = self.inner();
         inner.shared.close();
         let spec = &inner.shared.spec;
         let budget = spec.shutdown_grace + spec.sigterm_wait + Duration::from_secs(10);

@@ -79,7 +79,20 @@ impl SupState {
         let (cell, handle, registered) = match &self.children[i].spec.kind {
             ChildKind::Pool(spec) => {
                 let pool = Pool::start_linked((**spec).clone(), sup).await.map_err(|e| e.to_string())?;
-                (pool.actor(), Handle::Pool(pool.clone()), Some(Registered::Pool(pool)))
+                // A handle got by path follows restarts: the path keeps one following handle,
+                // pointed at each new pool.
+                let existing = self.registry.read().ok().and_then(|r| match r.get(&path) {
+                    Some(Registered::Pool(p)) => Some(p.clone()),
+                    _ => None,
+                });
+                let by_path = match existing {
+                    Some(p) => {
+                        p.replace_with(&pool);
+                        p
+                    }
+                    None => pool.following(),
+                };
+                (pool.actor(), Handle::Pool(pool), Some(Registered::Pool(by_path)))
             }
             ChildKind::Supervisor(spec) => {
                 let tree = Tree::start_inner((**spec).clone(), Some(sup), path.clone(), Arc::clone(&self.registry))
@@ -101,15 +114,23 @@ impl SupState {
         Ok(())
     }
 
+    /// Forget what is registered at `path`; handles that follow a pool there stop waiting.
+    fn unregister(&self, path: &str) {
+        let gone = self.registry.write().ok().and_then(|mut reg| reg.remove(path));
+        if let Some(Registered::Pool(p)) = gone {
+            p.end();
+        }
+    }
+
     /// Stop one child per its shutdown spec. Its exit event is then ignored (it is no longer
     /// `Running`).
-    async fn stop_child(&mut self, i: usize) {
-        let c = &mut self.children[i];
-        let Life::Running(run) = std::mem::replace(&mut c.life, Life::Stopped) else { return };
-        let path = c.path.clone();
-        if let Ok(mut reg) = self.registry.write() {
-            reg.remove(&path);
+    async fn stop_child(&mut self, i: usize, for_good: bool) {
+        let Life::Running(run) = std::mem::replace(&mut self.children[i].life, Life::Stopped) else { return };
+        let path = self.children[i].path.clone();
+        if for_good {
+            self.unregister(&path);
         }
+        let c = &mut self.children[i];
         let kill = |cell: ActorCell| async move {
             let _ = cell.kill_and_wait(Some(Duration::from_secs(10))).await;
         };
@@ -138,7 +159,7 @@ impl SupState {
     /// Stop every running child in reverse start order.
     async fn stop_all(&mut self) {
         for i in (0..self.children.len()).rev() {
-            self.stop_child(i).await;
+            self.stop_child(i, true).await;
         }
     }
 
@@ -152,9 +173,6 @@ impl SupState {
         uptime: Duration,
     ) -> Result<(), ActorProcessingErr> {
         let path = self.children[i].path.clone();
-        if let Ok(mut reg) = self.registry.write() {
-            reg.remove(&path);
-        }
         let c = &mut self.children[i];
         tracing::warn!(supervisor = %self.spec.name, child = %path, abnormal, reason = %reason, "child exited");
         let restart = match c.spec.restart {
@@ -164,6 +182,7 @@ impl SupState {
         };
         if !restart {
             c.life = if abnormal { Life::Failed(reason) } else { Life::Stopped };
+            self.unregister(&path);
             return Ok(());
         }
         c.life = Life::Stopped;
@@ -177,6 +196,7 @@ impl SupState {
                 tracing::error!("{why}");
             }
             self.stopping = true;
+            self.unregister(&path);
             self.stop_all().await;
             return Err(Box::new(SupervisorFailure(why)));
         }
@@ -189,7 +209,8 @@ impl SupState {
         // The others in the group stop first, in reverse order.
         for &j in group.iter().rev() {
             if j != i {
-                self.stop_child(j).await;
+                // Restarted with the group: handles by path wait for the new one.
+                self.stop_child(j, false).await;
             }
         }
         let c = &mut self.children[i];
@@ -346,7 +367,7 @@ impl Actor for SupervisorActor {
             SupervisorMsg::RemoveChild(id, reply) => {
                 let result = match st.position(&id) {
                     Some(i) => {
-                        st.stop_child(i).await;
+                        st.stop_child(i, true).await;
                         st.children.remove(i);
                         Ok(())
                     }
