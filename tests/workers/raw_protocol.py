@@ -1,8 +1,7 @@
 """A hostile worker that speaks the wire protocol by hand (no adapter), to misbehave on purpose.
 
 RAW_MODE selects the misbehaviour:
-- ``reply_then_exit``: answer the first call with a value of ``payload`` bytes, then exit at
-  once (status 0): the reply is in the socket when the process is gone.
+- ``batch_then_exit``: read ``RAW_BATCH`` calls, answer them all in one write, exit at once.
 - ``deaf``: keep beating, but stop reading the socket after the first call (never answer it).
 """
 
@@ -22,6 +21,15 @@ sock = socket.socket(fileno=config.fd)
 interval = config.beat_interval_ms / 1000
 mode = os.environ.get("RAW_MODE", "")
 lock = threading.Lock()
+if mode == "batch_then_exit":
+    # Room in the socket for the whole answer, so that the process can be gone while every
+    # byte of it still waits to be read (SO_SNDBUFFORCE needs privileges; SO_SNDBUF is capped).
+    for opt in (32, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 64 << 20)
+            break
+        except OSError:
+            pass
 
 
 def send(msg):
@@ -59,12 +67,12 @@ send([0, {
     "adapter": "raw",
     "python": "3",
     "functions": [
-        {"name": "blob", "idempotent": False, "kind": "inline", "threads": 0},
         {"name": "echo", "idempotent": False, "kind": "inline", "threads": 0},
     ],
 }])
 threading.Thread(target=beats, daemon=True).start()
 
+batch = []
 while True:
     msg = read_frame()
     if msg[0] == 5:  # ping
@@ -73,10 +81,17 @@ while True:
     if msg[0] != 1:
         continue
     call_id, attempt, function, payload = msg[1], msg[2], msg[3], msg[7]
-    if mode == "reply_then_exit":
-        value = b"x" * int(payload) if function == "blob" else payload
-        send([2, call_id, attempt, True, None, value])
-        os._exit(0)
+    if mode == "batch_then_exit":
+        batch.append((call_id, attempt, payload))
+        if len(batch) == int(os.environ.get("RAW_BATCH", "100")):
+            out = b""
+            for c, a, p in batch:
+                body = msgpack.packb([2, c, a, True, None, p], use_bin_type=True)
+                out += struct.pack(">I", len(body)) + body
+            with lock:
+                sock.sendall(out)
+            os._exit(0)
+        continue
     if mode == "deaf":
         # Beats go on; the socket is never read again.
         while True:
