@@ -6,9 +6,14 @@ a wake-up pipe by ``signal.set_wakeup_fd``), stops admitting calls, watches the 
 drain and ends the worker when they are done or the grace expired. Also the SIGTERM handler
 (installed and restored on the main thread), the beat and ``pong`` maps, and ``health``.
 
-How the worker ends (:meth:`Control.wait`): after a ``shutdown`` message, ``run_worker()``
-returns (exit status 0); after a SIGTERM that came without one, the main thread makes the
-process die by SIGTERM (``_exits.end_by_sigterm``). Does not read the socket or run calls.
+How the worker ends (:meth:`Control.wait`) depends on who asked. After the parent's
+``shutdown`` message, ``run_worker()`` returns once the calls in flight are done (exit status
+0), or the process exits 0 when the grace expires. After a SIGTERM that came without a
+``shutdown`` message (someone else's kill), the main thread makes the process die by SIGTERM
+(``_exits.end_by_sigterm``), drained or not: its wait status then says "killed by signal 15",
+which the parent does not hold against the calls in flight, instead of an exit of its own.
+Either way, calls that arrive once shutdown began are refused (``WorkerState.accepting``).
+Does not read the socket or run calls.
 """
 
 from __future__ import annotations
@@ -199,4 +204,7 @@ class Control:
                 if now >= deadline:
                     say(f"shutdown grace expired with {len(calls)} call(s) still in flight; exiting")
                     writer.flush()
-                    hard_exit(EXIT_OK)
+                    if self._requested:
+                        hard_exit(EXIT_OK)
+                    self._finish()  # the main thread ends the process by SIGTERM
+                    return

@@ -10,7 +10,9 @@ Does not decide when a function runs or which replies are staged (the inline exe
 loop does, with the writer's fields under its lock), and never reads from the socket.
 
 Error kinds (``docs/protocol.md``; the parent acts on them): ``exception``,
-``unknown_function``, ``cancelled``, ``reply_too_large``, ``unserializable``, ``internal``.
+``unknown_function``, ``cancelled``, ``reply_too_large``, ``unserializable``, ``internal``, and
+``refused``: the call arrived after shutdown began (``shutdown`` message or SIGTERM) and **did
+not run** (type ``WorkerShuttingDown``), so the parent may send it to another worker.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ._framing import (
     HEADER,
     KIND_CANCELLED,
     KIND_EXCEPTION,
-    KIND_INTERNAL,
+    KIND_REFUSED,
     KIND_REPLY_TOO_LARGE,
     KIND_UNKNOWN_FUNCTION,
     KIND_UNSERIALIZABLE,
@@ -54,9 +56,9 @@ Pack = Callable[[Any], bytes]
 #: Staged replies are written out at the latest once they reach this many bytes.
 FLUSH_BYTES = 1 << 20
 
-#: The error of a call refused because the worker is shutting down.
-REFUSED_TYPE = "RuntimeError"
-REFUSED_MESSAGE = "worker is shutting down"
+#: The error of a call refused because the worker is shutting down (kind ``refused``).
+REFUSED_TYPE = "WorkerShuttingDown"
+REFUSED_MESSAGE = "the worker is shutting down; the call did not run"
 
 _HEADER_PACK = HEADER.pack
 
@@ -181,9 +183,10 @@ def cancelled_frame(call: Call, pack: Pack, max_frame: int) -> bytes:
 
 
 def refused_frame(call_id: int, attempt: int, pack: Pack, max_frame: int) -> bytes:
-    """The reply to a call that arrived after shutdown began (no span: it never ran)."""
+    """The reply to a call that arrived after shutdown began: kind ``refused``; it never
+    ran (no span), so the parent may route it to another worker."""
     return error_frame(
-        call_id, attempt, KIND_INTERNAL, REFUSED_TYPE, REFUSED_MESSAGE, pack, max_frame
+        call_id, attempt, KIND_REFUSED, REFUSED_TYPE, REFUSED_MESSAGE, pack, max_frame
     )
 
 

@@ -16,7 +16,8 @@ module imports only modules listed before it):
 
 Threads (all but the main thread are daemons): two serving threads, the control thread, an
 asyncio loop thread (only when an ``async def`` function is exposed), one pool per function
-exposed with ``threads=N``; the main thread installs the SIGTERM handler and waits.
+exposed with ``threads=N``; the main thread installs the SIGTERM handler, waits, and after
+an outside SIGTERM ends the process by that signal.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from typing import Dict, List, Optional
 
 from . import _otel
 from ._config import PROTOCOL_VERSION, StartError, WorkerConfig, current_config, exit_bad_start
-from ._control import Control
+from ._control import SIGNALLED, Control
 from ._dispatch import Dispatcher, Route
 from ._executors import Executor, Runner, make_executors
-from ._exits import flush_stdio, guarded, protocol_error, say
+from ._exits import end_by_sigterm, flush_stdio, guarded, protocol_error, say
 from ._framing import MSG_HELLO, frame, new_packer
 from ._reader import Reader
 from ._registry import CALL_NOTHING, CALL_PAYLOAD, INLINE, FunctionSpec, registered
@@ -145,8 +146,17 @@ def run_worker() -> None:
     """Serve the exposed functions to the pyvisor parent until shutdown.
 
     Sends ``hello`` (after the module-level code that defined the functions has run), then
-    serves calls until a ``shutdown`` message or SIGTERM (returns once calls in flight have
-    finished) or until the parent closes the socket (the process exits at once).
+    serves calls until
+
+    - a ``shutdown`` message: returns once the calls in flight have finished (the process
+      exits 0 if they outlast the message's grace);
+    - SIGTERM without a ``shutdown`` message (someone else's kill): does **not** return; once
+      the calls in flight have finished, or after a 5 s grace, the process dies by SIGTERM
+      (so the parent sees a kill, not an exit of the worker's own);
+    - the parent closing the socket: the process exits 0 at once.
+
+    Calls that arrive once shutdown began are answered with an error of kind ``refused``
+    (type ``WorkerShuttingDown``): they did not run, and the parent may send them elsewhere.
 
     Outside a pyvisor start (no ``PYVISOR_FD``) it explains so on stderr and exits with
     status 2.
@@ -184,7 +194,9 @@ def run_worker() -> None:
     # Tracing (the `otel` extra) is set up before hello, only if asked for and installed.
     tracing = _otel.activate(config.worker_id, config.run_id)
     try:
-        Worker(config, registered(), tracing).serve()
+        outcome = Worker(config, registered(), tracing).serve()
     finally:
         if tracing is not None:
             tracing.shutdown()  # the last spans, bounded: a dead collector can't hold the exit
+    if outcome == SIGNALLED:
+        end_by_sigterm()
