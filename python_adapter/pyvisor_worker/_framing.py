@@ -44,6 +44,8 @@ KIND_CANCELLED = "cancelled"
 KIND_REPLY_TOO_LARGE = "reply_too_large"
 KIND_UNSERIALIZABLE = "unserializable"
 KIND_INTERNAL = "internal"
+#: The call arrived after shutdown began and did not run: the parent may route it elsewhere.
+KIND_REFUSED = "refused"
 
 
 def new_packer() -> Callable[[Any], bytes]:

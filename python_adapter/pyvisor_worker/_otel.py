@@ -2,7 +2,7 @@
 
 The parent sends, in every ``call``, the W3C ``traceparent``/``tracestate`` of its attempt span.
 The function's own span is **recorded by the parent**, not here: for a call with a
-``traceparent`` the worker (``_worker``) draws a random span id, times the function
+``traceparent`` the worker (``_executors.Runner``) draws a random span id, times the function
 (``time.time_ns()`` just before and after it) and returns ``[span_id, start_ns, end_ns]`` in
 the reply; the parent turns that into the function's span, a child of its attempt span. That
 part needs nothing from OpenTelemetry and happens whether or not tracing is active here.
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._worker import _Call
+    from ._context import Context
 
 __all__ = [
     "tracer",
@@ -212,7 +212,7 @@ class Tracing:
             It names its call, not "whatever runs now": a context captured during the call
             (``context.get_current()``, threading instrumentation) keeps meaning that call."""
 
-            def __init__(self, call: "_Call", span_id: int) -> None:  # no super(): lazy context
+            def __init__(self, call: "Context", span_id: int) -> None:  # no super(): lazy context
                 # The headers only, not the call: a context captured during the call must not
                 # keep its payload alive.
                 self._headers = (call._traceparent, call._tracestate)
@@ -230,7 +230,7 @@ class Tracing:
 
     # -------------------------------------------------------------- per call
 
-    def enter(self, call: "_Call", span_id: int) -> Any:
+    def enter(self, call: "Context", span_id: int) -> Any:
         """Make the function's span current on this thread (or in this asyncio task) while
         the function runs, so spans it starts are its children: a non-recording span with the
         ``traceparent``'s trace id and flags and ``span_id``, whose span context is built only

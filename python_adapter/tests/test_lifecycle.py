@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 
 import pytest
 
-from pyvisor_worker.testing import FakeParent, WorkerExited
+from pyvisor_worker.testing import FakeParent, Reply, WorkerExited
 
 from conftest import KITCHEN_SINK, SpawnFn
 
@@ -63,21 +63,104 @@ def test_eof_makes_the_worker_exit_0_even_with_a_call_running(worker: FakeParent
     assert worker.wait(timeout=10) == 0
 
 
+#: The error of a call that arrived after shutdown began: it never ran (the parent may route it
+#: to another worker).
+REFUSED = {
+    "kind": "refused",
+    "type": "WorkerShuttingDown",
+    "message": "the worker is shutting down; the call did not run",
+}
+
+
+def _assert_refused(reply: Reply) -> None:
+    assert not reply.ok, reply
+    assert {k: reply.error[k] for k in REFUSED} == REFUSED
+    assert reply.error["traceback"] is None and reply.span is None
+
+
+def _wait_running(worker: FakeParent, call_id: int, timeout: float = 10.0) -> None:
+    """Until the worker reports ``call_id`` as running (pong's in_progress)."""
+    deadline = time.monotonic() + timeout
+    nonce = 0
+    while time.monotonic() < deadline:
+        nonce += 1
+        worker.ping(nonce)
+        in_progress = worker.pong_for(nonce)["in_progress"]
+        if any(c[0] == call_id and c[2] == "running" for c in in_progress):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"call {call_id} never reported running")
+
+
+def _first_refused(worker: FakeParent, timeout: float = 10.0) -> Reply:
+    """Send quick async calls until one is refused (the worker has begun shutting down); the
+    ones accepted before that must succeed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = worker.reply_for(worker.call("async_sleep", 0))
+        if reply.ok:
+            assert reply.value == "slept"
+            continue
+        return reply
+    raise AssertionError("the worker never began shutting down")
+
+
 @pytest.mark.parametrize("to_group", [False, True], ids=["to-worker", "to-group"])
-def test_sigterm_lets_the_call_in_flight_finish(worker: FakeParent, to_group: bool) -> None:
-    call_id = worker.call("sleep", 1.0)
-    time.sleep(0.2)
+def test_sigterm_drains_then_the_worker_ends_by_sigterm(worker: FakeParent, to_group: bool) -> None:
+    """A SIGTERM without a ``shutdown`` message is someone else's kill: the calls in flight
+    finish, later calls are refused (they never ran), and the worker then dies by SIGTERM
+    itself, so that the parent does not blame the calls for an exit of its own."""
+    call_id = worker.call("sleep", 2.0)
+    _wait_running(worker, call_id)
     if to_group:  # the watchdog gets it too, and must not kill the worker for it
         os.killpg(worker.pid, signal.SIGTERM)
     else:
         os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.2)
-    late = worker.call("echo", "too late")
-    late_reply = worker.reply_for(late)
-    assert late_reply.error["kind"] == "internal"
-    assert late_reply.error["message"] == "worker is shutting down"
+    _assert_refused(_first_refused(worker))
+    # Every kind of call is refused, a plain one included (it would queue behind the sleep).
+    for function, payload in (("echo", "too late"), ("thread_sleep", 0), ("async_sleep", 0)):
+        _assert_refused(worker.reply_for(worker.call(function, payload)))
     reply = worker.reply_for(call_id, timeout=10)
-    assert reply.ok and reply.value == 1.0
+    assert reply.ok and reply.value == 2.0
+    assert worker.wait(timeout=10) == -signal.SIGTERM
+    assert "Traceback" not in worker.stderr_text()
+
+
+def test_idle_sigterm_ends_the_worker_by_sigterm_at_once(worker: FakeParent) -> None:
+    started = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=10) == -signal.SIGTERM
+    assert time.monotonic() - started < 4.0  # not the 5 s grace
+
+
+def test_sigterm_grace_expires_and_the_worker_ends_by_sigterm(worker: FakeParent) -> None:
+    call_id = worker.call("sleep", 60)
+    _wait_running(worker, call_id)
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=20) == -signal.SIGTERM
+    assert "grace expired" in worker.stderr_text()
+
+
+def test_sigterm_after_a_shutdown_message_still_exits_0(worker: FakeParent) -> None:
+    """The parent's own sequence (``shutdown``, then SIGTERM to the group): a requested exit."""
+    call_id = worker.call("sleep", 2.0)
+    _wait_running(worker, call_id)
+    worker.shutdown(grace_ms=10_000)
+    _assert_refused(worker.reply_for(worker.call("echo", "too late")))
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.reply_for(call_id, timeout=10).value == 2.0
+    assert worker.wait(timeout=10) == 0
+
+
+def test_a_shutdown_message_during_a_sigterm_drain_makes_it_the_parents(
+    worker: FakeParent,
+) -> None:
+    call_id = worker.call("sleep", 2.0)
+    _wait_running(worker, call_id)
+    os.kill(worker.pid, signal.SIGTERM)
+    _assert_refused(_first_refused(worker))
+    worker.shutdown(grace_ms=10_000)
+    assert worker.reply_for(call_id, timeout=10).value == 2.0
     assert worker.wait(timeout=10) == 0
 
 
@@ -85,10 +168,10 @@ def test_shutdown_message_lets_calls_in_flight_finish(worker: FakeParent) -> Non
     inline = worker.call("sleep", 0.8)
     threaded = worker.call("thread_sleep", 0.8)
     async_ = worker.call("async_sleep", 0.8)
-    time.sleep(0.1)
+    _wait_running(worker, inline)
     worker.shutdown(grace_ms=10_000)
-    late = worker.call("echo", "too late")
-    assert worker.reply_for(late).error["kind"] == "internal"
+    for function, payload in (("echo", "too late"), ("thread_sleep", 0), ("async_sleep", 0)):
+        _assert_refused(worker.reply_for(worker.call(function, payload)))
     assert worker.reply_for(inline, timeout=10).value == 0.8
     assert worker.reply_for(threaded, timeout=10).value == 0.8
     assert worker.reply_for(async_, timeout=10).value == "slept"

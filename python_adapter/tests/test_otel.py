@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import socket
 import textwrap
 import threading
@@ -657,6 +658,32 @@ def test_spans_are_flushed_when_user_code_exits_the_worker(
     last = collected.one("user.before_exit", "d" * 32)
     # A child of the exiting call's function span (whose reply never came).
     assert last["parent_span_id"] not in ("", PARENT_SPAN_ID, span_id_hex(ok))
+
+
+def test_spans_are_flushed_when_sigterm_ends_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an external SIGTERM the worker ends by SIGTERM itself, and exports first."""
+    collected, url, stop = start_http_receiver()
+    _clean_otel_env(monkeypatch)
+    try:
+        parent = FakeParent.spawn(
+            _write(tmp_path),
+            env={
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": url,
+            },
+        )
+        try:
+            ok = parent.reply_for(parent.call("nested", 1, traceparent=traceparent("e" * 32)))
+            assert ok.ok
+            os.kill(parent.pid, signal.SIGTERM)
+            assert parent.wait(timeout=15) == -signal.SIGTERM
+        finally:
+            parent.close()
+    finally:
+        stop()
+    assert collected.one("user.inline", "e" * 32)["parent_span_id"] == span_id_hex(ok)
 
 
 def test_unreachable_collector_never_blocks_the_worker(

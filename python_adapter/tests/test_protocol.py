@@ -356,6 +356,6 @@ def test_shutting_down_worker_replies_without_span(worker: FakeParent) -> None:
     time.sleep(0.05)
     late = worker.call("echo", 1, traceparent=TRACEPARENT)
     reply = worker.reply_for(late)
-    assert reply.error["kind"] == "internal" and reply.span is None
+    assert reply.error["kind"] == "refused" and reply.span is None
     assert worker.reply_for(slow).ok
     assert worker.wait() == 0

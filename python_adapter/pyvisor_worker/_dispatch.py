@@ -1,0 +1,137 @@
+"""Dispatch: what each received frame means, and where it goes.
+
+Owns :meth:`Dispatcher.dispatch_frames`: it splits the bytes the reader received into frames
+(enforcing the maximum frame size), decodes each message and acts on it. A ``call`` becomes a
+:class:`~._state.Call`, registered in the shared state and handed to its function's executor
+through the route table (built once, at start, from ``_executors.make_executors``: the only
+place where execution kinds are told apart), or answered at once (unknown function, shutting
+down). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
+``shutdown`` goes to the control thread; anything else is a protocol error.
+
+Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
+read the socket, manage the read buffer, run functions or decide when the worker ends.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
+
+from ._exits import protocol_error
+from ._framing import HEADER, MSG_CALL, MSG_CANCEL, MSG_PING, MSG_PONG, MSG_SHUTDOWN, unpack_body
+from ._registry import FunctionSpec
+from ._replies import Pack, cancelled_frame, refused_frame, unknown_function_frame
+from ._state import Call, WorkerState
+
+if TYPE_CHECKING:
+    from ._control import Control
+    from ._executors import Executor
+
+__all__ = ["Dispatcher", "Route"]
+
+#: A function's route: its spec, its executor's ``submit`` and the executor (for ``cancel``).
+Route = Tuple[FunctionSpec, Callable[[Call], object], "Executor"]
+
+_unpack_from = HEADER.unpack_from
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        routes: Dict[str, Route],
+        names: Sequence[str],
+        state: WorkerState,
+        control: Control,
+        max_frame: int,
+    ) -> None:
+        self._routes = routes
+        self._names = list(names)
+        self._state = state
+        self._calls = state.calls
+        self._control = control
+        self._max_frame = max_frame
+
+    def dispatch_frames(
+        self, buf: bytearray, view: memoryview, start: int, end: int, out: List[bytes], pack: Pack
+    ) -> Tuple[int, int]:
+        """Dispatch every complete frame in ``buf[start:end]``; immediate replies go to
+        ``out``. Returns where the unconsumed bytes start and how many bytes the frame that
+        begins there needs in all (header included; 4 while even its header is incomplete)."""
+        max_frame = self._max_frame
+        routes = self._routes
+        calls = self._calls
+        state = self._state
+        unpack_from = _unpack_from
+        need = 4
+        while end - start >= 4:
+            (n,) = unpack_from(buf, start)
+            if n > max_frame:
+                protocol_error(
+                    f"incoming frame of {n} bytes exceeds the maximum frame size of "
+                    f"{max_frame} bytes"
+                )
+            stop = start + 4 + n
+            if stop > end:
+                need = 4 + n
+                break
+            try:
+                msg = unpack_body(view[start + 4 : stop])
+            except Exception as e:
+                protocol_error(f"a frame body is not one valid MessagePack value ({e})")
+            start = stop
+            if type(msg) is not list or not msg:
+                protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
+            if msg[0] == MSG_CALL and len(msg) == 8:
+                _, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
+                if (
+                    type(call_id) is not int
+                    or type(attempt) is not int
+                    or type(name) is not str
+                    or (deadline_ms is not None and type(deadline_ms) is not int)
+                ):
+                    protocol_error(f"malformed call: {msg[:7]!r:.300}")
+                route = routes.get(name)
+                if route is None:
+                    out.append(
+                        unknown_function_frame(call_id, attempt, name, self._names, pack, max_frame)
+                    )
+                    continue
+                spec, submit, _ = route
+                call = Call(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
+                calls[call_id] = call
+                # Checked after the call is registered (see WorkerState).
+                if not state.accepting:
+                    del calls[call_id]
+                    out.append(refused_frame(call_id, attempt, pack, max_frame))
+                    continue
+                submit(call)
+            else:
+                self._control_message(msg, out, pack)
+        return start, need
+
+    def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
+        kind = msg[0]
+        if kind == MSG_CANCEL and len(msg) >= 2:
+            try:
+                call = self._calls.get(msg[1])
+            except TypeError:
+                protocol_error(f"malformed cancel: {msg!r:.200}")
+            if call is not None:
+                call._cancelled = True
+                if self._routes[call._spec.name][2].cancel(call):
+                    out.append(cancelled_frame(call, pack, self._max_frame))
+                    self._calls.pop(call._call_id, None)
+        elif kind == MSG_PING and len(msg) >= 2:
+            out.append(self._control.beat_frame(MSG_PONG, msg[1], pack))
+        elif kind == MSG_SHUTDOWN and len(msg) >= 2:
+            grace_ms = msg[1]
+            if grace_ms is None:
+                grace = None
+            elif type(grace_ms) is int and grace_ms >= 0:
+                grace = grace_ms / 1000.0
+            else:
+                protocol_error(f"malformed shutdown: {msg!r:.200}")
+            self._control.begin_shutdown(grace, requested=True)
+        elif kind == MSG_CALL:
+            protocol_error(f"a call has {len(msg)} elements instead of 8")
+        else:
+            protocol_error(f"unexpected message: {msg!r:.200}")
