@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Compare two builds of pyvisor on the call path, alternating them in one run.
+
+Usage: compare_builds.py OLD_BENCH OLD_PYTHON NEW_BENCH NEW_PYTHON [ROUNDS]
+
+Each round runs `pyvisor-bench --only sequential` once with the old build (and the old
+adapter's interpreter), then once with the new one, so both see the same machine state. Prints
+per-round figures and the medians: sequential p50 (µs; lower is better) and pipelined
+throughput (calls/s; higher is better), each also as a ratio to the raw floor measured in the
+same child, and the new build's speed relative to the old (≥ 1 means faster).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def run(bench: str, python: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    subprocess.run(
+        [bench, "--only", "sequential", "--json", out, "--python", python],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with open(out) as f:
+        rows = {r["scenario"]: r for r in json.load(f)["rows"]}
+    os.unlink(out)
+    seq = next(r for k, r in rows.items() if k.startswith("sequential p50 (1 worker"))
+    pipe = next(r for k, r in rows.items() if k.startswith("pipelined throughput"))
+    return {"seq": seq["pyvisor"], "seq_floor": seq["floor"], "pipe": pipe["pyvisor"], "pipe_floor": pipe["floor"]}
+
+
+def main() -> int:
+    if len(sys.argv) < 5:
+        print(__doc__)
+        return 2
+    old_bench, old_py, new_bench, new_py = sys.argv[1:5]
+    rounds = int(sys.argv[5]) if len(sys.argv) > 5 else 8
+    old, new = [], []
+    for i in range(rounds):
+        o = run(old_bench, old_py)
+        n = run(new_bench, new_py)
+        old.append(o)
+        new.append(n)
+        print(
+            f"round {i + 1}/{rounds}: sequential p50 old {o['seq']:.1f} µs new {n['seq']:.1f} µs; "
+            f"pipelined old {o['pipe']:.0f} new {n['pipe']:.0f} calls/s",
+            flush=True,
+        )
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    seq_o, seq_n = med(old, "seq"), med(new, "seq")
+    pipe_o, pipe_n = med(old, "pipe"), med(new, "pipe")
+    seq_ro = statistics.median(x["seq"] / x["seq_floor"] for x in old)
+    seq_rn = statistics.median(x["seq"] / x["seq_floor"] for x in new)
+    pipe_ro = statistics.median(x["pipe"] / x["pipe_floor"] for x in old)
+    pipe_rn = statistics.median(x["pipe"] / x["pipe_floor"] for x in new)
+    print()
+    print(f"medians over {rounds} alternating rounds")
+    print(f"sequential p50: old {seq_o:.1f} µs ({seq_ro:.2f}× floor), new {seq_n:.1f} µs ({seq_rn:.2f}× floor); new speed vs old {seq_o / seq_n:.2f}×")
+    print(f"pipelined: old {pipe_o:.0f} calls/s ({pipe_ro:.2f}× floor), new {pipe_n:.0f} calls/s ({pipe_rn:.2f}× floor); new speed vs old {pipe_n / pipe_o:.2f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
