@@ -189,3 +189,52 @@ async fn an_external_sigterm_blames_no_call_and_loses_none() {
     assert!(!cert.implicates_calls(), "an external SIGTERM implicates no call: {cert}");
     pool.shutdown().await;
 }
+
+/// Children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string)))
+                .flatten()
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .collect()
+}
+
+/// A worker whose watchdog was killed has lost its protection against the parent's death (its
+/// subprocesses could outlive it): it is noticed and recycled, make-before-break, with no call
+/// lost meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_watchdog_died_is_recycled() {
+    let events = Events::default();
+    let pool = Pool::start(events.spec(common::spec("faults.py").workers(1).heartbeat_interval(Duration::from_millis(100))))
+        .await
+        .unwrap();
+    let pid = pool.status().await.workers[0].pid.unwrap();
+    let watchdogs = children_of(pid);
+    assert_eq!(watchdogs.len(), 1, "one watchdog per worker");
+    common::signal(watchdogs[0], libc::SIGKILL);
+    let calls = {
+        let p = pool.clone();
+        tokio::spawn(async move {
+            for i in 0..200u64 {
+                let v: u64 = p.call("echo", &i).await.expect("no call is lost while the worker is recycled");
+                assert_eq!(v, i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let recycled = common::eventually(Duration::from_secs(20), || {
+        events.0.lock().unwrap().iter().any(|e| matches!(e, PoolEvent::Recycled { reason: pyvisor::RecycleReason::WatchdogLost, .. }))
+    })
+    .await;
+    assert!(recycled, "the worker was not recycled after losing its watchdog");
+    assert!(common::eventually(Duration::from_secs(20), || !common::alive(pid)).await, "the old worker still runs");
+    tokio::time::timeout(Duration::from_secs(60), calls).await.unwrap().unwrap();
+    let now = pool.status().await.workers[0].pid.unwrap();
+    assert_eq!(children_of(now).len(), 1, "the replacement has its watchdog");
+    pool.shutdown().await;
+}

@@ -30,6 +30,7 @@ from ._exits import hard_exit, say
 from ._framing import HEADER, MSG_BEAT, MSG_PONG, new_packer
 from ._replies import Pack, Writer
 from ._state import WorkerState
+from ._watchdog import watchdog_alive
 
 __all__ = ["Control", "DEFAULT_GRACE", "REQUESTED", "SIGNALLED"]
 
@@ -148,6 +149,7 @@ class Control:
                 [c._call_id, c._attempt, c._phase, int(c._started * 1000.0)] for c in now_calls
             ],
             "served": self._writer.served,
+            "watchdog": watchdog_alive(),
         }
 
     def beat_frame(self, kind: int, nonce: Any, pack: Pack) -> bytes:

@@ -18,12 +18,16 @@ import time
 from types import FrameType
 from typing import Any, NoReturn, Optional
 
-__all__ = ["start_watchdog", "set_parent_death_signal"]
+__all__ = ["start_watchdog", "set_parent_death_signal", "watchdog_alive"]
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 _libc: Any = None
+
+#: The watchdog's pid in the worker (None: none was started), and whether it is known gone.
+_pid: Optional[int] = None
+_lost = False
 
 
 def _load_libc() -> Any:
@@ -80,11 +84,37 @@ def start_watchdog() -> Optional[int]:
             pass
     pid = os.fork()
     if pid != 0:
+        global _pid
+        _pid = pid
         return pid
     try:
         _watch(worker_pid)
     finally:
         os._exit(0)
+
+
+def watchdog_alive() -> Optional[bool]:
+    """Whether this worker's watchdog still runs (``None``: none was started).
+
+    Reported in every beat: a worker whose watchdog died has lost its protection against the
+    parent's death taking only the worker and leaving its subprocesses behind, so the parent
+    recycles it (make-before-break). The dead watchdog is reaped here.
+    """
+    global _lost
+    if _pid is None:
+        return None
+    if _lost:
+        return False
+    try:
+        done, _ = os.waitpid(_pid, os.WNOHANG)
+    except ChildProcessError:  # reaped by someone else: gone all the same
+        done = _pid
+    except OSError:
+        return True
+    if done == _pid:
+        _lost = True
+        return False
+    return True
 
 
 def _watch(worker_pid: int) -> NoReturn:

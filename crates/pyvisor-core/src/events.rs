@@ -83,6 +83,9 @@ pub enum RecycleReason {
         /// Measured bytes.
         bytes: u64,
     },
+    /// Its watchdog (the process that takes the worker's group down when the worker dies)
+    /// died: without it, subprocesses of user code could outlive a killed worker.
+    WatchdogLost,
 }
 
 impl std::fmt::Display for RecycleReason {
@@ -91,6 +94,7 @@ impl std::fmt::Display for RecycleReason {
             RecycleReason::Ttl => f.write_str("ttl"),
             RecycleReason::MaxRequests => f.write_str("max_requests"),
             RecycleReason::MemorySoftLimit { bytes } => write!(f, "memory soft limit ({} MiB)", bytes >> 20),
+            RecycleReason::WatchdogLost => f.write_str("watchdog lost"),
         }
     }
 }

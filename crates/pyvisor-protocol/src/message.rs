@@ -119,6 +119,9 @@ pub struct Beat {
     /// Calls completed since the worker started.
     #[serde(default)]
     pub served: u64,
+    /// Whether the worker's watchdog still runs (`None`: it has none, or does not say).
+    #[serde(default)]
+    pub watchdog: Option<bool>,
 }
 
 /// What kind of failure a worker reported for a call.

@@ -306,6 +306,7 @@ impl WorkerActorState {
             ready_for: self.ready_at.map_or(Duration::ZERO, |r| now.duration_since(r)),
             served: self.slot.served(),
             draining: self.draining_until.is_some(),
+            watchdog_lost: last.as_ref().is_some_and(|b| b.beat.watchdog == Some(false)),
         })
     }
 

@@ -53,6 +53,8 @@ pub(crate) struct Observed {
     pub served: u64,
     /// The worker is draining (recycled): recycling thresholds no longer apply.
     pub draining: bool,
+    /// The last beat said the worker's watchdog is gone.
+    pub watchdog_lost: bool,
 }
 
 /// What should happen to the worker.
@@ -94,6 +96,9 @@ pub(crate) fn judge(l: &Limits, o: &Observed, now: Instant) -> Verdict {
     }
     if o.draining {
         return Verdict::Healthy;
+    }
+    if o.watchdog_lost {
+        return Verdict::Recycle(RecycleReason::WatchdogLost);
     }
     if l.ttl.is_some_and(|ttl| o.ready_for >= ttl) {
         return Verdict::Recycle(RecycleReason::Ttl);
@@ -150,6 +155,8 @@ mod tests {
         assert_eq!(judge(&limits(), &o, now), Verdict::Recycle(RecycleReason::MemorySoftLimit { bytes: 150 }));
         let o = Observed { served: 10, ..Default::default() };
         assert_eq!(judge(&limits(), &o, now), Verdict::Recycle(RecycleReason::MaxRequests));
+        let o = Observed { watchdog_lost: true, ..Default::default() };
+        assert_eq!(judge(&limits(), &o, now), Verdict::Recycle(RecycleReason::WatchdogLost));
         let o = Observed { ready_for: Duration::from_secs(61), ..Default::default() };
         assert_eq!(judge(&limits(), &o, now), Verdict::Recycle(RecycleReason::Ttl));
         // A draining worker is not recycled again, but still killed for a hang.
