@@ -2,8 +2,9 @@
 
 Owns :func:`run_worker` (process set-up: output buffering, faulthandler, tracing) and
 :class:`Worker`, which builds the parts, starts the executors and threads, sends ``hello`` and
-waits for the control thread to say the worker is done. The parts, from the bottom up (each
-module imports only modules listed before it):
+waits for the control thread to say the worker is done. It reads no frame and runs no call
+itself: past ``hello``, everything happens on the parts' threads. The parts, from the bottom
+up (each module imports only modules listed before it):
 
 - ``_state``: the calls the worker holds and whether it admits new ones;
 - ``_exits``: how the process ends (``os._exit`` paths, death by SIGTERM);

@@ -614,6 +614,11 @@ def test_grpc_export_and_flush_on_eof(tmp_path: Path, monkeypatch: pytest.Monkey
             _write(tmp_path),
             worker_id="grpc-worker",
             env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}"},
+            # No preexec_fn, so the child is started without fork(): this process runs a gRPC
+            # server, and gRPC's at-fork handlers restart its poller in a forked child, where
+            # subprocess then closes the poller's epoll descriptor: the child aborts (SIGABRT,
+            # "epoll_wait error: Bad file descriptor") before it even execs the worker.
+            parent_death_signal=False,
         )
         try:
             ok = parent.reply_for(parent.call("nested", 1, traceparent=traceparent()))

@@ -217,8 +217,12 @@ def test_print_in_user_code_does_not_touch_the_protocol(worker: FakeParent) -> N
     assert worker.invoke("chatty", "x") == "x"
     assert worker.invoke("echo", 2) == 2
     deadline = time.monotonic() + 10
-    while "line 99" not in worker.stdout_text() and time.monotonic() < deadline:
-        time.sleep(0.01)  # line buffering: the lines arrive without an exit or flush
+    while time.monotonic() < deadline and (
+        "line 99" not in worker.stdout_text() or "to stderr" not in worker.stderr_text()
+    ):
+        # Line buffering: the lines arrive without an exit or flush (each pipe is read by
+        # its own thread here, so wait for both).
+        time.sleep(0.01)
     assert "hello from user code x" in worker.stdout_text()
     assert "line 99" in worker.stdout_text()
     assert "to stderr" in worker.stderr_text()
