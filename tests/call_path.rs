@@ -21,16 +21,6 @@ impl Events {
     }
 }
 
-async fn ready(pool: &Pool, n: usize) -> bool {
-    for _ in 0..1000 {
-        if pool.status().await.ready() >= n {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 /// A pool whose router is killed (as `Shutdown::Brutal` or a shutdown timeout does): calls
 /// pending without a timeout get a typed error instead of hanging, new calls are refused, and
 /// no process is left.

@@ -67,10 +67,19 @@ async fn chaos_random_kills_under_load_lose_nothing_and_repeat_nothing() {
                     i += 1;
                     let id = c * 1_000_000 + i;
                     if i % 2 == 0 {
-                        // Idempotent: must always come back, and right.
-                        let v: u64 = pool.call("echo", &id).await.unwrap_or_else(|e| panic!("idempotent call {id} lost: {e}"));
-                        assert_eq!(v, id);
-                        idem_ok += 1;
+                        // Idempotent: comes back right, or — only after every one of its
+                        // max_retries + 1 attempts met an external kill — as WorkerCrashed.
+                        match pool.call::<_, u64>("echo", &id).await {
+                            Ok(v) => {
+                                assert_eq!(v, id);
+                                idem_ok += 1;
+                            }
+                            Err(CallError::WorkerCrashed { attempts, certificate, .. }) => {
+                                assert_eq!(attempts, 3, "idempotent call {id} gave up early: {certificate}");
+                                assert!(!certificate.implicates_calls(), "{certificate}");
+                            }
+                            Err(e) => panic!("idempotent call {id} lost: {e}"),
+                        }
                     } else {
                         match pool.call::<_, u64>("record", &id).await {
                             Ok(v) => {

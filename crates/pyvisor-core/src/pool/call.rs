@@ -129,11 +129,11 @@ pub(crate) async fn run(
     shared: &PoolShared,
     function: &str,
     payload: &[u8],
-    opts: CallOptions,
+    opts: &CallOptions,
     trace: Option<&CallTrace>,
     attempts: &mut u32,
 ) -> Result<Bytes, CallError> {
-    let call = admit(shared, function, payload, &opts)?;
+    let call = admit(shared, function, payload, opts)?;
     let spec = &shared.spec;
     if let Some(t) = trace {
         t.idempotent(call.idempotent);

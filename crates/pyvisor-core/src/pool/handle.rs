@@ -228,7 +228,7 @@ impl Pool {
         let called = Instant::now();
         loop {
             let mut attempts = 0;
-            let result = Self::call_on(&inner, function, payload, opts.clone(), &mut attempts).await;
+            let result = Self::call_on(&inner, function, payload, &opts, &mut attempts).await;
             // A handle got by path follows restarts: a call that found its pool closed and was
             // never sent waits for the replacement (up to the queue timeout), then goes there.
             let closed = matches!(result, Err(CallError::ShutDown { .. } | CallError::PoolFailed { .. }));
@@ -247,7 +247,7 @@ impl Pool {
         inner: &PoolInner,
         function: &str,
         payload: &[u8],
-        opts: CallOptions,
+        opts: &CallOptions,
         attempts: &mut u32,
     ) -> Result<Bytes, CallError> {
         let shared = &*inner.shared;
