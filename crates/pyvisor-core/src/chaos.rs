@@ -132,7 +132,7 @@ async fn call_on_slot(
         id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
         attempt: 1,
         function,
-        deadline_ms: Some(crate::pool::call::unix_ms(until)),
+        deadline_ms: Some(crate::clock::unix_ms(until)),
         traceparent: None,
         tracestate: None,
     };
@@ -146,7 +146,10 @@ async fn call_on_slot(
         let _ = w.send(&encode_call(&header, payload));
     }
     let outcome = tokio::time::timeout_at(until, rx).await;
-    in_flight.done();
+    if outcome.is_ok() {
+        // Answered: nothing to abandon (a timed-out call is abandoned and cancelled on drop).
+        in_flight.done();
+    }
     match outcome.map(|o| o.map(|o| o.result)) {
         Ok(Ok(Ok(bytes))) => Ok(bytes),
         Ok(Ok(Err(Failure::Remote(e)))) => Err(CallError::from_remote(function, e, shared.functions().as_deref())),

@@ -5,7 +5,7 @@
 //! per call. Crashes become [`DeathCertificate`]s, failures typed [`CallError`]s.
 //!
 //! Modules, in layers (each imports only from the layers above it in this list):
-//! - values: `spec`, `backoff`, `python` (configuration), `death`, `error`, `events`,
+//! - values: `spec`, `backoff`, `python` (configuration), `clock`, `death`, `error`, `events`,
 //!   `status` (what users see);
 //! - `barrier`: the crash barrier's policies (start failures, retry and poison, quarantine) as
 //!   pure values with an injected clock;
@@ -16,12 +16,14 @@
 //! - `process`: spawning, stdio, process groups, orphans;
 //! - `worker`: the worker actor (one process) and its health verdicts;
 //! - `router`: the pool router actor (membership, the routing table, restarts, recycling);
-//! - `chaos`, `pool`: fault injection, and the pool handle with the path of one call;
+//! - `chaos`: fault injection (below `pool`, which hands it out);
+//! - `pool`: the pool handle and the path of one call;
 //! - `supervisor`: supervision trees of pools and user actors.
 
 mod backoff;
 mod barrier;
 mod chaos;
+mod clock;
 mod death;
 mod dispatch;
 mod error;

@@ -141,6 +141,11 @@ impl RouterState {
             if m.slot.state() != WorkerState::Ready {
                 continue;
             }
+            // A replacement for this position failed to start: wait out its backoff (the old
+            // worker asks again on its next check).
+            if self.positions.get(m.slot.index).and_then(|p| p.next_start).is_some_and(|t| t > Instant::now()) {
+                continue;
+            }
             if self.ready_count() < min_ready {
                 self.pending_recycles.push_front((old, reason));
                 break;
@@ -256,18 +261,23 @@ impl RouterState {
             };
             return self.fail(myself, err).await;
         }
-        if failed_replacement.is_some() && self.positions[index].current.is_some() {
-            return Ok(());
-        }
         let pos = &mut self.positions[index];
         // The backoff grows with the worker's own failures only: an external kill says nothing
         // about whether the worker can start, so it is retried after the first step.
-        if verdict != StartVerdict::NotCounted {
+        let step = if verdict == StartVerdict::NotCounted {
+            1
+        } else {
             pos.consecutive_failures += 1;
-        }
-        let delay = spec.start_backoff.delay(pos.consecutive_failures.max(1));
+            pos.consecutive_failures
+        };
+        let delay = spec.start_backoff.delay(step);
         pos.next_start = Some(now + delay);
         let failures = pos.consecutive_failures;
+        if failed_replacement.is_some() && pos.current.is_some() {
+            // The old worker keeps the position and asks again on its next check; the next
+            // replacement waits out the backoff (see `start_recycles`).
+            return Ok(());
+        }
         crate::observe::metrics::restart(&self.shared.name, "start_retry");
         self.shared.emit(PoolEvent::RestartScheduled { index, failures, delay });
         myself.send_after(delay, move || RouterMsg::StartWorker { index });
@@ -335,7 +345,7 @@ impl Actor for PoolRouter {
     ) -> Result<Self::State, ActorProcessingErr> {
         let n = args.shared.spec.workers;
         Ok(RouterState {
-            start_failures: StartFailures::from_spec(&args.shared.spec),
+            start_failures: StartFailures::from_spec(&args.shared.spec).starting(),
             shared: args.shared,
             positions: (0..n).map(|_| Position::default()).collect(),
             members: HashMap::new(),
@@ -385,12 +395,15 @@ impl Actor for PoolRouter {
                     st.shared.emit(PoolEvent::Recycled { worker: old, reason });
                 }
                 st.positions[slot.index].consecutive_failures = 0;
+                st.positions[slot.index].next_start = None;
                 let pid = slot.pid().unwrap_or(hello.pid);
                 st.shared.emit(PoolEvent::WorkerReady { worker: id, index: slot.index, pid, startup });
                 if st.startup.is_some() && st.all_ready() {
                     if let Some(tx) = st.startup.take() {
                         let _ = tx.send(Ok(()));
                     }
+                    // From now on start failures are counted in a sliding window.
+                    st.start_failures.started();
 
                 }
             }
@@ -484,7 +497,7 @@ fn actor_failure_certificate(pool: &str, id: WorkerId, slot: Option<&WorkerSlot>
         killed_by_pyvisor: true,
         oom_suspected: false,
         uptime: slot.map_or(Duration::ZERO, |s| s.spawned_at.elapsed()),
-        became_ready: slot.is_some_and(|s| s.served() > 0),
+        became_ready: slot.is_some_and(|s| s.became_ready()),
         died_at: std::time::SystemTime::now(),
         last_rss: None,
         last_beat_age: None,

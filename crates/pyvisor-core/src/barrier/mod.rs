@@ -10,7 +10,7 @@
 //! - [`retry`]: one call's barrier: fail, retry (alone when suspect), poison, or give up;
 //! - [`quarantine`]: fingerprints of poison requests, refused until their window ends.
 //!
-//! The taint window and the choice of a worker for a retry are dispatch's (`routing`).
+//! The taint window and the choice of a worker for a retry are dispatch's (`dispatch::pick`).
 
 pub(crate) mod classify;
 pub(crate) mod quarantine;

@@ -28,15 +28,30 @@ pub(crate) struct StartFailures {
     period: Duration,
     /// When each counted failure happened, oldest first; at most `max + 1` kept.
     at: VecDeque<Instant>,
+    /// Failures expire after `period` (false while the pool's first start is under way: a
+    /// worker that can never start, however slowly it fails, must fail the start).
+    windowed: bool,
 }
 
 impl StartFailures {
     pub(crate) fn new(max: usize, period: Duration) -> Self {
-        StartFailures { max, period, at: VecDeque::new() }
+        StartFailures { max, period, at: VecDeque::new(), windowed: true }
     }
 
     pub(crate) fn from_spec(spec: &crate::spec::PoolSpec) -> Self {
         Self::new(spec.max_start_failures, spec.start_failure_period)
+    }
+
+    /// During the first start: count every failure, none expires.
+    pub(crate) fn starting(mut self) -> Self {
+        self.windowed = false;
+        self
+    }
+
+    /// The first start completed: forget its failures, count in the sliding window from now.
+    pub(crate) fn started(&mut self) {
+        self.at.clear();
+        self.windowed = true;
     }
 
     /// Count `cert` if it is a start failure, and judge the pool.
@@ -44,7 +59,9 @@ impl StartFailures {
         if !classify::is_start_failure(cert) {
             return StartVerdict::NotCounted;
         }
-        self.expire(now);
+        if self.windowed {
+            self.expire(now);
+        }
         self.at.push_back(now);
         // Past `max + 1` the verdict cannot change: keep the buffer bounded.
         if self.at.len() > self.max.saturating_add(1) {
@@ -66,6 +83,7 @@ impl StartFailures {
 
     /// Forget every failure.
     #[cfg(test)]
+    #[allow(dead_code)]
     pub(crate) fn clear(&mut self) {
         self.at.clear();
     }
@@ -148,5 +166,20 @@ mod tests {
             assert_eq!(f.record(&start_death(Some(1), None), base + Duration::from_millis(i)), StartVerdict::Exceeded { failures: 1 });
         }
         assert_eq!(f.at.len(), 1);
+    }
+
+    #[test]
+    fn during_the_first_start_failures_do_not_expire() {
+        let base = Instant::now();
+        let mut f = StartFailures::new(2, Duration::from_secs(60)).starting();
+        let exit = crate::barrier::testing::start_death(Some(1), None);
+        // One failure every 45 s: a window of 60 s never holds three, the first start does.
+        assert!(matches!(f.record(&exit, base), StartVerdict::Counted { failures: 1 }));
+        assert!(matches!(f.record(&exit, base + Duration::from_secs(45)), StartVerdict::Counted { failures: 2 }));
+        assert!(matches!(f.record(&exit, base + Duration::from_secs(90)), StartVerdict::Exceeded { failures: 3 }));
+        f.started();
+        assert!(matches!(f.record(&exit, base + Duration::from_secs(200)), StartVerdict::Counted { failures: 1 }));
+        assert!(matches!(f.record(&exit, base + Duration::from_secs(245)), StartVerdict::Counted { failures: 2 }));
+        assert!(matches!(f.record(&exit, base + Duration::from_secs(290)), StartVerdict::Counted { failures: 2 }));
     }
 }

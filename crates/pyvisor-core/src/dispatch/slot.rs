@@ -13,7 +13,7 @@
 //! rings the [`CapacityBell`] when capacity frees so that waiters are served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,8 @@ pub(crate) struct WorkerSlot {
     held_by: AtomicU64,
     /// Nonce of the last `pong` (the worker's reading side is alive).
     last_pong: AtomicU64,
+    /// It has been ready (sent `hello`) at some point.
+    became_ready: AtomicBool,
     bell: Arc<CapacityBell>,
 }
 
@@ -146,6 +148,7 @@ impl WorkerSlot {
             tainted_until: AtomicU64::new(0),
             held_by: AtomicU64::new(0),
             last_pong: AtomicU64::new(0),
+            became_ready: AtomicBool::new(false),
             bell,
         }
     }
@@ -174,8 +177,13 @@ impl WorkerSlot {
     pub(crate) fn set_state(&self, s: WorkerState) {
         self.state.store(s.as_u8(), Ordering::Release);
         if s == WorkerState::Ready {
+            self.became_ready.store(true, Ordering::Release);
             self.bell.ring();
         }
+    }
+    /// Whether the worker has been ready (sent `hello`) at some point.
+    pub(crate) fn became_ready(&self) -> bool {
+        self.became_ready.load(Ordering::Acquire)
     }
     /// Ready → Draining (a worker that said it is going away); false if it was not ready.
     pub(crate) fn stop_routing(&self) -> bool {

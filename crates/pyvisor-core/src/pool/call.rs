@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pyvisor_protocol::{call_overhead, encode_call_head, CallHeader, RemoteErrorKind};
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::options::CallOptions;
 use crate::barrier::quarantine::fingerprint;
+use crate::clock::unix_ms;
 use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
 use crate::death::DeathCertificate;
 use crate::dispatch::{Failure, QueueExit, Reservation, Want};
@@ -32,10 +33,6 @@ use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
 use crate::shared::PoolShared;
 
-pub(crate) fn unix_ms(at: Instant) -> u64 {
-    let from_now = at.saturating_duration_since(Instant::now());
-    (SystemTime::now() + from_now).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// A call past admission.
 struct Admitted<'a> {

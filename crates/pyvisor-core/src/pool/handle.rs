@@ -156,6 +156,7 @@ impl Pool {
         if let Ok(mut g) = self.cell.current.write() {
             *g = inner;
         }
+        self.cell.ended.store(false, Ordering::SeqCst);
         self.cell.changed.notify_waiters();
     }
 
@@ -226,18 +227,25 @@ impl Pool {
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
         let mut inner = self.inner();
         let called = Instant::now();
+        let mut followed: Option<CallOptions> = None;
         loop {
             let mut attempts = 0;
-            let result = Self::call_on(&inner, function, payload, &opts, &mut attempts).await;
+            let result = Self::call_on(&inner, function, payload, followed.as_ref().unwrap_or(&opts), &mut attempts).await;
             // A handle got by path follows restarts: a call that found its pool closed and was
-            // never sent waits for the replacement (up to the queue timeout), then goes there.
+            // never sent waits for the replacement (up to the queue timeout and its own
+            // deadline, both counted from the call), then goes there.
             let closed = matches!(result, Err(CallError::ShutDown { .. } | CallError::PoolFailed { .. }));
             if !(self.cell.follows && closed && attempts == 0) {
                 return result;
             }
-            let until = called + inner.shared.spec.queue_timeout;
-            match self.replacement(&inner, until).await {
-                Some(next) => inner = next,
+            let spec = &inner.shared.spec;
+            let deadline = opts.deadline_from(called, spec.call_timeout);
+            let queue_until = called + spec.queue_timeout;
+            match self.replacement(&inner, deadline.map_or(queue_until, |d| d.min(queue_until))).await {
+                Some(next) => {
+                    inner = next;
+                    followed = deadline.map(|d| opts.clone().deadline(d));
+                }
                 None => return result,
             }
         }

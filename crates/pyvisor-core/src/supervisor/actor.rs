@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::oneshot;
 
+use tokio::task::JoinHandle;
+
 use super::intensity::IntensityTracker;
+use super::registry::{join_path, Registered, Registry};
 use super::spec::{ChildKind, ChildSpec, Restart, Shutdown, Strategy, SupervisorSpec};
-use super::tree::{join_path, ChildState, ChildStatus, Registered, Registry, Tree};
+use super::status::{ChildState, ChildStatus};
 use super::{SupervisorError, SupervisorFailure};
 use crate::pool::Pool;
 
@@ -32,8 +35,43 @@ pub(crate) struct SupArgs {
 
 enum Handle {
     Pool(Pool),
-    Supervisor(Tree),
+    Supervisor(ActorRef<SupervisorMsg>, Option<JoinHandle<()>>),
     Actor,
+}
+
+/// Spawn a supervisor (linked under `parent` if given) and wait until its children started.
+pub(crate) async fn spawn_supervisor(
+    spec: SupervisorSpec,
+    parent: Option<ActorCell>,
+    path: String,
+    registry: Registry,
+) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SupervisorError> {
+    let (tx, rx) = oneshot::channel();
+    let args = SupArgs { spec, path, registry, startup: Some(tx) };
+    let spawned = match parent {
+        Some(p) => Actor::spawn_linked(None, SupervisorActor, args, p).await,
+        None => Actor::spawn(None, SupervisorActor, args).await,
+    };
+    let (actor, join) = spawned.map_err(|e| SupervisorError::NotRunning(e.to_string()))?;
+    match rx.await {
+        Ok(Ok(())) => Ok((actor, join)),
+        Ok(Err(e)) => {
+            let _ = join.await;
+            Err(e)
+        }
+        Err(_) => {
+            let _ = join.await;
+            Err(SupervisorError::NotRunning("the supervisor stopped while starting".into()))
+        }
+    }
+}
+
+/// Stop a nested supervisor like `Tree::shutdown`: its children in reverse order, then it.
+async fn shutdown_supervisor(actor: ActorRef<SupervisorMsg>, join: Option<JoinHandle<()>>) {
+    let _ = actor.call(SupervisorMsg::Shutdown, Some(Duration::from_secs(3600))).await;
+    if let Some(j) = join {
+        let _ = j.await;
+    }
 }
 
 struct Running {
@@ -95,12 +133,10 @@ impl SupState {
                 (pool.actor(), Handle::Pool(pool), Some(Registered::Pool(by_path)))
             }
             ChildKind::Supervisor(spec) => {
-                let tree = Tree::start_inner((**spec).clone(), Some(sup), path.clone(), Arc::clone(&self.registry))
+                let (actor, join) = spawn_supervisor((**spec).clone(), Some(sup), path.clone(), Arc::clone(&self.registry))
                     .await
                     .map_err(|e| e.to_string())?;
-                let actor = tree.actor();
-                let reg = ActorRef::<SupervisorMsg>::from(actor.clone());
-                (actor, Handle::Supervisor(tree), Some(Registered::Supervisor(reg)))
+                (actor.get_cell(), Handle::Supervisor(actor.clone(), Some(join)), Some(Registered::Supervisor(actor.get_cell())))
             }
             ChildKind::Actor(start) => (start(sup).await?, Handle::Actor, None),
         };
@@ -114,22 +150,42 @@ impl SupState {
         Ok(())
     }
 
-    /// Forget what is registered at `path`; handles that follow a pool there stop waiting.
+    /// Forget what is registered at `path` and below it, for good: handles that follow a pool
+    /// there stop waiting for a replacement. Only for children that will not come back (removed,
+    /// not restarted, or the whole tree stopped); a child stopped to be restarted keeps its entry,
+    /// so its handles follow the restart — also when a parent restarts this supervisor.
     fn unregister(&self, path: &str) {
-        let gone = self.registry.write().ok().and_then(|mut reg| reg.remove(path));
-        if let Some(Registered::Pool(p)) = gone {
-            p.end();
+        let below = format!("{path}/");
+        let gone: Vec<Registered> = match self.registry.write() {
+            Ok(mut reg) => {
+                let keys: Vec<String> =
+                    reg.keys().filter(|k| path.is_empty() || *k == path || k.starts_with(&below)).cloned().collect();
+                keys.iter().filter_map(|k| reg.remove(k)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for r in gone {
+            if let Registered::Pool(p) = r {
+                p.end();
+            }
+        }
+    }
+
+    /// The whole tree stops (this is its root): every handle by path stops waiting.
+    fn end_tree(&self) {
+        if self.path.is_empty() {
+            self.unregister("");
         }
     }
 
     /// Stop one child per its shutdown spec. Its exit event is then ignored (it is no longer
     /// `Running`).
     async fn stop_child(&mut self, i: usize, for_good: bool) {
-        let Life::Running(run) = std::mem::replace(&mut self.children[i].life, Life::Stopped) else { return };
         let path = self.children[i].path.clone();
         if for_good {
             self.unregister(&path);
         }
+        let Life::Running(run) = std::mem::replace(&mut self.children[i].life, Life::Stopped) else { return };
         let c = &mut self.children[i];
         let kill = |cell: ActorCell| async move {
             let _ = cell.kill_and_wait(Some(Duration::from_secs(10))).await;
@@ -141,8 +197,8 @@ impl SupState {
                     kill(run.cell).await;
                 }
             }
-            (Shutdown::Timeout(d), Handle::Supervisor(tree)) => {
-                if tokio::time::timeout(d, tree.shutdown()).await.is_err() {
+            (Shutdown::Timeout(d), Handle::Supervisor(actor, join)) => {
+                if tokio::time::timeout(d, shutdown_supervisor(actor, join)).await.is_err() {
                     kill(run.cell).await;
                 }
             }
@@ -159,7 +215,7 @@ impl SupState {
     /// Stop every running child in reverse start order.
     async fn stop_all(&mut self) {
         for i in (0..self.children.len()).rev() {
-            self.stop_child(i, true).await;
+            self.stop_child(i, false).await;
         }
     }
 
@@ -196,7 +252,6 @@ impl SupState {
                 tracing::error!("{why}");
             }
             self.stopping = true;
-            self.unregister(&path);
             self.stop_all().await;
             return Err(Box::new(SupervisorFailure(why)));
         }
@@ -226,6 +281,8 @@ impl SupState {
             let c = &mut self.children[j];
             // Temporary siblings are not brought back by a group restart.
             if j != i && c.spec.restart == Restart::Temporary {
+                let p = c.path.clone();
+                self.unregister(&p);
                 continue;
             }
             c.life = Life::Restarting { at, generation: self.generation };
@@ -378,6 +435,7 @@ impl Actor for SupervisorActor {
             SupervisorMsg::Shutdown(reply) => {
                 st.stopping = true;
                 st.stop_all().await;
+                st.end_tree();
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));
             }
@@ -417,6 +475,7 @@ impl Actor for SupervisorActor {
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         st.stopping = true;
         st.stop_all().await;
+        st.end_tree();
         Ok(())
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! - `spec`: the declarations ([`SupervisorSpec`], [`ChildSpec`] and the policy enums);
 //! - `intensity`: the restart-intensity rule as a value;
+//! - `status`: what a supervisor reports about its children;
+//! - `registry`: the tree's paths to what runs there now (handles by path follow restarts);
 //! - `actor`: the supervisor actor (decisions);
 //! - `tree`: the [`Tree`] handle (lookup by path, status, dynamic children, shutdown).
 //!
@@ -17,12 +19,15 @@
 
 mod actor;
 mod intensity;
+mod registry;
 mod spec;
+mod status;
 mod tree;
 
 pub use intensity::{Intensity, IntensityTracker};
 pub use spec::{ChildKind, ChildSpec, Restart, Shutdown, StartFn, Strategy, SupervisorSpec};
-pub use tree::{ChildState, ChildStatus, Tree};
+pub use status::{ChildState, ChildStatus};
+pub use tree::Tree;
 
 /// Why a tree operation failed.
 #[derive(Debug, Clone, thiserror::Error)]

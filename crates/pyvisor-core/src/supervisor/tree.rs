@@ -1,66 +1,17 @@
 //! The handle of a running supervisor: lookup by path, status, dynamic children, shutdown.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorRef};
-use tokio::sync::oneshot;
+use ractor::{ActorCell, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::actor::{SupArgs, SupervisorActor, SupervisorMsg};
-use super::spec::{ChildSpec, Restart, SupervisorSpec};
+use super::actor::{spawn_supervisor, SupervisorMsg};
+use super::registry::{join_path, Registered, Registry};
+use super::spec::{ChildSpec, SupervisorSpec};
+use super::status::ChildStatus;
 use super::SupervisorError;
 use crate::pool::Pool;
-
-/// What the registry knows at a path.
-#[derive(Clone)]
-pub(crate) enum Registered {
-    Pool(Pool),
-    Supervisor(ActorRef<SupervisorMsg>),
-}
-
-/// Paths of a tree (`"etl/loader"`) to the pools and supervisors running there now.
-pub(crate) type Registry = Arc<RwLock<HashMap<String, Registered>>>;
-
-/// The state of one child, as its supervisor sees it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum ChildState {
-    /// Started and running.
-    Running,
-    /// Exited; restarts after the delay.
-    Restarting {
-        /// Time until the restart.
-        next_in: Duration,
-    },
-    /// Exited normally and is not restarted (transient, temporary), or removed.
-    Stopped,
-    /// Exited abnormally and is not restarted (temporary).
-    Failed {
-        /// Why it exited.
-        reason: String,
-    },
-}
-
-/// One child of a supervisor.
-#[derive(Debug, Clone, serde::Serialize)]
-#[non_exhaustive]
-pub struct ChildStatus {
-    /// The child's id.
-    pub id: String,
-    /// Its path from the root (`"etl/loader"`).
-    pub path: String,
-    /// `pool`, `supervisor` or `actor`.
-    pub kind: &'static str,
-    /// Its state.
-    pub state: ChildState,
-    /// Restarts so far.
-    pub restarts: u32,
-    /// Its restart type.
-    pub restart: Restart,
-}
 
 /// A running supervisor (a whole tree when it is the root). Cheap to clone.
 ///
@@ -92,13 +43,6 @@ impl std::fmt::Debug for Tree {
     }
 }
 
-pub(crate) fn join_path(prefix: &str, id: &str) -> String {
-    if prefix.is_empty() {
-        id.to_string()
-    } else {
-        format!("{prefix}/{id}")
-    }
-}
 
 impl Tree {
     /// Start a tree: every child in declaration order. If one cannot start, the ones already
@@ -114,30 +58,14 @@ impl Tree {
         Self::start_inner(spec, Some(parent), String::new(), Registry::default()).await
     }
 
-    pub(crate) async fn start_inner(
+    async fn start_inner(
         spec: SupervisorSpec,
         parent: Option<ActorCell>,
         path: String,
         registry: Registry,
     ) -> Result<Tree, SupervisorError> {
-        let (tx, rx) = oneshot::channel();
-        let args = SupArgs { spec, path: path.clone(), registry: Arc::clone(&registry), startup: Some(tx) };
-        let spawned = match parent {
-            Some(p) => Actor::spawn_linked(None, SupervisorActor, args, p).await,
-            None => Actor::spawn(None, SupervisorActor, args).await,
-        };
-        let (actor, join) = spawned.map_err(|e| SupervisorError::NotRunning(e.to_string()))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(Tree { actor, registry, path, join: Arc::new(Mutex::new(Some(join))) }),
-            Ok(Err(e)) => {
-                let _ = join.await;
-                Err(e)
-            }
-            Err(_) => {
-                let _ = join.await;
-                Err(SupervisorError::NotRunning("the supervisor stopped while starting".into()))
-            }
-        }
+        let (actor, join) = spawn_supervisor(spec, parent, path.clone(), Arc::clone(&registry)).await?;
+        Ok(Tree { actor, registry, path, join: Arc::new(Mutex::new(Some(join))) })
     }
 
     /// The supervisor's actor (to link, monitor, or compare with supervision events).
@@ -164,7 +92,7 @@ impl Tree {
         let full = join_path(&self.path, path);
         match self.registry.read().ok()?.get(&full)? {
             Registered::Supervisor(a) => Some(Tree {
-                actor: a.clone(),
+                actor: ActorRef::from(a.clone()),
                 registry: Arc::clone(&self.registry),
                 path: full,
                 join: Arc::new(Mutex::new(None)),

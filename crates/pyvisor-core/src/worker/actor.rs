@@ -177,11 +177,7 @@ impl WorkerActorState {
         // Replies the worker wrote before it died are still in the socket: let the reader
         // deliver them (it ends at EOF once every holder of the socket is gone) before the
         // calls left are failed.
-        if let Some(r) = self.reader.as_mut() {
-            if tokio::time::timeout(Duration::from_secs(1), r).await.is_err() {
-                tracing::debug!(pool = %self.shared.name, worker = %self.slot.id, "reader did not reach EOF within 1 s");
-            }
-        }
+        drain_reader(&mut self.reader).await;
         // Let stderr drain so the tail holds the last words (e.g. an import traceback).
         if let Some(t) = self.stderr_task.as_mut() {
             let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
@@ -342,7 +338,17 @@ impl WorkerActorState {
             }
             Verdict::Recycle(reason) => (self.report)(WorkerReport::Recycle { id: self.slot.id, reason }),
         }
-        self.draining_until.is_some_and(|until| self.slot.in_flight() == 0 || now >= until)
+        // A drain ends when its calls are done or its time is up — unless the connection was
+        // lost meanwhile: that is a crash, which the exit will report.
+        self.slot.state() != WorkerState::Dead
+            && self.draining_until.is_some_and(|until| self.slot.in_flight() == 0 || now >= until)
+    }
+
+    /// What is left of the drain, but at least the shutdown grace: the worker's own exit
+    /// (interpreter teardown, flushing spans) gets as long as a shutdown gives it.
+    fn exit_grace(&self) -> Duration {
+        let left = self.draining_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
+        left.max(self.shared.spec.shutdown_grace)
     }
 }
 
@@ -579,7 +585,8 @@ impl Actor for WorkerActor {
             WorkerMsg::Tick => {
                 if st.tick().await {
                     st.stopping = true;
-                    shutdown_process(st, Duration::ZERO).await;
+                    let grace = st.exit_grace();
+                    shutdown_process(st, grace).await;
                     myself.stop(Some("recycled".into()));
                 }
             }
@@ -646,6 +653,8 @@ async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
     }
     st.armed.store(false, Ordering::SeqCst);
     st.slot.set_state(WorkerState::Dead);
+    // Replies written before the exit are still in the socket: deliver them first.
+    drain_reader(&mut st.reader).await;
     st.slot.close_and_fail(Failure::ShutDown);
     st.finalized = true;
     if let Some(w) = st.slot.writer() {
@@ -653,6 +662,17 @@ async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
     }
     if let Some(t) = st.stderr_task.as_mut() {
         let _ = tokio::time::timeout(Duration::from_millis(200), t).await;
+    }
+}
+
+/// Let the reader deliver what the worker wrote before it exited: it ends at EOF, once every
+/// holder of the socket is gone. Bounded (an escaped process could hold the socket open).
+async fn drain_reader(reader: &mut Option<JoinHandle<()>>) {
+    if let Some(mut r) = reader.take() {
+        if tokio::time::timeout(Duration::from_secs(1), &mut r).await.is_err() {
+            tracing::debug!("the worker's reader did not reach EOF within 1 s");
+            r.abort();
+        }
     }
 }
 
