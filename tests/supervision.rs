@@ -371,3 +371,37 @@ async fn a_handle_by_path_follows_restarts_of_its_pool() {
     let after = handle.call::<_, u32>("pid", &()).await;
     assert!(after.is_err(), "a stopped tree's pool takes no calls");
 }
+
+/// The handle also follows when the pool's own supervisor is restarted by its parent (a group
+/// restart stops and restarts the nested supervisor with its pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_by_path_follows_a_restart_of_its_supervisor() {
+    let log = Log::default();
+    let refs = Refs::default();
+    let tree = Tree::start(
+        SupervisorSpec::new("root", Strategy::OneForAll)
+            .child(ChildSpec::supervisor(
+                "s",
+                SupervisorSpec::new("s", Strategy::OneForOne).child(ChildSpec::pool("p", common::spec("basic.py").workers(1))),
+            ))
+            .child(probe("probe", &log, &refs)),
+    )
+    .await
+    .unwrap();
+    let handle = tree.pool("s/p").expect("pool by path");
+    let first: u32 = handle.call("pid", &()).await.unwrap();
+    // The probe fails: one_for_all stops the nested supervisor (and its pool) and restarts all.
+    send(&refs, "probe", ProbeMsg::Fail);
+    let mut moved = false;
+    for _ in 0..200 {
+        if let Ok(pid) = handle.call::<_, u32>("pid", &()).await {
+            if pid != first {
+                moved = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved, "the handle kept pointing at the stopped pool");
+    tree.shutdown().await;
+}
