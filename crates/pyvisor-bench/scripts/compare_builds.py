@@ -3,6 +3,9 @@
 
 Usage: compare_builds.py OLD_BENCH OLD_PYTHON NEW_BENCH NEW_PYTHON [ROUNDS]
 
+With PIN_CPU=N in the environment, every child (bench, workers, floor) runs on CPU N only
+(`taskset`): slower, but without the scheduler's placement lottery between rounds.
+
 Each round runs `pyvisor-bench --only sequential` once with the old build (and the old
 adapter's interpreter), then once with the new one, so both see the same machine state. Prints
 per-round figures and the medians: sequential p50 (µs; lower is better) and pipelined
@@ -21,8 +24,10 @@ import tempfile
 def run(bench: str, python: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
+    pin = os.environ.get("PIN_CPU")
+    prefix = ["taskset", "-c", pin] if pin else []
     subprocess.run(
-        [bench, "--only", "sequential", "--json", out, "--python", python],
+        [*prefix, bench, "--only", "sequential", "--json", out, "--python", python],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -63,6 +68,9 @@ def main() -> int:
     print(f"medians over {rounds} alternating rounds")
     print(f"sequential p50: old {seq_o:.1f} µs ({seq_ro:.2f}× floor), new {seq_n:.1f} µs ({seq_rn:.2f}× floor); new speed vs old {seq_o / seq_n:.2f}×")
     print(f"pipelined: old {pipe_o:.0f} calls/s ({pipe_ro:.2f}× floor), new {pipe_n:.0f} calls/s ({pipe_rn:.2f}× floor); new speed vs old {pipe_n / pipe_o:.2f}×")
+    paired_seq = statistics.median(o["seq"] / n["seq"] for o, n in zip(old, new))
+    paired_pipe = statistics.median(n["pipe"] / o["pipe"] for o, n in zip(old, new))
+    print(f"paired by round (median of new/old speed): sequential {paired_seq:.2f}×, pipelined {paired_pipe:.2f}×")
     return 0
 
 
