@@ -3,23 +3,11 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyvisor::{CallError, CallOptions, DeathCause, Pool, PoolEvent, RecyclePolicy};
 
-/// Events of a pool, collected for assertions.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<PoolEvent>>>);
-impl Events {
-    fn spec(&self, spec: pyvisor::PoolSpec) -> pyvisor::PoolSpec {
-        let me = self.clone();
-        spec.on_event(move |e| me.0.lock().unwrap().push(e.clone()))
-    }
-    fn recycled(&self) -> bool {
-        self.0.lock().unwrap().iter().any(|e| matches!(e, PoolEvent::Recycled { .. }))
-    }
-}
+use common::Events;
 
 /// A pool whose router is killed (as `Shutdown::Brutal` or a shutdown timeout does): calls
 /// pending without a timeout get a typed error instead of hanging, new calls are refused, and

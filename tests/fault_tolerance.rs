@@ -6,10 +6,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pyvisor::{CallError, CallOptions, ChaosAction, DeathCause, DeathCertificate, Pool, PoolEvent, RecyclePolicy, RecycleReason, WorkerState};
+use pyvisor::{CallError, CallOptions, ChaosAction, DeathCause, Pool, PoolEvent, RecyclePolicy, RecycleReason, WorkerState};
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pyvisor-{tag}-{}", std::process::id()));
@@ -18,24 +18,7 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// Events of a pool, collected for assertions.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<PoolEvent>>>);
-impl Events {
-    fn spec(&self, spec: pyvisor::PoolSpec) -> pyvisor::PoolSpec {
-        let me = self.clone();
-        spec.on_event(move |e| me.0.lock().unwrap().push(e.clone()))
-    }
-    fn deaths(&self) -> Vec<Arc<DeathCertificate>> {
-        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::WorkerDied { certificate } => Some(certificate.clone()), _ => None }).collect()
-    }
-    fn pids(&self) -> Vec<u32> {
-        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::WorkerSpawned { pid, .. } => Some(*pid), _ => None }).collect()
-    }
-    fn recycles(&self) -> Vec<RecycleReason> {
-        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::Recycled { reason, .. } => Some(reason.clone()), _ => None }).collect()
-    }
-}
+use common::Events;
 
 async fn wait_ready(pool: &Pool, n: usize, limit: Duration) -> bool {
     let start = std::time::Instant::now();

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use pyvisor::PoolSpec;
+use std::sync::{Arc, Mutex};
+
+use pyvisor::{DeathCertificate, PoolEvent, PoolSpec, RecycleReason};
 
 /// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
 pub fn python() -> PathBuf {
@@ -77,6 +79,28 @@ pub fn signal(pid: u32, sig: i32) {
 pub fn logs() {
     if std::env::var_os("PYVISOR_LOG").is_some() {
         std::mem::forget(pyvisor::telemetry::init());
+    }
+}
+
+/// Events of a pool, collected for assertions.
+#[derive(Clone, Default)]
+pub struct Events(pub Arc<Mutex<Vec<PoolEvent>>>);
+impl Events {
+    pub fn spec(&self, spec: pyvisor::PoolSpec) -> pyvisor::PoolSpec {
+        let me = self.clone();
+        spec.on_event(move |e| me.0.lock().unwrap().push(e.clone()))
+    }
+    pub fn deaths(&self) -> Vec<Arc<DeathCertificate>> {
+        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::WorkerDied { certificate } => Some(certificate.clone()), _ => None }).collect()
+    }
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::WorkerSpawned { pid, .. } => Some(*pid), _ => None }).collect()
+    }
+    pub fn recycled(&self) -> bool {
+        self.0.lock().unwrap().iter().any(|e| matches!(e, PoolEvent::Recycled { .. }))
+    }
+    pub fn recycles(&self) -> Vec<RecycleReason> {
+        self.0.lock().unwrap().iter().filter_map(|e| match e { PoolEvent::Recycled { reason, .. } => Some(reason.clone()), _ => None }).collect()
     }
 }
 

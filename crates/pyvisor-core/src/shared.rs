@@ -37,7 +37,7 @@ pub(crate) struct PoolShared {
     members: RwLock<Vec<Arc<WorkerSlot>>>,
 }
 
-/// Death certificates a pool keeps for [`Pool::death_certificates`].
+/// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
 pub const KEPT_CERTIFICATES: usize = 64;
 
 /// Counters of a pool's fault handling.

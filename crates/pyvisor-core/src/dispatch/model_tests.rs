@@ -159,7 +159,7 @@ impl<'d> World<'d> {
 
     fn arrive(&mut self, idempotent: bool) {
         let id = self.calls.len() as u64 + 1;
-        let barrier = CallBarrier::new(self.policy.clone(), idempotent);
+        let barrier = CallBarrier::new(self.policy, idempotent);
         self.calls.push(Call { id, idempotent, barrier, sends: 0, outcomes: 0, state: State::Done(End::Ok) });
         let i = self.calls.len() - 1;
         // The fast path is allowed only when nobody waits.

@@ -256,10 +256,8 @@ impl WorkerSlot {
             return false;
         }
         let was = self.held_by();
-        if was != id {
-            if was != 0 || self.held_by.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                return false;
-            }
+        if was != id && (was != 0 || self.held_by.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire).is_err()) {
+            return false;
         }
         if self.in_flight.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             return true;

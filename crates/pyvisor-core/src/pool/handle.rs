@@ -274,7 +274,7 @@ impl Pool {
         result
     }
 
-    /// The last death certificates of this pool's workers (up to [`KEPT_CERTIFICATES`]),
+    /// The last death certificates of this pool's workers (up to [`crate::KEPT_CERTIFICATES`]),
     /// oldest first.
     pub fn death_certificates(&self) -> Vec<Arc<DeathCertificate>> {
         self.inner().shared.deaths.lock().map(|d| d.iter().cloned().collect()).unwrap_or_default()

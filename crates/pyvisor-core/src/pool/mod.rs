@@ -1,8 +1,8 @@
 //! The pool as its users see it.
 //!
-//! - [`handle`]: [`Pool`] (cheap to clone): start, call, status, death certificates, chaos,
-//!   shutdown;
-//! - [`options`]: [`CallOptions`];
+//! - [`handle`]: the [`Pool`] handle, cheap to clone — start, call, status, death
+//!   certificates, chaos, shutdown;
+//! - [`options`]: the per-call [`CallOptions`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
 //!   barrier — with no actor on it.
 //!
