@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyvisor::{CallError, CallOptions, DeathCause, Pool, PoolEvent, RecyclePolicy};
@@ -214,5 +215,80 @@ async fn a_worker_whose_watchdog_died_is_recycled() {
     tokio::time::timeout(Duration::from_secs(60), calls).await.unwrap().unwrap();
     let now = pool.status().await.workers[0].pid.unwrap();
     assert_eq!(children_of(now).len(), 1, "the replacement has its watchdog");
+    pool.shutdown().await;
+}
+
+/// A call next to the culprit of a harakiri is innocent: the harakiri implicates only the call
+/// that overran, and the culprit (abandoned by its caller) still counts as in flight, so the
+/// neighbour was not alone. It is retried, never made a poison request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_neighbour_of_a_harakiri_is_not_poison() {
+    let pool = Pool::start(
+        common::spec("faults.py")
+            .workers(1)
+            .max_in_flight(4)
+            .taint_window(Duration::ZERO)
+            .poison_threshold(1)
+            .heartbeat_interval(Duration::from_millis(100))
+            .harakiri_grace(Some(Duration::from_millis(200))),
+    )
+    .await
+    .unwrap();
+    let innocent = {
+        let p = pool.clone();
+        tokio::spawn(async move { p.call_with::<_, f64>("async_wait", &2.0, CallOptions::new().idempotent(true).no_timeout()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let culprit = pool.call_with::<_, f64>("overrun", &30.0, CallOptions::new().timeout(Duration::from_millis(300))).await;
+    assert!(matches!(culprit, Err(CallError::Timeout { .. })), "{culprit:?}");
+    let r = tokio::time::timeout(Duration::from_secs(30), innocent).await.unwrap().unwrap();
+    assert_eq!(r.unwrap_or_else(|e| panic!("the innocent neighbour of a harakiri failed: {e}")), 2.0);
+    pool.shutdown().await;
+}
+
+/// Calls in flight at an external kill are not suspects: under load (`max_in_flight` > 1, so
+/// no worker is ever idle) their retries run like any call instead of waiting for an idle
+/// worker until the queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_after_an_external_kill_do_not_wait_for_an_idle_worker() {
+    let pool = Pool::start(
+        common::spec("faults.py")
+            .workers(2)
+            .max_in_flight(4)
+            .taint_window(Duration::ZERO)
+            .queue_timeout(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..12u64)
+        .map(|c| {
+            let (p, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = p.call_with::<_, f64>("nap", &0.02, CallOptions::new().idempotent(true).no_timeout()).await;
+                    if let Err(e) = r {
+                        failures.push(format!("caller {c}: {e}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let s = pool.status().await;
+        if let Some(pid) = s.workers.iter().find(|w| w.in_flight > 0).and_then(|w| w.pid) {
+            common::signal(pid, libc::SIGKILL);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in callers {
+        failures.extend(tokio::time::timeout(Duration::from_secs(30), c).await.unwrap().unwrap());
+    }
+    assert!(failures.is_empty(), "{} failed calls, e.g. {}", failures.len(), failures[0]);
     pool.shutdown().await;
 }

@@ -68,8 +68,15 @@ pub(crate) enum Verdict {
     Recycle(RecycleReason),
 }
 
-/// Judge `o` against `l` at `now`. Kills come before recycles.
+/// Judge `o` against `l` at `now`. Kills come before recycles; a measured memory over the hard
+/// limit comes first (a worker busy touching memory in C stops beating too, and the memory is
+/// the cause).
 pub(crate) fn judge(l: &Limits, o: &Observed, now: Instant) -> Verdict {
+    if let (Some(bytes), Some(limit)) = (o.memory, l.memory_hard) {
+        if bytes > limit {
+            return Verdict::MemoryHard { bytes, limit };
+        }
+    }
     if o.silent_for > l.hung_after {
         return Verdict::Hung { silent_for: o.silent_for };
     }
@@ -87,9 +94,6 @@ pub(crate) fn judge(l: &Limits, o: &Observed, now: Instant) -> Verdict {
         }
     }
     if let Some(bytes) = o.memory {
-        if let Some(limit) = l.memory_hard.filter(|l| bytes > *l) {
-            return Verdict::MemoryHard { bytes, limit };
-        }
         if !o.draining && l.memory_soft.is_some_and(|s| bytes > s) {
             return Verdict::Recycle(RecycleReason::MemorySoftLimit { bytes });
         }
@@ -150,6 +154,9 @@ mod tests {
     fn memory_and_recycling_thresholds() {
         let now = Instant::now();
         let o = Observed { memory: Some(250), ..Default::default() };
+        assert_eq!(judge(&limits(), &o, now), Verdict::MemoryHard { bytes: 250, limit: 200 });
+        // Silent because it is busy touching memory: the memory is the cause.
+        let o = Observed { memory: Some(250), silent_for: Duration::from_secs(9), ..Default::default() };
         assert_eq!(judge(&limits(), &o, now), Verdict::MemoryHard { bytes: 250, limit: 200 });
         let o = Observed { memory: Some(150), ..Default::default() };
         assert_eq!(judge(&limits(), &o, now), Verdict::Recycle(RecycleReason::MemorySoftLimit { bytes: 150 }));
