@@ -493,3 +493,43 @@ fn a_taint_window_ending_serves_waiters() {
     d.serve();
     assert_eq!(w.try_take().unwrap().unwrap().slot.id, WorkerId(2));
 }
+
+#[test]
+fn a_freed_unit_reaches_the_waiter_that_can_use_it_not_a_suspect_first_in_line() {
+    let d = Dispatcher::new();
+    let s = Arc::new(WorkerSlot::new(WorkerId(1), 0, 2, d.bell()));
+    s.set_state(WorkerState::Ready);
+    d.insert(Arc::clone(&s));
+    let a = d.try_now(Want::Any).unwrap().unwrap();
+    let b = d.try_now(Want::Any).unwrap().unwrap();
+    let mut suspect = d.enqueue(Want::Alone { call_id: 7 }, false, 10).unwrap();
+    let mut ordinary = d.enqueue(Want::Any, true, 10).unwrap();
+    // The only worker is held for the suspect (it must drain): the ordinary call waits…
+    drop(a);
+    assert!(suspect.try_take().is_none() && ordinary.try_take().is_none());
+    // …and once the suspect has run, the unit it frees reaches the ordinary call.
+    drop(b);
+    let alone = suspect.try_take().unwrap().unwrap();
+    drop(alone);
+    assert!(ordinary.try_take().unwrap().is_ok());
+
+    // With two workers, the suspect's hold never keeps the ordinary call from the other one.
+    let d = Dispatcher::new();
+    let w: Vec<_> = (1..=2)
+        .map(|i| {
+            let s = Arc::new(WorkerSlot::new(WorkerId(i), 0, 2, d.bell()));
+            s.set_state(WorkerState::Ready);
+            d.insert(Arc::clone(&s));
+            s
+        })
+        .collect();
+    let mut busy: Vec<_> = (0..4).map(|_| d.try_now(Want::Any).unwrap().unwrap()).collect();
+    let mut suspect = d.enqueue(Want::Alone { call_id: 7 }, false, 10).unwrap();
+    let mut ordinary = d.enqueue(Want::Any, true, 10).unwrap();
+    let held = w.iter().find(|s| s.held_by() == 7).expect("one worker held").id;
+    let i = busy.iter().position(|r| r.slot.id != held).unwrap();
+    drop(busy.remove(i));
+    assert!(suspect.try_take().is_none());
+    assert!(ordinary.try_take().unwrap().is_ok(), "the ordinary call takes the unit the suspect cannot use");
+    drop(busy);
+}
