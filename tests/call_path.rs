@@ -292,3 +292,33 @@ async fn retries_after_an_external_kill_do_not_wait_for_an_idle_worker() {
     assert!(failures.is_empty(), "{} failed calls, e.g. {}", failures.len(), failures[0]);
     pool.shutdown().await;
 }
+
+/// Only the first `hello` counts: a worker that sends another (here with another function
+/// table) is killed for a protocol error, the pool-wide function table is unchanged, and the
+/// pool recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_is_a_protocol_error() {
+    let pool = Pool::start(common::spec("raw_protocol.py").workers(1).taint_window(Duration::ZERO).env("RAW_MODE", "double_hello"))
+        .await
+        .unwrap();
+    let first = pool.status().await.workers[0].pid;
+    match pool.call::<_, u64>("echo", &1u64).await {
+        Err(CallError::WorkerCrashed { certificate, .. }) => {
+            assert!(matches!(&certificate.cause, DeathCause::ProtocolError(e) if e.contains("second hello")), "{certificate}");
+        }
+        other => panic!("expected WorkerCrashed for a protocol error, got {other:?}"),
+    }
+    let names: Vec<String> = pool.functions().into_iter().map(|f| f.name).collect();
+    assert_eq!(names, vec!["echo".to_string()], "the second hello must not change the function table");
+    let mut back = false;
+    for _ in 0..500 {
+        let s = pool.status().await;
+        if s.ready() == 1 && s.workers[0].pid != first {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the pool did not recover");
+    pool.shutdown().await;
+}

@@ -2,6 +2,7 @@
 
 RAW_MODE selects the misbehaviour:
 - ``batch_then_exit``: read ``RAW_BATCH`` calls, answer them all in one write, exit at once.
+- ``double_hello``: send a second hello (with another function table) on the first call.
 - ``deaf``: keep beating, but stop reading the socket after the first call (never answer it).
 """
 
@@ -61,15 +62,17 @@ def beats():
         time.sleep(interval)
 
 
-send([0, {
-    "protocol": config.protocol or 2,
-    "pid": os.getpid(),
-    "adapter": "raw",
-    "python": "3",
-    "functions": [
-        {"name": "echo", "idempotent": False, "kind": "inline", "threads": 0},
-    ],
-}])
+def hello(functions):
+    send([0, {
+        "protocol": config.protocol or 2,
+        "pid": os.getpid(),
+        "adapter": "raw",
+        "python": "3",
+        "functions": [{"name": f, "idempotent": False, "kind": "inline", "threads": 0} for f in functions],
+    }])
+
+
+hello(["echo"])
 threading.Thread(target=beats, daemon=True).start()
 
 batch = []
@@ -92,6 +95,8 @@ while True:
                 sock.sendall(out)
             os._exit(0)
         continue
+    if mode == "double_hello":
+        hello(["echo", "evil"])
     if mode == "deaf":
         # Beats go on; the socket is never read again.
         while True:

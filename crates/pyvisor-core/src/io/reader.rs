@@ -13,17 +13,17 @@ use tokio_util::codec::FramedRead;
 /// How reading ended.
 #[derive(Debug, Clone)]
 pub(crate) enum ReadEnd {
-    /// The worker closed its end (it exited, or closed the socket), or the sink stopped.
+    /// The worker closed its end (it exited, or closed the socket), or nobody listens any more.
     Eof,
     /// The worker broke the protocol; it must be killed.
     Protocol(String),
 }
 
 /// Read frames until EOF or a protocol error, handing each decoded message to `sink`; a sink
-/// that returns false stops the reading (as EOF).
+/// that returns an end stops the reading with it.
 pub(crate) async fn read_frames<F>(read: OwnedReadHalf, max_frame: usize, mut sink: F) -> ReadEnd
 where
-    F: FnMut(WorkerMessage) -> bool,
+    F: FnMut(WorkerMessage) -> Option<ReadEnd>,
 {
     let mut framed = FramedRead::with_capacity(read, frame_codec(max_frame), 64 * 1024);
     loop {
@@ -35,8 +35,8 @@ where
             Some(Err(_)) => return ReadEnd::Eof,
             Some(Ok(frame)) => match decode_worker_message(frame.freeze()) {
                 Ok(m) => {
-                    if !sink(m) {
-                        return ReadEnd::Eof;
+                    if let Some(end) = sink(m) {
+                        return end;
                     }
                 }
                 Err(e) => return ReadEnd::Protocol(e.to_string()),

@@ -378,29 +378,40 @@ impl Drop for WorkerActorState {
 }
 
 /// Where a worker's messages go: replies straight to their callers, beats and pongs to the
-/// slot, `hello` to the actor. A `refused` reply (the worker is going away and did not run the
-/// call) also stops routing to the worker. False: stop reading.
-fn deliver(slot: &WorkerSlot, shared: &PoolShared, actor: &ActorRef<WorkerMsg>, m: WorkerMessage) -> bool {
+/// slot, the first `hello` to the actor (another one is a protocol error: the function table
+/// is fixed by the first). A `refused` reply (the worker is going away and did not run the
+/// call) also stops routing to the worker. `Some`: stop reading.
+fn deliver(
+    slot: &WorkerSlot,
+    shared: &PoolShared,
+    actor: &ActorRef<WorkerMsg>,
+    hellos: &mut u32,
+    m: WorkerMessage,
+) -> Option<ReadEnd> {
     match m {
         WorkerMessage::Reply(r) => {
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
             }
             slot.complete(r.id, r.attempt, Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span });
-            true
         }
-        WorkerMessage::Beat(b) => {
-            slot.record_beat(b);
-            true
-        }
+        WorkerMessage::Beat(b) => slot.record_beat(b),
         WorkerMessage::Pong { nonce, beat } => {
             slot.record_beat(beat);
             slot.record_pong(nonce);
-            true
         }
-        WorkerMessage::Hello(h) => actor.cast(WorkerMsg::Hello(h)).is_ok(),
-        _ => true,
+        WorkerMessage::Hello(h) => {
+            *hellos += 1;
+            if *hellos > 1 {
+                return Some(ReadEnd::Protocol("a second hello (only the first one counts)".into()));
+            }
+            if actor.cast(WorkerMsg::Hello(h)).is_err() {
+                return Some(ReadEnd::Eof);
+            }
+        }
+        _ => {}
     }
+    None
 }
 
 impl Actor for WorkerActor {
@@ -506,7 +517,8 @@ impl Actor for WorkerActor {
         let (slot, shared, actor) = (Arc::clone(&st.slot), Arc::clone(&st.shared), myself.clone());
         let max_frame = spec.max_frame;
         st.reader = Some(tokio::spawn(async move {
-            let end = read_frames(read, max_frame, |m| deliver(&slot, &shared, &actor, m)).await;
+            let mut hellos = 0;
+            let end = read_frames(read, max_frame, |m| deliver(&slot, &shared, &actor, &mut hellos, m)).await;
             let _ = actor.cast(WorkerMsg::ConnectionLost(end));
         }));
         myself.send_after(spec.start_timeout, || WorkerMsg::StartTimeout);
