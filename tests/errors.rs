@@ -215,3 +215,33 @@ async fn import_failure_retries_with_growing_delays_then_fails_with_stderr_tail(
     assert!(gaps[3] > gaps[0], "gaps did not grow: {gaps:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Durations too long for the clock's arithmetic are typed configuration errors naming the
+/// field, never a panic later in a worker or a call; a per-call timeout that long means no
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_too_long_for_the_clock_are_errors_not_panics() {
+    use pyvisor::RecyclePolicy;
+    let cases: Vec<(&str, pyvisor::PoolSpec)> = vec![
+        ("ttl", common::spec("basic.py").recycle(RecyclePolicy::default().ttl(Duration::MAX))),
+        ("call_timeout", common::spec("basic.py").call_timeout(Some(Duration::MAX))),
+        ("queue_timeout", common::spec("basic.py").queue_timeout(Duration::MAX)),
+        ("heartbeat_interval", common::spec("basic.py").heartbeat_interval(Duration::from_secs(u64::MAX / 2))),
+        ("taint_window", common::spec("basic.py").taint_window(Duration::MAX)),
+        ("drain_timeout", common::spec("basic.py").recycle(RecyclePolicy::default().drain_timeout(Duration::MAX))),
+    ];
+    for (field, spec) in cases {
+        match Pool::start(spec).await {
+            Err(StartError::InvalidSpec(msg)) => assert!(msg.contains(field), "{field}: {msg}"),
+            Err(e) => panic!("{field}: expected InvalidSpec, got {e}"),
+            Ok(p) => {
+                p.shutdown().await;
+                panic!("{field}: a duration of centuries was accepted");
+            }
+        }
+    }
+    let pool = Pool::start(common::spec("basic.py").workers(1)).await.unwrap();
+    let v: i32 = pool.call_with("echo", &7, CallOptions::new().timeout(Duration::MAX)).await.unwrap();
+    assert_eq!(v, 7);
+    pool.shutdown().await;
+}

@@ -52,7 +52,7 @@ pub use shared::KEPT_CERTIFICATES;
 pub use process::{program_id, reap_orphans, run_id};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
-pub use spec::{PoolSpec, RecyclePolicy, Target, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
+pub use spec::{PoolSpec, RecyclePolicy, Target, MAX_DURATION, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
 pub use status::{PoolStatus, WorkerState, WorkerStatus};
 
 /// The wire protocol crate, re-exported.

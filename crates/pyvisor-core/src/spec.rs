@@ -53,6 +53,10 @@ pub const WORKER_MALLOC_TOP_PAD: usize = 16 << 20;
 /// ```
 pub const WORKER_MALLOC_MMAP_THRESHOLD: usize = 32 << 20;
 
+/// The longest duration any knob accepts (100 years): longer ones would overflow the
+/// deadlines computed from them.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Everything needed to start a pool. Build with [`PoolSpec::script`] or [`PoolSpec::module`].
 ///
 /// ```
@@ -397,6 +401,40 @@ impl PoolSpec {
     }
 
     /// Check the spec and the files it names; resolve the interpreter.
+    /// Every duration must fit the clock's arithmetic: at most [`MAX_DURATION`] (a longer one
+    /// would overflow a deadline computed from it, later, in a worker or a call).
+    fn check_durations(&self) -> Result<(), StartError> {
+        let r = &self.recycle;
+        let b = &self.start_backoff;
+        let hung = self.heartbeat_interval.checked_mul(self.heartbeat_max_missed).unwrap_or(Duration::MAX);
+        let fields: [(&str, Option<Duration>); 15] = [
+            ("queue_timeout", Some(self.queue_timeout)),
+            ("call_timeout", self.call_timeout),
+            ("start_timeout", Some(self.start_timeout)),
+            ("max_start_failures period", Some(self.start_failure_period)),
+            ("heartbeat_interval × heartbeat_max_missed", Some(hung)),
+            ("shutdown grace", Some(self.shutdown_grace)),
+            ("sigterm wait", Some(self.sigterm_wait)),
+            ("taint_window", Some(self.taint_window)),
+            ("quarantine_window", Some(self.quarantine_window)),
+            ("harakiri_grace", self.harakiri_grace),
+            ("recycle ttl (with its jitter)", r.ttl.map(|t| Duration::try_from_secs_f64(t.as_secs_f64() * (1.0 + r.jitter)).unwrap_or(Duration::MAX))),
+            ("recycle drain_timeout", Some(r.drain_timeout)),
+            ("start backoff base", Some(b.base)),
+            ("start backoff cap", Some(b.cap)),
+            ("heartbeat_interval", Some(self.heartbeat_interval)),
+        ];
+        for (field, d) in fields {
+            if let Some(d) = d.filter(|d| *d > MAX_DURATION) {
+                return Err(StartError::InvalidSpec(format!(
+                    "{field} is too long: {d:?} (at most {} days)",
+                    MAX_DURATION.as_secs() / 86_400
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn validate(&self) -> Result<PathBuf, StartError> {
         if self.workers == 0 {
             return Err(StartError::InvalidSpec("workers must be at least 1".into()));
@@ -427,6 +465,7 @@ impl PoolSpec {
         if self.heartbeat_interval.is_zero() {
             return Err(StartError::InvalidSpec("heartbeat_interval must be positive".into()));
         }
+        self.check_durations()?;
         let cwd = match &self.cwd {
             Some(d) if !d.is_dir() => {
                 return Err(StartError::InvalidSpec(format!(

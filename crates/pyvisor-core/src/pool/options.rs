@@ -29,7 +29,8 @@ impl CallOptions {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Fail with `Timeout` after `d` (instead of the pool's call timeout).
+    /// Fail with `Timeout` after `d` (instead of the pool's call timeout). A `d` too long for
+    /// the clock (e.g. `Duration::MAX`) means no deadline.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
@@ -70,7 +71,8 @@ impl CallOptions {
         match (self.deadline, self.no_timeout) {
             (Some(d), _) => Some(d),
             (None, true) => None,
-            (None, false) => self.timeout.or(pool_timeout).map(|t| called + t),
+            // A timeout too long for the clock is no deadline at all.
+            (None, false) => self.timeout.or(pool_timeout).and_then(|t| called.checked_add(t)),
         }
     }
     pub(crate) fn traceparent_str(&self) -> Option<&str> {
