@@ -3,6 +3,7 @@
 import asyncio
 import ctypes
 import os
+import sys
 import time
 
 from pyvisor_worker import Context, chaos, expose, run_worker, tracer
@@ -112,6 +113,18 @@ def traced(x):
     if x == "fail":
         raise ValueError("asked to fail")
     return x
+
+
+@expose
+def long_line(mib):
+    """Hostile output: `mib` MiB on stderr without a line ending, then one, then `after`."""
+    chunk = b"x" * (1 << 20)
+    out = sys.stderr.buffer
+    for _ in range(mib):
+        out.write(chunk)
+    out.write(b"\nafter\n")
+    out.flush()
+    return mib
 
 
 @expose

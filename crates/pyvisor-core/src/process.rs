@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -26,6 +26,10 @@ use crate::spec::{PoolSpec, Target, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_
 pub(crate) const STDERR_TAIL_LINES: usize = 40;
 /// Longest line kept (longer lines are cut).
 const MAX_LINE: usize = 16 * 1024;
+/// Bytes of a stack capture (the lines a hung worker dumps) kept at most.
+pub(crate) const MAX_CAPTURE: usize = 256 * 1024;
+/// Bytes read from a worker's stdout or stderr at a time.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// A spawned worker process: the child, the parent's socket end, and its stdio.
 pub(crate) struct Spawned {
@@ -229,18 +233,32 @@ pub(crate) async fn spawn_worker(
     Ok(Spawned { child, pid, socket: parent_end })
 }
 
-/// The last lines a worker wrote to stderr.
+/// The last lines a worker wrote to stderr, and — while a hang is being diagnosed — the lines
+/// of its stack dump. Both bounded: [`STDERR_TAIL_LINES`] lines of at most `MAX_LINE` bytes,
+/// and [`MAX_CAPTURE`] bytes of capture (the rest is dropped and the capture says so).
 #[derive(Debug, Default)]
 pub(crate) struct StderrTail {
     lines: Mutex<VecDeque<String>>,
-    capture: Mutex<Option<Vec<String>>>,
+    capture: Mutex<Option<Capture>>,
+}
+
+#[derive(Debug, Default)]
+struct Capture {
+    lines: Vec<String>,
+    bytes: usize,
+    dropped: usize,
 }
 
 impl StderrTail {
     fn push(&self, line: String) {
         if let Ok(mut c) = self.capture.lock() {
             if let Some(c) = c.as_mut() {
-                c.push(line.clone());
+                if c.bytes + line.len() <= MAX_CAPTURE {
+                    c.bytes += line.len();
+                    c.lines.push(line.clone());
+                } else {
+                    c.dropped += 1;
+                }
             }
         }
         if let Ok(mut l) = self.lines.lock() {
@@ -250,19 +268,24 @@ impl StderrTail {
             l.push_back(line);
         }
     }
-    /// Start keeping every line (e.g. a stack dump longer than the tail).
+    /// Start keeping every line (e.g. a stack dump longer than the tail), up to `MAX_CAPTURE`.
     pub(crate) fn start_capture(&self) {
         if let Ok(mut c) = self.capture.lock() {
-            *c = Some(Vec::new());
+            *c = Some(Capture::default());
         }
     }
-    /// The lines seen since `start_capture` (capture goes on).
-    pub(crate) fn captured(&self) -> Vec<String> {
-        self.capture.lock().ok().and_then(|c| c.clone()).unwrap_or_default()
+    /// How many lines were seen since `start_capture` (kept or dropped).
+    pub(crate) fn captured_lines(&self) -> usize {
+        self.capture.lock().ok().and_then(|c| c.as_ref().map(|c| c.lines.len() + c.dropped)).unwrap_or(0)
     }
     /// Stop capturing and return what was captured.
     pub(crate) fn take_capture(&self) -> Vec<String> {
-        self.capture.lock().ok().and_then(|mut c| c.take()).unwrap_or_default()
+        let Some(c) = self.capture.lock().ok().and_then(|mut c| c.take()) else { return Vec::new() };
+        let mut lines = c.lines;
+        if c.dropped > 0 {
+            lines.push(format!("[pyvisor: {} more line(s) dropped: the capture keeps {MAX_CAPTURE} bytes]", c.dropped));
+        }
+        lines
     }
     pub(crate) fn snapshot(&self) -> Vec<String> {
         self.lines.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
@@ -276,28 +299,78 @@ pub(crate) enum Stream {
     Stderr,
 }
 
-/// Forward a worker's stdout or stderr into `tracing`, line by line, tagged with the worker.
-/// Returns when the pipe closes.
+/// Splits a byte stream into lines, keeping at most `max` bytes of each: the cap holds while
+/// the bytes arrive (an over-long line costs `max` bytes, not its length), and a cut line says
+/// how much was cut.
+#[derive(Debug)]
+pub(crate) struct LineCutter {
+    max: usize,
+    line: Vec<u8>,
+    cut: usize,
+}
+
+impl LineCutter {
+    pub(crate) fn new(max: usize) -> Self {
+        LineCutter { max, line: Vec::new(), cut: 0 }
+    }
+
+    /// Feed bytes; `emit` gets every completed line (without its line ending).
+    pub(crate) fn push(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(String)) {
+        while !bytes.is_empty() {
+            let (part, done) = match bytes.iter().position(|b| *b == b'\n') {
+                Some(i) => (&bytes[..i], Some(i + 1)),
+                None => (bytes, None),
+            };
+            let room = self.max.saturating_sub(self.line.len());
+            let keep = part.len().min(room);
+            self.line.extend_from_slice(&part[..keep]);
+            self.cut += part.len() - keep;
+            match done {
+                Some(n) => {
+                    emit(self.take());
+                    bytes = &bytes[n..];
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The stream ended: the last line, if it had no line ending.
+    pub(crate) fn finish(&mut self, emit: &mut impl FnMut(String)) {
+        if !self.line.is_empty() || self.cut > 0 {
+            emit(self.take());
+        }
+    }
+
+    fn take(&mut self) -> String {
+        while self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        let mut text = String::from_utf8_lossy(&self.line).into_owned();
+        if self.cut > 0 {
+            text.push_str(&format!(" [pyvisor: line cut, {} more bytes]", self.cut));
+        }
+        self.line.clear();
+        if self.line.capacity() > self.max.min(4096) {
+            self.line.shrink_to(256);
+        }
+        self.cut = 0;
+        text
+    }
+}
+
+/// Forward a worker's stdout or stderr into `tracing`, line by line, tagged with the worker;
+/// lines longer than `MAX_LINE` bytes are cut as they arrive. Returns when the pipe closes.
 pub(crate) async fn forward_lines<R: AsyncRead + Unpin>(
-    pipe: R,
+    mut pipe: R,
     stream: Stream,
     pool: Arc<str>,
     worker: WorkerId,
     tail: Option<Arc<StderrTail>>,
 ) {
-    let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::with_capacity(256);
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            buf.pop();
-        }
-        buf.truncate(MAX_LINE);
-        let line = String::from_utf8_lossy(&buf).into_owned();
+    let mut cutter = LineCutter::new(MAX_LINE);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut emit = |line: String| {
         match stream {
             Stream::Stdout => {
                 tracing::info!(target: "pyvisor::worker::stdout", pool = %pool, worker = %worker, "{line}")
@@ -309,6 +382,63 @@ pub(crate) async fn forward_lines<R: AsyncRead + Unpin>(
         if let Some(t) = &tail {
             t.push(line);
         }
+    };
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => cutter.push(&chunk[..n], &mut emit),
+        }
+    }
+    cutter.finish(&mut emit);
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    fn lines(max: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut c = LineCutter::new(max);
+        let mut out = Vec::new();
+        let mut emit = |l: String| out.push(l);
+        for ch in chunks {
+            c.push(ch, &mut emit);
+        }
+        c.finish(&mut emit);
+        out
+    }
+
+    #[test]
+    fn lines_split_across_chunks_and_endings() {
+        assert_eq!(lines(100, &[b"ab", b"c\nde\r\n", b"f"]), vec!["abc", "de", "f"]);
+        assert_eq!(lines(100, &[b"\n\n"]), vec!["", ""]);
+        assert!(lines(100, &[]).is_empty());
+    }
+
+    #[test]
+    fn an_over_long_line_is_cut_while_it_arrives_and_says_so() {
+        let mut c = LineCutter::new(8);
+        let mut out = Vec::new();
+        let mut emit = |l: String| out.push(l);
+        for _ in 0..1000 {
+            c.push(&[b'x'; 1000], &mut emit);
+            assert!(c.line.len() <= 8 && c.line.capacity() <= 1024, "the cap holds while the bytes arrive");
+        }
+        c.push(b"\nafter\n", &mut emit);
+        assert_eq!(out, vec![format!("xxxxxxxx [pyvisor: line cut, {} more bytes]", 1_000_000 - 8), "after".to_string()]);
+    }
+
+    #[test]
+    fn a_stack_capture_is_bounded() {
+        let t = StderrTail::default();
+        t.start_capture();
+        for _ in 0..1000 {
+            t.push("y".repeat(1024));
+        }
+        assert_eq!(t.captured_lines(), 1000);
+        let got = t.take_capture();
+        assert!(got.iter().map(String::len).sum::<usize>() <= MAX_CAPTURE + 200);
+        assert!(got.last().unwrap().contains("dropped"));
+        assert_eq!(t.snapshot().len(), STDERR_TAIL_LINES);
     }
 }
 

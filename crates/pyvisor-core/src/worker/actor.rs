@@ -224,7 +224,7 @@ impl WorkerActorState {
         let mut quiet_since = Instant::now();
         while start.elapsed() < Duration::from_millis(800) {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let n = self.stderr.captured().len();
+            let n = self.stderr.captured_lines();
             if n != last_len {
                 last_len = n;
                 quiet_since = Instant::now();
