@@ -20,6 +20,12 @@
 //! - `pool`: the pool handle and the path of one call;
 //! - `supervisor`: supervision trees of pools and user actors.
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pyvisor supports Linux only: it relies on PR_SET_PDEATHSIG, process groups, pidfds and /proc \
+     (see the README's Platform line)"
+);
+
 mod backoff;
 mod barrier;
 mod chaos;
