@@ -6,7 +6,9 @@ Owns :meth:`Dispatcher.dispatch_frames`: it splits the bytes the reader received
 through the route table (built once, at start, from ``_executors.make_executors``: the only
 place where execution kinds are told apart), or answered at once (unknown function, shutting
 down). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
-``shutdown`` goes to the control thread; anything else is a protocol error.
+``shutdown`` goes to the control thread. Every field of these messages is type-checked as
+docs/protocol.md says; a mistyped field, a ``call`` whose id the worker already holds, or
+anything else is a protocol error (the call never runs).
 
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
@@ -81,14 +83,28 @@ class Dispatcher:
             if type(msg) is not list or not msg:
                 protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
             if msg[0] == MSG_CALL and len(msg) == 8:
-                _, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
+                kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
+                # Every field as docs/protocol.md types it. A decoded integer always fits in
+                # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
+                # int`` also rules out bool (True == 1) and floats (a ``kind`` of 1.0).
                 if (
                     type(call_id) is not int
+                    or call_id < 0
                     or type(attempt) is not int
+                    or attempt < 1
+                    or attempt > 0xFFFFFFFF
                     or type(name) is not str
-                    or (deadline_ms is not None and type(deadline_ms) is not int)
+                    or (
+                        deadline_ms is not None
+                        and (type(deadline_ms) is not int or deadline_ms < 0)
+                    )
+                    or (traceparent is not None and type(traceparent) is not str)
+                    or (tracestate is not None and type(tracestate) is not str)
+                    or type(kind) is not int
                 ):
                     protocol_error(f"malformed call: {msg[:7]!r:.300}")
+                if call_id in calls:
+                    protocol_error(f"duplicate call id {call_id}: the worker already holds it")
                 route = routes.get(name)
                 if route is None:
                     out.append(
@@ -110,18 +126,23 @@ class Dispatcher:
 
     def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
         kind = msg[0]
+        if type(kind) is not int:
+            protocol_error(f"unexpected message: {msg!r:.200}")
         if kind == MSG_CANCEL and len(msg) >= 2:
-            try:
-                call = self._calls.get(msg[1])
-            except TypeError:
+            call_id = msg[1]
+            if type(call_id) is not int or call_id < 0:
                 protocol_error(f"malformed cancel: {msg!r:.200}")
+            call = self._calls.get(call_id)
             if call is not None:
                 call._cancelled = True
                 if self._routes[call._spec.name][2].cancel(call):
                     out.append(cancelled_frame(call, pack, self._max_frame))
                     self._calls.pop(call._call_id, None)
         elif kind == MSG_PING and len(msg) >= 2:
-            out.append(self._control.beat_frame(MSG_PONG, msg[1], pack))
+            nonce = msg[1]
+            if type(nonce) is not int or nonce < 0:
+                protocol_error(f"malformed ping: {msg!r:.200}")
+            out.append(self._control.beat_frame(MSG_PONG, nonce, pack))
         elif kind == MSG_SHUTDOWN and len(msg) >= 2:
             grace_ms = msg[1]
             if grace_ms is None:
