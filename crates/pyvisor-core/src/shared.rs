@@ -9,11 +9,11 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use pyvisor_protocol::FunctionInfo;
-use tokio::time::Instant;
 
-use crate::barrier::quarantine::{Quarantine, QUARANTINE_CAP};
+use crate::barrier::quarantine::{Quarantine, Quarantined, QUARANTINE_CAP};
 use crate::death::{DeathCertificate, WorkerId};
 use crate::dispatch::{Dispatcher, WorkerSlot};
 use crate::error::{CallError, StartError};
@@ -51,38 +51,32 @@ pub(crate) struct PoolStats {
 
 /// The pool's quarantine: the crash barrier's [`Quarantine`] value behind a lock, with a
 /// lock-free "is anything quarantined" check for the call path.
-#[derive(Default)]
 pub(crate) struct SharedQuarantine {
     active: AtomicU64,
-    inner: Mutex<Option<Quarantine>>,
+    inner: Mutex<Quarantine>,
 }
 
 impl SharedQuarantine {
+    fn new() -> Self {
+        SharedQuarantine { active: AtomicU64::new(0), inner: Mutex::new(Quarantine::new(QUARANTINE_CAP)) }
+    }
     /// Whether any fingerprint may be quarantined (one atomic load).
     pub(crate) fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire) > 0
     }
     pub(crate) fn insert(&self, fp: u64, until: Instant, certificates: Vec<Arc<DeathCertificate>>) {
-        if let Ok(mut g) = self.inner.lock() {
-            let q = g.get_or_insert_with(|| Quarantine::new(QUARANTINE_CAP));
-            q.insert(fp, until.into_std(), certificates);
-            self.active.store(q.len(std::time::Instant::now()) as u64, Ordering::Release);
+        if let Ok(mut q) = self.inner.lock() {
+            q.insert(fp, until, certificates);
+            self.active.store(q.len(Instant::now()) as u64, Ordering::Release);
         }
     }
     pub(crate) fn get(&self, fp: u64) -> Option<Quarantined> {
-        let mut g = self.inner.lock().ok()?;
-        let q = g.as_mut()?;
-        let now = std::time::Instant::now();
+        let mut q = self.inner.lock().ok()?;
+        let now = Instant::now();
         let found = q.get(fp, now);
         self.active.store(q.len(now) as u64, Ordering::Release);
-        found.map(|f| Quarantined { until: Instant::from_std(f.until), certificates: f.certificates })
+        found
     }
-}
-
-/// A quarantined fingerprint, as the call path reports it.
-pub(crate) struct Quarantined {
-    pub until: Instant,
-    pub certificates: Vec<Arc<DeathCertificate>>,
 }
 
 impl PoolShared {
@@ -96,7 +90,7 @@ impl PoolShared {
             next_worker_id: AtomicU64::new(1),
             functions: RwLock::new(None),
             failed: Mutex::new(None),
-            quarantine: SharedQuarantine::default(),
+            quarantine: SharedQuarantine::new(),
             stats: PoolStats::default(),
             deaths: Mutex::new(VecDeque::new()),
             members: RwLock::new(Vec::new()),

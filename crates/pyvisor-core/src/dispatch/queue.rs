@@ -225,8 +225,9 @@ impl Dispatcher {
         pick_normal(&preferred(&slots), true).map(|s| Ok(Reservation::new(s, 0)))
     }
 
-    /// Reserve a worker as `want` says, waiting in line until `until`. First attempts count
-    /// toward `max_queue`; retries (admitted already) do not.
+    /// Reserve a worker as `want` says, waiting in line until `until` (for a call that
+    /// [`Dispatcher::try_now`] could not serve at once; joining the line serves it at once if
+    /// it can be). First attempts count toward `max_queue`; retries (admitted already) do not.
     pub(crate) async fn acquire(
         &self,
         want: Want,
@@ -234,9 +235,6 @@ impl Dispatcher {
         max_queue: usize,
         until: Instant,
     ) -> Result<Reservation, QueueExit> {
-        if let Some(now) = self.try_now(want) {
-            return now;
-        }
         let mut ticket = self.enqueue(want, first, max_queue)?;
         match tokio::time::timeout_at(until, &mut ticket.rx).await {
             Ok(Ok(r)) => {

@@ -173,12 +173,12 @@ impl WorkerSlot {
     pub(crate) fn is_ready(&self) -> bool {
         self.state.load(Ordering::Acquire) == WorkerState::Ready.as_u8()
     }
-    /// Set the state; becoming ready rings the bell (waiters may use the worker now).
+    /// Set the state. (Becoming ready rings nothing: a worker is routable only once the router
+    /// inserts it into the dispatcher, which serves waiters then.)
     pub(crate) fn set_state(&self, s: WorkerState) {
         self.state.store(s.as_u8(), Ordering::Release);
         if s == WorkerState::Ready {
             self.became_ready.store(true, Ordering::Release);
-            self.bell.ring();
         }
     }
     /// Whether the worker has been ready (sent `hello`) at some point.

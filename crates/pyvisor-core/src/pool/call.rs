@@ -100,7 +100,7 @@ fn admit<'a>(
             return Err(CallError::PoisonRequest {
                 function: function.to_string(),
                 certificates: q.certificates,
-                quarantined_for: q.until.saturating_duration_since(Instant::now()),
+                quarantined_for: q.until.saturating_duration_since(std::time::Instant::now()),
                 refused: true,
             });
         }
@@ -281,7 +281,7 @@ fn poisoned(
     certificates: &[Arc<DeathCertificate>],
 ) -> CallError {
     let spec = &shared.spec;
-    let until = Instant::now() + spec.quarantine_window;
+    let until = std::time::Instant::now() + spec.quarantine_window;
     shared.quarantine.insert(fingerprint(function, payload), until, certificates.to_vec());
     shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
     tracing::error!(pool = %shared.name, function, attempts = attempt, "poison request quarantined");

@@ -226,16 +226,19 @@ impl Pool {
     /// Call with an already-encoded MessagePack payload; returns the encoded result.
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
         let mut inner = self.inner();
+        if !self.cell.follows {
+            return Self::call_on(&inner, function, payload, &opts, &mut 0).await;
+        }
+        // A handle got by path follows restarts: a call that found its pool closed and was
+        // never sent waits for the replacement (up to the queue timeout and its own deadline,
+        // both counted from the call), then goes there.
         let called = Instant::now();
         let mut followed: Option<CallOptions> = None;
         loop {
             let mut attempts = 0;
             let result = Self::call_on(&inner, function, payload, followed.as_ref().unwrap_or(&opts), &mut attempts).await;
-            // A handle got by path follows restarts: a call that found its pool closed and was
-            // never sent waits for the replacement (up to the queue timeout and its own
-            // deadline, both counted from the call), then goes there.
             let closed = matches!(result, Err(CallError::ShutDown { .. } | CallError::PoolFailed { .. }));
-            if !(self.cell.follows && closed && attempts == 0) {
+            if !(closed && attempts == 0) {
                 return result;
             }
             let spec = &inner.shared.spec;
