@@ -245,3 +245,35 @@ async fn durations_too_long_for_the_clock_are_errors_not_panics() {
     assert_eq!(v, 7);
     pool.shutdown().await;
 }
+
+/// The same for supervisors: a duration too long for the clock is a typed error naming the
+/// supervisor and the field, at start or when a child is added — never a panic in a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervisor_durations_too_long_are_errors_not_panics() {
+    use pyvisor::supervisor::{ChildSpec, Shutdown, Strategy, SupervisorError, SupervisorSpec, Tree};
+    use pyvisor::Backoff;
+    let pool = || ChildSpec::pool("p", common::spec("basic.py").workers(1));
+    let root = || SupervisorSpec::new("root", Strategy::OneForOne);
+    let cases: Vec<(&str, SupervisorSpec)> = vec![
+        ("intensity period", root().intensity(3, Duration::MAX).child(pool())),
+        ("healthy_period", root().healthy_period(Duration::MAX).child(pool())),
+        ("backoff cap", root().backoff(Backoff::default().cap(Duration::MAX)).child(pool())),
+        ("shutdown timeout of child `p`", root().child(pool().shutdown(Shutdown::Timeout(Duration::MAX)))),
+        ("supervisor `inner`: healthy_period", root().child(ChildSpec::supervisor("inner", SupervisorSpec::new("inner", Strategy::OneForOne).healthy_period(Duration::MAX)))),
+    ];
+    for (field, spec) in cases {
+        match Tree::start(spec).await {
+            Err(e) => assert!(e.to_string().contains(field), "{field}: {e}"),
+            Ok(t) => {
+                t.shutdown().await;
+                panic!("{field}: a duration of centuries was accepted");
+            }
+        }
+    }
+    let tree = Tree::start(root()).await.expect("an empty tree starts");
+    match tree.add_child(pool().shutdown(Shutdown::Timeout(Duration::MAX))).await {
+        Err(SupervisorError::InvalidSpec(msg)) => assert!(msg.contains("shutdown timeout"), "{msg}"),
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    }
+    tree.shutdown().await;
+}

@@ -6,7 +6,9 @@ the frames in them; a plain (inline) call is run by the thread that read it: onc
 plain calls to execute, it releases ``_read_lock`` and drains the inline executor's queue in
 arrival order, then tries to read again. The other thread is a *sentinel* that never blocks on
 ``_read_lock``: it polls every ``TICK`` and takes the socket over only when plain calls have
-been executing for longer than ``TICK``. A fast call therefore costs no thread switch, and
+been executing for longer than ``TICK``; while no plain call executes it sleeps on an event
+the reading thread sets when a run of plain calls begins, so an idle worker does not wake
+every ``TICK``. A fast call therefore costs no thread switch, and
 while a slow one runs, ``cancel``, ``ping`` and async/threaded calls are still seen within a few
 milliseconds. A thread that finished draining and finds ``_read_lock`` taken becomes the
 sentinel.
@@ -51,6 +53,9 @@ class Reader:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        #: Set when a run of plain calls begins while the sentinel sleeps (``_idle``).
+        self._wake = threading.Event()
+        self._idle = False
 
     def serve(self) -> None:
         """A serving thread's body: read (or watch), then execute the plain calls read."""
@@ -72,7 +77,17 @@ class Reader:
         sleep = time.sleep
         inline = self._inline
         acquire = self._read_lock.acquire
+        wake = self._wake
         while True:
+            if not inline.executing:
+                # Nothing to watch: sleep until a run of plain calls begins. The flag is up
+                # before `executing` is looked at again, so a run that begins meanwhile either
+                # is seen here or sets the event.
+                wake.clear()
+                self._idle = True
+                if not inline.executing:
+                    wake.wait()
+                self._idle = False
             sleep(TICK)
             if inline.executing and _monotonic() - inline.session_start >= TICK:
                 self._try_flush()  # replies of calls that finished before the slow one
@@ -127,4 +142,6 @@ class Reader:
                     if not inline.executing:
                         inline.executing = True
                         inline.session_start = _monotonic()
+                        if self._idle:
+                            self._wake.set()
                         return

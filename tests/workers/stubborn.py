@@ -3,6 +3,7 @@ starts a subprocess of its own."""
 
 import signal
 import subprocess
+import sys
 import time
 
 from pyvisor_worker import expose, run_worker
@@ -10,6 +11,11 @@ from pyvisor_worker import expose, run_worker
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 _children = []
+
+
+@expose
+def echo(x):
+    return x
 
 
 @expose
@@ -24,6 +30,24 @@ def spawn_child(_):
 def detach(_):
     """A subprocess in its own session: out of reach of the process group."""
     p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    _children.append(p)
+    return p.pid
+
+
+_STUBBORN = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ok', flush=True)\n"
+    "time.sleep(1000)\n"
+)
+
+
+@expose
+def detach_stubborn(_):
+    """A grandchild that leaves the worker's session (setsid) and ignores SIGTERM."""
+    p = subprocess.Popen([sys.executable, "-c", _STUBBORN], start_new_session=True, stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    p.stdout.readline()  # its SIGTERM handler is in place
     _children.append(p)
     return p.pid
 

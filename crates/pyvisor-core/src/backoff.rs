@@ -83,7 +83,8 @@ impl Backoff {
             Jitter::Full => rand::random_range(0.0..=capped),
             Jitter::Equal => rand::random_range(capped / 2.0..=capped),
         };
-        Duration::from_secs_f64(secs)
+        // Saturates: a cap beyond what a `Duration` holds is "forever", never a panic.
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
     }
 }
 

@@ -69,17 +69,15 @@ impl Chaos {
     }
 
     fn signal(&self, worker: Option<WorkerId>, sig: i32) -> Option<u32> {
-        let ready = self.ready_workers();
-        let pid = match worker {
-            Some(w) => ready.iter().find(|(id, _)| *id == w)?.1,
+        let ready: Vec<_> = self.ready().into_iter().filter(|s| s.process().is_some()).collect();
+        let slot = match worker {
+            Some(w) => ready.iter().find(|s| s.id == w)?,
             None if ready.is_empty() => return None,
-            None => ready[rand::random_range(0..ready.len())].1,
+            None => &ready[rand::random_range(0..ready.len())],
         };
-        // SAFETY: plain syscall.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-        Some(pid)
+        // Through the pidfd: a worker that died meanwhile is not replaced by whoever got its pid.
+        let process = slot.process()?;
+        process.signal(sig).ok().filter(|sent| *sent).map(|_| process.pid())
     }
 
     /// SIGKILL a ready worker (`None`: a random one). Returns its pid.

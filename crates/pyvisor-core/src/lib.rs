@@ -9,11 +9,13 @@
 //!   `status` (what users see);
 //! - `barrier`: the crash barrier's policies (start failures, retry and poison, quarantine) as
 //!   pure values with an injected clock;
+//! - `os`: pidfds, `/proc`, the run's markers, and a worker's process family (every signal
+//!   pyvisor sends and every process it reaps);
 //! - `io`: the socket with one worker (reader, writer), without knowledge of calls;
 //! - `dispatch`: how a call gets a worker (slots, picking, the fair queue);
 //! - `shared`: the state a pool's handles, router and workers share;
 //! - `observe`: spans, metrics and the telemetry set-up;
-//! - `process`: spawning, stdio, process groups, orphans;
+//! - `process`: spawning and stdio;
 //! - `worker`: the worker actor (one process) and its health verdicts;
 //! - `router`: the pool router actor (membership, the routing table, restarts, recycling);
 //! - `chaos`: fault injection (below `pool`, which hands it out);
@@ -36,6 +38,7 @@ mod error;
 mod events;
 mod io;
 mod observe;
+mod os;
 mod pool;
 mod process;
 mod python;
@@ -55,7 +58,7 @@ pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
 pub use pool::{CallOptions, Pool};
 pub use shared::KEPT_CERTIFICATES;
-pub use process::{program_id, reap_orphans, run_id};
+pub use os::markers::{program_id, reap_orphans, run_id, set_child_subreaper};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
 pub use spec::{PoolSpec, RecyclePolicy, Target, MAX_DURATION, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};

@@ -1,25 +1,31 @@
 //! Spawning one Python worker process and watching its stdio.
 //!
-//! Owns: the socketpair, the `Command` (own process group, parent-death signal, kill on drop,
-//! the inherited fd), the dedicated spawner thread, stdout/stderr forwarding into `tracing`,
-//! the stderr tail, and killing a process group. It does not interpret the protocol
-//! (see [`crate::io`]) or decide on restarts (see [`crate::router`]).
+//! Owns: the socketpair, the `Command` (own process group, parent-death signal, the inherited
+//! fd, the markers), the dedicated spawner thread, stdout/stderr forwarding into `tracing`, and
+//! the stderr tail. It does not signal or reap (see [`crate::os`]), interpret the protocol
+//! (see [`crate::io`]) or decide on restarts (see [`crate::router`]). No shell is involved:
+//! the interpreter is exec'd directly with its arguments.
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so every worker is
-//! forked from one thread that lives as long as the program: `pyvisor-spawner`.
+//! forked from one thread that lives as long as the program: `pyvisor-spawner`. The child is a
+//! `std::process::Child`, which neither kills nor reaps on drop: its leader is reaped only by
+//! [`crate::os::family`], after the last signal to its process group.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::process::{ChildStderr, ChildStdout, Command};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use crate::death::WorkerId;
+use crate::os::markers::{self, FAMILY_VAR, PROGRAM_VAR, RUN_VAR};
+use crate::os::pidfd::Pidfd;
 use crate::spec::{PoolSpec, Target, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
 
 /// Lines of stderr kept for death certificates.
@@ -31,18 +37,38 @@ pub(crate) const MAX_CAPTURE: usize = 256 * 1024;
 /// Bytes read from a worker's stdout or stderr at a time.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// A spawned worker process: the child, the parent's socket end, and its stdio.
+/// A spawned worker process: its pidfd, the parent's socket end, its stdio and its family
+/// token.
 pub(crate) struct Spawned {
-    pub child: Child,
+    pub leader: Arc<Pidfd>,
     pub pid: u32,
     pub socket: StdUnixStream,
+    pub stdout: Option<ChildStdout>,
+    pub stderr: Option<ChildStderr>,
+    pub family: String,
 }
+
+/// What the spawner thread hands back: the child's pidfd (opened before anyone could reap
+/// it) and its stdio.
+type SpawnReply = std::io::Result<(Pidfd, Option<ChildStdout>, Option<ChildStderr>)>;
 
 /// Everything the spawner needs, built on the caller's side.
 struct SpawnRequest {
     command: Command,
-    runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<std::io::Result<Child>>,
+    reply: oneshot::Sender<SpawnReply>,
+}
+
+fn spawn_and_pin(command: &mut Command) -> SpawnReply {
+    let mut child = command.spawn()?;
+    // Unreaped, so its number is still this child's: the pidfd is race-free.
+    match Pidfd::open(child.id()) {
+        Ok(fd) => Ok((fd, child.stdout.take(), child.stderr.take())),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(std::io::Error::other(format!("pidfd_open failed ({e}): pyvisor needs Linux 5.4 or later")))
+        }
+    }
 }
 
 fn spawner() -> &'static Mutex<std_mpsc::Sender<SpawnRequest>> {
@@ -53,9 +79,7 @@ fn spawner() -> &'static Mutex<std_mpsc::Sender<SpawnRequest>> {
         // parent-death signal only when the whole process dies.
         let spawned = std::thread::Builder::new().name("pyvisor-spawner".into()).spawn(move || {
             for mut req in rx {
-                let _guard = req.runtime.enter();
-                let result = req.command.spawn();
-                let _ = req.reply.send(result);
+                let _ = req.reply.send(spawn_and_pin(&mut req.command));
             }
         });
         if let Err(e) = spawned {
@@ -63,89 +87,6 @@ fn spawner() -> &'static Mutex<std_mpsc::Sender<SpawnRequest>> {
         }
         Mutex::new(tx)
     })
-}
-
-/// The identity of this run, passed to every worker (`PYVISOR_RUN_ID`) as an orphan marker:
-/// `PID-STARTTIME-NONCE`, where STARTTIME is the parent's start time in clock ticks after
-/// boot (so a recycled pid is not mistaken for the same run).
-pub fn run_id() -> &'static str {
-    static RUN_ID: OnceLock<String> = OnceLock::new();
-    RUN_ID.get_or_init(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let pid = std::process::id();
-        format!("{pid}-{}-{:x}", start_time(pid).unwrap_or(0), now)
-    })
-}
-
-/// The identity of this program for orphan clean-up (`PYVISOR_PROGRAM`): `PYVISOR_PROGRAM_ID`
-/// if set (to tell apart deployments of one binary), else the executable's path.
-pub fn program_id() -> &'static str {
-    static PROGRAM: OnceLock<String> = OnceLock::new();
-    PROGRAM.get_or_init(|| {
-        std::env::var("PYVISOR_PROGRAM_ID").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
-            std::env::current_exe()
-                .and_then(|p| p.canonicalize())
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "unknown".into())
-        })
-    })
-}
-
-/// A process's start time in clock ticks after boot (`/proc/PID/stat`, field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    // rest starts at field 3 (state); field 22 is the 20th after it.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether the run `run_id` (`PID-STARTTIME-NONCE`) is still alive.
-fn run_alive(run_id: &str) -> bool {
-    let mut parts = run_id.split('-');
-    let (Some(pid), Some(start)) = (parts.next().and_then(|p| p.parse::<u32>().ok()), parts.next().and_then(|s| s.parse::<u64>().ok()))
-    else {
-        return false;
-    };
-    start_time(pid) == Some(start)
-}
-
-/// Find processes left by earlier, dead runs of this program (their environment carries our
-/// `PYVISOR_PROGRAM` and a `PYVISOR_RUN_ID` whose parent is gone) and SIGKILL them. Matches the
-/// markers only, never names. Returns the pids killed.
-pub fn reap_orphans() -> Vec<u32> {
-    let me = std::process::id();
-    let program = format!("PYVISOR_PROGRAM={}", program_id());
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut killed = Vec::new();
-    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-        if pid == me {
-            continue;
-        }
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let mut same_program = false;
-        let mut run = None;
-        for kv in env.split(|b| *b == 0) {
-            if kv == program.as_bytes() {
-                same_program = true;
-            } else if let Some(r) = kv.strip_prefix(b"PYVISOR_RUN_ID=") {
-                run = Some(String::from_utf8_lossy(r).into_owned());
-            }
-        }
-        let Some(run) = run else { continue };
-        if !same_program || run == run_id() || run_alive(&run) {
-            continue;
-        }
-        // SAFETY: plain syscall.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGKILL);
-        }
-        tracing::warn!(pid, run = %run, "killed a process left by an earlier run of this program");
-        killed.push(pid);
-    }
-    killed
 }
 
 /// Spawn one worker for `spec` with the resolved interpreter `python`.
@@ -158,6 +99,8 @@ pub(crate) async fn spawn_worker(
     let child_fd: OwnedFd = child_end.into();
     let raw_child_fd = child_fd.as_raw_fd();
 
+    markers::prepare_program();
+    let family = markers::new_family();
     let mut cmd = Command::new(python);
     cmd.arg("-m").arg("pyvisor_worker");
     match &spec.target {
@@ -177,8 +120,6 @@ pub(crate) async fn spawn_worker(
         .env("PYVISOR_PROTOCOL", pyvisor_protocol::PROTOCOL_VERSION.to_string())
         .env("PYVISOR_MAX_FRAME", spec.max_frame.to_string())
         .env("PYVISOR_BEAT_INTERVAL_MS", spec.heartbeat_interval.as_millis().to_string())
-        .env("PYVISOR_RUN_ID", run_id())
-        .env("PYVISOR_PROGRAM", program_id())
         .env("PYTHONUNBUFFERED", "1");
     // Workers export their spans where we export ours (the user's env wins).
     for (k, v) in crate::telemetry::worker_env() {
@@ -193,10 +134,11 @@ pub(crate) async fn spawn_worker(
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
+    // The markers come last: the spec's `env` cannot remove a worker from its family.
+    cmd.env(RUN_VAR, markers::run_id()).env(PROGRAM_VAR, markers::program_id()).env(FAMILY_VAR, &family);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .process_group(0);
     let parent_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, fcntl,
@@ -219,18 +161,18 @@ pub(crate) async fn spawn_worker(
     }
 
     let (tx, rx) = oneshot::channel();
-    let req = SpawnRequest { command: cmd, runtime: tokio::runtime::Handle::current(), reply: tx };
+    let req = SpawnRequest { command: cmd, reply: tx };
     {
         let sender = spawner().lock().map_err(|_| std::io::Error::other("spawner lock poisoned"))?;
         sender
             .send(req)
             .map_err(|_| std::io::Error::other("the pyvisor-spawner thread is gone"))?;
     }
-    let child = rx.await.map_err(|_| std::io::Error::other("the spawner dropped the request"))??;
+    let (leader, stdout, stderr) = rx.await.map_err(|_| std::io::Error::other("the spawner dropped the request"))??;
     // The child has its copy now; close ours so EOF means the worker is gone.
     drop(child_fd);
-    let pid = child.id().ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
-    Ok(Spawned { child, pid, socket: parent_end })
+    let pid = leader.pid();
+    Ok(Spawned { leader: Arc::new(leader), pid, socket: parent_end, stdout, stderr, family })
 }
 
 /// The last lines a worker wrote to stderr, and — while a hang is being diagnosed — the lines
@@ -392,6 +334,30 @@ pub(crate) async fn forward_lines<R: AsyncRead + Unpin>(
     cutter.finish(&mut emit);
 }
 
+/// The cgroup's OOM-kill counter, if readable (`/sys/fs/cgroup/memory.events`).
+pub(crate) fn oom_kill_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/sys/fs/cgroup/memory.events").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A worker's own memory in bytes: PSS from `/proc/PID/smaps_rollup` where readable (shared
+/// pages divided among their users), else RSS from `/proc/PID/statm`.
+pub(crate) fn measure_memory(pid: u32) -> Option<u64> {
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+        let pss = text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kb) = pss {
+            return Some(kb * 1024);
+        }
+    }
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
 #[cfg(test)]
 mod line_tests {
     use super::*;
@@ -440,82 +406,4 @@ mod line_tests {
         assert!(got.last().unwrap().contains("dropped"));
         assert_eq!(t.snapshot().len(), STDERR_TAIL_LINES);
     }
-}
-
-/// Send `sig` to the process group led by `pgid` (ignoring "no such process").
-pub(crate) fn kill_group(pgid: u32, sig: i32) {
-    if pgid > 1 {
-        // SAFETY: plain syscall; a negative pid addresses the process group.
-        unsafe {
-            libc::kill(-(pgid as libc::pid_t), sig);
-        }
-    }
-}
-
-/// Kills a worker's process group when dropped, unless disarmed: the last line of defence
-/// when an actor is killed without `post_stop`.
-#[derive(Debug)]
-pub(crate) struct GroupGuard {
-    pub pgid: u32,
-    pub armed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            kill_group(self.pgid, libc::SIGKILL);
-        }
-    }
-}
-
-/// The cgroup's OOM-kill counter, if readable (`/sys/fs/cgroup/memory.events`).
-pub(crate) fn oom_kill_count() -> Option<u64> {
-    let text = std::fs::read_to_string("/sys/fs/cgroup/memory.events").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Whether any live (non-zombie) process is in process group `pgid`.
-pub(crate) fn group_has_live_members(pgid: u32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return false };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).any(|pid| {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-        // After the parenthesised command: state, ppid, pgrp, ...
-        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
-        pgrp == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
-    })
-}
-
-/// Wait until group `pgid` has no live member (after a SIGKILL), up to `limit`.
-pub(crate) async fn wait_group_gone(pgid: u32, limit: std::time::Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if !group_has_live_members(pgid) {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-}
-
-/// A worker's own memory in bytes: PSS from `/proc/PID/smaps_rollup` where readable (shared
-/// pages divided among their users), else RSS from `/proc/PID/statm`.
-pub(crate) fn measure_memory(pid: u32) -> Option<u64> {
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
-        let pss = text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-        if let Some(kb) = pss {
-            return Some(kb * 1024);
-        }
-    }
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).unwrap_or(4096))
 }

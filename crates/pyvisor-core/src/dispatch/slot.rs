@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+use crate::os::pidfd::Pidfd;
 use pyvisor_protocol::{encode_cancel, Beat, RemoteError, SpanTiming};
 use tokio::sync::oneshot;
 
@@ -114,6 +116,8 @@ pub(crate) struct WorkerSlot {
     max_in_flight: usize,
     state: AtomicU8,
     pid: AtomicU32,
+    /// The process itself (a pidfd): what signals from outside the actor go through.
+    process: OnceLock<Arc<Pidfd>>,
     in_flight: AtomicUsize,
     served: AtomicU64,
     table: Mutex<Table>,
@@ -140,6 +144,7 @@ impl WorkerSlot {
             max_in_flight,
             state: AtomicU8::new(WorkerState::Starting.as_u8()),
             pid: AtomicU32::new(0),
+            process: OnceLock::new(),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             table: Mutex::new(Table { open: true, calls: HashMap::new() }),
@@ -202,8 +207,13 @@ impl WorkerSlot {
             p => Some(p),
         }
     }
-    pub(crate) fn set_pid(&self, pid: u32) {
-        self.pid.store(pid, Ordering::Release);
+    /// The worker's process, once spawned.
+    pub(crate) fn process(&self) -> Option<&Arc<Pidfd>> {
+        self.process.get()
+    }
+    pub(crate) fn set_process(&self, process: Arc<Pidfd>) {
+        self.pid.store(process.pid(), Ordering::Release);
+        let _ = self.process.set(process);
     }
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)

@@ -258,11 +258,14 @@ impl TelemetryGuard {
     }
 }
 
-impl Drop for TelemetryGuard {
-    fn drop(&mut self) {
+impl TelemetryGuard {
+    /// The flush and shutdown of everything this guard keeps running, as one blocking job
+    /// (`None` if it keeps nothing). The export runtime goes with the job: it must outlive it.
+    fn take_shutdown(&mut self) -> Option<impl FnOnce() + Send + 'static> {
         let (t, w, m) = (self.tracer.take(), self.workers.take(), self.meter.take());
+        let runtime = self._runtime.take();
         if t.is_none() && m.is_none() {
-            return;
+            return None;
         }
         EXPORTING.store(false, Ordering::Relaxed);
         for tracer in [&CALL_TRACER, &WORKER_TRACER] {
@@ -270,7 +273,7 @@ impl Drop for TelemetryGuard {
                 *t = None;
             }
         }
-        let _ = std::thread::spawn(move || {
+        Some(move || {
             for t in [t, w].into_iter().flatten() {
                 let _ = t.force_flush();
                 let _ = t.shutdown_with_timeout(Duration::from_secs(5));
@@ -279,8 +282,55 @@ impl Drop for TelemetryGuard {
                 let _ = m.force_flush();
                 let _ = m.shutdown();
             }
+            drop(runtime);
         })
-        .join();
+    }
+
+    /// Flush and shut the exporters down without blocking the caller's runtime: the work runs
+    /// on a thread of its own and this future waits for it. Prefer it to dropping the guard in
+    /// async code.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let guard = pyvisor_core::telemetry::init_with(&Default::default());
+    /// guard.shutdown().await; // exports nothing here: returns at once
+    /// # }
+    /// ```
+    pub async fn shutdown(mut self) {
+        let Some(job) = self.take_shutdown() else { return };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("pyvisor-otel-shutdown".into()).spawn(move || {
+            job();
+            let _ = tx.send(());
+        });
+        if spawned.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    /// Flushes and shuts the exporters down on a thread of its own (the HTTP exporter blocks,
+    /// up to its timeout when the collector does not answer). Outside a runtime, the drop waits
+    /// for it — what the end of `main` needs. Inside a multi-thread runtime it waits in
+    /// `block_in_place`, so the runtime's other tasks move on. Inside a current-thread runtime
+    /// it does not wait (that would stop the runtime's only thread): call
+    /// [`TelemetryGuard::shutdown`] there to be sure the last spans leave.
+    fn drop(&mut self) {
+        let Some(job) = self.take_shutdown() else { return };
+        let Ok(worker) = std::thread::Builder::new().name("pyvisor-otel-shutdown".into()).spawn(job) else { return };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => {
+                let _ = worker.join();
+            }
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => {
+                tracing::debug!("TelemetryGuard dropped on a current-thread runtime: the final flush runs without waiting");
+            }
+            Ok(_) => tokio::task::block_in_place(|| {
+                let _ = worker.join();
+            }),
+        }
     }
 }
 

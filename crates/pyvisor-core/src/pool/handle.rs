@@ -98,11 +98,15 @@ impl Pool {
 
     async fn start_inner(spec: PoolSpec, supervisor: Option<ActorCell>) -> Result<Pool, StartError> {
         let python = spec.validate()?;
-        // Once per process: stop what earlier, crashed runs of this program left behind.
-        static REAPED: std::sync::Once = std::sync::Once::new();
-        REAPED.call_once(|| {
-            crate::process::reap_orphans();
-        });
+        // Once per process: stop what earlier, crashed runs of this program left behind. It
+        // reads every process's environment: off the async threads, and only the first start
+        // waits for it (a later start must not meet an orphan holding a resource it needs).
+        static REAPED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        REAPED
+            .get_or_init(|| async {
+                let _ = tokio::task::spawn_blocking(crate::os::markers::reap_orphans).await;
+            })
+            .await;
         let shared = Arc::new(PoolShared::new(spec, python));
         crate::observe::metrics::register_pool(&shared);
         let (tx, rx) = oneshot::channel();

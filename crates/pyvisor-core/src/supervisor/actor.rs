@@ -46,6 +46,7 @@ pub(crate) async fn spawn_supervisor(
     path: String,
     registry: Registry,
 ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SupervisorError> {
+    spec.check().map_err(SupervisorError::InvalidSpec)?;
     let (tx, rx) = oneshot::channel();
     let args = SupArgs { spec, path, registry, startup: Some(tx) };
     let spawned = match parent {

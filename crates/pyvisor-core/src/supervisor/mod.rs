@@ -47,6 +47,9 @@ pub enum SupervisorError {
     /// No child has this id.
     #[error("no child named `{0}` under this supervisor")]
     NoSuchChild(String),
+    /// The spec is not usable as given (the message names the supervisor and the field).
+    #[error("invalid supervisor spec: {0}")]
+    InvalidSpec(String),
     /// The supervisor is not running (stopped or failed).
     #[error("the supervisor is not running: {0}")]
     NotRunning(String),

@@ -8,7 +8,7 @@ use ractor::ActorCell;
 
 use super::intensity::Intensity;
 use crate::backoff::Backoff;
-use crate::spec::PoolSpec;
+use crate::spec::{PoolSpec, MAX_DURATION};
 
 /// Which children restart when one exits (OTP's strategies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -190,5 +190,43 @@ impl SupervisorSpec {
     /// The name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Every duration of this supervisor and of its children's shutdowns must fit the clock's
+    /// arithmetic (at most [`crate::MAX_DURATION`]); nested supervisors are checked when they
+    /// start, pools by [`crate::Pool::start`].
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut fields = vec![
+            ("intensity period".to_string(), self.intensity.period),
+            ("healthy_period".to_string(), self.healthy_period),
+            ("backoff base".to_string(), self.backoff.base),
+            ("backoff cap".to_string(), self.backoff.cap),
+        ];
+        for c in &self.children {
+            if let Shutdown::Timeout(d) = c.shutdown {
+                fields.push((format!("shutdown timeout of child `{}`", c.id), d));
+            }
+        }
+        match fields.into_iter().find(|(_, d)| *d > MAX_DURATION) {
+            Some((field, d)) => Err(format!(
+                "supervisor `{}`: {field} is too long: {d:?} (at most {} days)",
+                self.name,
+                MAX_DURATION.as_secs() / 86_400
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ChildSpec {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match self.shutdown {
+            Shutdown::Timeout(d) if d > MAX_DURATION => Err(format!(
+                "shutdown timeout of child `{}` is too long: {d:?} (at most {} days)",
+                self.id,
+                MAX_DURATION.as_secs() / 86_400
+            )),
+            _ => Ok(()),
+        }
     }
 }

@@ -108,6 +108,7 @@ impl Tree {
 
     /// Add and start a child (a `DynamicSupervisor`'s `start_child`).
     pub async fn add_child(&self, child: ChildSpec) -> Result<(), SupervisorError> {
+        child.check().map_err(SupervisorError::InvalidSpec)?;
         self.ask(|port| SupervisorMsg::AddChild(Box::new(child), port)).await?
     }
 

@@ -13,7 +13,6 @@
 //!
 //! It does not decide about replacement (the router does).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,9 +27,9 @@ use crate::dispatch::{Failure, Outcome, WorkerSlot};
 use crate::events::RecycleReason;
 use crate::io::reader::{read_frames, ReadEnd};
 use crate::io::writer::FrameWriter;
-use crate::process::{
-    forward_lines, kill_group, measure_memory, oom_kill_count, spawn_worker, wait_group_gone, GroupGuard, StderrTail, Stream,
-};
+use crate::os::family::{Family, BURIAL_LIMIT};
+pub(crate) use crate::os::pidfd::ExitInfo;
+use crate::process::{forward_lines, measure_memory, oom_kill_count, spawn_worker, StderrTail, Stream};
 use crate::shared::PoolShared;
 use crate::status::WorkerState;
 
@@ -56,13 +55,6 @@ pub(crate) enum WorkerReport {
 
 /// How a worker reaches its router (a cast, in practice).
 pub(crate) type Reporter = Arc<dyn Fn(WorkerReport) + Send + Sync>;
-
-/// How the process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExitInfo {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
 
 pub(crate) enum WorkerMsg {
     Hello(Hello),
@@ -91,8 +83,8 @@ pub(crate) struct WorkerActorState {
     shared: Arc<PoolShared>,
     report: Reporter,
     pid: Option<u32>,
-    guard: Option<GroupGuard>,
-    armed: Arc<AtomicBool>,
+    /// The process, its group and its escapees; buried when the worker ends (or on drop).
+    family: Option<Family>,
     exit_rx: Option<watch::Receiver<Option<ExitInfo>>>,
     stderr: Arc<StderrTail>,
     stderr_task: Option<JoinHandle<()>>,
@@ -133,8 +125,8 @@ impl WorkerActorState {
             self.cause = Some(cause);
         }
         self.killed_by_us = true;
-        if let Some(pid) = self.pid {
-            kill_group(pid, libc::SIGKILL);
+        if let Some(f) = &self.family {
+            f.signal_group(libc::SIGKILL);
         }
     }
 
@@ -169,11 +161,11 @@ impl WorkerActorState {
     async fn finalize(&mut self, exit: Option<ExitInfo>) -> ActorProcessingErr {
         self.slot.set_state(WorkerState::Dead);
         self.shared.dispatch.remove(self.slot.id);
-        if let Some(pid) = self.pid {
-            // Take whatever the worker left in its group (user subprocesses).
-            kill_group(pid, libc::SIGKILL);
+        // Take whatever the worker left in its group (user subprocesses) and whatever left
+        // the group (escapees), and reap the worker, the last signal to its group sent.
+        if let Some(f) = self.family.take() {
+            f.bury(BURIAL_LIMIT).await;
         }
-        self.armed.store(false, Ordering::SeqCst);
         // Replies the worker wrote before it died are still in the socket: let the reader
         // deliver them (it ends at EOF once every holder of the socket is gone) before the
         // calls left are failed.
@@ -211,13 +203,10 @@ impl WorkerActorState {
 
     /// No beats: capture the Python stack (faulthandler on SIGUSR1), then kill.
     async fn declare_hung(&mut self, silent_for: Duration) {
-        let Some(pid) = self.pid else { return };
+        let (Some(pid), Some(family)) = (self.pid, self.family.as_ref()) else { return };
         tracing::warn!(pool = %self.shared.name, worker = %self.slot.id, pid, silent_ms = silent_for.as_millis() as u64, "worker hung; capturing its stack");
         self.stderr.start_capture();
-        // SAFETY: plain syscall.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGUSR1);
-        }
+        family.signal_leader(libc::SIGUSR1);
         // A stopped process cannot answer; a live one dumps within milliseconds.
         let start = Instant::now();
         let mut last_len = 0;
@@ -429,8 +418,7 @@ impl Actor for WorkerActor {
             shared: args.shared,
             report: args.report,
             pid: None,
-            guard: None,
-            armed: Arc::new(AtomicBool::new(false)),
+            family: None,
             exit_rx: None,
             stderr: Arc::new(StderrTail::default()),
             stderr_task: None,
@@ -468,18 +456,17 @@ impl Actor for WorkerActor {
                 return Err(st.finalize(None).await);
             }
         };
-        let mut child = spawned.child;
         let pid = spawned.pid;
         st.pid = Some(pid);
-        st.slot.set_pid(pid);
-        st.armed.store(true, Ordering::SeqCst);
-        st.guard = Some(GroupGuard { pgid: pid, armed: Arc::clone(&st.armed) });
+        st.slot.set_process(Arc::clone(&spawned.leader));
+        st.family = Some(Family::new(Arc::clone(&spawned.leader), spawned.family));
 
         let name: Arc<str> = Arc::clone(&st.shared.name);
-        if let Some(out) = child.stdout.take() {
+        let pipe = |p: Option<std::os::fd::OwnedFd>| p.and_then(|p| tokio::net::unix::pipe::Receiver::from_owned_fd(p).ok());
+        if let Some(out) = pipe(spawned.stdout.map(Into::into)) {
             st.tasks.push(tokio::spawn(forward_lines(out, Stream::Stdout, Arc::clone(&name), st.slot.id, None)));
         }
-        if let Some(err) = child.stderr.take() {
+        if let Some(err) = pipe(spawned.stderr.map(Into::into)) {
             st.stderr_task = Some(tokio::spawn(forward_lines(
                 err,
                 Stream::Stderr,
@@ -491,12 +478,10 @@ impl Actor for WorkerActor {
         let (exit_tx, exit_rx) = watch::channel(None);
         st.exit_rx = Some(exit_rx);
         let me = myself.clone();
+        let leader = Arc::clone(&spawned.leader);
         st.tasks.push(tokio::spawn(async move {
-            use std::os::unix::process::ExitStatusExt;
-            let info = match child.wait().await {
-                Ok(s) => ExitInfo { code: s.code(), signal: s.signal() },
-                Err(_) => ExitInfo { code: None, signal: None },
-            };
+            // Observed, not reaped: the family reaps the leader after its last group signal.
+            let info = leader.exited().await.unwrap_or(ExitInfo { code: None, signal: None });
             let _ = exit_tx.send(Some(info));
             let _ = me.cast(WorkerMsg::Exited(info));
         }));
@@ -639,31 +624,27 @@ async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
     while st.slot.in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    if let (Some(pid), Some(mut exit_rx)) = (st.pid, st.exit_rx.clone()) {
+    if let (Some(pid), Some(mut exit_rx), Some(family)) = (st.pid, st.exit_rx.clone(), st.family.take()) {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Some(w) = st.slot.writer() {
             let _ = w.send(&encode_shutdown(remaining.as_millis() as u64));
         }
         let mut exited = wait_exit(&mut exit_rx, remaining.max(Duration::from_millis(200))).await;
         if !exited {
-            kill_group(pid, libc::SIGTERM);
+            family.signal_group(libc::SIGTERM);
             exited = wait_exit(&mut exit_rx, spec.sigterm_wait).await;
         }
         if !exited {
-            kill_group(pid, libc::SIGKILL);
+            family.signal_group(libc::SIGKILL);
             exited = wait_exit(&mut exit_rx, Duration::from_secs(2)).await;
         }
         if !exited {
             tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "worker did not exit after SIGKILL");
         }
-        // Whatever remains in the group (the watchdog, user subprocesses) goes too, and
-        // shutdown returns only once it is gone.
-        kill_group(pid, libc::SIGKILL);
-        if !wait_group_gone(pid, Duration::from_secs(2)).await {
-            tracing::error!(pool = %st.shared.name, worker = %st.slot.id, pid, "processes of the worker's group survived SIGKILL");
-        }
+        // Whatever remains in the group (the watchdog, user subprocesses) and whatever left it
+        // (escapees) goes too, and shutdown returns only once it is gone.
+        family.bury(BURIAL_LIMIT).await;
     }
-    st.armed.store(false, Ordering::SeqCst);
     st.slot.set_state(WorkerState::Dead);
     // Replies written before the exit are still in the socket: deliver them first.
     drain_reader(&mut st.reader).await;
