@@ -193,6 +193,8 @@ pub(crate) async fn spawn_worker(
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
+    crate::confine::filter_env(&spec.confine, cmd.as_std_mut());
+    let confine = spec.confine.prepare().map_err(std::io::Error::other)?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -200,9 +202,11 @@ pub(crate) async fn spawn_worker(
         .process_group(0);
     let parent_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, fcntl,
-    // _exit) between fork and exec.
+    // _exit; setrlimit, setgroups, setgid, setuid in `confine.apply`) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // First: a change of user clears the parent-death signal set below.
+            confine.apply()?;
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
