@@ -332,3 +332,20 @@ async fn bad_confinements_are_typed_errors_naming_the_field() {
         }
     }
 }
+
+/// An address space too small for the interpreter's own start (16 MiB: "Fatal Python error:
+/// _PyRuntimeState_Init: memory allocation failed"): the worker exits 1 before `hello`, a start
+/// failure whose certificate carries the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_space_too_small_to_start_is_a_start_failure_with_the_error() {
+    let spec = spec().confine(Confinement::default().address_space(16 << 20)).max_start_failures(0, Duration::from_secs(60));
+    match Pool::start(spec).await {
+        Err(StartError::TooManyStartFailures { certificate, .. }) => {
+            let tail = certificate.stderr_tail.join("\n");
+            assert_eq!(certificate.exit_code, Some(1), "{certificate}");
+            let seen = ["MemoryError", "memory allocation failed", "can't start new thread"];
+            assert!(seen.iter().any(|s| tail.contains(s)), "{tail}");
+        }
+        other => panic!("expected TooManyStartFailures, got {:?}", other.map(|_| ())),
+    }
+}
