@@ -281,6 +281,14 @@ async fn a_root_parent_runs_workers_as_another_user_and_group() {
     let python = match interpreter_usable_by(NOBODY, NOBODY) {
         Ok(p) => p,
         Err(why) => {
+            // pyvisor must refuse it too, before or at the spawn (here: the mode-bit check
+            // names the directory nobody cannot enter), never start a pool that cannot work.
+            let spec = PoolSpec::script(&script).python(common::python()).workers(1).cwd(&dir).max_start_failures(0, Duration::from_secs(60));
+            let refused = Pool::start(spec.confine(Confinement::default().user(NOBODY))).await;
+            assert!(refused.is_err(), "a worker nobody cannot run was started");
+            if let Err(e) = refused {
+                println!("pyvisor refused the interpreter as expected: {e}");
+            }
             println!("skipped running as nobody: no interpreter it can use ({why}); set PYVISOR_PYTHON_OTHER_USER");
             let _ = std::fs::remove_dir_all(&dir);
             return;
