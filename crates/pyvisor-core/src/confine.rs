@@ -329,6 +329,13 @@ impl Confinement {
         self.limit(Resource::CoreSize, Limit::fixed(bytes))
     }
     /// Set any resource's soft and hard limits.
+    ///
+    /// ```
+    /// use pyvisor_core::{Confinement, Limit, Resource};
+    /// let c = Confinement::default().limit(Resource::OpenFiles, Limit::new(256, 1024));
+    /// assert_eq!(c.get_limit(Resource::OpenFiles), Some(Limit::new(256, 1024)));
+    /// assert_eq!(c.get_limit(Resource::CpuTime), None);
+    /// ```
     pub fn limit(mut self, resource: Resource, limit: Limit) -> Self {
         self.limits[resource.index()] = Some(limit);
         self
@@ -382,6 +389,14 @@ impl Confinement {
 
     /// Check the confinement without spawning anything: limits, lists, and — when another
     /// user or group is asked for — that this process is root and the names exist.
+    /// `Pool::start` does this first.
+    ///
+    /// ```
+    /// use pyvisor_core::{ConfineError, Confinement};
+    /// assert!(Confinement::default().open_files(64).deny_env(["AWS_*"]).check().is_ok());
+    /// let e = Confinement::default().allow_env(["PATH"]).deny_env(["HOME"]).check();
+    /// assert_eq!(e, Err(ConfineError::BothEnvLists));
+    /// ```
     pub fn check(&self) -> Result<(), ConfineError> {
         let root = is_root();
         for r in Resource::ALL {
