@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pyvisor_core::supervisor::{ChildSpec, Restart, Shutdown, Strategy, SupervisorSpec};
-use pyvisor_core::{Interpreter, PoolEvent, PoolSpec};
+use pyvisor_core::{Confinement, Interpreter, PoolEvent, PoolSpec, Principal};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -51,6 +51,7 @@ struct ChildToml {
     queue_timeout_secs: Option<f64>,
     call_timeout_secs: Option<f64>,
     start_timeout_secs: Option<f64>,
+    confine: Option<ConfineToml>,
     // supervisor fields
     strategy: Option<Strategy>,
     max_restarts: Option<u32>,
@@ -58,6 +59,74 @@ struct ChildToml {
     healthy_secs: Option<f64>,
     #[serde(default)]
     children: Vec<ChildToml>,
+}
+
+/// A pool's `confine` table (docs/configuration.md, "Confinement"); every key is optional and
+/// off when absent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfineToml {
+    address_space_bytes: Option<u64>,
+    open_files: Option<u64>,
+    cpu_time_secs: Option<u64>,
+    core_size_bytes: Option<u64>,
+    allow_env: Option<Vec<String>>,
+    deny_env: Option<Vec<String>>,
+    user: Option<PrincipalToml>,
+    group: Option<PrincipalToml>,
+    no_new_privs: Option<bool>,
+}
+
+/// A user or group: a name or a numeric id.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PrincipalToml {
+    Id(u32),
+    Name(String),
+}
+
+impl From<PrincipalToml> for Principal {
+    fn from(p: PrincipalToml) -> Self {
+        match p {
+            PrincipalToml::Id(id) => Principal::Id(id),
+            PrincipalToml::Name(n) => Principal::Name(n),
+        }
+    }
+}
+
+/// The confinement of a `confine` table, checked (limits, lists, users, root) so that a bad
+/// value fails the file, naming the child and the field.
+fn confinement(t: ConfineToml, at: &str) -> Result<Confinement, String> {
+    let mut c = Confinement::default();
+    if let Some(v) = t.address_space_bytes {
+        c = c.address_space(v);
+    }
+    if let Some(v) = t.open_files {
+        c = c.open_files(v);
+    }
+    if let Some(v) = t.cpu_time_secs {
+        c = c.cpu_time(v);
+    }
+    if let Some(v) = t.core_size_bytes {
+        c = c.core_size(v);
+    }
+    if let Some(v) = t.allow_env {
+        c = c.allow_env(v);
+    }
+    if let Some(v) = t.deny_env {
+        c = c.deny_env(v);
+    }
+    if let Some(u) = t.user {
+        c = c.user(u);
+    }
+    if let Some(g) = t.group {
+        c = c.group(g);
+    }
+    if let Some(on) = t.no_new_privs {
+        c = c.no_new_privs(on);
+    }
+    c.check().map_err(|e| format!("{at}: {e}"))?;
+    Ok(c)
 }
 
 /// Called with (pool path, event) for every pool event in the tree.
@@ -152,6 +221,7 @@ fn child(ctx: &Ctx<'_>, parent: &str, c: ChildToml, seen: &mut std::collections:
         ("queue_timeout_secs", c.queue_timeout_secs.is_some()),
         ("call_timeout_secs", c.call_timeout_secs.is_some()),
         ("start_timeout_secs", c.start_timeout_secs.is_some()),
+        ("confine", c.confine.is_some()),
     ];
     let sup_only = [
         ("strategy", c.strategy.is_some()),
@@ -201,6 +271,9 @@ fn child(ctx: &Ctx<'_>, parent: &str, c: ChildToml, seen: &mut std::collections:
         }
         if let Some(d) = secs("start_timeout_secs", c.start_timeout_secs, &at)? {
             p = p.start_timeout(d);
+        }
+        if let Some(t) = c.confine {
+            p = p.confine(confinement(t, &at)?);
         }
         let sink = ctx.events.clone();
         let event_path = path.clone();
@@ -273,5 +346,50 @@ strategy = "rest_for_one"
         let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"b\"\n").unwrap_err();
         assert!(e.contains("line 7") && e.contains("duplicate"), "{e}");
         assert!(parse_str("[supervisor\n").unwrap_err().contains("line 1"));
+    }
+
+    const POOL: &str = "[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a.py\"\n";
+
+    #[test]
+    fn a_confine_table_sets_every_option() {
+        use pyvisor_core::{Limit, Resource};
+        let table = "address_space_bytes = 2147483648\nopen_files = 256\ncpu_time_secs = 60\ncore_size_bytes = 0\n\
+                     allow_env = [\"PATH\", \"LC_*\"]\nno_new_privs = true\n";
+        let c = confinement(toml::from_str(table).unwrap(), "here").unwrap();
+        let expected = Confinement::default()
+            .limit(Resource::AddressSpace, Limit::fixed(2 << 30))
+            .limit(Resource::OpenFiles, Limit::fixed(256))
+            .limit(Resource::CpuTime, Limit::new(60, 61))
+            .limit(Resource::CoreSize, Limit::fixed(0))
+            .allow_env(["PATH", "LC_*"])
+            .no_new_privs(true);
+        assert_eq!(c, expected);
+        let ids = confinement(toml::from_str("deny_env = [\"AWS_*\"]\nuser = 0\ngroup = \"root\"\n").unwrap(), "here");
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(ids.unwrap(), Confinement::default().deny_env(["AWS_*"]).user(0u32).group("root"));
+        } else {
+            assert!(ids.unwrap_err().contains("needs a parent running as root"));
+        }
+        // In a file: a sub-table of the child, or an inline table.
+        parse_str(&format!("{POOL}[supervisor.children.confine]\n{table}")).unwrap();
+        parse_str(&format!("{POOL}confine = {{ deny_env = [\"AWS_*\"] }}\n")).unwrap();
+    }
+
+    #[test]
+    fn bad_confine_values_name_the_line_and_the_field() {
+        let e = parse_str(&format!("{POOL}[supervisor.children.confine]\nopen_flies = 3\n")).unwrap_err();
+        assert!(e.contains("open_flies") && e.contains("line 7"), "{e}");
+        let e = parse_str(&format!("{POOL}[supervisor.children.confine]\ncpu_time_secs = -1\n")).unwrap_err();
+        assert!(e.contains("cpu_time_secs") && e.contains("line 7"), "{e}");
+        let e = parse_str(&format!("{POOL}[supervisor.children.confine]\ncpu_time_secs = 0\n")).unwrap_err();
+        assert!(e.contains("line 4") && e.contains("`a`") && e.contains("confine.cpu_time"), "{e}");
+        let e = parse_str(&format!("{POOL}confine = {{ allow_env = [\"A\"], deny_env = [\"B\"] }}\n")).unwrap_err();
+        assert!(e.contains("`a`") && e.contains("allow_env and deny_env"), "{e}");
+        let e = parse_str(&format!("{POOL}confine = {{ allow_env = [\"A=B\"] }}\n")).unwrap_err();
+        assert!(e.contains("confine.allow_env"), "{e}");
+        let e = parse_str(&format!("{POOL}confine = {{ user = \"no-such-user-pyvisor\" }}\n")).unwrap_err();
+        assert!(e.contains("confine.user"), "{e}");
+        let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\nsupervisor = \"s\"\nstrategy = \"one_for_one\"\nconfine = { open_files = 3 }\n").unwrap_err();
+        assert!(e.contains("`confine` does not apply to a supervisor"), "{e}");
     }
 }

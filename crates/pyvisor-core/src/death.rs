@@ -201,10 +201,23 @@ impl DeathCertificate {
     /// A human name for how the process ended: `exit code 1`, `signal 9 (SIGKILL)`.
     pub fn ending(&self) -> String {
         match (self.exit_code, self.signal) {
-            (_, Some(sig)) => format!("signal {sig} ({})", signal_name(sig)),
+            (_, Some(sig)) => match limit_signal(sig) {
+                Some(limit) => format!("signal {sig} ({}: {limit})", signal_name(sig)),
+                None => format!("signal {sig} ({})", signal_name(sig)),
+            },
             (Some(code), None) => format!("exit code {code}"),
             (None, None) => "no exit status".to_string(),
         }
+    }
+}
+
+/// The resource limit whose soft limit the kernel enforces with `sig`, described: SIGXCPU for
+/// the CPU time limit, SIGXFSZ for the file size limit. Such a death is the worker's own doing.
+fn limit_signal(sig: i32) -> Option<&'static str> {
+    match sig {
+        libc::SIGXCPU => Some("CPU time limit (RLIMIT_CPU) reached"),
+        libc::SIGXFSZ => Some("file size limit (RLIMIT_FSIZE) exceeded"),
+        _ => None,
     }
 }
 
@@ -223,6 +236,8 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGTERM => "SIGTERM",
         libc::SIGSTOP => "SIGSTOP",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
         _ => "signal",
     }
 }

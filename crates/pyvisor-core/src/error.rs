@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::confine::ConfineError;
 use crate::death::DeathCertificate;
 
 /// A Python exception raised by the called function.
@@ -183,6 +184,18 @@ pub enum StartError {
     /// The spec is not usable as given.
     #[error("invalid pool spec: {0}")]
     InvalidSpec(String),
+    /// The confinement cannot be applied (a bad limit, an unknown user, a parent that is not
+    /// root, a file the worker's user cannot reach); the error names the field.
+    #[error("invalid pool spec: {0}")]
+    Confinement(#[from] ConfineError),
+    /// The configured working directory (`PoolSpec::cwd`) cannot be used.
+    #[error("working directory {} {problem}; create it, fix its permissions, or change PoolSpec::cwd", path.display())]
+    WorkingDirectory {
+        /// The directory as configured.
+        path: PathBuf,
+        /// What is wrong with it (`does not exist`, `is not a directory`, ...).
+        problem: String,
+    },
     /// The worker script does not exist.
     #[error("worker script not found: {} (paths are relative to the working directory {})", path.display(), cwd.display())]
     ScriptNotFound {

@@ -5,7 +5,7 @@
 //! per call. Crashes become [`DeathCertificate`]s, failures typed [`CallError`]s.
 //!
 //! Modules, in layers (each imports only from the layers above it in this list):
-//! - values: `spec`, `backoff`, `python` (configuration), `clock`, `death`, `error`, `events`,
+//! - values: `spec`, `backoff`, `python`, `confine` (configuration), `clock`, `death`, `error`, `events`,
 //!   `status` (what users see);
 //! - `barrier`: the crash barrier's policies (start failures, retry and poison, quarantine) as
 //!   pure values with an injected clock;
@@ -32,6 +32,7 @@ mod backoff;
 mod barrier;
 mod chaos;
 mod clock;
+mod confine;
 mod death;
 mod dispatch;
 mod error;
@@ -53,6 +54,7 @@ pub use observe::telemetry;
 
 pub use backoff::{Backoff, Jitter};
 pub use chaos::{Chaos, ChaosAction};
+pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};

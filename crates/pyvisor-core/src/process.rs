@@ -134,17 +134,22 @@ pub(crate) async fn spawn_worker(
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    // The markers come last: the spec's `env` cannot remove a worker from its family.
+    // The markers come last: the spec's `env` cannot remove a worker from its family (and the
+    // confinement's environment lists never drop `PYVISOR_*`).
     cmd.env(RUN_VAR, markers::run_id()).env(PROGRAM_VAR, markers::program_id()).env(FAMILY_VAR, &family);
+    crate::confine::filter_env(&spec.confine, &mut cmd);
+    let confine = spec.confine.prepare().map_err(std::io::Error::other)?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0);
     let parent_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, fcntl,
-    // _exit) between fork and exec.
+    // _exit; setrlimit, setgroups, setgid, setuid in `confine.apply`) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // First: a change of user clears the parent-death signal set below.
+            confine.apply()?;
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
+use crate::confine::{Access, Confinement};
 use crate::error::StartError;
 use crate::events::{EventHandler, PoolEvent};
 use crate::python::Interpreter;
@@ -98,6 +99,7 @@ pub struct PoolSpec {
     pub(crate) quarantine_window: Duration,
     pub(crate) harakiri_grace: Option<Duration>,
     pub(crate) recycle: RecyclePolicy,
+    pub(crate) confine: Confinement,
 }
 
 /// When workers are replaced although healthy: age, requests served, memory.
@@ -193,6 +195,7 @@ impl std::fmt::Debug for PoolSpec {
             .field("max_queue", &self.max_queue)
             .field("call_timeout", &self.call_timeout)
             .field("start_timeout", &self.start_timeout)
+            .field("confine", &self.confine)
             .finish_non_exhaustive()
     }
 }
@@ -231,6 +234,7 @@ impl PoolSpec {
             quarantine_window: Duration::from_secs(300),
             harakiri_grace: Some(Duration::from_secs(5)),
             recycle: RecyclePolicy::default(),
+            confine: Confinement::default(),
         }
     }
 
@@ -375,6 +379,19 @@ impl PoolSpec {
         self.recycle = r;
         self
     }
+    /// Confine the workers: resource limits, a filtered environment, another user and group,
+    /// `no_new_privs` (docs/configuration.md, "Confinement"). Default: nothing confined.
+    ///
+    /// ```
+    /// use pyvisor_core::{Confinement, PoolSpec};
+    /// let spec = PoolSpec::script("examples/workers/quickstart.py")
+    ///     .confine(Confinement::default().open_files(256).cpu_time(600).no_new_privs(true));
+    /// # let _ = spec;
+    /// ```
+    pub fn confine(mut self, c: Confinement) -> Self {
+        self.confine = c;
+        self
+    }
     /// On shutdown: time for in-flight calls to finish, then the wait after SIGTERM before
     /// SIGKILL. Default 5 s, 2 s.
     pub fn shutdown_timeouts(mut self, grace: Duration, sigterm_wait: Duration) -> Self {
@@ -466,23 +483,56 @@ impl PoolSpec {
             return Err(StartError::InvalidSpec("heartbeat_interval must be positive".into()));
         }
         self.check_durations()?;
+        self.confine.check()?;
         let cwd = match &self.cwd {
-            Some(d) if !d.is_dir() => {
-                return Err(StartError::InvalidSpec(format!(
-                    "working directory {} does not exist",
-                    d.display()
-                )))
+            Some(d) => {
+                check_working_directory(d)?;
+                d.clone()
             }
-            Some(d) => d.clone(),
             None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
         };
-        if let Target::Script(p) = &self.target {
-            let full = if p.is_absolute() { p.clone() } else { cwd.join(p) };
-            if !full.is_file() {
-                return Err(StartError::ScriptNotFound { path: p.clone(), cwd });
+        let script = match &self.target {
+            Target::Script(p) => {
+                let full = if p.is_absolute() { p.clone() } else { cwd.join(p) };
+                if !full.is_file() {
+                    return Err(StartError::ScriptNotFound { path: p.clone(), cwd });
+                }
+                Some(full)
             }
+            Target::Module(_) => None,
+        };
+        let python = self.interpreter.resolve()?;
+        // A worker running as another user must reach what it runs (checked by mode bits).
+        if let Some(id) = self.confine.identity()? {
+            id.check_access(&python, Access::Run)?;
+            if let Some(script) = &script {
+                id.check_access(script, Access::Read)?;
+            }
+            id.check_access(&cwd, Access::Enter)?;
         }
-        self.interpreter.resolve()
+        Ok(python)
     }
+}
 
+/// A configured working directory must exist, be a directory, and be enterable by this
+/// process (a change of user is checked separately, against the worker's ids).
+fn check_working_directory(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::ffi::OsStrExt;
+    let problem = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist".to_string()),
+        Err(e) => Some(format!("cannot be read: {e}")),
+        Ok(m) if !m.is_dir() => Some("is not a directory".to_string()),
+        Ok(_) => match std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+            Err(_) => Some("contains a NUL byte".to_string()),
+            // SAFETY: a valid C string for the duration of the call.
+            Ok(c) if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 => {
+                Some(format!("cannot be entered: {}", std::io::Error::last_os_error()))
+            }
+            Ok(_) => None,
+        },
+    };
+    match problem {
+        Some(problem) => Err(StartError::WorkingDirectory { path: dir.to_path_buf(), problem }),
+        None => Ok(()),
+    }
 }

@@ -94,6 +94,20 @@ mod tests {
     }
 
     #[test]
+    fn resource_limit_signals_are_the_workers_own_doing() {
+        for (sig, limit) in [(libc::SIGXCPU, "RLIMIT_CPU"), (libc::SIGXFSZ, "RLIMIT_FSIZE")] {
+            let before = start_death(None, Some(sig));
+            assert!(!before.is_external_kill(), "signal {sig}");
+            assert!(is_start_failure(&before), "signal {sig} before hello is a start failure");
+            let after = death(None, Some(sig), &[(1, false), (2, false)]);
+            assert!(implicates(&after, 1) && implicates(&after, 2), "signal {sig} implicates the calls in flight");
+            assert!(before.ending().contains(limit), "{}", before.ending());
+            assert!(before.to_string().contains(limit), "{before}");
+        }
+        assert_eq!(start_death(None, Some(libc::SIGXCPU)).ending(), "signal 24 (SIGXCPU: CPU time limit (RLIMIT_CPU) reached)");
+    }
+
+    #[test]
     fn alone_means_no_other_call_not_even_an_abandoned_one() {
         assert!(alone(&death(Some(1), None, &[(7, false)]), 7));
         assert!(!alone(&death(Some(1), None, &[(7, false), (8, true)]), 7));
