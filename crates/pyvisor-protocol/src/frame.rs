@@ -29,9 +29,30 @@ pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
 /// The smallest spare room the codec asks for while a frame is incomplete: one read's worth.
 /// Beyond it, the room offered grows with what has arrived (doubling), never with what the
 /// length prefix announces.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use tokio_util::codec::Decoder;
+/// let mut codec = pyvisor_protocol::frame_codec(pyvisor_protocol::DEFAULT_MAX_FRAME);
+/// // A prefix announcing 64 MiB, and nothing else yet.
+/// let mut buf = BytesMut::from(&(64u32 << 20).to_be_bytes()[..]);
+/// assert!(codec.decode(&mut buf).unwrap().is_none());
+/// assert!(buf.capacity() <= 2 * pyvisor_protocol::READ_CHUNK);
+/// ```
 pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Why a frame could not be read.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use tokio_util::codec::Decoder;
+/// use pyvisor_protocol::{frame_codec, FrameError};
+/// let mut buf = BytesMut::from(&[0u8, 0, 0, 5, b'a'][..]);
+/// match frame_codec(16).decode_eof(&mut buf) {
+///     Err(FrameError::Truncated { buffered: 5, expected: 9 }) => {}
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {

@@ -366,7 +366,19 @@ fn read_u64(rd: &mut &[u8], message: &'static str, field: &'static str) -> Resul
 }
 
 /// How deeply the maps of `hello`, `beat`, `pong` and a reply's error may nest (containers
-/// inside containers, the map itself included). The protocol's own fields nest at most 3 deep.
+/// inside containers, the map itself included). The protocol's own fields nest at most 3 deep;
+/// a deeper value is a protocol error, refused before it is decoded.
+///
+/// ```
+/// use pyvisor_protocol::{decode_worker_message, ProtocolError, MAX_MAP_DEPTH};
+/// // [4, {"x": [[[ ... nil ... ]]]}]: a beat whose map nests one level too deep
+/// let mut body = vec![0x92, 0x04, 0x81, 0xa1, b'x'];
+/// body.extend(std::iter::repeat(0x91).take(MAX_MAP_DEPTH));
+/// body.push(0xc0);
+/// let err = decode_worker_message(body.into()).unwrap_err();
+/// assert!(matches!(err, ProtocolError::BadField { message: "beat", .. }));
+/// assert!(err.to_string().contains("nests deeper than 32"));
+/// ```
 pub const MAX_MAP_DEPTH: usize = 32;
 
 /// Check the MessagePack value at the start of `rd` before it is decoded: it nests at most
@@ -662,6 +674,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn beat_with(value: &[u8]) -> Vec<u8> {
+        let mut body = vec![0x92, 0x04, 0x81, 0xa1, b'x'];
+        body.extend_from_slice(value);
+        body
+    }
+
+    #[test]
+    fn map_values_nest_at_most_max_map_depth() {
+        // The beat map is level 1: its value may add MAX_MAP_DEPTH - 1 levels.
+        let nested = |levels: usize| {
+            let mut v = vec![0x91; levels];
+            v.push(0xc0);
+            beat_with(&v)
+        };
+        assert!(matches!(
+            decode_worker_message(nested(MAX_MAP_DEPTH - 1).into()),
+            Ok(WorkerMessage::Beat(_))
+        ));
+        match decode_worker_message(nested(MAX_MAP_DEPTH).into()) {
+            Err(ProtocolError::BadField { message: "beat", field: "body", detail }) => {
+                assert!(detail.contains("nests deeper"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn map_values_declare_no_more_than_their_bytes_hold() {
+        for (value, what) in [
+            (&[0xdd, 0xff, 0xff, 0xff, 0xff][..], "array32"),
+            (&[0xdf, 0x00, 0x00, 0x00, 0x01, 0xc0][..], "map32 of one pair, one byte left"),
+            (&[0xdb, 0x00, 0x00, 0x00, 0x09, b'a'][..], "str32"),
+            (&[0xc6, 0xff, 0xff, 0xff, 0xff][..], "bin32"),
+            (&[0xc9, 0x00, 0x00, 0x00, 0x02, 0x01, 0x00][..], "ext32"),
+            (&[0xd8, 0x01][..], "fixext16 cut short"),
+            (&[0xcf, 0x01][..], "u64 cut short"),
+            (&[0xc1][..], "reserved byte"),
+            (&[][..], "nothing"),
+        ] {
+            match decode_worker_message(beat_with(value).into()) {
+                Err(ProtocolError::BadField { message: "beat", field: "body", .. }) => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Exactly as many bytes as declared is fine (unknown keys are ignored).
+        let ok = [0xdc, 0x00, 0x02, 0xc0, 0xc0];
+        assert!(matches!(decode_worker_message(beat_with(&ok).into()), Ok(WorkerMessage::Beat(_))));
     }
 
     #[test]
