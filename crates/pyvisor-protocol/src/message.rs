@@ -387,8 +387,8 @@ pub const MAX_MAP_DEPTH: usize = 32;
 /// takes at least one byte). Walks the value without allocating or recursing.
 ///
 /// Without this check, a 20-byte frame declaring 2³² elements made the parent preallocate
-/// 1 MiB (serde caps its preallocation there), and a frame nesting a thousand arrays
-/// overflowed the stack of the thread decoding it (rmp-serde recurses up to 1024 levels).
+/// 1 MiB (serde caps its preallocation there), and a frame nesting a thousand maps overflowed
+/// a 2 MiB thread stack in a debug build (rmp-serde recurses up to 1024 levels).
 fn check_map_value(mut rd: &[u8]) -> Result<(), String> {
     use rmp::Marker as M;
     fn take(rd: &mut &[u8], n: usize) -> Result<u64, String> {
