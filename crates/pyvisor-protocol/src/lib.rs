@@ -36,7 +36,7 @@
 mod frame;
 mod message;
 
-pub use frame::{frame_codec, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
+pub use frame::{frame_codec, FrameCodec, FrameError, DEFAULT_MAX_FRAME, LENGTH_PREFIX, READ_CHUNK};
 pub use message::*;
 
 /// The protocol version this crate speaks. A worker announcing another version is rejected.

@@ -365,11 +365,109 @@ fn read_u64(rd: &mut &[u8], message: &'static str, field: &'static str) -> Resul
     })
 }
 
+/// How deeply the maps of `hello`, `beat`, `pong` and a reply's error may nest (containers
+/// inside containers, the map itself included). The protocol's own fields nest at most 3 deep;
+/// a deeper value is a protocol error, refused before it is decoded.
+///
+/// ```
+/// use pyvisor_protocol::{decode_worker_message, ProtocolError, MAX_MAP_DEPTH};
+/// // [4, {"x": [[[ ... nil ... ]]]}]: a beat whose map nests one level too deep
+/// let mut body = vec![0x92, 0x04, 0x81, 0xa1, b'x'];
+/// body.extend(std::iter::repeat(0x91).take(MAX_MAP_DEPTH));
+/// body.push(0xc0);
+/// let err = decode_worker_message(body.into()).unwrap_err();
+/// assert!(matches!(err, ProtocolError::BadField { message: "beat", .. }));
+/// assert!(err.to_string().contains("nests deeper than 32"));
+/// ```
+pub const MAX_MAP_DEPTH: usize = 32;
+
+/// Check the MessagePack value at the start of `rd` before it is decoded: it nests at most
+/// [`MAX_MAP_DEPTH`] containers deep, and declares no more than its bytes can hold (every
+/// array, map, string, binary and extension length fits in the bytes that remain; each element
+/// takes at least one byte). Walks the value without allocating or recursing.
+///
+/// Without this check, a 20-byte frame declaring 2³² elements made the parent preallocate
+/// 1 MiB (serde caps its preallocation there), and a frame nesting a thousand maps overflowed
+/// a 2 MiB thread stack in a debug build (rmp-serde recurses up to 1024 levels).
+fn check_map_value(mut rd: &[u8]) -> Result<(), String> {
+    use rmp::Marker as M;
+    fn take(rd: &mut &[u8], n: usize) -> Result<u64, String> {
+        let (head, rest) = rd.split_at_checked(n).ok_or("value cut short")?;
+        *rd = rest;
+        Ok(head.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+    fn skip(rd: &mut &[u8], n: u64) -> Result<(), String> {
+        let n = usize::try_from(n).ok().filter(|&n| n <= rd.len());
+        let n = n.ok_or_else(|| format!("declares more bytes than the {} that remain", rd.len()))?;
+        *rd = &rd[n..];
+        Ok(())
+    }
+    // Values still to read in each open container; level 0 holds the value itself.
+    let mut remaining = [0u64; MAX_MAP_DEPTH + 1];
+    remaining[0] = 1;
+    let mut depth = 0;
+    // Values still to read in all; each needs at least one byte, so it may not exceed `rd.len()`.
+    let mut pending: u64 = 1;
+    loop {
+        while remaining[depth] == 0 {
+            if depth == 0 {
+                return Ok(());
+            }
+            depth -= 1;
+        }
+        remaining[depth] -= 1;
+        pending -= 1;
+        let marker = rmp::decode::read_marker(&mut rd).map_err(|_| "value cut short".to_string())?;
+        let (elements, bytes) = match marker {
+            M::FixPos(_) | M::FixNeg(_) | M::Null | M::True | M::False => (0, 0),
+            M::U8 | M::I8 => (0, 1),
+            M::U16 | M::I16 => (0, 2),
+            M::U32 | M::I32 | M::F32 => (0, 4),
+            M::U64 | M::I64 | M::F64 => (0, 8),
+            M::FixStr(n) => (0, u64::from(n)),
+            M::Str8 | M::Bin8 => (0, take(&mut rd, 1)?),
+            M::Str16 | M::Bin16 => (0, take(&mut rd, 2)?),
+            M::Str32 | M::Bin32 => (0, take(&mut rd, 4)?),
+            M::FixExt1 => (0, 2),
+            M::FixExt2 => (0, 3),
+            M::FixExt4 => (0, 5),
+            M::FixExt8 => (0, 9),
+            M::FixExt16 => (0, 17),
+            M::Ext8 => (0, take(&mut rd, 1)? + 1),
+            M::Ext16 => (0, take(&mut rd, 2)? + 1),
+            M::Ext32 => (0, take(&mut rd, 4)? + 1),
+            M::FixArray(n) => (u64::from(n), 0),
+            M::Array16 => (take(&mut rd, 2)?, 0),
+            M::Array32 => (take(&mut rd, 4)?, 0),
+            M::FixMap(n) => (2 * u64::from(n), 0),
+            M::Map16 => (2 * take(&mut rd, 2)?, 0),
+            M::Map32 => (2 * take(&mut rd, 4)?, 0),
+            M::Reserved => return Err("byte 0xc1 is not MessagePack".into()),
+        };
+        skip(&mut rd, bytes)?;
+        if elements > 0 {
+            if depth == MAX_MAP_DEPTH {
+                return Err(format!("nests deeper than {MAX_MAP_DEPTH} levels"));
+            }
+            depth += 1;
+            remaining[depth] = elements;
+            pending += elements;
+            if pending > rd.len() as u64 {
+                return Err(format!(
+                    "declares {pending} more values than the {} bytes that remain can hold",
+                    rd.len()
+                ));
+            }
+        }
+    }
+}
+
 fn read_map<T: for<'de> Deserialize<'de>>(
     rd: &mut &[u8],
     message: &'static str,
     field: &'static str,
 ) -> Result<T, ProtocolError> {
+    check_map_value(rd).map_err(|detail| ProtocolError::BadField { message, field, detail })?;
     // Reading through `&mut &[u8]` consumes exactly one value and advances the cursor.
     let mut de = rmp_serde::Deserializer::new(&mut *rd);
     T::deserialize(&mut de).map_err(|e| ProtocolError::BadField {
@@ -576,6 +674,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn beat_with(value: &[u8]) -> Vec<u8> {
+        let mut body = vec![0x92, 0x04, 0x81, 0xa1, b'x'];
+        body.extend_from_slice(value);
+        body
+    }
+
+    #[test]
+    fn map_values_nest_at_most_max_map_depth() {
+        // The beat map is level 1: its value may add MAX_MAP_DEPTH - 1 levels.
+        let nested = |levels: usize| {
+            let mut v = vec![0x91; levels];
+            v.push(0xc0);
+            beat_with(&v)
+        };
+        assert!(matches!(
+            decode_worker_message(nested(MAX_MAP_DEPTH - 1).into()),
+            Ok(WorkerMessage::Beat(_))
+        ));
+        match decode_worker_message(nested(MAX_MAP_DEPTH).into()) {
+            Err(ProtocolError::BadField { message: "beat", field: "body", detail }) => {
+                assert!(detail.contains("nests deeper"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn map_values_declare_no_more_than_their_bytes_hold() {
+        for (value, what) in [
+            (&[0xdd, 0xff, 0xff, 0xff, 0xff][..], "array32"),
+            (&[0xdf, 0x00, 0x00, 0x00, 0x01, 0xc0][..], "map32 of one pair, one byte left"),
+            (&[0xdb, 0x00, 0x00, 0x00, 0x09, b'a'][..], "str32"),
+            (&[0xc6, 0xff, 0xff, 0xff, 0xff][..], "bin32"),
+            (&[0xc9, 0x00, 0x00, 0x00, 0x02, 0x01, 0x00][..], "ext32"),
+            (&[0xd8, 0x01][..], "fixext16 cut short"),
+            (&[0xcf, 0x01][..], "u64 cut short"),
+            (&[0xc1][..], "reserved byte"),
+            (&[][..], "nothing"),
+        ] {
+            match decode_worker_message(beat_with(value).into()) {
+                Err(ProtocolError::BadField { message: "beat", field: "body", .. }) => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Exactly as many bytes as declared is fine (unknown keys are ignored).
+        let ok = [0xdc, 0x00, 0x02, 0xc0, 0xc0];
+        assert!(matches!(decode_worker_message(beat_with(&ok).into()), Ok(WorkerMessage::Beat(_))));
     }
 
     #[test]

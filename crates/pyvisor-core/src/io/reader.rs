@@ -6,7 +6,7 @@
 //! sink (replies to their callers, beats to the slot, `hello` to the actor).
 
 use futures::StreamExt;
-use pyvisor_protocol::{decode_worker_message, frame_codec, WorkerMessage};
+use pyvisor_protocol::{decode_worker_message, frame_codec, FrameError, WorkerMessage};
 use tokio::net::unix::OwnedReadHalf;
 use tokio_util::codec::FramedRead;
 
@@ -29,9 +29,8 @@ where
     loop {
         match framed.next().await {
             None => return ReadEnd::Eof,
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return ReadEnd::Protocol(format!("{e} (max_frame is {max_frame} bytes)"))
-            }
+            Some(Err(e @ FrameError::TooLong { .. })) => return ReadEnd::Protocol(e.to_string()),
+            // A frame cut short by the worker's death, or a failed read: the worker is gone.
             Some(Err(_)) => return ReadEnd::Eof,
             Some(Ok(frame)) => match decode_worker_message(frame.freeze()) {
                 Ok(m) => {
