@@ -3,7 +3,8 @@
 //! watchdogs) and now and then SIGSTOPs a ready worker (the heartbeat must declare it hung).
 //! The parent (this test process) must not grow: open fds, threads and RSS stay within small
 //! bounds of a baseline taken after a warm-up, no zombie children are left, no call is lost, and
-//! nothing of the pool outlives its shutdown.
+//! nothing of the pool outlives its shutdown. The load runs in periods of a minute; between two,
+//! the pool rests and the parent is measured again, so that a leak shows as a trend.
 //!
 //! Ignored in the normal suite (it runs for minutes). Run it with (docs/soak.md):
 //!
@@ -47,6 +48,8 @@ const HEARTBEAT_MISSED: u32 = 4;
 const KILL_EVERY: Duration = Duration::from_secs(2);
 /// Every this many monkey ticks, the tick SIGSTOPs a ready worker instead of a SIGKILL.
 const STOP_EVERY: u64 = 8;
+/// Load runs in periods this long; the pool rests and the parent is measured between two.
+const REST_EVERY: Duration = Duration::from_secs(60);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 // The bounds (docs/soak.md says why).
@@ -727,22 +730,39 @@ async fn soak_mixed_calls_recycling_and_kills_leak_nothing() {
     let baseline = settled_usage(&pool, Duration::from_secs(60)).await.expect("the pool settles after the warm-up (full strength, idle, no zombie)");
     eprintln!("[{:>4}s] baseline (pool at rest after the warm-up): {baseline}", started.elapsed().as_secs());
 
-    // Phase 2: the soak proper.
-    let rest_took = started.elapsed() - load_ran_before;
-    let load = Load::start(&pool, CALLERS, seed.rotate_left(7), &stats, &observed, &counts);
-    let soak_until = started.elapsed() + (total - warm_up);
-    while started.elapsed() < soak_until && observed.failed().is_none() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if started.elapsed() >= next_progress {
-            next_progress += PROGRESS_EVERY;
-            let u = usage();
-            max_zombies = max_zombies.max(u.zombies);
-            samples.push((started.elapsed(), u));
-            progress("soak", u);
+    // Phase 2: the soak proper, in periods of load; between two, the pool rests and the parent
+    // is measured (a leak shows as a trend in these measurements, load noise does not).
+    let mut load_ran = load_ran_before;
+    let mut rests: Vec<(Duration, Usage)> = vec![(load_ran, baseline)];
+    let mut period = 1u64;
+    while load_ran < total && observed.failed().is_none() {
+        let length = REST_EVERY.min(total - load_ran);
+        let period_started = Instant::now();
+        let load = Load::start(&pool, period * CALLERS, seed.rotate_left(7 * period as u32), &stats, &observed, &counts);
+        while period_started.elapsed() < length && observed.failed().is_none() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if started.elapsed() >= next_progress {
+                next_progress += PROGRESS_EVERY;
+                let u = usage();
+                max_zombies = max_zombies.max(u.zombies);
+                samples.push((started.elapsed(), u));
+                progress("soak", u);
+            }
+        }
+        load.stop(&mut records, &mut violations).await;
+        load_ran += period_started.elapsed();
+        period += 1;
+        if load_ran >= total {
+            break;
+        }
+        match settled_usage(&pool, Duration::from_secs(60)).await {
+            Some(u) => {
+                eprintln!("[{:>4}s] at rest after {load_ran:.0?} of load: {u}", started.elapsed().as_secs());
+                rests.push((load_ran, u));
+            }
+            None => violations.push(format!("the pool did not settle within 60 s after {load_ran:.0?} of load")),
         }
     }
-    load.stop(&mut records, &mut violations).await;
-    let load_ran = started.elapsed() - rest_took;
 
     // Rest, then measure: the best of a few settled measurements within 60 s (a leak does not
     // go away with time; a recycle in progress or an idle runtime thread does).
@@ -888,6 +908,8 @@ async fn soak_mixed_calls_recycling_and_kills_leak_nothing() {
         eprintln!("  parent end (at rest after the soak): {end}");
     }
     eprintln!("  parent after shutdown: {after}; max zombies seen in a sample: {max_zombies}");
+    let at_rest: Vec<String> = rests.iter().chain(end.map(|e| (load_ran, e)).as_ref()).map(|(t, u)| format!("{}s: {} fds, {} threads, {:.1} MiB", t.as_secs(), u.fds, u.threads, mib(u.rss_kib))).collect();
+    eprintln!("  parent at rest (after N s of load; malloc trimmed): {}", at_rest.join(" | "));
     let rss: Vec<String> = samples.iter().map(|(t, u)| format!("{}s:{:.0}", t.as_secs(), mib(u.rss_kib))).collect();
     eprintln!("  RSS samples under load (MiB): {}", rss.join(" "));
     let _ = std::fs::remove_dir_all(&dir);
