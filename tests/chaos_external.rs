@@ -10,12 +10,13 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::procs::{cmdline, comm, descendants, kill_listed, XorShift};
 use pyvisor::{CallError, CallOptions, DeathCertificate, Pool, PoolEvent};
 
 const WORKERS: usize = 4;
@@ -26,93 +27,6 @@ const DEFAULT_MAX_RETRIES: u32 = 2;
 
 /// Both tests' monkeys walk the same process tree (this process's): one test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-// ---------------------------------------------------------------------------------------------
-// The process tree, from /proc.
-
-/// What the monkey needs of `/proc/PID/stat`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Proc {
-    pid: u32,
-    ppid: u32,
-    state: char,
-    /// Start time in clock ticks after boot: with the pid, the process's identity.
-    start: u64,
-}
-
-fn read_proc(pid: u32) -> Option<Proc> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is parenthesised and may hold anything: fields start after the last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?; // field 3
-    let ppid = fields.next()?.parse().ok()?; // field 4
-    let start = fields.nth(17)?.parse().ok()?; // field 22
-    Some(Proc { pid, ppid, state, start })
-}
-
-fn is_zombie(p: &Proc) -> bool {
-    matches!(p.state, 'Z' | 'X')
-}
-
-/// Live (not zombie) processes below `root` (excluding `root`), by walking the ppid links of
-/// every process in /proc.
-fn descendants(root: u32) -> Vec<Proc> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut children: HashMap<u32, Vec<Proc>> = HashMap::new();
-    for p in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter_map(read_proc) {
-        children.entry(p.ppid).or_default().push(p);
-    }
-    let mut out = Vec::new();
-    let mut seen = HashSet::from([root]);
-    let mut stack = vec![root];
-    while let Some(parent) = stack.pop() {
-        for child in children.get(&parent).into_iter().flatten() {
-            if child.pid > 1 && seen.insert(child.pid) {
-                stack.push(child.pid);
-                if !is_zombie(child) {
-                    out.push(*child);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
-}
-
-/// SIGKILL exactly the process `p` was listed as: pinned with a pidfd, then checked to be still
-/// the same process (pid, parent and start time), so a pid reused since the listing is never
-/// signalled. Never signals pid <= 1 or this process. Returns whether the signal was sent (a
-/// process that is already gone is not an error).
-fn kill_listed(p: &Proc) -> bool {
-    let me = std::process::id();
-    if p.pid <= 1 || p.pid == me || p.ppid == 0 {
-        return false;
-    }
-    let still_it = || read_proc(p.pid).is_some_and(|now| now.ppid == p.ppid && now.start == p.start && !is_zombie(&now));
-    // SAFETY: plain syscalls on integers we own.
-    unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, p.pid as libc::pid_t, 0u32) as i32;
-        if fd < 0 {
-            // ESRCH: gone since the listing. ENOSYS (kernel < 5.3): plain kill after a re-check.
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) && still_it() {
-                return libc::kill(p.pid as libc::pid_t, libc::SIGKILL) == 0;
-            }
-            return false;
-        }
-        let sent = still_it()
-            && libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0u32) == 0;
-        libc::close(fd);
-        sent
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // What the pool reports.
@@ -239,22 +153,6 @@ impl Drop for Monkey {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// A small PRNG (xorshift64*): the victims differ from run to run; the seed is printed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn seeded() -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        XorShift((nanos ^ (u64::from(std::process::id()) << 32)) | 1)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
     }
 }
 
@@ -387,28 +285,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// Side effects: each non-idempotent call ran at most once; each one reported ok ran.
-fn check_side_effects(log: &Path, t: &Tally, violations: &mut Vec<String>) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut counts: HashMap<&str, u32> = HashMap::new();
-    for line in text.lines() {
-        *counts.entry(line).or_default() += 1;
-    }
-    let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(10).collect();
-    if !repeated.is_empty() {
-        violations.push(format!("non-idempotent calls ran more than once (token, runs): {repeated:?}"));
-    }
-    let missing: Vec<_> = t.recorded_ok.iter().filter(|tok| !counts.contains_key(tok.as_str())).take(10).collect();
-    if !missing.is_empty() {
-        violations.push(format!("non-idempotent calls reported ok without their side effect: {missing:?}"));
-    }
-    let issued: HashSet<&str> = t.issued_tokens.iter().map(String::as_str).collect();
-    let unknown: Vec<_> = counts.keys().filter(|tok| !issued.contains(*tok)).take(10).collect();
-    if !unknown.is_empty() {
-        violations.push(format!("side effects of calls never made: {unknown:?}"));
-    }
-}
-
 async fn external_chaos(retries: Retries) {
     let _serial = SERIAL.lock().await;
     common::logs();
@@ -472,7 +348,7 @@ async fn external_chaos(retries: Retries) {
     if observed.failed().is_none() && (tally.idempotent_ok < 100 || tally.recorded_ok.is_empty()) {
         violations.push(format!("too little load got through: {} idempotent ok, {} non-idempotent ok", tally.idempotent_ok, tally.recorded_ok.len()));
     }
-    check_side_effects(&log, &tally, &mut violations);
+    violations.extend(common::side_effects::check(&log, &tally.recorded_ok, &tally.issued_tokens));
     // Every death was one of the monkey's kills.
     let deaths = observed.deaths.lock().unwrap().clone();
     let not_kills: Vec<String> = deaths.iter().filter(|c| !external_kill(c)).take(5).map(|c| describe(c)).collect();

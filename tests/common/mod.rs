@@ -105,3 +105,5 @@ impl Events {
 }
 
 pub mod otel;
+pub mod procs;
+pub mod side_effects;
