@@ -4,6 +4,10 @@ RAW_MODE selects the misbehaviour:
 - ``batch_then_exit``: read ``RAW_BATCH`` calls, answer them all in one write, exit at once.
 - ``double_hello``: send a second hello (with another function table) on the first call.
 - ``deaf``: keep beating, but stop reading the socket after the first call (never answer it).
+- ``bad_hello``: a hello whose function table is not a list (a mistyped field).
+- ``stall_prefix``: on a call whose payload is ``"stall"``, send a length prefix announcing ``PYVISOR_MAX_FRAME``
+  bytes and a few bytes of body, then nothing more (no beat can follow inside a frame).
+- ``flood``: beat as fast as the socket takes it, and answer calls meanwhile.
 """
 
 import os
@@ -72,8 +76,18 @@ def hello(functions):
     }])
 
 
+def flood():
+    seq = 0
+    while True:
+        seq += 1
+        send([4, {"seq": seq, "rss": 1 << 20, "in_progress": [], "served": 0}])
+
+
+if mode == "bad_hello":
+    send([0, {"protocol": config.protocol or 2, "pid": os.getpid(), "adapter": "raw", "python": "3", "functions": 5}])
+    time.sleep(3600)
 hello(["echo"])
-threading.Thread(target=beats, daemon=True).start()
+threading.Thread(target=flood if mode == "flood" else beats, daemon=True).start()
 
 batch = []
 while True:
@@ -97,6 +111,11 @@ while True:
         continue
     if mode == "double_hello":
         hello(["echo", "evil"])
+    if mode == "stall_prefix" and payload == "stall":
+        with lock:
+            sock.sendall(struct.pack(">I", config.max_frame) + b"\x92\x02")
+            while True:  # the lock stays taken: the beats stop too
+                time.sleep(3600)
     if mode == "deaf":
         # Beats go on; the socket is never read again.
         while True:

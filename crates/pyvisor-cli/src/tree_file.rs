@@ -148,9 +148,15 @@ impl Ctx<'_> {
 fn secs(field: &str, v: Option<f64>, at: &str) -> Result<Option<Duration>, String> {
     match v {
         None => Ok(None),
-        Some(s) => Duration::try_from_secs_f64(s)
-            .map(Some)
-            .map_err(|_| format!("{at}: `{field}` must be a non-negative number of seconds, got {s}")),
+        Some(s) => match Duration::try_from_secs_f64(s) {
+            // Longer would overflow a deadline computed from it, later, in a worker or a call.
+            Ok(d) if d > pyvisor_core::MAX_DURATION => Err(format!(
+                "{at}: `{field}` is too long: {s} seconds (at most {} days)",
+                pyvisor_core::MAX_DURATION.as_secs() / 86_400
+            )),
+            Ok(d) => Ok(Some(d)),
+            Err(_) => Err(format!("{at}: `{field}` must be a non-negative number of seconds, got {s}")),
+        },
     }
 }
 
@@ -346,6 +352,16 @@ strategy = "rest_for_one"
         let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"b\"\n").unwrap_err();
         assert!(e.contains("line 7") && e.contains("duplicate"), "{e}");
         assert!(parse_str("[supervisor\n").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn durations_too_long_for_the_clock_name_the_field() {
+        let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a.py\"\ncall_timeout_secs = 1e19\n").unwrap_err();
+        assert!(e.contains("call_timeout_secs") && e.contains("too long"), "{e}");
+        let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\nperiod_secs = 1e30\n").unwrap_err();
+        assert!(e.contains("period_secs"), "{e}");
+        let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a.py\"\ncall_timeout_secs = -1\n").unwrap_err();
+        assert!(e.contains("call_timeout_secs") && e.contains("non-negative"), "{e}");
     }
 
     const POOL: &str = "[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a.py\"\n";

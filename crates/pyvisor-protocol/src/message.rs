@@ -469,11 +469,19 @@ fn read_map<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, ProtocolError> {
     check_map_value(rd).map_err(|detail| ProtocolError::BadField { message, field, detail })?;
     // Reading through `&mut &[u8]` consumes exactly one value and advances the cursor.
+    let start: &[u8] = rd;
     let mut de = rmp_serde::Deserializer::new(&mut *rd);
-    T::deserialize(&mut de).map_err(|e| ProtocolError::BadField {
-        message,
-        field,
-        detail: e.to_string(),
+    T::deserialize(&mut de).map_err(|e| {
+        // Decode again, on the error path only, to name the key that failed (`functions`).
+        let mut again: &[u8] = start;
+        let mut de = rmp_serde::Deserializer::new(&mut again);
+        let detail = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Err(traced) if !traced.path().to_string().is_empty() && traced.path().to_string() != "?" => {
+                format!("`{}`: {e}", traced.path())
+            }
+            _ => e.to_string(),
+        };
+        ProtocolError::BadField { message, field, detail }
     })
 }
 
