@@ -384,21 +384,7 @@ async fn external_chaos(retries: Retries) {
 
     // Nothing outlives the shutdown.
     pool.shutdown().await;
-    let gone = common::eventually(Duration::from_secs(15), || descendants(me).is_empty()).await;
-    if !gone {
-        let left: Vec<String> = descendants(me).iter().map(|p| format!("{} ({}, {})", p.pid, comm(p.pid), cmdline(p.pid).trim())).collect();
-        violations.push(format!("processes of the pool left 15 s after shutdown: {left:?}"));
-        for p in descendants(me) {
-            kill_listed(&p);
-        }
-    }
-    let escaped = common::processes_of_run(pyvisor::run_id());
-    if !escaped.is_empty() {
-        violations.push(format!("processes of this run (outside the tree) left after shutdown: {escaped:?}"));
-        for pid in escaped {
-            common::signal(pid, libc::SIGKILL);
-        }
-    }
+    violations.extend(common::procs::leftovers_after_shutdown(me).await);
 
     eprintln!(
         "external chaos ({retries:?}): {:.1?} of chaos, kills {} {kills:?}; idempotent ok {}, crashed {}; non-idempotent ok {}, crashed {}; deaths {}, retried {}; full strength {full_strength:.1?} after the last kill",

@@ -888,21 +888,7 @@ async fn soak_mixed_calls_recycling_and_kills_leak_nothing() {
     // --- Nothing outlives the shutdown; the pool's fds are closed.
     pool.shutdown().await;
     drop(pool);
-    let gone = common::eventually(Duration::from_secs(15), || descendants(me).is_empty()).await;
-    if !gone {
-        let left: Vec<String> = descendants(me).iter().map(|p| format!("{} ({}, {}, state {})", p.pid, comm(p.pid), cmdline(p.pid).trim(), p.state)).collect();
-        violations.push(format!("processes of the pool left 15 s after shutdown: {left:?}"));
-        for p in descendants(me) {
-            kill_listed(&p);
-        }
-    }
-    let escaped = common::processes_of_run(pyvisor::run_id());
-    if !escaped.is_empty() {
-        violations.push(format!("processes of this run (outside the tree) left after shutdown: {escaped:?}"));
-        for pid in escaped {
-            common::signal(pid, libc::SIGKILL);
-        }
-    }
+    violations.extend(common::procs::leftovers_after_shutdown(me).await);
     let no_zombies = common::eventually(Duration::from_secs(10), || zombie_children(me).is_empty()).await;
     if !no_zombies {
         violations.push(format!("zombie children after shutdown: {:?}", zombie_children(me)));

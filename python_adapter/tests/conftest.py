@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -227,3 +228,23 @@ def spawn(write_script: Callable[[str, str], Path]) -> Iterator[SpawnFn]:
 def worker(spawn: SpawnFn) -> FakeParent:
     """The kitchen-sink worker with a 100 ms beat."""
     return spawn(beat_interval_ms=100)
+
+
+class RespawningWorker:
+    """One worker process for a property test, spawned on first use and again after it exits
+    (a protocol error ends it); ``ids`` hands out call ids the worker has never seen."""
+
+    def __init__(self, script: Path) -> None:
+        self.script = script
+        self.parent: Optional[FakeParent] = None
+        self.ids: Iterator[int] = itertools.count(1)
+
+    def get(self) -> FakeParent:
+        if self.parent is None:
+            self.parent = FakeParent.spawn(self.script, beat_interval_ms=60_000)
+        return self.parent
+
+    def close(self) -> None:
+        if self.parent is not None:
+            self.parent.close(timeout=10)
+            self.parent = None

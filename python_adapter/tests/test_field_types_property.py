@@ -3,9 +3,8 @@ is a protocol error (exit 3, no traceback); nothing else."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -14,7 +13,8 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pyvisor_worker.testing import FakeParent, WorkerExited  # noqa: E402
+from conftest import RespawningWorker  # noqa: E402
+from pyvisor_worker.testing import WorkerExited  # noqa: E402
 
 WORKER = """
 from pyvisor_worker import Context, expose, run_worker
@@ -101,30 +101,11 @@ def _well_typed(f: Dict[str, Any]) -> bool:
     )
 
 
-class _Worker:
-    """One worker, respawned after each protocol error."""
-
-    def __init__(self, script: Path) -> None:
-        self.script = script
-        self.parent: Optional[FakeParent] = None
-        self.ids: Iterator[int] = itertools.count(1)
-
-    def get(self) -> FakeParent:
-        if self.parent is None:
-            self.parent = FakeParent.spawn(self.script, beat_interval_ms=60_000)
-        return self.parent
-
-    def close(self) -> None:
-        if self.parent is not None:
-            self.parent.close(timeout=10)
-            self.parent = None
-
-
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[_Worker]:
+def workers(tmp_path: Path) -> Iterator[RespawningWorker]:
     script = tmp_path / "probe_worker.py"
     script.write_text(WORKER)
-    w = _Worker(script)
+    w = RespawningWorker(script)
     yield w
     w.close()
 
@@ -137,7 +118,7 @@ def workers(tmp_path: Path) -> Iterator[_Worker]:
 )
 @given(fields=call_fields())
 def test_random_call_frames_run_or_are_protocol_errors(
-    workers: _Worker, fields: Dict[str, Any]
+    workers: RespawningWorker, fields: Dict[str, Any]
 ) -> None:
     fields = dict(fields)
     parent = workers.get()

@@ -34,7 +34,8 @@ from pyvisor_worker._dispatch import Dispatcher  # noqa: E402
 from pyvisor_worker._framing import new_packer  # noqa: E402
 from pyvisor_worker._registry import FunctionSpec  # noqa: E402
 from pyvisor_worker._state import Call, WorkerState  # noqa: E402
-from pyvisor_worker.testing import FakeParent, WorkerExited  # noqa: E402
+from conftest import RespawningWorker  # noqa: E402
+from pyvisor_worker.testing import WorkerExited  # noqa: E402
 
 MAX_FRAME = 4096
 #: A small initial buffer, so that growing and shrinking are exercised.
@@ -331,29 +332,11 @@ if __name__ == "__main__":
 """
 
 
-class _Worker:
-    """One worker process, respawned after it exits."""
-
-    def __init__(self, script: Path) -> None:
-        self.script = script
-        self.parent: Optional[FakeParent] = None
-
-    def get(self) -> FakeParent:
-        if self.parent is None:
-            self.parent = FakeParent.spawn(self.script, beat_interval_ms=60_000)
-        return self.parent
-
-    def close(self) -> None:
-        if self.parent is not None:
-            self.parent.close(timeout=10)
-            self.parent = None
-
-
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[_Worker]:
+def worker(tmp_path: Path) -> Iterator[RespawningWorker]:
     script = tmp_path / "echo_worker.py"
     script.write_text(WORKER)
-    w = _Worker(script)
+    w = RespawningWorker(script)
     yield w
     w.close()
 
@@ -365,7 +348,7 @@ def worker(tmp_path: Path) -> Iterator[_Worker]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(msg=_message)
-def test_a_real_worker_survives_or_exits_cleanly(worker: _Worker, msg: Any) -> None:
+def test_a_real_worker_survives_or_exits_cleanly(worker: RespawningWorker, msg: Any) -> None:
     parent = worker.get()
     if type(msg) is list and len(msg) == 8 and msg[0] == 1 and _uint(msg[1]):
         # FakeParent numbers its own calls from 1: keep the random call's id apart from them.

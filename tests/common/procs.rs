@@ -127,3 +127,26 @@ impl XorShift {
         (self.next() % n as u64) as usize
     }
 }
+
+/// After a pool's shutdown: what of it is left — processes below `root` (after up to 15 s) and
+/// processes carrying this run's marker anywhere — each killed. One line per kind of leftover;
+/// empty when nothing outlived the shutdown.
+pub async fn leftovers_after_shutdown(root: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    if !super::eventually(std::time::Duration::from_secs(15), || descendants(root).is_empty()).await {
+        let left: Vec<String> =
+            descendants(root).iter().map(|p| format!("{} ({}, {}, state {})", p.pid, comm(p.pid), cmdline(p.pid).trim(), p.state)).collect();
+        found.push(format!("processes of the pool left 15 s after shutdown: {left:?}"));
+        for p in descendants(root) {
+            kill_listed(&p);
+        }
+    }
+    let escaped = super::processes_of_run(pyvisor::run_id());
+    if !escaped.is_empty() {
+        found.push(format!("processes of this run (outside the tree) left after shutdown: {escaped:?}"));
+        for pid in escaped {
+            super::signal(pid, libc::SIGKILL);
+        }
+    }
+    found
+}
