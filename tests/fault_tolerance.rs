@@ -357,6 +357,10 @@ async fn chaos_points_kill_before_or_after_the_side_effect() {
         common::spec("faults.py")
             .workers(1)
             .heartbeat_interval(Duration::from_millis(100))
+            // Allocating 200 MiB holds the GIL (no beats): on a loaded machine that took over
+            // the default 5 missed beats, and the worker was declared hung before its memory
+            // was measured. The hang is not what this test is about.
+            .heartbeat_max_missed(30)
             .taint_window(Duration::ZERO)
             .env("SIDE_EFFECT_LOG", log.to_str().unwrap())
             .recycle(RecyclePolicy::default().memory_limits(None, Some(150 << 20))),
