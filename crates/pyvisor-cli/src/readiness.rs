@@ -64,37 +64,37 @@ impl Readiness {
     /// Boxed by hand: it recurses, and the notifier runs it on a spawned (`Send`) task.
     fn walk<'a>(&'a mut self, tree: &'a Tree) -> Pin<Box<dyn Future<Output = Result<(), SupervisorError>> + Send + 'a>> {
         Box::pin(async move {
-        for c in tree.children().await? {
-            match (c.kind, &c.state) {
-                ("pool", ChildState::Running) => match tree.pool(&c.id) {
-                    Some(pool) => {
-                        let s = pool.status().await;
-                        self.pools.push(PoolReadiness {
-                            path: c.path,
-                            ready: s.ready(),
-                            workers: s.workers.len(),
-                            min_ready: s.min_ready,
-                            down: s.closed.then(|| "closed".to_string()),
-                        });
-                    }
-                    None => self.pools.push(PoolReadiness { path: c.path, ready: 0, workers: 0, min_ready: 1, down: Some("not registered".into()) }),
-                },
-                ("pool", state) => {
-                    self.pools.push(PoolReadiness { path: c.path, ready: 0, workers: 0, min_ready: 1, down: Some(describe(state)) })
-                }
-                ("supervisor", ChildState::Running) => match tree.subtree(&c.id) {
-                    Some(sub) => {
-                        if let Err(e) = self.walk(&sub).await {
-                            self.supervisors_down.push((c.path, e.to_string()));
+            for c in tree.children().await? {
+                match (c.kind, &c.state) {
+                    ("pool", ChildState::Running) => match tree.pool(&c.id) {
+                        Some(pool) => {
+                            let s = pool.status().await;
+                            self.pools.push(PoolReadiness {
+                                path: c.path,
+                                ready: s.ready(),
+                                workers: s.workers.len(),
+                                min_ready: s.min_ready,
+                                down: s.closed.then(|| "closed".to_string()),
+                            });
                         }
+                        None => self.pools.push(PoolReadiness { path: c.path, ready: 0, workers: 0, min_ready: 1, down: Some("not registered".into()) }),
+                    },
+                    ("pool", state) => {
+                        self.pools.push(PoolReadiness { path: c.path, ready: 0, workers: 0, min_ready: 1, down: Some(describe(state)) })
                     }
-                    None => self.supervisors_down.push((c.path, "not registered".into())),
-                },
-                ("supervisor", state) => self.supervisors_down.push((c.path, describe(state))),
-                _ => {} // user actors: neither a supervisor nor a pool
+                    ("supervisor", ChildState::Running) => match tree.subtree(&c.id) {
+                        Some(sub) => {
+                            if let Err(e) = self.walk(&sub).await {
+                                self.supervisors_down.push((c.path, e.to_string()));
+                            }
+                        }
+                        None => self.supervisors_down.push((c.path, "not registered".into())),
+                    },
+                    ("supervisor", state) => self.supervisors_down.push((c.path, describe(state))),
+                    _ => {} // user actors: neither a supervisor nor a pool
+                }
             }
-        }
-        Ok(())
+            Ok(())
         })
     }
 
