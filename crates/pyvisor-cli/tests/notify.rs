@@ -146,6 +146,17 @@ impl Manager {
         }
     }
 
+    /// Wait (a guard) until `n` lines equal to `line` arrived from index `from` on.
+    fn wait_count(&mut self, what: &str, from: usize, line: &str, n: usize, limit: Duration) {
+        let start = Instant::now();
+        while self.count_from(from, line) < n {
+            assert!(start.elapsed() < limit, "no {what} within {limit:?}; got {:?}", &self.lines[from..]);
+            if let Ok(l) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                self.lines.push(l);
+            }
+        }
+    }
+
     fn drain(&mut self) {
         self.lines.extend(self.rx.try_iter());
     }
@@ -238,13 +249,12 @@ strategy = "one_for_one"
         assert!(vars.is_empty(), "worker {pid} inherited {vars:?}");
     }
 
-    // WATCHDOG_USEC = 1 s: pings every half second while the tree is alive (3 s: ~6 pings;
-    // asking for 3 leaves room for a loaded machine).
+    // WATCHDOG_USEC = 1 s: pings every half second while the tree is alive. Three more after
+    // READY=1 (the guard is generous: a loaded machine may miss some walks' deadlines).
     let after_ready = manager.lines.len();
-    std::thread::sleep(Duration::from_secs(3));
-    manager.drain();
-    let pings = manager.count_from(after_ready, "WATCHDOG=1");
-    assert!(pings >= 3, "{pings} pings in 3 s with WATCHDOG_USEC=1s: {:?}", &manager.lines[after_ready..]);
+    let waiting = Instant::now();
+    manager.wait_count("3 pings after READY=1", after_ready, "WATCHDOG=1", 3, Duration::from_secs(20));
+    eprintln!("3 pings in {:?} with WATCHDOG_USEC=1s", waiting.elapsed());
 
     sigterm(&child);
     let stopping = manager.wait_for("STOPPING=1", Duration::from_secs(30), |l| l == "STOPPING=1");
