@@ -2,6 +2,8 @@
 
 mod bench;
 mod chaos;
+mod notify;
+mod readiness;
 mod run;
 mod tree_file;
 mod value;
@@ -56,6 +58,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. }) {
+        // Before any thread starts: it takes systemd's variables out of the environment.
+        notify::capture_env();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,5 +1,7 @@
 //! `pyvisor run TREE.toml`: start a supervision tree, show a live status table and lifecycle
-//! events until Ctrl-C (or SIGTERM), then shut the tree down in order.
+//! events until Ctrl-C (or SIGTERM), then shut the tree down in order. Under systemd
+//! (`NOTIFY_SOCKET`), `notify` tells the service manager when the tree is ready, alive and
+//! stopping.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -13,7 +15,7 @@ use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::tree_file;
+use crate::{notify, tree_file};
 
 /// Hosts the tree, so its failure reaches us as an ordinary supervision event.
 struct Host;
@@ -170,6 +172,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let sd = notify::Notifier::from_captured_env();
+    sd.status("starting the tree");
+    let shutdown_budget = spec.shutdown_budget();
     let (host_tx, mut host_rx) = mpsc::unbounded_channel();
     let (host, host_join) = match Actor::spawn(None, Host, host_tx).await {
         Ok(h) => h,
@@ -185,11 +190,13 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
                 println!("{line}");
             }
             eprintln!("error: the tree did not start: {e}");
+            sd.status(&format!("the tree did not start: {e}"));
             host.stop(None);
             return ExitCode::from(1);
         }
     };
     println!("tree `{}` started; Ctrl-C stops it", file.display());
+    let _watch = sd.watch(tree.clone());
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -212,6 +219,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             }
             Some(line) = host_rx.recv() => {
                 println!("{line}");
+                sd.tree_failed(&line);
                 break ExitCode::from(1);
             }
             _ = tick.tick() => {
@@ -226,7 +234,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
         }
     };
     println!("stopping the tree (children in reverse order)...");
+    let draining = sd.stopping(shutdown_budget);
     tree.shutdown().await;
+    drop(draining);
     while let Ok(line) = ev_rx.try_recv() {
         println!("event: {line}");
     }

@@ -134,7 +134,7 @@ impl RouterState {
     async fn start_recycles(&mut self, myself: &ActorRef<RouterMsg>) {
         let spec = &self.shared.spec;
         let max = spec.recycle.max_concurrent;
-        let min_ready = spec.recycle.min_ready.unwrap_or_else(|| spec.workers.saturating_sub(1).max(1));
+        let min_ready = spec.recycle.min_ready_for(spec.workers);
         while !self.shutting_down && self.recycling.len() < max {
             let Some((old, reason)) = self.pending_recycles.pop_front() else { break };
             let Some(m) = self.members.get(&old) else { continue };
@@ -194,6 +194,7 @@ impl RouterState {
         PoolStatus {
             name: self.shared.name.to_string(),
             workers,
+            min_ready: self.shared.spec.recycle.min_ready_for(self.shared.spec.workers),
             queued: self.shared.dispatch.len(),
             closed: self.shared.is_closed(),
             retried: self.shared.stats.retried.load(std::sync::atomic::Ordering::Relaxed),

@@ -87,6 +87,9 @@ pub struct PoolStatus {
     pub name: String,
     /// One entry per position.
     pub workers: Vec<WorkerStatus>,
+    /// Ready workers the pool needs to count as ready (its `min_ready` in force, see
+    /// [`crate::RecyclePolicy::min_ready_for`]).
+    pub min_ready: usize,
     /// Calls waiting for a free worker.
     pub queued: usize,
     /// Whether the pool is closed (shut down or failed).
@@ -105,5 +108,10 @@ impl PoolStatus {
     /// Workers in the `Ready` state.
     pub fn ready(&self) -> usize {
         self.workers.iter().filter(|w| w.state == WorkerState::Ready).count()
+    }
+
+    /// The pool takes calls and has at least `min_ready` ready workers.
+    pub fn is_ready(&self) -> bool {
+        !self.closed && self.ready() >= self.min_ready
     }
 }

@@ -300,6 +300,7 @@ impl Pool {
             _ => PoolStatus {
                 name: inner.shared.name.to_string(),
                 workers: Vec::new(),
+                min_ready: inner.shared.spec.recycle.min_ready_for(inner.shared.spec.workers),
                 queued: inner.shared.dispatch.len(),
                 closed: true,
                 retried: 0,

@@ -192,6 +192,31 @@ impl SupervisorSpec {
         &self.name
     }
 
+    /// The sum of the children's shutdown timeouts (a brutal kill counts as none): how long an
+    /// orderly [`super::Tree::shutdown`] of this supervisor may wait for its children, one after
+    /// the other, before it kills the last one. A nested supervisor's own timeout bounds its
+    /// whole subtree, so only this supervisor's children count.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pyvisor_core::supervisor::{ChildSpec, Shutdown, Strategy, SupervisorSpec};
+    /// use pyvisor_core::PoolSpec;
+    /// let tree = SupervisorSpec::new("root", Strategy::OneForOne)
+    ///     .child(ChildSpec::pool("a", PoolSpec::script("a.py")))
+    ///     .child(ChildSpec::pool("b", PoolSpec::script("b.py")).shutdown(Shutdown::Timeout(Duration::from_secs(4))))
+    ///     .child(ChildSpec::pool("c", PoolSpec::script("c.py")).shutdown(Shutdown::Brutal));
+    /// assert_eq!(tree.shutdown_budget(), Duration::from_secs(15 + 4));
+    /// ```
+    pub fn shutdown_budget(&self) -> Duration {
+        self.children
+            .iter()
+            .map(|c| match c.shutdown {
+                Shutdown::Timeout(d) => d,
+                Shutdown::Brutal => Duration::ZERO,
+            })
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
     /// Every duration of this supervisor and of its children's shutdowns must fit the clock's
     /// arithmetic (at most [`crate::MAX_DURATION`]); nested supervisors are checked when they
     /// start, pools by [`crate::Pool::start`].
