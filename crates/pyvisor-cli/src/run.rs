@@ -2,6 +2,7 @@
 //! events until Ctrl-C (or SIGTERM), then shut the tree down in order.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use pyvisor_core::ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use pyvisor_core::supervisor::{ChildState, Tree};
+use pyvisor_cli::http;
 use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
@@ -148,7 +150,7 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
+pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>) -> ExitCode {
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
@@ -170,6 +172,20 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `--http`: listening before the tree starts (liveness passes while workers load).
+    let endpoints = match http_addr {
+        Some(addr) => match http::bind(addr).await {
+            Ok(server) => {
+                println!("http: listening on {}", server.local_addr());
+                Some(server)
+            }
+            Err(e) => {
+                eprintln!("error: --http: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let (host_tx, mut host_rx) = mpsc::unbounded_channel();
     let (host, host_join) = match Actor::spawn(None, Host, host_tx).await {
         Ok(h) => h,
@@ -189,6 +205,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(e) = &endpoints {
+        e.attach(tree.clone());
+    }
     println!("tree `{}` started; Ctrl-C stops it", file.display());
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
@@ -226,12 +245,18 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
         }
     };
     println!("stopping the tree (children in reverse order)...");
+    if let Some(e) = &endpoints {
+        e.stopping();
+    }
     tree.shutdown().await;
     while let Ok(line) = ev_rx.try_recv() {
         println!("event: {line}");
     }
     host.stop(None);
     let _ = host_join.await;
+    if let Some(e) = endpoints {
+        e.shutdown().await;
+    }
     println!("stopped");
     code
 }

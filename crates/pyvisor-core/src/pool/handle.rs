@@ -108,7 +108,7 @@ impl Pool {
             })
             .await;
         let shared = Arc::new(PoolShared::new(spec, python));
-        crate::observe::metrics::register_pool(&shared);
+        crate::observe::prometheus::register_pool(&shared);
         let (tx, rx) = oneshot::channel();
         let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };
         let spawned = match supervisor {
@@ -306,6 +306,8 @@ impl Pool {
                 poisoned: 0,
                 crashes: 0,
                 recycles: 0,
+                min_ready: inner.shared.spec.min_ready_count(),
+                last_deaths: inner.shared.last_deaths(),
             },
         }
     }
