@@ -3,14 +3,14 @@
 //!
 //! This module owns the listener, the four routes and their answers, nothing else: what
 //! *ready* means is the core's ([`Tree::readiness`]), the status JSON is the core's
-//! [`TreeStatus`](pyvisor_core::supervisor::TreeStatus), and the metrics are the core's
+//! [`TreeStatus`], and the metrics are the core's
 //! plain-value snapshot ([`pyvisor_core::metrics`]).
 //!
 //! | route | answer |
 //! |---|---|
 //! | [`HEALTHZ`] | `200 ok`: the process is alive and serving |
 //! | [`READYZ`] | `200 ready` when the tree is ready; `503` with one reason per line otherwise (also while the tree is starting or stopping) |
-//! | [`STATUS`] | `200` and the tree as JSON (`ready`, `reasons`, then [`TreeStatus`](pyvisor_core::supervisor::TreeStatus)'s fields); `503` while starting or when the tree does not answer |
+//! | [`STATUS`] | `200` and the tree as JSON (`ready`, `reasons`, then [`TreeStatus`]'s fields); `503` while starting or when the tree does not answer |
 //! | [`METRICS`] | `200` and every metric in the Prometheus text format |
 //!
 //! The endpoints answer from [`bind`] on, before a tree is attached ([`Server::attach`]): a

@@ -87,6 +87,9 @@ struct PromSample {
     value: f64,
 }
 
+/// Label pairs without `le`, in order: one histogram series.
+type Labels = Vec<(String, String)>;
+
 #[derive(Debug, Default)]
 struct Exposition {
     types: HashMap<String, String>,
@@ -162,7 +165,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
             continue;
         }
         // name{label="value",...} value [timestamp]
-        let name_end = line.find(|c: char| c == '{' || c == ' ').ok_or_else(|| at("no value".into()))?;
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
         let name = &line[..name_end];
         if !is_metric_name(name) {
             return Err(at("bad metric name".into()));
@@ -234,7 +237,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         if kind != "histogram" {
             continue;
         }
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for s in e.samples.iter().filter(|s| s.name == format!("{base}_bucket")) {
             let le = parse_value(s.labels.get("le").ok_or("a bucket without le")?)?;
             let key = s.labels.iter().filter(|(k, _)| *k != "le").map(|(k, v)| (k.clone(), v.clone())).collect();
