@@ -516,3 +516,59 @@ async fn metrics_count_the_calls_made_through_the_tree() {
     server.shutdown().await;
     assert!(c.get(format!("{base}{HEALTHZ}")).send().await.is_err(), "the endpoints stopped listening");
 }
+
+/// A tree file with one `basic.py` pool, in a directory of its own.
+fn basic_tree(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pyvisor-http-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tree = dir.join("tree.toml");
+    let text = format!("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"p\"\nscript = \"{}\"\nworkers = 1\n", worker("basic.py"));
+    std::fs::write(&tree, text).unwrap();
+    tree
+}
+
+fn run_with_http(tree: &std::path::Path, http: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pyvisor"));
+    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn").args(["run", &tree.to_string_lossy(), "--http", http]).stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn run_refuses_a_bad_or_taken_address_before_starting_anything() {
+    let tree = basic_tree("refuse");
+    let out = run_with_http(&tree, "localhost").output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not an address"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = run_with_http(&tree, &format!("127.0.0.1:{port}")).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(!stdout.contains("started") && !err.contains("worker spawned"), "nothing starts: {stdout}\n{err}");
+    let _ = std::fs::remove_dir_all(tree.parent().unwrap());
+}
+
+#[test]
+fn a_bare_port_listens_on_loopback() {
+    let tree = basic_tree("bare");
+    let mut run = Run(run_with_http(&tree, "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("runs"));
+    let lines = lines_of(&mut run.0);
+    let line = loop {
+        let l = lines.recv_timeout(Duration::from_secs(60)).expect("the listening line");
+        if l.starts_with("http: listening on ") {
+            break l;
+        }
+    };
+    let addr: std::net::SocketAddr = line["http: listening on ".len()..].parse().expect("an address");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    assert_eq!(unsafe { libc::kill(run.0.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    while run.0.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(60), "`pyvisor run` did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(tree.parent().unwrap());
+}
