@@ -1,5 +1,6 @@
 //! `pyvisor run TREE.toml`: start a supervision tree, show a live status table and lifecycle
-//! events until Ctrl-C (or SIGTERM), then shut the tree down in order.
+//! events until Ctrl-C (or SIGTERM), then shut the tree down in order. With `--http`, the
+//! endpoints of `pyvisor_cli::http`, listening from before the tree starts.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
