@@ -53,6 +53,10 @@ enum Command {
     Run {
         /// The tree file (see docs/supervision.md and examples/tree.toml).
         tree: PathBuf,
+        /// Serve /healthz, /readyz, /status and /metrics on PORT (127.0.0.1) or IP:PORT
+        /// (docs/operations.md, "Endpoints"). Off unless given.
+        #[arg(long, value_name = "[IP:]PORT", value_parser = pyvisor_cli::http::parse_addr)]
+        http: Option<std::net::SocketAddr>,
     },
 }
 
@@ -82,7 +86,7 @@ fn main() -> ExitCode {
             Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
-            Command::Run { tree } => run::run(interpreter, tree).await,
+            Command::Run { tree, http } => run::run(interpreter, tree, http).await,
             Command::Chaos(args) => chaos::run(interpreter, args).await,
         };
         // Flush while the runtime still drives the exporters (on a blocking thread: the HTTP

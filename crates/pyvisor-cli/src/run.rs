@@ -1,9 +1,11 @@
 //! `pyvisor run TREE.toml`: start a supervision tree, show a live status table and lifecycle
 //! events until Ctrl-C (or SIGTERM), then shut the tree down in order. Under systemd
 //! (`NOTIFY_SOCKET`), `notify` tells the service manager when the tree is ready, alive and
-//! stopping.
+//! stopping. With `--http`, the endpoints of `pyvisor_cli::http`, listening from before the
+//! tree starts.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use pyvisor_core::ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use pyvisor_core::supervisor::{ChildState, Tree};
+use pyvisor_cli::http;
 use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
@@ -150,7 +153,7 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
+pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>) -> ExitCode {
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
@@ -175,6 +178,20 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
     let sd = notify::Notifier::from_captured_env();
     sd.status("starting the tree");
     let shutdown_budget = spec.shutdown_budget();
+    // `--http`: listening before the tree starts (liveness passes while workers load).
+    let endpoints = match http_addr {
+        Some(addr) => match http::bind(addr).await {
+            Ok(server) => {
+                println!("http: listening on {}", server.local_addr());
+                Some(server)
+            }
+            Err(e) => {
+                eprintln!("error: --http: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let (host_tx, mut host_rx) = mpsc::unbounded_channel();
     let (host, host_join) = match Actor::spawn(None, Host, host_tx).await {
         Ok(h) => h,
@@ -195,6 +212,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(e) = &endpoints {
+        e.attach(tree.clone());
+    }
     println!("tree `{}` started; Ctrl-C stops it", file.display());
     let _watch = sd.watch(tree.clone());
     let tty = std::io::stdout().is_terminal();
@@ -235,6 +255,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
     };
     println!("stopping the tree (children in reverse order)...");
     let draining = sd.stopping(shutdown_budget);
+    if let Some(e) = &endpoints {
+        e.stopping();
+    }
     tree.shutdown().await;
     drop(draining);
     while let Ok(line) = ev_rx.try_recv() {
@@ -242,6 +265,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
     }
     host.stop(None);
     let _ = host_join.await;
+    if let Some(e) = endpoints {
+        e.shutdown().await;
+    }
     println!("stopped");
     code
 }

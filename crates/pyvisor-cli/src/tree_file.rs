@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pyvisor_core::supervisor::{ChildSpec, Restart, Shutdown, Strategy, SupervisorSpec};
-use pyvisor_core::{Confinement, Interpreter, PoolEvent, PoolSpec, Principal};
+use pyvisor_core::{Confinement, Interpreter, PoolEvent, PoolSpec, Principal, RecyclePolicy};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -46,6 +46,7 @@ struct ChildToml {
     env: Option<BTreeMap<String, String>>,
     cwd: Option<PathBuf>,
     workers: Option<usize>,
+    min_ready: Option<usize>,
     max_in_flight: Option<usize>,
     max_queue: Option<usize>,
     queue_timeout_secs: Option<f64>,
@@ -222,6 +223,7 @@ fn child(ctx: &Ctx<'_>, parent: &str, c: ChildToml, seen: &mut std::collections:
         ("env", c.env.is_some()),
         ("cwd", c.cwd.is_some()),
         ("workers", c.workers.is_some()),
+        ("min_ready", c.min_ready.is_some()),
         ("max_in_flight", c.max_in_flight.is_some()),
         ("max_queue", c.max_queue.is_some()),
         ("queue_timeout_secs", c.queue_timeout_secs.is_some()),
@@ -262,6 +264,9 @@ fn child(ctx: &Ctx<'_>, parent: &str, c: ChildToml, seen: &mut std::collections:
         }
         if let Some(n) = c.workers {
             p = p.workers(n);
+        }
+        if let Some(n) = c.min_ready {
+            p = p.recycle(RecyclePolicy::default().min_ready(n));
         }
         if let Some(n) = c.max_in_flight {
             p = p.max_in_flight(n);
@@ -349,6 +354,9 @@ strategy = "rest_for_one"
         assert!(e.contains("line 2") && e.contains("one_for_none"), "{e}");
         let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\nsupervisor = \"s\"\nstrategy = \"one_for_one\"\nworkers = 3\n").unwrap_err();
         assert!(e.contains("line 4") && e.contains("`workers` does not apply to a supervisor"), "{e}");
+        let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\nsupervisor = \"s\"\nmin_ready = 1\n").unwrap_err();
+        assert!(e.contains("line 4") && e.contains("`min_ready` does not apply to a supervisor"), "{e}");
+        parse_str(&format!("{POOL}workers = 3\nmin_ready = 3\n")).unwrap();
         let e = parse_str("[supervisor]\nstrategy = \"one_for_one\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"a\"\n[[supervisor.children]]\npool = \"a\"\nscript = \"b\"\n").unwrap_err();
         assert!(e.contains("line 7") && e.contains("duplicate"), "{e}");
         assert!(parse_str("[supervisor\n").unwrap_err().contains("line 1"));

@@ -52,6 +52,10 @@ mod worker;
 
 pub use observe::telemetry;
 
+/// Metrics as plain values and in the Prometheus text format: the same metrics pyvisor exports
+/// over OTLP (docs/observability.md), readable whether or not export is set up.
+pub use observe::prometheus as metrics;
+
 pub use backoff::{Backoff, Jitter};
 pub use chaos::{Chaos, ChaosAction};
 pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
@@ -59,7 +63,7 @@ pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCer
 pub use error::{CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
 pub use pool::{CallOptions, Pool};
-pub use shared::KEPT_CERTIFICATES;
+pub use shared::{KEPT_CERTIFICATES, STATUS_CERTIFICATES};
 pub use os::markers::{program_id, reap_orphans, run_id, set_child_subreaper};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;

@@ -134,7 +134,7 @@ impl RouterState {
     async fn start_recycles(&mut self, myself: &ActorRef<RouterMsg>) {
         let spec = &self.shared.spec;
         let max = spec.recycle.max_concurrent;
-        let min_ready = spec.recycle.min_ready_for(spec.workers);
+        let min_ready = spec.min_ready_count();
         while !self.shutting_down && self.recycling.len() < max {
             let Some((old, reason)) = self.pending_recycles.pop_front() else { break };
             let Some(m) = self.members.get(&old) else { continue };
@@ -194,13 +194,14 @@ impl RouterState {
         PoolStatus {
             name: self.shared.name.to_string(),
             workers,
-            min_ready: self.shared.spec.recycle.min_ready_for(self.shared.spec.workers),
             queued: self.shared.dispatch.len(),
             closed: self.shared.is_closed(),
             retried: self.shared.stats.retried.load(std::sync::atomic::Ordering::Relaxed),
             poisoned: self.shared.stats.poisoned.load(std::sync::atomic::Ordering::Relaxed),
             crashes: self.shared.stats.crashes.load(std::sync::atomic::Ordering::Relaxed),
             recycles: self.shared.stats.recycles.load(std::sync::atomic::Ordering::Relaxed),
+            min_ready: self.shared.spec.min_ready_count(),
+            last_deaths: self.shared.last_deaths(),
         }
     }
 

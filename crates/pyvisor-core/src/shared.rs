@@ -40,6 +40,9 @@ pub(crate) struct PoolShared {
 /// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
 pub const KEPT_CERTIFICATES: usize = 64;
 
+/// Death certificates a [`crate::PoolStatus`] carries (the newest of the kept ones).
+pub const STATUS_CERTIFICATES: usize = 5;
+
 /// Counters of a pool's fault handling.
 #[derive(Default)]
 pub(crate) struct PoolStats {
@@ -148,6 +151,12 @@ impl PoolShared {
             }
             d.push_back(cert);
         }
+    }
+
+    /// The newest [`STATUS_CERTIFICATES`] death certificates, oldest first.
+    pub(crate) fn last_deaths(&self) -> Vec<DeathCertificate> {
+        let Ok(d) = self.deaths.lock() else { return Vec::new() };
+        d.iter().skip(d.len().saturating_sub(STATUS_CERTIFICATES)).map(|c| DeathCertificate::clone(c)).collect()
     }
 
     pub(crate) fn closed_error(&self) -> CallError {

@@ -425,6 +425,13 @@ impl PoolSpec {
     pub fn worker_count(&self) -> usize {
         self.workers
     }
+    /// The pool's `min_ready` in effect: [`RecyclePolicy::min_ready`], or workers − 1 (at
+    /// least 1) when unset. Recycling never takes the pool below it, and a tree counts as
+    /// ready only while every pool has at least this many ready workers (capped at the
+    /// worker count; see `supervisor::TreeStatus::readiness`).
+    pub fn min_ready_count(&self) -> usize {
+        self.recycle.min_ready_for(self.workers)
+    }
     /// The pool's name.
     pub fn pool_name(&self) -> &str {
         &self.name

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::death::WorkerId;
+use crate::death::{DeathCertificate, WorkerId};
 
 /// What a worker is doing, as the pool sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -87,9 +87,6 @@ pub struct PoolStatus {
     pub name: String,
     /// One entry per position.
     pub workers: Vec<WorkerStatus>,
-    /// Ready workers the pool needs to count as ready (its `min_ready` in force, see
-    /// [`crate::RecyclePolicy::min_ready_for`]).
-    pub min_ready: usize,
     /// Calls waiting for a free worker.
     pub queued: usize,
     /// Whether the pool is closed (shut down or failed).
@@ -102,6 +99,11 @@ pub struct PoolStatus {
     pub crashes: u64,
     /// Workers recycled.
     pub recycles: u64,
+    /// The ready workers the pool needs to count as ready ([`crate::PoolSpec::min_ready_count`]).
+    pub min_ready: usize,
+    /// The last death certificates of its workers (up to [`crate::STATUS_CERTIFICATES`]),
+    /// oldest first.
+    pub last_deaths: Vec<DeathCertificate>,
 }
 
 impl PoolStatus {

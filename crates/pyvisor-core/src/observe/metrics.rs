@@ -3,19 +3,22 @@
 //!
 //! Instruments are created once, when telemetry starts exporting; until then every recording
 //! is one relaxed atomic load (nothing is built). Gauges are observed from the live pools.
+//! Every recording also goes to the plain-value totals of [`super::prometheus`] (when those are
+//! enabled), which define the metrics' names, units, descriptions and attributes for both.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::KeyValue;
 
-use crate::shared::PoolShared;
-use crate::status::WorkerState;
+use super::prometheus::{
+    self as plain, gauge, MetricDef, CALLS, CALL_DURATION_BUCKETS, CRASHES, DURATION, IN_FLIGHT, MEMORY, QUEUE, RECYCLES, RESTARTS,
+    RETRIES, WORKERS,
+};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
-static POOLS: Mutex<Vec<Weak<PoolShared>>> = Mutex::new(Vec::new());
 /// Observable instruments report only while their handles live.
 static GAUGES: OnceLock<Vec<opentelemetry::metrics::ObservableGauge<u64>>> = OnceLock::new();
 
@@ -28,91 +31,42 @@ struct Instruments {
     crashes: Counter<u64>,
 }
 
-fn pools() -> Vec<Arc<PoolShared>> {
-    let Ok(mut p) = POOLS.lock() else { return Vec::new() };
-    p.retain(|w| w.strong_count() > 0);
-    p.iter().filter_map(Weak::upgrade).collect()
+fn observable(meter: &opentelemetry::metrics::Meter, def: MetricDef) -> opentelemetry::metrics::ObservableGauge<u64> {
+    meter
+        .u64_observable_gauge(def.name)
+        .with_description(def.description)
+        .with_unit(def.unit)
+        .with_callback(move |o| {
+            for (labels, v) in gauge(&def) {
+                let attrs: Vec<KeyValue> = def.attributes.iter().zip(labels).map(|(k, v)| KeyValue::new(*k, v)).collect();
+                o.observe(v, &attrs);
+            }
+        })
+        .build()
 }
 
-/// Make a pool's gauges observable.
-pub(crate) fn register_pool(shared: &Arc<PoolShared>) {
-    if let Ok(mut p) = POOLS.lock() {
-        p.retain(|w| w.strong_count() > 0);
-        p.push(Arc::downgrade(shared));
-    }
+fn counter(meter: &opentelemetry::metrics::Meter, def: MetricDef) -> Counter<u64> {
+    meter.u64_counter(def.name).with_description(def.description).with_unit(def.unit).build()
 }
 
 /// Start recording (called once the meter provider is installed).
 pub(crate) fn enable() {
     let meter = opentelemetry::global::meter("pyvisor");
     let _ = INSTRUMENTS.set(Instruments {
-        calls: meter.u64_counter("pyvisor.calls").with_description("Calls completed, by outcome").with_unit("{call}").build(),
+        calls: counter(&meter, CALLS),
         duration: meter
-            .f64_histogram("pyvisor.call.duration")
-            .with_description("Call latency from the caller's side, queue wait and retries included")
-            .with_unit("s")
+            .f64_histogram(DURATION.name)
+            .with_description(DURATION.description)
+            .with_unit(DURATION.unit)
+            .with_boundaries(CALL_DURATION_BUCKETS.to_vec())
             .build(),
-        retries: meter.u64_counter("pyvisor.call.retries").with_description("Attempts retried after a crash").with_unit("{attempt}").build(),
-        restarts: meter.u64_counter("pyvisor.worker.restarts").with_description("Worker replacements and start retries").with_unit("{restart}").build(),
-        recycles: meter.u64_counter("pyvisor.worker.recycles").with_description("Workers recycled, by reason").with_unit("{recycle}").build(),
-        crashes: meter.u64_counter("pyvisor.worker.crashes").with_description("Worker deaths, by cause").with_unit("{crash}").build(),
+        retries: counter(&meter, RETRIES),
+        restarts: counter(&meter, RESTARTS),
+        recycles: counter(&meter, RECYCLES),
+        crashes: counter(&meter, CRASHES),
     });
-    let queue = meter
-        .u64_observable_gauge("pyvisor.queue.depth")
-        .with_description("Calls waiting for a free worker")
-        .with_unit("{call}")
-        .with_callback(|o| {
-            for p in pools() {
-                o.observe(p.dispatch.len() as u64, &[KeyValue::new("pyvisor.pool", p.name.to_string())]);
-            }
-        })
-        .build();
-    let in_flight = meter
-        .u64_observable_gauge("pyvisor.calls.in_flight")
-        .with_description("Calls outstanding on workers")
-        .with_unit("{call}")
-        .with_callback(|o| {
-            for p in pools() {
-                let n: usize = p.members().iter().map(|s| s.in_flight()).sum();
-                o.observe(n as u64, &[KeyValue::new("pyvisor.pool", p.name.to_string())]);
-            }
-        })
-        .build();
-    let workers = meter
-        .u64_observable_gauge("pyvisor.workers")
-        .with_description("Workers by state")
-        .with_unit("{worker}")
-        .with_callback(|o| {
-            for p in pools() {
-                let members = p.members();
-                for state in [WorkerState::Starting, WorkerState::Ready, WorkerState::Draining] {
-                    let n = members.iter().filter(|s| s.state() == state).count();
-                    o.observe(
-                        n as u64,
-                        &[KeyValue::new("pyvisor.pool", p.name.to_string()), KeyValue::new("pyvisor.worker.state", state.to_string())],
-                    );
-                }
-            }
-        })
-        .build();
-    let memory = meter
-        .u64_observable_gauge("pyvisor.worker.memory")
-        .with_description("Worker resident memory from its last beat")
-        .with_unit("By")
-        .with_callback(|o| {
-            for p in pools() {
-                for s in p.members() {
-                    if let Some(b) = s.last_beat() {
-                        o.observe(
-                            b.beat.rss,
-                            &[KeyValue::new("pyvisor.pool", p.name.to_string()), KeyValue::new("pyvisor.worker.id", s.id.to_string())],
-                        );
-                    }
-                }
-            }
-        })
-        .build();
-    let _ = GAUGES.set(vec![queue, in_flight, workers, memory]);
+    let gauges = [QUEUE, IN_FLIGHT, WORKERS, MEMORY].into_iter().map(|d| observable(&meter, d)).collect();
+    let _ = GAUGES.set(gauges);
     ENABLED.store(true, Ordering::Release);
 }
 
@@ -127,6 +81,7 @@ fn instruments() -> Option<&'static Instruments> {
 /// A call ended (every call: the pool name is shared, the outcome static, so the only
 /// allocation is the function name's).
 pub(crate) fn call_done(pool: &Arc<str>, function: &str, outcome: &'static str, seconds: f64) {
+    plain::call_done(pool, function, outcome, seconds);
     if let Some(i) = instruments() {
         let attrs = [
             KeyValue::new("pyvisor.pool", Arc::clone(pool)),
@@ -139,24 +94,28 @@ pub(crate) fn call_done(pool: &Arc<str>, function: &str, outcome: &'static str, 
 }
 
 pub(crate) fn retry(pool: &str, function: &str) {
+    plain::count(&RETRIES, &[pool, function]);
     if let Some(i) = instruments() {
         i.retries.add(1, &[KeyValue::new("pyvisor.pool", pool.to_string()), KeyValue::new("rpc.method", function.to_string())]);
     }
 }
 
 pub(crate) fn restart(pool: &str, kind: &'static str) {
+    plain::count(&RESTARTS, &[pool, kind]);
     if let Some(i) = instruments() {
         i.restarts.add(1, &[KeyValue::new("pyvisor.pool", pool.to_string()), KeyValue::new("pyvisor.restart.kind", kind)]);
     }
 }
 
 pub(crate) fn recycle(pool: &str, reason: &str) {
+    plain::count(&RECYCLES, &[pool, reason]);
     if let Some(i) = instruments() {
         i.recycles.add(1, &[KeyValue::new("pyvisor.pool", pool.to_string()), KeyValue::new("pyvisor.recycle.reason", reason.to_string())]);
     }
 }
 
 pub(crate) fn crash(pool: &str, cause: &'static str) {
+    plain::count(&CRASHES, &[pool, cause]);
     if let Some(i) = instruments() {
         i.crashes.add(1, &[KeyValue::new("pyvisor.pool", pool.to_string()), KeyValue::new("pyvisor.death.cause", cause)]);
     }

@@ -108,7 +108,7 @@ impl Pool {
             })
             .await;
         let shared = Arc::new(PoolShared::new(spec, python));
-        crate::observe::metrics::register_pool(&shared);
+        crate::observe::prometheus::register_pool(&shared);
         let (tx, rx) = oneshot::channel();
         let args = RouterArgs { shared: Arc::clone(&shared), startup: Some(tx) };
         let spawned = match supervisor {
@@ -300,13 +300,14 @@ impl Pool {
             _ => PoolStatus {
                 name: inner.shared.name.to_string(),
                 workers: Vec::new(),
-                min_ready: inner.shared.spec.recycle.min_ready_for(inner.shared.spec.workers),
                 queued: inner.shared.dispatch.len(),
                 closed: true,
                 retried: 0,
                 poisoned: 0,
                 crashes: 0,
                 recycles: 0,
+                min_ready: inner.shared.spec.min_ready_count(),
+                last_deaths: inner.shared.last_deaths(),
             },
         }
     }

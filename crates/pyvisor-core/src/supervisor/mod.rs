@@ -9,7 +9,9 @@
 //!
 //! - `spec`: the declarations ([`SupervisorSpec`], [`ChildSpec`] and the policy enums);
 //! - `intensity`: the restart-intensity rule as a value;
-//! - `status`: what a supervisor reports about its children;
+//! - `status`: what a supervisor reports about its children, and a whole tree's snapshot;
+//! - `readiness`: whether a tree is ready (the one meaning `/readyz`, systemd and
+//!   `pyvisor status` share), a pure function of that snapshot;
 //! - `registry`: the tree's paths to what runs there now (handles by path follow restarts);
 //! - `actor`: the supervisor actor (decisions);
 //! - `tree`: the [`Tree`] handle (lookup by path, status, dynamic children, shutdown).
@@ -19,6 +21,7 @@
 
 mod actor;
 mod intensity;
+mod readiness;
 mod registry;
 mod spec;
 mod status;
@@ -26,7 +29,8 @@ mod tree;
 
 pub use intensity::{Intensity, IntensityTracker};
 pub use spec::{ChildKind, ChildSpec, Restart, Shutdown, StartFn, Strategy, SupervisorSpec};
-pub use status::{ChildState, ChildStatus};
+pub use readiness::{NotReady, Unready};
+pub use status::{ChildReport, ChildState, ChildStatus, TreeStatus};
 pub use tree::Tree;
 
 /// Why a tree operation failed.

@@ -1,5 +1,7 @@
 //! The handle of a running supervisor: lookup by path, status, dynamic children, shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,7 +11,8 @@ use tokio::task::JoinHandle;
 use super::actor::{spawn_supervisor, SupervisorMsg};
 use super::registry::{join_path, Registered, Registry};
 use super::spec::{ChildSpec, SupervisorSpec};
-use super::status::ChildStatus;
+use super::readiness::{NotReady, Unready};
+use super::status::{ChildReport, ChildState, ChildStatus, TreeStatus};
 use super::SupervisorError;
 use crate::pool::Pool;
 
@@ -104,6 +107,51 @@ impl Tree {
     /// This supervisor's children, in start order, with their state.
     pub async fn children(&self) -> Result<Vec<ChildStatus>, SupervisorError> {
         self.ask(SupervisorMsg::Children).await
+    }
+
+    /// A snapshot of the whole (sub)tree: every child, each running pool's status (workers,
+    /// pids, states, served, restarts, last death certificates) and each running nested
+    /// supervisor's children. Fails only when this supervisor does not answer; a nested one
+    /// that does not is reported in its [`ChildReport::unavailable`].
+    pub async fn status(&self) -> Result<TreeStatus, SupervisorError> {
+        let children = self.children().await?;
+        let mut reports = Vec::with_capacity(children.len());
+        for child in children {
+            let mut report = ChildReport { child, pool: None, children: None, unavailable: None };
+            if report.child.state == ChildState::Running {
+                match report.child.kind {
+                    "pool" => match self.pool(&report.child.id) {
+                        Some(pool) => report.pool = Some(pool.status().await),
+                        None => report.unavailable = Some("not registered (being replaced)".into()),
+                    },
+                    "supervisor" => match self.subtree(&report.child.id) {
+                        Some(sub) => match sub.status_boxed().await {
+                            Ok(s) => report.children = Some(s.children),
+                            Err(e) => report.unavailable = Some(e.to_string()),
+                        },
+                        None => report.unavailable = Some("not registered (being replaced)".into()),
+                    },
+                    _ => {}
+                }
+            }
+            reports.push(report);
+        }
+        Ok(TreeStatus { path: self.path.clone(), children: reports })
+    }
+
+    /// [`Tree::status`] behind a pointer with its type erased: the recursion, and `Send`
+    /// provable without a cycle.
+    fn status_boxed(&self) -> Pin<Box<dyn Future<Output = Result<TreeStatus, SupervisorError>> + Send + '_>> {
+        Box::pin(self.status())
+    }
+
+    /// Whether the tree is ready: every supervisor running, every pool with at least its
+    /// `min_ready` ready workers (see [`TreeStatus::readiness`]); otherwise every reason.
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        match self.status().await {
+            Ok(s) => s.readiness(),
+            Err(e) => Err(NotReady { reasons: vec![Unready::NoAnswer { kind: "supervisor", path: self.path.clone(), reason: e.to_string() }] }),
+        }
     }
 
     /// Add and start a child (a `DynamicSupervisor`'s `start_child`).
