@@ -1,8 +1,11 @@
-//! `pyvisor`: call a Python function, check an installation, benchmark a pool.
+//! `pyvisor`: call a Python function, check an installation, benchmark a pool, run a tree and
+//! ask a running one for its status.
 
 mod bench;
 mod chaos;
+mod control;
 mod run;
+mod status;
 mod tree_file;
 mod value;
 
@@ -51,7 +54,13 @@ enum Command {
     Run {
         /// The tree file (see docs/supervision.md and examples/tree.toml).
         tree: PathBuf,
+        /// Serve `pyvisor status` on this Unix socket instead of the default path
+        /// (docs/operations.md, "Status from another shell").
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
+    /// Print the tree of a running `pyvisor run` (from another shell), through its control socket.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,7 +85,8 @@ fn main() -> ExitCode {
             Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
-            Command::Run { tree } => run::run(interpreter, tree).await,
+            Command::Run { tree, control } => run::run(interpreter, tree, control).await,
+            Command::Status(args) => status::run(args).await,
             Command::Chaos(args) => chaos::run(interpreter, args).await,
         };
         // Flush while the runtime still drives the exporters (on a blocking thread: the HTTP

@@ -13,7 +13,7 @@ use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::tree_file;
+use crate::{control, tree_file};
 
 /// Hosts the tree, so its failure reaches us as an ordinary supervision event.
 struct Host;
@@ -148,7 +148,7 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
+pub async fn run(interpreter: Interpreter, file: PathBuf, control_path: Option<PathBuf>) -> ExitCode {
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
@@ -167,6 +167,15 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    // The status socket, claimed before any worker starts (a second run on the same path stops
+    // here); dropped, and so removed, on every way out below.
+    let control = match control::Control::start(control_path.as_deref(), spec.name(), &file).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -189,7 +198,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    control.running(tree.clone());
     println!("tree `{}` started; Ctrl-C stops it", file.display());
+    println!("status from another shell: pyvisor status --control {}", control.path().display());
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -225,6 +236,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
             }
         }
     };
+    control.stopping();
     println!("stopping the tree (children in reverse order)...");
     tree.shutdown().await;
     while let Ok(line) = ev_rx.try_recv() {
@@ -232,6 +244,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf) -> ExitCode {
     }
     host.stop(None);
     let _ = host_join.await;
+    drop(control);
     println!("stopped");
     code
 }

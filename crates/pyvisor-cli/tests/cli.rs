@@ -219,8 +219,12 @@ fn doctor_checks_the_installation_and_says_what_to_fix() {
 
 #[test]
 fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
+    // Its own control socket: not the default path a real run of this tree may hold.
+    let control = std::env::temp_dir().join(format!("pyvisor-cli-run-{}/c.sock", std::process::id()));
     let mut child = pyvisor()
         .args(["run", &root().join("examples/tree.toml").to_string_lossy()])
+        .arg("--control")
+        .arg(&control)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -271,6 +275,8 @@ fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
     for pid in pids {
         assert!(!alive(pid));
     }
+    assert!(!control.exists(), "the control socket outlived the run");
+    let _ = std::fs::remove_dir_all(control.parent().unwrap());
 }
 
 #[test]

@@ -134,7 +134,7 @@ impl RouterState {
     async fn start_recycles(&mut self, myself: &ActorRef<RouterMsg>) {
         let spec = &self.shared.spec;
         let max = spec.recycle.max_concurrent;
-        let min_ready = spec.recycle.min_ready.unwrap_or_else(|| spec.workers.saturating_sub(1).max(1));
+        let min_ready = spec.effective_min_ready();
         while !self.shutting_down && self.recycling.len() < max {
             let Some((old, reason)) = self.pending_recycles.pop_front() else { break };
             let Some(m) = self.members.get(&old) else { continue };
@@ -200,6 +200,7 @@ impl RouterState {
             poisoned: self.shared.stats.poisoned.load(std::sync::atomic::Ordering::Relaxed),
             crashes: self.shared.stats.crashes.load(std::sync::atomic::Ordering::Relaxed),
             recycles: self.shared.stats.recycles.load(std::sync::atomic::Ordering::Relaxed),
+            min_ready: self.shared.spec.effective_min_ready(),
         }
     }
 

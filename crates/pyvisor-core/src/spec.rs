@@ -205,6 +205,11 @@ fn default_workers() -> usize {
 }
 
 impl PoolSpec {
+    /// `recycle.min_ready`, or its default: workers − 1, at least 1.
+    pub(crate) fn effective_min_ready(&self) -> usize {
+        self.recycle.min_ready.unwrap_or_else(|| self.workers.saturating_sub(1).max(1))
+    }
+
     fn new(target: Target) -> Self {
         PoolSpec {
             name: "pool".to_string(),

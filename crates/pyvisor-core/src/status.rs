@@ -99,6 +99,9 @@ pub struct PoolStatus {
     pub crashes: u64,
     /// Workers recycled.
     pub recycles: u64,
+    /// The fewest ready workers the pool counts as ready with (`RecyclePolicy::min_ready`,
+    /// default workers − 1, at least 1).
+    pub min_ready: usize,
 }
 
 impl PoolStatus {

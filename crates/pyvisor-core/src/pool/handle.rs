@@ -306,6 +306,7 @@ impl Pool {
                 poisoned: 0,
                 crashes: 0,
                 recycles: 0,
+                min_ready: inner.shared.spec.effective_min_ready(),
             },
         }
     }
