@@ -398,7 +398,7 @@ fn millis(d: Duration) -> u64 {
 fn all_ready(nodes: &[Node]) -> bool {
     nodes.iter().all(|n| {
         n.state == "running"
-            && n.pool.as_ref().map_or(true, |p| !p.closed && p.ready >= p.min_ready)
+            && !matches!(&n.pool, Some(p) if p.closed || p.ready < p.min_ready)
             && all_ready(&n.children)
     })
 }

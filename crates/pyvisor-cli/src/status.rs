@@ -2,7 +2,7 @@
 //! (`control.rs` has the path rule and the wire format) and print it as a table, or as the raw
 //! JSON with `--json`.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -108,12 +108,16 @@ pub async fn run(args: StatusArgs) -> ExitCode {
     };
     match fetch(&path).await {
         Ok((raw, snapshot)) => {
-            if args.json {
-                println!("{raw}");
-            } else {
-                println!("{}", render(&path, &snapshot));
+            let text = if args.json { raw } else { render(&path, &snapshot) };
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{text}").and_then(|()| out.flush()) {
+                // A reader that stopped early (`| head`) got what it wanted.
+                Err(e) if e.kind() != ErrorKind::BrokenPipe => {
+                    eprintln!("error: cannot write the status to stdout: {e}");
+                    ExitCode::from(1)
+                }
+                _ => ExitCode::SUCCESS,
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -24,8 +24,11 @@ fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).to_string_lossy().into_owned()
 }
 
+/// The binary under test: cargo's, unless `PYVISOR_TEST_BIN` names another build of it (e.g. a
+/// copy taken where several checkouts share one target directory and overwrite its binary).
 fn pyvisor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pyvisor"));
+    let bin = std::env::var_os("PYVISOR_TEST_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| env!("CARGO_BIN_EXE_pyvisor").into());
+    let mut c = Command::new(bin);
     c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
     c
 }
