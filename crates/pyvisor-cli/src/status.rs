@@ -301,3 +301,84 @@ fn uptime(ms: u64) -> String {
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A server that answers any connection with `reply` (written in pieces), then closes.
+    async fn fake_server(tag: &str, reply: Vec<u8>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pyvisor-status-fake-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = [0u8; 7];
+                let _ = s.read_exact(&mut request).await;
+                assert_eq!(&request, b"status\n");
+                for piece in reply.chunks(1 << 20) {
+                    if s.write_all(piece).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn replies_that_are_not_a_status_are_named() {
+        let p = fake_server("version", b"{\"version\": 2, \"everything\": \"new\"}\n".to_vec()).await;
+        let e = fetch(&p).await.unwrap_err();
+        assert!(matches!(e, StatusError::Version { got: 2, .. }), "{e}");
+        assert!(e.to_string().contains("speaks status wire version 2, this pyvisor speaks 1"), "{e}");
+
+        let p = fake_server("garbage", b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).await;
+        let e = fetch(&p).await.unwrap_err();
+        assert!(matches!(e, StatusError::Malformed { .. }) && e.to_string().contains("not JSON"), "{e}");
+
+        let p = fake_server("error", b"{\"version\": 1, \"error\": \"busy\"}\n".to_vec()).await;
+        let e = fetch(&p).await.unwrap_err();
+        assert!(e.to_string().ends_with("answered: busy"), "{e}");
+
+        let p = fake_server("shape", b"{\"version\": 1, \"name\": 7}\n".to_vec()).await;
+        assert!(matches!(fetch(&p).await.unwrap_err(), StatusError::Malformed { .. }));
+
+        // An endless line is cut at the cap, not read into memory whole.
+        let p = fake_server("huge", vec![b' '; MAX_REPLY + (1 << 20)]).await;
+        let e = fetch(&p).await.unwrap_err();
+        assert!(matches!(e, StatusError::TooLarge(_, MAX_REPLY)), "{e}");
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_worker_supervisor_and_idle_child() {
+        let v = serde_json::json!({
+            "version": 1, "name": "t", "tree_file": "/x/t.toml", "pid": 1, "run_id": "1-2-3",
+            "uptime_ms": 61_000, "phase": "running", "ready": false,
+            "children": [
+                {"id": "a", "path": "a", "kind": "pool", "state": "running", "restarts": 0,
+                 "pool": {"ready": 1, "min_ready": 1, "queued": 0, "closed": false, "crashes": 1, "retried": 0,
+                          "poisoned": 0, "recycles": 0, "workers": [
+                    {"index": 0, "worker": "w1", "pid": 11, "state": "ready", "in_flight": 2, "served": 5, "restarts": 0, "rss_bytes": null, "tainted": false},
+                    {"index": 1, "worker": null, "pid": null, "state": "dead", "in_flight": 0, "served": 0, "restarts": 3, "rss_bytes": null, "restart_in_ms": 400, "tainted": false}]},
+                 "children": []},
+                {"id": "s", "path": "s", "kind": "supervisor", "state": "running", "restarts": 1, "children": [
+                    {"id": "b", "path": "s/b", "kind": "pool", "state": "failed", "reason": "too many start failures\nmore", "restarts": 2, "children": []}]}
+            ]
+        });
+        let s: Snapshot = serde_json::from_value(v).unwrap();
+        let t = render(Path::new("/r/t.sock"), &s);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert!(t.starts_with("tree `t` (/x/t.toml), pid 1, up 1m01s, running, not ready\ncontrol: /r/t.sock\nPATH"), "{t}");
+        assert_eq!(lines[3], ["a", "pool", "w1", "11", "ready", "2", "5", "0"], "{t}");
+        assert_eq!(lines[4], ["a", "pool", "-", "-", "dead", "(restart", "in", "400", "ms)", "0", "0", "3"], "{t}");
+        assert_eq!(lines[5], ["s", "supervisor", "-", "-", "running", "-", "-", "1"], "{t}");
+        assert_eq!(lines[6][..5], ["s/b", "pool", "-", "-", "failed:"], "{t}");
+        assert!(t.lines().nth(6).unwrap().contains("failed: too many start failures") && !t.contains("more"), "{t}");
+        assert_eq!(lines.len(), 7, "{t}");
+    }
+}
