@@ -4,10 +4,10 @@
 //! - the path rule ([`default_dir`], [`default_path`]): `--control PATH` if given, else
 //!   `$XDG_RUNTIME_DIR/pyvisor/NAME.sock`, else `/run/pyvisor/NAME.sock` for root, else
 //!   `/tmp/pyvisor-UID/NAME.sock`, where NAME is the tree file's root supervisor name;
-//! - claiming that path ([`Control::start`]): a private directory (0700, created if missing,
-//!   refused if someone else could enter it), a socket file with mode 0600 from the first
-//!   moment it has its name, refusal when a live run already answers there, replacement of a
-//!   stale socket file left by a dead run;
+//! - claiming that path ([`Control::start`]): its directory (created 0700 if missing; the
+//!   default one, whose name others can predict, refused unless it is this user's and private),
+//!   a socket file with mode 0600 from the first moment it has its name, refusal when a live
+//!   run already answers there, replacement of a stale socket file left by a dead run;
 //! - the server: one request line in (at most [`MAX_REQUEST`] bytes, enforced while it
 //!   arrives), one JSON line out ([`Snapshot`] or an error), connection closed;
 //! - the wire types ([`Snapshot`] and its parts), which `status.rs` reads back;
