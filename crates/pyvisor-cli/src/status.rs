@@ -351,7 +351,9 @@ mod tests {
         let p = fake_server("huge", vec![b' '; MAX_REPLY + (1 << 20)]).await;
         let e = fetch(&p).await.unwrap_err();
         assert!(matches!(e, StatusError::TooLarge(_, MAX_REPLY)), "{e}");
-        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+        for tag in ["version", "garbage", "error", "shape", "huge"] {
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("pyvisor-status-fake-{tag}-{}", std::process::id())));
+        }
     }
 
     #[test]
