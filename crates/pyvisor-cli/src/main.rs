@@ -1,10 +1,13 @@
-//! `pyvisor`: call a Python function, check an installation, benchmark a pool.
+//! `pyvisor`: call a Python function, check an installation, benchmark a pool, run a tree and
+//! ask a running one for its status.
 
 mod bench;
 mod chaos;
+mod control;
 mod notify;
 mod readiness;
 mod run;
+mod status;
 mod tree_file;
 mod value;
 
@@ -57,7 +60,13 @@ enum Command {
         /// (docs/operations.md, "Endpoints"). Off unless given.
         #[arg(long, value_name = "[IP:]PORT", value_parser = pyvisor_cli::http::parse_addr)]
         http: Option<std::net::SocketAddr>,
+        /// Serve `pyvisor status` on this Unix socket instead of the default path
+        /// (docs/operations.md, "Status from another shell").
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
+    /// Print the tree of a running `pyvisor run` (from another shell), through its control socket.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,7 +95,8 @@ fn main() -> ExitCode {
             Command::Call { script, function, json, timeout } => call(interpreter, script, function, json, timeout).await,
             Command::Doctor { script } => doctor(interpreter, script).await,
             Command::Bench(args) => bench::run(interpreter, args).await,
-            Command::Run { tree, http } => run::run(interpreter, tree, http).await,
+            Command::Run { tree, http, control } => run::run(interpreter, tree, http, control).await,
+            Command::Status(args) => status::run(args).await,
             Command::Chaos(args) => chaos::run(interpreter, args).await,
         };
         // Flush while the runtime still drives the exporters (on a blocking thread: the HTTP

@@ -18,7 +18,7 @@ use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::{notify, tree_file};
+use crate::{control, notify, tree_file};
 
 /// Hosts the tree, so its failure reaches us as an ordinary supervision event.
 struct Host;
@@ -153,7 +153,7 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>) -> ExitCode {
+pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>, control_path: Option<PathBuf>) -> ExitCode {
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) => {
@@ -172,6 +172,15 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    // The status socket, claimed before any worker starts (a second run on the same path stops
+    // here); dropped, and so removed, on every way out below.
+    let control = match control::Control::start(control_path.as_deref(), spec.name(), &file).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -215,7 +224,9 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     if let Some(e) = &endpoints {
         e.attach(tree.clone());
     }
+    control.running(tree.clone());
     println!("tree `{}` started; Ctrl-C stops it", file.display());
+    println!("status from another shell: pyvisor status --control {}", control.path().display());
     let _watch = sd.watch(tree.clone());
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
@@ -253,6 +264,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
             }
         }
     };
+    control.stopping();
     println!("stopping the tree (children in reverse order)...");
     let draining = sd.stopping(shutdown_budget);
     if let Some(e) = &endpoints {
@@ -268,6 +280,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     if let Some(e) = endpoints {
         e.shutdown().await;
     }
+    drop(control);
     println!("stopped");
     code
 }

@@ -24,8 +24,11 @@ fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).to_string_lossy().into_owned()
 }
 
+/// The binary under test: cargo's, unless `PYVISOR_TEST_BIN` names another build of it (e.g. a
+/// copy taken where several checkouts share one target directory and overwrite its binary).
 fn pyvisor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pyvisor"));
+    let bin = std::env::var_os("PYVISOR_TEST_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| env!("CARGO_BIN_EXE_pyvisor").into());
+    let mut c = Command::new(bin);
     c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
     c
 }
@@ -219,8 +222,12 @@ fn doctor_checks_the_installation_and_says_what_to_fix() {
 
 #[test]
 fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
+    // Its own control socket: not the default path a real run of this tree may hold.
+    let control = std::env::temp_dir().join(format!("pyvisor-cli-run-{}/c.sock", std::process::id()));
     let mut child = pyvisor()
         .args(["run", &root().join("examples/tree.toml").to_string_lossy()])
+        .arg("--control")
+        .arg(&control)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -271,6 +278,8 @@ fn run_shows_the_tree_and_stops_it_in_order_on_ctrl_c() {
     for pid in pids {
         assert!(!alive(pid));
     }
+    assert!(!control.exists(), "the control socket outlived the run");
+    let _ = std::fs::remove_dir_all(control.parent().unwrap());
 }
 
 #[test]
