@@ -348,6 +348,9 @@ strategy = "one_for_one"
             .env("PYVISOR_PYTHON", python())
             .env("PYVISOR_LOG", "warn")
             .args(["run", &tree.to_string_lossy(), "--http", "127.0.0.1:0"])
+            // Its own control socket: runs of tests in parallel must not meet at the default path.
+            .arg("--control")
+            .arg(tree.with_extension("sock"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -529,7 +532,7 @@ fn basic_tree(name: &str) -> PathBuf {
 
 fn run_with_http(tree: &std::path::Path, http: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pyvisor"));
-    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn").args(["run", &tree.to_string_lossy(), "--http", http]).stdin(Stdio::null());
+    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn").args(["run", &tree.to_string_lossy(), "--http", http]).arg("--control").arg(tree.with_extension("sock")).stdin(Stdio::null());
     c
 }
 

@@ -173,7 +173,8 @@ fn pyvisor_run(tree: &Path, dir: &Path, socket: &str, watchdog_usec: u64) -> Chi
         .env("NOTIFY_TEST_DIR", dir)
         .env("NOTIFY_SOCKET", socket)
         .env("WATCHDOG_USEC", watchdog_usec.to_string())
-        .args(["run", &tree.to_string_lossy()])
+        // Its own control socket: runs of tests in parallel must not meet at the default path.
+        .args(["run", &tree.to_string_lossy(), "--control", &dir.join("control.sock").to_string_lossy()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

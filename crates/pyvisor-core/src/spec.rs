@@ -168,7 +168,7 @@ impl RecyclePolicy {
         self
     }
     /// The `min_ready` in force for a pool of `workers`: the one set, else `workers − 1` (at
-    /// least 1). Recycling never takes a pool below it, and a pool below it is not *ready*
+    /// least 1), and never more than `workers`. Recycling never takes a pool below it, and a pool below it is not *ready*
     /// (`pyvisor run`'s `READY=1`, [`crate::PoolStatus::is_ready`]).
     ///
     /// ```
@@ -176,9 +176,11 @@ impl RecyclePolicy {
     /// assert_eq!(RecyclePolicy::default().min_ready_for(4), 3);
     /// assert_eq!(RecyclePolicy::default().min_ready_for(1), 1);
     /// assert_eq!(RecyclePolicy::default().min_ready(2).min_ready_for(4), 2);
+    /// assert_eq!(RecyclePolicy::default().min_ready(9).min_ready_for(4), 4);
     /// ```
     pub fn min_ready_for(&self, workers: usize) -> usize {
-        self.min_ready.unwrap_or_else(|| workers.saturating_sub(1).max(1))
+        // Never more than the pool has: a pool with every worker ready is ready.
+        self.min_ready.unwrap_or_else(|| workers.saturating_sub(1).max(1)).min(workers.max(1))
     }
     /// Set `min_ready`.
     pub fn min_ready(mut self, n: usize) -> Self {
