@@ -42,7 +42,9 @@ pub(crate) fn register_pool(shared: &Arc<PoolShared>) {
     }
 }
 
-/// Start recording (called once the meter provider is installed).
+/// Start recording (called once the meter provider is installed: by the OTLP set-up, which
+/// only the `otlp` feature compiles in).
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 pub(crate) fn enable() {
     let meter = opentelemetry::global::meter("pyvisor");
     let _ = INSTRUMENTS.set(Instruments {
