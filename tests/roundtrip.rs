@@ -73,6 +73,21 @@ async fn deadline_travels_to_python() {
     pool.shutdown().await;
 }
 
+/// Without export (no endpoint here; the only way in a build without the `otlp` feature) calls
+/// make no spans, and a caller's own W3C trace context reaches the worker unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_trace_context_reaches_the_worker_without_export() {
+    assert!(!pyvisor::telemetry::exporting());
+    let pool = Pool::start(common::spec("basic.py").workers(1)).await.expect("pool starts");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let opts = pyvisor::CallOptions::new().trace_context(tp, Some("vendor=v1".into()));
+    let got: (Option<String>, Option<String>) = pool.call_with("trace_context", &(), opts).await.unwrap();
+    assert_eq!(got, (Some(tp.to_string()), Some("vendor=v1".to_string())));
+    let got: (Option<String>, Option<String>) = pool.call("trace_context", &()).await.unwrap();
+    assert_eq!(got, (None, None), "no trace context of pyvisor's own without export");
+    pool.shutdown().await;
+}
+
 /// A worker reuses the memory of large payloads instead of faulting it in again on every call
 /// (pyvisor sets glibc's `MALLOC_TOP_PAD_` and `MALLOC_MMAP_THRESHOLD_` for workers, see
 /// `WORKER_MALLOC_TOP_PAD`); a value the user sets wins.

@@ -16,7 +16,13 @@ When tracing is active in the worker, this module adds two things:
   OpenTelemetry tracer, or instrumented libraries) are children of the function's span, and a
   function that starts none pays only for the attach;
 - the worker's own tracer provider and OTLP exporter, which export those user spans (and
-  nothing else), flushed on every exit path.
+  nothing else), flushed on every exit path. The provider is installed as OpenTelemetry's
+  *global* tracer provider (:func:`_install_globally`), so spans made through
+  ``opentelemetry.trace.get_tracer(...)`` -- what instrumented libraries use -- are exported
+  too; unless a global provider was set before ``run_worker()`` (by the user's module-level
+  code, ``OTEL_PYTHON_TRACER_PROVIDER`` or ``opentelemetry-instrument``): that one is kept,
+  and the spans it records still nest under the function's span (the current span is a
+  context entry, whatever provider records the child), exported wherever it exports them.
 
 Tracing is activated once, by ``run_worker()`` before ``hello``, and only when
 
@@ -166,7 +172,7 @@ class Tracing:
     """The worker's tracer provider, and the context a traced call's function runs in
     (enabled path only)."""
 
-    def __init__(self, provider: Any) -> None:
+    def __init__(self, provider: Any, is_global: bool = False) -> None:
         from opentelemetry import context as context_api
         from opentelemetry import trace
         from opentelemetry.trace import (
@@ -178,6 +184,9 @@ class Tracing:
         )
 
         self.provider = provider
+        #: Whether ``provider`` is OpenTelemetry's global tracer provider (it is unless one was
+        #: set before tracing was activated).
+        self.is_global = is_global
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         # The context key of the current span, found through the public API (the module
         # that defines it keeps it private).
@@ -368,7 +377,26 @@ def _build(env: Mapping[str, str], worker_id: str, run_id: str) -> Tracing:
     provider = TracerProvider(resource=detected.merge(Resource(ours)), shutdown_on_exit=False)
     # The exporter reads endpoint, headers, timeout, compression and TLS from OTEL_* itself.
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider)
+    return Tracing(provider, is_global=_install_globally(provider))
+
+
+def _install_globally(provider: Any) -> bool:
+    """Make ``provider`` OpenTelemetry's global tracer provider, so that spans made through
+    ``opentelemetry.trace.get_tracer(...)`` (instrumented libraries, user code) are recorded
+    and exported by the worker -- tracers taken at import time included: until a provider is
+    set they are proxies that switch over to it.
+
+    A provider set before (by the user's code at import time, ``OTEL_PYTHON_TRACER_PROVIDER``,
+    or ``opentelemetry-instrument``) is left as it is. Returns whether ``provider`` is now the
+    global one."""
+    from opentelemetry import trace
+
+    # get_tracer_provider() is the proxy until someone sets a provider (it loads the one that
+    # OTEL_PYTHON_TRACER_PROVIDER names, if set, and that counts as set).
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return False
+    trace.set_tracer_provider(provider)
+    return trace.get_tracer_provider() is provider
 
 
 # ---------------------------------------------------------------------- public tracer()

@@ -160,18 +160,18 @@ def threaded_nested(x):
 
 
 @expose
-def global_provider_span(_):
-    """A span from the user's own (global) provider nests under the function's span too."""
+def global_api_span(_):
+    """A span made through OpenTelemetry's global API (as instrumented libraries make theirs)
+    nests under the function's span and is exported by the worker: the adapter's provider is
+    the global one."""
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
 
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
     with trace.get_tracer("user").start_as_current_span("user.global") as span:
         parent = span.parent
         return [
             format(span.get_span_context().trace_id, "032x"),
             None if parent is None else format(parent.span_id, "016x"),
+            trace.get_tracer_provider() is pyvisor_worker._otel.active().provider,
         ]
 
 
@@ -405,7 +405,7 @@ def http_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpRun]:
         call("threaded", "threaded_nested", 5, traceparent=traceparent(TRACED["threaded"]))
         call("captured", "captured_context", 6, traceparent=traceparent(TRACED["captured"]))
         call("threaded_root", "threaded_nested", 50)
-        call("global", "global_provider_span", None, traceparent=traceparent(TRACED["global"]))
+        call("global", "global_api_span", None, traceparent=traceparent(TRACED["global"]))
         call(
             "tracestate",
             "nested",
@@ -503,6 +503,7 @@ def test_the_worker_exports_no_span_per_call(http_run: HttpRun) -> None:
         "user.async.task",
         "user.threaded",
         "user.captured",
+        "user.global",
     }, names
 
 
@@ -549,9 +550,18 @@ def test_the_parents_sampling_decision_is_followed(http_run: HttpRun) -> None:
     assert not [s for s in http_run.collected.spans if s["trace_id"] == TRACED["not_sampled"]]
 
 
-def test_spans_of_the_users_global_provider_nest_too(http_run: HttpRun) -> None:
+def test_the_adapters_provider_is_the_global_one(http_run: HttpRun) -> None:
     reply = http_run.replies["global"]
-    assert reply.value == [TRACED["global"], span_id_hex(reply)]
+    assert reply.value == [TRACED["global"], span_id_hex(reply), True]
+
+
+def test_spans_of_the_global_api_are_exported_under_the_function_span(http_run: HttpRun) -> None:
+    """What ``opentelemetry-instrumentation-*`` packages do: ``trace.get_tracer(...)``."""
+    reply = http_run.replies["global"]
+    span = http_run.collected.one("user.global", TRACED["global"])
+    assert span["parent_span_id"] == span_id_hex(reply)
+    assert span["scope"] == "user"
+    assert span["resource"]["service.name"] == "pyvisor-test-worker"
 
 
 @pytest.mark.parametrize(
@@ -586,6 +596,76 @@ def test_resource_names_the_worker(http_run: HttpRun) -> None:
 
 
 # ---------------------------------------------------------------------- other set-ups
+
+
+#: A worker that installs a global tracer provider of its own before ``run_worker()``.
+USER_PROVIDER_WORKER = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import pyvisor_worker
+from pyvisor_worker import expose, run_worker
+
+MINE = InMemorySpanExporter()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SimpleSpanProcessor(MINE))
+trace.set_tracer_provider(PROVIDER)
+
+
+@expose
+def spans(_):
+    with trace.get_tracer("user").start_as_current_span("user.mine"):
+        pass
+    with pyvisor_worker.tracer().start_as_current_span("user.adapter"):
+        pass
+    return {
+        "kept": trace.get_tracer_provider() is PROVIDER,
+        "mine": [
+            [s.name, format(s.context.trace_id, "032x"), format(s.parent.span_id, "016x")]
+            for s in MINE.get_finished_spans()
+            if s.parent is not None
+        ],
+    }
+
+
+if __name__ == "__main__":
+    run_worker()
+"""
+
+
+def test_a_global_provider_set_by_the_user_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's provider stays the global one: spans of the global API go to it (not to the
+    worker's exporter) and still nest under the function's span; ``pyvisor_worker.tracer()``
+    spans go to the worker's exporter."""
+    collected, url, stop = start_http_receiver()
+    _clean_otel_env(monkeypatch)
+    script = tmp_path / "user_provider.py"
+    script.write_text(USER_PROVIDER_WORKER)
+    try:
+        parent = FakeParent.spawn(
+            script,
+            env={
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": url,
+            },
+        )
+        try:
+            reply = parent.reply_for(parent.call("spans", None, traceparent=traceparent()))
+            assert reply.ok, reply.error
+            parent.shutdown(grace_ms=5000)
+            assert parent.wait(timeout=15) == 0
+        finally:
+            parent.close()
+    finally:
+        stop()
+    assert reply.value == {"kept": True, "mine": [["user.mine", TRACE_ID, span_id_hex(reply)]]}
+    assert collected.one("user.adapter", TRACE_ID)["parent_span_id"] == span_id_hex(reply)
+    assert not collected.named("user.mine")
+
 
 
 def test_grpc_export_and_flush_on_eof(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

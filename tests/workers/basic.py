@@ -127,5 +127,10 @@ def deadline(_, ctx: Context):
     return ctx.deadline
 
 
+@expose
+def trace_context(_, ctx: Context):
+    return [ctx.traceparent, ctx.tracestate]
+
+
 if __name__ == "__main__":
     run_worker()

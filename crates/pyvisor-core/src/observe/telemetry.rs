@@ -17,20 +17,41 @@
 //! timing the worker reports (`function_span.rs`), under the workers' service name
 //! (`SERVICE-worker`): a second tracer provider, whose span ids the worker chooses.
 //! Owns the set-up and the shutdown flush; spans are made where the work happens.
+//!
+//! # The `otlp` feature
+//!
+//! The OTLP exporters (`opentelemetry-otlp` and its transports: tonic for gRPC, reqwest and
+//! hyper for HTTP) are compiled in only with the `otlp` feature, on by default (`pyvisor`'s
+//! feature of the same name turns it on here). Without it: [`init`] and [`init_with`] still
+//! install the console log subscriber; a configuration with an endpoint exports nothing and
+//! says so once on stderr (a build without export is not an error of the configuration: the
+//! same program and environment run with either build); [`exporting`] stays `false`, so calls
+//! make no spans, and a `traceparent` given in [`CallOptions`](crate::CallOptions) still
+//! reaches the workers unchanged. [`OTLP_COMPILED`] says which build this is.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::trace::SpanId;
+#[cfg(feature = "otlp")]
+use opentelemetry::trace::{TraceId, TracerProvider as _};
+#[cfg(feature = "otlp")]
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
+#[cfg(feature = "otlp")]
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+#[cfg(feature = "otlp")]
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// Whether this build can export over OTLP: pyvisor's `otlp` feature (on by default). Without
+/// it a configured endpoint exports nothing (see the module documentation).
+pub const OTLP_COMPILED: bool = cfg!(feature = "otlp");
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 static EXPORT_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
@@ -53,10 +74,12 @@ thread_local! {
     static CHOSEN_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
 }
 
-/// Random ids, except a span id chosen with [`with_chosen_span_id`].
+/// Random ids, except a span id chosen with [`with_worker_tracer`].
+#[cfg(feature = "otlp")]
 #[derive(Debug, Default)]
 struct WorkerIds(RandomIdGenerator);
 
+#[cfg(feature = "otlp")]
 impl IdGenerator for WorkerIds {
     fn new_trace_id(&self) -> TraceId {
         self.0.new_trace_id()
@@ -97,6 +120,7 @@ pub enum Protocol {
     HttpProtobuf,
 }
 
+#[cfg(feature = "otlp")]
 impl Protocol {
     fn env_value(self) -> &'static str {
         match self {
@@ -207,14 +231,17 @@ pub struct TelemetryGuard {
     meter: Option<SdkMeterProvider>,
     /// gRPC only: the runtime the exporters' connections run on (see [`export_runtime`]).
     /// Declared last: dropped after `drop` has shut the exporters down.
+    #[cfg(feature = "otlp")]
     _runtime: Option<ExportRuntime>,
 }
 
 /// The exporters' runtime; shut down without blocking when dropped (that may happen in async
 /// code, where dropping a `Runtime` panics).
+#[cfg(feature = "otlp")]
 #[derive(Debug)]
 struct ExportRuntime(Option<tokio::runtime::Runtime>);
 
+#[cfg(feature = "otlp")]
 impl Drop for ExportRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.0.take() {
@@ -225,7 +252,13 @@ impl Drop for ExportRuntime {
 
 impl TelemetryGuard {
     fn none() -> Self {
-        TelemetryGuard { tracer: None, workers: None, meter: None, _runtime: None }
+        TelemetryGuard {
+            tracer: None,
+            workers: None,
+            meter: None,
+            #[cfg(feature = "otlp")]
+            _runtime: None,
+        }
     }
 }
 
@@ -235,6 +268,7 @@ impl TelemetryGuard {
 /// also serves calls. On a runtime of its own it never delays a call, exporting does not depend
 /// on the caller's runtime making progress (a flush from a current-thread runtime used to wait
 /// out the exporter's timeout), and `init` works outside any runtime.
+#[cfg(feature = "otlp")]
 fn export_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("pyvisor-otlp").enable_all().build()
 }
@@ -263,6 +297,7 @@ impl TelemetryGuard {
     /// (`None` if it keeps nothing). The export runtime goes with the job: it must outlive it.
     fn take_shutdown(&mut self) -> Option<impl FnOnce() + Send + 'static> {
         let (t, w, m) = (self.tracer.take(), self.workers.take(), self.meter.take());
+        #[cfg(feature = "otlp")]
         let runtime = self._runtime.take();
         if t.is_none() && m.is_none() {
             return None;
@@ -282,6 +317,7 @@ impl TelemetryGuard {
                 let _ = m.force_flush();
                 let _ = m.shutdown();
             }
+            #[cfg(feature = "otlp")]
             drop(runtime);
         })
     }
@@ -334,6 +370,7 @@ impl Drop for TelemetryGuard {
     }
 }
 
+#[cfg(feature = "otlp")]
 fn endpoint_for(base: &str, protocol: Protocol, signal: &str) -> String {
     match protocol {
         Protocol::Grpc => base.to_string(),
@@ -342,14 +379,38 @@ fn endpoint_for(base: &str, protocol: Protocol, signal: &str) -> String {
 }
 
 /// The OpenTelemetry layer and its guard, for programs that build their own subscriber:
-/// `registry().with(my_layers).with(layer)`. `None` when `config` exports nothing. Works inside
-/// or outside a tokio runtime (gRPC exporters run on a thread of pyvisor's own).
+/// `registry().with(my_layers).with(layer)`. `None` when `config` exports nothing, or when this
+/// build has no OTLP export ([`OTLP_COMPILED`]; a configured endpoint is then reported on
+/// stderr). Works inside or outside a tokio runtime (gRPC exporters run on a thread of
+/// pyvisor's own).
 pub fn otel_layer<S>(config: &TelemetryConfig) -> (Option<impl Layer<S>>, TelemetryGuard)
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
+    let Some(base) = config.endpoint.as_deref() else { return (None, TelemetryGuard::none()) };
+    start_export::<S>(config, base)
+}
+
+/// Without the `otlp` feature: say that nothing is exported, once per set-up.
+#[cfg(not(feature = "otlp"))]
+fn start_export<S>(_config: &TelemetryConfig, base: &str) -> (Option<tracing_subscriber::layer::Identity>, TelemetryGuard)
+where
+    S: tracing::Subscriber,
+{
+    eprintln!(
+        "pyvisor: an OTLP endpoint is configured ({base}) but this build has no OTLP export \
+         (pyvisor's `otlp` feature is off): nothing is exported"
+    );
+    (None, TelemetryGuard::none())
+}
+
+/// The exporters, providers and layer for `base` (the `otlp` feature).
+#[cfg(feature = "otlp")]
+fn start_export<S>(config: &TelemetryConfig, base: &str) -> (Option<impl Layer<S>>, TelemetryGuard)
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
     let none = TelemetryGuard::none();
-    let Some(base) = config.endpoint.as_deref() else { return (None, none) };
     let runtime = match config.protocol {
         Protocol::HttpProtobuf => None,
         Protocol::Grpc => match export_runtime() {
@@ -493,4 +554,22 @@ pub fn current_trace_id() -> Option<String> {
     let cx = tracing::Span::current().context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Run by `cargo test -p pyvisor-core --no-default-features` (the workspace's tests build
+/// with the feature on).
+#[cfg(all(test, not(feature = "otlp")))]
+mod without_otlp {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_exports_nothing_and_the_console_logs_are_still_set_up() {
+        assert!(!OTLP_COMPILED);
+        let guard = init_with(&TelemetryConfig::default().endpoint("http://127.0.0.1:4317").protocol(Protocol::Grpc));
+        assert!(tracing::dispatcher::has_been_set(), "the console subscriber is installed");
+        assert!(!exporting(), "nothing is exported");
+        assert!(call_tracer().is_none(), "calls make no spans");
+        assert!(worker_env().is_empty(), "workers are not told to export");
+        drop(guard);
+    }
 }
