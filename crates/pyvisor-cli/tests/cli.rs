@@ -1,36 +1,14 @@
 //! The `pyvisor` command against real Python workers.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        // A relative path is relative to the workspace root (cargo runs tests elsewhere).
-        let p = PathBuf::from(p);
-        return if p.components().count() > 1 && p.is_relative() { root().join(p) } else { p };
-    }
-    let venv = root().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test`, or set PYVISOR_PYTHON");
-    venv
-}
+use common::{pyvisor, root};
 
 fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).to_string_lossy().into_owned()
-}
-
-/// The binary under test: cargo's, unless `PYVISOR_TEST_BIN` names another build of it (e.g. a
-/// copy taken where several checkouts share one target directory and overwrite its binary).
-fn pyvisor() -> Command {
-    let bin = std::env::var_os("PYVISOR_TEST_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| env!("CARGO_BIN_EXE_pyvisor").into());
-    let mut c = Command::new(bin);
-    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
-    c
 }
 
 fn run(c: &mut Command) -> Output {

@@ -3,6 +3,8 @@
 //! pool is below `min_ready` and 200 again, status, a clean stop), and the same server in
 //! process (`pyvisor_cli::http`) over a tree the test calls into (the call counter matches).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -14,20 +16,7 @@ use pyvisor_cli::http::{self, HEALTHZ, METRICS, READYZ, STATUS};
 use pyvisor_core::supervisor::{ChildSpec, Strategy, SupervisorSpec, Tree};
 use pyvisor_core::{PoolSpec, RecyclePolicy};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.components().count() > 1 && p.is_relative() { root().join(p) } else { p };
-    }
-    let venv = root().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test`, or set PYVISOR_PYTHON");
-    venv
-}
+use common::{python, root};
 
 fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).canonicalize().expect("worker script exists").to_string_lossy().into_owned()

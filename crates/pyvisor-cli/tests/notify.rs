@@ -2,25 +2,14 @@
 //! datagram socket it owns, named by `NOTIFY_SOCKET`) and runs the real binary on a tree of
 //! real Python workers.
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.components().count() > 1 && p.is_relative() { root().join(p) } else { p };
-    }
-    let venv = root().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test`, or set PYVISOR_PYTHON");
-    venv
-}
+use common::python;
 
 /// A worker whose import takes `SLOW_START` seconds and then leaves `imported-PID` (its run id
 /// and whether it saw systemd's variables) in `NOTIFY_TEST_DIR`. Once the file `fail` appears
@@ -44,20 +33,16 @@ with open(tmp, "w") as f:
     json.dump(info, f)
 os.rename(tmp, os.path.join(DIR, "imported-%d" % os.getpid()))
 
-
 def exit_when_told():
     while not os.path.exists(FAIL):
         time.sleep(0.05)
     os._exit(3)
 
-
 threading.Thread(target=exit_when_told, daemon=True).start()
-
 
 @expose(idempotent=True)
 def echo(x):
     return x
-
 
 if __name__ == "__main__":
     run_worker()

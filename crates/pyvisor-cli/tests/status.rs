@@ -3,6 +3,8 @@
 //! /proc), the socket is owner-only, a second run on the same path is refused, and SIGTERM
 //! leaves neither the socket file nor a process behind.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -10,29 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.components().count() > 1 && p.is_relative() { root().join(p) } else { p };
-    }
-    let venv = root().join(".venv/bin/python");
-    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test`, or set PYVISOR_PYTHON");
-    venv
-}
-
-/// The binary under test: cargo's, unless `PYVISOR_TEST_BIN` names another build of it (e.g. a
-/// copy taken where several checkouts share one target directory and overwrite its binary).
-fn pyvisor() -> Command {
-    let bin = std::env::var_os("PYVISOR_TEST_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| env!("CARGO_BIN_EXE_pyvisor").into());
-    let mut c = Command::new(bin);
-    c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
-    c
-}
+use common::{pyvisor, root};
 
 /// A fresh directory for one test.
 fn scratch(tag: &str) -> PathBuf {
