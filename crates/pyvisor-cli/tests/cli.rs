@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use common::{pyvisor, root};
+use common::{alive, pyvisor, root};
 
 fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).to_string_lossy().into_owned()
@@ -13,13 +13,6 @@ fn worker(name: &str) -> String {
 
 fn run(c: &mut Command) -> Output {
     c.output().expect("pyvisor runs")
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 fn worker_pids(stderr: &str) -> Vec<u32> {

@@ -16,17 +16,10 @@ use pyvisor_cli::http::{self, HEALTHZ, METRICS, READYZ, STATUS};
 use pyvisor_core::supervisor::{ChildSpec, Strategy, SupervisorSpec, Tree};
 use pyvisor_core::{PoolSpec, RecyclePolicy};
 use serde_json::Value;
-use common::{python, root};
+use common::{alive, python, root};
 
 fn worker(name: &str) -> String {
     root().join("tests/workers").join(name).canonicalize().expect("worker script exists").to_string_lossy().into_owned()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 fn client() -> reqwest::Client {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use common::python;
+use common::{alive, processes_of_run, python};
 
 /// A worker whose import takes `SLOW_START` seconds and then leaves `imported-PID` (its run id
 /// and whether it saw systemd's variables) in `NOTIFY_TEST_DIR`. Once the file `fail` appears
@@ -68,27 +68,6 @@ fn imported(dir: &Path) -> Vec<(u32, String, Vec<String>)> {
         out.push((v["pid"].as_u64().unwrap() as u32, v["run_id"].as_str().unwrap_or_default().to_string(), vars));
     }
     out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
-/// Live processes whose environment carries `PYVISOR_RUN_ID=run_id`.
-fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let needle = format!("PYVISOR_RUN_ID={run_id}");
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-                .unwrap_or(false)
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
 }
 
 /// The service manager's side: every line of every datagram, in arrival order.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use common::{pyvisor, root};
+use common::{alive, processes_of_run, pyvisor, root};
 
 /// A fresh directory for one test.
 fn scratch(tag: &str) -> PathBuf {
@@ -139,30 +139,9 @@ fn all_workers(v: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
     out
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
 fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Live processes whose environment carries `PYVISOR_RUN_ID=run_id`.
-fn carrying(run_id: &str) -> Vec<u32> {
-    let marker = format!("PYVISOR_RUN_ID={run_id}");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == marker.as_bytes()))
-        })
-        .filter(|&pid| alive(pid))
-        .collect()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -230,7 +209,7 @@ strategy = "one_for_one"
 
     // The same pids as /proc: the children of `pyvisor run` that carry its run id.
     let reported: BTreeSet<u32> = workers.iter().map(|(_, w)| w["pid"].as_u64().unwrap() as u32).collect();
-    let in_proc: BTreeSet<u32> = carrying(&run_id).into_iter().filter(|&p| ppid(p) == Some(run.child.id())).collect();
+    let in_proc: BTreeSet<u32> = processes_of_run(&run_id).into_iter().filter(|&p| ppid(p) == Some(run.child.id())).collect();
     assert_eq!(reported, in_proc, "status vs /proc");
 
     // The table, from another process.
@@ -284,7 +263,7 @@ strategy = "one_for_one"
     for pid in &reported {
         assert!(!alive(*pid), "worker {pid} outlived the run");
     }
-    assert_eq!(carrying(&run_id), Vec::<u32>::new(), "processes of the run are left");
+    assert_eq!(processes_of_run(&run_id), Vec::<u32>::new(), "processes of the run are left");
 
     // No server there now: a clear message, non-zero.
     let out = status(&["--control", sock_arg], &[]);

@@ -30,3 +30,25 @@ pub fn pyvisor() -> Command {
     c.env("PYVISOR_PYTHON", python()).env("PYVISOR_LOG", "warn");
     c
 }
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// Live processes whose environment carries `PYVISOR_RUN_ID=run_id`.
+pub fn processes_of_run(run_id: &str) -> Vec<u32> {
+    let needle = format!("PYVISOR_RUN_ID={run_id}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
