@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pyvisor_core::supervisor::{ChildState, Tree};
+use pyvisor_core::supervisor::{ChildReport, ChildState, Tree};
 use pyvisor_core::PoolStatus;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -394,60 +394,37 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Whether every node is running and every pool has `min_ready` ready workers.
-fn all_ready(nodes: &[Node]) -> bool {
-    nodes.iter().all(|n| {
-        n.state == "running"
-            && !matches!(&n.pool, Some(p) if p.closed || p.ready < p.min_ready)
-            && all_ready(&n.children)
-    })
-}
-
-/// What [`nodes`] returns: boxed, as it recurses, and `Send`, as the server runs it on a task.
-type NodesFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Node>, String>> + Send + 'a>>;
-
-/// Describes the children of `tree`, recursively.
-fn nodes(tree: &Tree) -> NodesFuture<'_> {
-    Box::pin(async move {
-        let children = tree.children().await.map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(children.len());
-        for c in children {
-            let (state, reason, restart_in_ms) = match &c.state {
+/// The nodes of a tree snapshot, recursively.
+fn nodes(reports: Vec<ChildReport>) -> Vec<Node> {
+    reports
+        .into_iter()
+        .map(|r| {
+            let c = r.child;
+            let (mut state, mut reason, restart_in_ms) = match &c.state {
                 ChildState::Running => ("running", None, None),
                 ChildState::Restarting { next_in } => ("restarting", None, Some(millis(*next_in))),
                 ChildState::Stopped => ("stopped", None, None),
                 ChildState::Failed { reason } => ("failed", Some(reason.clone()), None),
                 _ => ("unknown", None, None),
             };
-            let mut node = Node {
-                id: c.id.clone(),
-                path: c.path.clone(),
+            if let Some(why) = r.unavailable {
+                // Between its start and its registration, being replaced, or not answering.
+                state = "restarting";
+                reason = Some(why);
+            }
+            Node {
+                id: c.id,
+                path: c.path,
                 kind: c.kind.to_string(),
                 state: state.to_string(),
                 reason,
                 restart_in_ms,
                 restarts: c.restarts,
-                pool: None,
-                children: Vec::new(),
-            };
-            if c.state == ChildState::Running {
-                match c.kind {
-                    "pool" => match tree.pool(&c.id) {
-                        Some(pool) => node.pool = Some(PoolNode::from_status(pool.status().await)),
-                        // Between its start and its registration, or being replaced.
-                        None => node.state = "restarting".into(),
-                    },
-                    "supervisor" => match tree.subtree(&c.id) {
-                        Some(sub) => node.children = nodes(&sub).await?,
-                        None => node.state = "restarting".into(),
-                    },
-                    _ => {}
-                }
+                pool: r.pool.map(PoolNode::from_status),
+                children: r.children.map(nodes).unwrap_or_default(),
             }
-            out.push(node);
-        }
-        Ok(out)
-    })
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -470,14 +447,18 @@ impl Shared {
     async fn snapshot(&self) -> Result<Snapshot, String> {
         let phase = self.phase.load(Ordering::Acquire);
         let tree = if phase == RUNNING { self.tree.lock().ok().and_then(|t| t.clone()) } else { None };
-        let children = match &tree {
-            Some(t) => match tokio::time::timeout(SNAPSHOT_TIMEOUT, nodes(t)).await {
-                Ok(r) => r.map_err(|e| format!("the tree is not running: {e}"))?,
+        // The readiness judgement is the core's, on the same snapshot (`TreeStatus::readiness`).
+        let (children, ready) = match &tree {
+            Some(t) => match tokio::time::timeout(SNAPSHOT_TIMEOUT, t.status()).await {
+                Ok(Ok(status)) => {
+                    let ready = status.readiness().is_ok();
+                    (nodes(status.children), ready)
+                }
+                Ok(Err(e)) => return Err(format!("the tree is not running: {e}")),
                 Err(_) => return Err(format!("the tree did not describe itself within {} s", SNAPSHOT_TIMEOUT.as_secs())),
             },
-            None => Vec::new(),
+            None => (Vec::new(), false),
         };
-        let running = tree.is_some();
         Ok(Snapshot {
             version: WIRE_VERSION,
             name: self.name.clone(),
@@ -491,7 +472,7 @@ impl Shared {
                 _ => "stopping",
             }
             .to_string(),
-            ready: running && all_ready(&children),
+            ready,
             children,
         })
     }

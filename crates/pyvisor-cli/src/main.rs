@@ -5,7 +5,6 @@ mod bench;
 mod chaos;
 mod control;
 mod notify;
-mod readiness;
 mod run;
 mod status;
 mod tree_file;

@@ -5,7 +5,7 @@
 //! not inherit them), sending datagrams to the socket (a path, or an abstract name `@...`), and
 //! deciding what to send when:
 //!
-//! - `STATUS=` lines: `starting`, then the tree's readiness (`readiness::Readiness::summary`)
+//! - `STATUS=` lines: `starting`, then the tree's readiness (`TreeStatus::summary`)
 //!   whenever it changes, `the tree failed: ...`, `stopping ...`;
 //! - `READY=1` once, the first time a walk of the started tree finds it ready (every supervisor
 //!   running, every pool at `min_ready` ready workers; the tree's start already waited for every
@@ -29,7 +29,6 @@ use std::time::Duration;
 use pyvisor_core::supervisor::Tree;
 use tokio::task::JoinHandle;
 
-use crate::readiness::Readiness;
 
 /// How often the tree is walked when no watchdog asks for more.
 const WALK_EVERY: Duration = Duration::from_secs(1);
@@ -230,7 +229,7 @@ impl Notifier {
         let every = inner.watchdog.map_or(WALK_EVERY, |w| (w / 2).min(WALK_EVERY));
         let task = tokio::spawn(monitor(inner, every, move || {
             let tree = tree.clone();
-            async move { Readiness::of(&tree).await.ok() }
+            async move { tree.status().await.ok().map(|s| Judged { ready: s.readiness().is_ok(), summary: s.summary() }) }
         }));
         Watch(Some(task))
     }
@@ -269,6 +268,13 @@ impl Notifier {
     }
 }
 
+/// One walk of the tree, judged by the core (`TreeStatus::readiness` and `summary`).
+#[derive(Debug, Clone, Default)]
+struct Judged {
+    ready: bool,
+    summary: String,
+}
+
 /// A task of the notifier's; aborted when dropped.
 pub struct Watch(Option<JoinHandle<()>>);
 
@@ -285,7 +291,7 @@ impl Drop for Watch {
 async fn monitor<F, Fut>(inner: Arc<Inner>, every: Duration, mut probe: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<Readiness>>,
+    Fut: std::future::Future<Output = Option<Judged>>,
 {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,15 +304,13 @@ where
         }
         let Some(r) = walk else { continue };
         let mut lines = Vec::new();
-        let ready = r.is_ready();
-        if ready && !st.ready_sent {
+        if r.ready && !st.ready_sent {
             st.ready_sent = true;
             lines.push("READY=1".to_string());
         }
-        let summary = r.summary();
-        if summary != st.last_status {
-            lines.push(status_line(&summary));
-            st.last_status = summary;
+        if r.summary != st.last_status {
+            lines.push(status_line(&r.summary));
+            st.last_status = r.summary;
         }
         if inner.watchdog.is_some() {
             lines.push("WATCHDOG=1".into());
@@ -380,7 +384,7 @@ mod tests {
             let a = Arc::clone(&a);
             async move {
                 if a.load(std::sync::atomic::Ordering::SeqCst) {
-                    Some(Readiness::default())
+                    Some(Judged { ready: true, summary: "ready".into() })
                 } else {
                     std::future::pending().await
                 }

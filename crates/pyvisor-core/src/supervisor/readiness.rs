@@ -87,7 +87,58 @@ impl TreeStatus {
             Err(NotReady { reasons })
         }
     }
+
+    /// One short line for a status display (systemd's `STATUS=`): `ready: 2/2 pools, 3/4
+    /// workers ready`, or `not ready: ...` and the first reason.
+    ///
+    /// ```no_run
+    /// # async fn demo(tree: pyvisor_core::supervisor::Tree) -> Result<(), Box<dyn std::error::Error>> {
+    /// println!("{}", tree.status().await?.summary()); // e.g. "ready: 2/2 pools, 3/4 workers ready"
+    /// # Ok(()) }
+    /// ```
+    pub fn summary(&self) -> String {
+        let mut count = Counts::default();
+        count.walk(&self.children);
+        let counts = format!("{}/{} pools, {}/{} workers ready", count.pools_ready, count.pools, count.ready, count.workers);
+        match self.readiness() {
+            Ok(()) => format!("ready: {counts}"),
+            Err(e) => match e.reasons.first() {
+                Some(first) => format!("not ready: {counts}; {first}"),
+                None => format!("not ready: {counts}"),
+            },
+        }
+    }
 }
+
+/// Pools and workers of a snapshot, for [`TreeStatus::summary`].
+#[derive(Default)]
+struct Counts {
+    pools: usize,
+    pools_ready: usize,
+    ready: usize,
+    workers: usize,
+}
+
+impl Counts {
+    fn walk(&mut self, children: &[ChildReport]) {
+        for c in children {
+            match c.child.kind {
+                "pool" => {
+                    self.pools += 1;
+                    if let Some(p) = &c.pool {
+                        self.ready += p.ready();
+                        self.workers += p.workers.len();
+                    }
+                    let mut reasons = Vec::new();
+                    judge(std::slice::from_ref(c), &mut reasons);
+                    self.pools_ready += usize::from(reasons.is_empty());
+                }
+                _ => self.walk(c.children.as_deref().unwrap_or_default()),
+            }
+        }
+    }
+}
+
 
 fn judge(children: &[ChildReport], out: &mut Vec<Unready>) {
     for c in children {
@@ -243,6 +294,23 @@ mod tests {
             "pool p: 0 of 1 workers ready (min_ready 1)\npool c: closed\nsupervisor etl: restarting in 250 ms\n\
              pool q: failed: too many start failures\nsupervisor s: not answering: timed out"
         );
+    }
+
+    #[test]
+    fn the_summary_counts_pools_and_workers_and_names_the_first_reason() {
+        let mut t = tree(vec![pool("ml", &[Ready, Starting, Ready], 2), sup("etl", vec![pool("etl/loader", &[Ready], 1)])]);
+        assert_eq!(t.summary(), "ready: 2/2 pools, 3/4 workers ready");
+        t.children[0] = pool("ml", &[Ready, Starting, Dead], 2);
+        assert_eq!(t.summary(), "not ready: 1/2 pools, 2/4 workers ready; pool ml: 1 of 3 workers ready (min_ready 2)");
+        let down = ChildReport {
+            child: child("etl", "supervisor", ChildState::Restarting { next_in: Duration::from_millis(200) }),
+            pool: None,
+            children: None,
+            unavailable: None,
+        };
+        t.children = vec![pool("ml", &[Ready], 1), down];
+        assert_eq!(t.summary(), "not ready: 1/1 pools, 1/1 workers ready; supervisor etl: restarting in 200 ms");
+        assert_eq!(tree(vec![]).summary(), "ready: 0/0 pools, 0/0 workers ready");
     }
 
     #[test]
