@@ -16,5 +16,10 @@ def echo(x):
     return x
 
 
+@expose(idempotent=True)
+def pid(_):
+    return os.getpid()
+
+
 if __name__ == "__main__":
     run_worker()

@@ -423,6 +423,78 @@ impl PoolSpec {
         self
     }
 
+    /// Whether `other` declares the same pool: every setting equal, the event handler aside
+    /// (a function cannot be compared). A supervisor's reload replaces a pool whose settings
+    /// changed and keeps one whose settings did not ([`crate::supervisor::Tree::reload`]).
+    ///
+    /// ```
+    /// use pyvisor_core::PoolSpec;
+    /// let a = PoolSpec::script("w.py").workers(2).on_event(|_| {});
+    /// assert!(a.same_settings(&PoolSpec::script("w.py").workers(2)));
+    /// assert!(!a.same_settings(&PoolSpec::script("w.py").workers(3)));
+    /// ```
+    pub fn same_settings(&self, other: &PoolSpec) -> bool {
+        // Destructured field by field: a field added to `PoolSpec` fails to compile here until
+        // it is compared (or, like the handler, said not to be).
+        let PoolSpec {
+            name,
+            target,
+            interpreter,
+            args,
+            env,
+            cwd,
+            workers,
+            max_in_flight,
+            max_queue,
+            queue_timeout,
+            call_timeout,
+            start_timeout,
+            max_frame,
+            start_backoff,
+            max_start_failures,
+            start_failure_period,
+            heartbeat_interval,
+            shutdown_grace,
+            sigterm_wait,
+            on_event: _,
+            heartbeat_max_missed,
+            max_retries,
+            taint_window,
+            poison_threshold,
+            quarantine_window,
+            harakiri_grace,
+            recycle,
+            confine,
+        } = self;
+        *name == other.name
+            && *target == other.target
+            && *interpreter == other.interpreter
+            && *args == other.args
+            && *env == other.env
+            && *cwd == other.cwd
+            && *workers == other.workers
+            && *max_in_flight == other.max_in_flight
+            && *max_queue == other.max_queue
+            && *queue_timeout == other.queue_timeout
+            && *call_timeout == other.call_timeout
+            && *start_timeout == other.start_timeout
+            && *max_frame == other.max_frame
+            && *start_backoff == other.start_backoff
+            && *max_start_failures == other.max_start_failures
+            && *start_failure_period == other.start_failure_period
+            && *heartbeat_interval == other.heartbeat_interval
+            && *shutdown_grace == other.shutdown_grace
+            && *sigterm_wait == other.sigterm_wait
+            && *heartbeat_max_missed == other.heartbeat_max_missed
+            && *max_retries == other.max_retries
+            && *taint_window == other.taint_window
+            && *poison_threshold == other.poison_threshold
+            && *quarantine_window == other.quarantine_window
+            && *harakiri_grace == other.harakiri_grace
+            && *recycle == other.recycle
+            && *confine == other.confine
+    }
+
     /// Number of workers this spec starts.
     pub fn worker_count(&self) -> usize {
         self.workers

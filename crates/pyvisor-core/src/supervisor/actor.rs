@@ -22,6 +22,17 @@ pub(crate) enum SupervisorMsg {
     AddChild(Box<ChildSpec>, RpcReplyPort<Result<(), SupervisorError>>),
     RemoveChild(String, RpcReplyPort<Result<(), SupervisorError>>),
     Shutdown(RpcReplyPort<()>),
+    /// The declaration in effect: the supervisor's policy and its children's specs, in order.
+    Spec(RpcReplyPort<SupervisorSpec>),
+    /// Make-before-break: this pool, started (and ready) outside the actor, takes the place of
+    /// the child with the spec's id (added when there is none); the old one is stopped after.
+    Install(Box<ChildSpec>, Pool, RpcReplyPort<Result<(), SupervisorError>>),
+    /// Keep the running child with this id, under this spec from now on (its next restart
+    /// uses it; restart type and shutdown apply at once).
+    SetSpec(Box<ChildSpec>, RpcReplyPort<Result<(), SupervisorError>>),
+    /// Take this spec's policy (strategy, intensity, backoff, healthy period) and its order of
+    /// children; the children themselves are not touched.
+    Reconfigure(Box<SupervisorSpec>, RpcReplyPort<()>),
 }
 
 pub(crate) struct SupervisorActor;
@@ -118,19 +129,7 @@ impl SupState {
         let (cell, handle, registered) = match &self.children[i].spec.kind {
             ChildKind::Pool(spec) => {
                 let pool = Pool::start_linked((**spec).clone(), sup).await.map_err(|e| e.to_string())?;
-                // A handle got by path follows restarts: the path keeps one following handle,
-                // pointed at each new pool.
-                let existing = self.registry.read().ok().and_then(|r| match r.get(&path) {
-                    Some(Registered::Pool(p)) => Some(p.clone()),
-                    _ => None,
-                });
-                let by_path = match existing {
-                    Some(p) => {
-                        p.replace_with(&pool);
-                        p
-                    }
-                    None => pool.following(),
-                };
+                let by_path = self.following_handle(&path, &pool);
                 (pool.actor(), Handle::Pool(pool), Some(Registered::Pool(by_path)))
             }
             ChildKind::Supervisor(spec) => {
@@ -149,6 +148,50 @@ impl SupState {
         c.life = Life::Running(Running { cell, handle, since: now });
         tracing::info!(supervisor = %self.spec.name, child = %path, kind = c.spec.kind.name(), "child started");
         Ok(())
+    }
+
+    /// The handle registered at `path`, pointed at `pool`. A handle got by path follows
+    /// restarts and replacements: the path keeps one following handle, pointed at each new pool.
+    fn following_handle(&self, path: &str, pool: &Pool) -> Pool {
+        let existing = self.registry.read().ok().and_then(|r| match r.get(path) {
+            Some(Registered::Pool(p)) => Some(p.clone()),
+            _ => None,
+        });
+        match existing {
+            Some(p) => {
+                p.replace_with(pool);
+                p
+            }
+            None => pool.following(),
+        }
+    }
+
+    /// Put `pool` (started and ready) at child `i`'s place, or as a new last child when `i` is
+    /// `None`: handles by path switch to it now; the child it replaces, if running, is stopped
+    /// after, per its own shutdown spec, and its exit is not a crash (it is no longer `Running`).
+    async fn install(&mut self, i: Option<usize>, spec: ChildSpec, pool: Pool) {
+        let i = match i {
+            Some(i) => i,
+            None => {
+                let path = join_path(&self.path, &spec.id);
+                self.children.push(Child { path, spec: spec.clone(), life: Life::Stopped, restarts: 0, consecutive: 0 });
+                self.children.len() - 1
+            }
+        };
+        let path = self.children[i].path.clone();
+        let by_path = self.following_handle(&path, &pool);
+        if let Ok(mut reg) = self.registry.write() {
+            reg.insert(path.clone(), Registered::Pool(by_path));
+        }
+        let running = Running { cell: pool.actor(), handle: Handle::Pool(pool), since: Instant::now() };
+        let c = &mut self.children[i];
+        let old_life = std::mem::replace(&mut c.life, Life::Running(running));
+        let old_spec = std::mem::replace(&mut c.spec, spec);
+        c.consecutive = 0;
+        tracing::info!(supervisor = %self.spec.name, child = %path, "child replaced (make-before-break)");
+        if let Life::Running(old) = old_life {
+            stop_running(old, old_spec.shutdown, &path).await;
+        }
     }
 
     /// Forget what is registered at `path` and below it, for good: handles that follow a pool
@@ -187,29 +230,7 @@ impl SupState {
             self.unregister(&path);
         }
         let Life::Running(run) = std::mem::replace(&mut self.children[i].life, Life::Stopped) else { return };
-        let c = &mut self.children[i];
-        let kill = |cell: ActorCell| async move {
-            let _ = cell.kill_and_wait(Some(Duration::from_secs(10))).await;
-        };
-        match (c.spec.shutdown, run.handle) {
-            (Shutdown::Brutal, _) => kill(run.cell).await,
-            (Shutdown::Timeout(d), Handle::Pool(pool)) => {
-                if tokio::time::timeout(d, pool.shutdown()).await.is_err() {
-                    kill(run.cell).await;
-                }
-            }
-            (Shutdown::Timeout(d), Handle::Supervisor(actor, join)) => {
-                if tokio::time::timeout(d, shutdown_supervisor(actor, join)).await.is_err() {
-                    kill(run.cell).await;
-                }
-            }
-            (Shutdown::Timeout(d), Handle::Actor) => {
-                if run.cell.stop_and_wait(Some("shutdown".into()), Some(d)).await.is_err() {
-                    tracing::warn!(child = %path, timeout = ?d, "child did not stop in time; killing it");
-                    kill(run.cell).await;
-                }
-            }
-        }
+        stop_running(run, self.children[i].spec.shutdown, &path).await;
         tracing::info!(supervisor = %self.spec.name, child = %path, "child stopped");
     }
 
@@ -316,6 +337,32 @@ impl SupState {
                 restart: c.spec.restart,
             })
             .collect()
+    }
+}
+
+/// Stop what runs for a child per `shutdown`: ask, wait, then kill; or kill at once.
+async fn stop_running(run: Running, shutdown: Shutdown, path: &str) {
+    let kill = |cell: ActorCell| async move {
+        let _ = cell.kill_and_wait(Some(Duration::from_secs(10))).await;
+    };
+    match (shutdown, run.handle) {
+        (Shutdown::Brutal, _) => kill(run.cell).await,
+        (Shutdown::Timeout(d), Handle::Pool(pool)) => {
+            if tokio::time::timeout(d, pool.shutdown()).await.is_err() {
+                kill(run.cell).await;
+            }
+        }
+        (Shutdown::Timeout(d), Handle::Supervisor(actor, join)) => {
+            if tokio::time::timeout(d, shutdown_supervisor(actor, join)).await.is_err() {
+                kill(run.cell).await;
+            }
+        }
+        (Shutdown::Timeout(d), Handle::Actor) => {
+            if run.cell.stop_and_wait(Some("shutdown".into()), Some(d)).await.is_err() {
+                tracing::warn!(child = %path, timeout = ?d, "child did not stop in time; killing it");
+                kill(run.cell).await;
+            }
+        }
     }
 }
 
@@ -432,6 +479,71 @@ impl Actor for SupervisorActor {
                     None => Err(SupervisorError::NoSuchChild(id)),
                 };
                 let _ = reply.send(result);
+            }
+            SupervisorMsg::Spec(reply) => {
+                let mut spec = st.spec.clone();
+                spec.children = st.children.iter().map(|c| c.spec.clone()).collect();
+                let _ = reply.send(spec);
+            }
+            SupervisorMsg::Install(spec, pool, reply) => {
+                let result = if st.stopping {
+                    Err(SupervisorError::NotRunning("stopping".into()))
+                } else if !matches!(pool.actor().get_status(), ractor::ActorStatus::Running) {
+                    // It stopped after its start and before this message: its exit event came
+                    // first and was not ours to handle. Installing it would leave a dead child
+                    // counted as running.
+                    Err(SupervisorError::ChildStartFailed {
+                        path: join_path(&st.path, &spec.id),
+                        reason: "the new pool stopped before it could take over".into(),
+                    })
+                } else {
+                    let i = st.position(&spec.id);
+                    match i.map(|i| &st.children[i].spec.kind) {
+                        Some(ChildKind::Pool(_)) | None => {
+                            st.install(i, *spec, pool).await;
+                            Ok(())
+                        }
+                        Some(other) => Err(SupervisorError::InvalidSpec(format!(
+                            "child `{}` is a {}, not a pool: it cannot be replaced by one",
+                            spec.id,
+                            other.name()
+                        ))),
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::SetSpec(spec, reply) => {
+                let result = match st.position(&spec.id) {
+                    Some(i) if st.children[i].spec.kind.name() == spec.kind.name() => {
+                        st.children[i].spec = *spec;
+                        Ok(())
+                    }
+                    Some(i) => Err(SupervisorError::InvalidSpec(format!(
+                        "child `{}` is a {}, not a {}",
+                        spec.id,
+                        st.children[i].spec.kind.name(),
+                        spec.kind.name()
+                    ))),
+                    None => Err(SupervisorError::NoSuchChild(spec.id.clone())),
+                };
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::Reconfigure(spec, reply) => {
+                if st.spec.intensity != spec.intensity {
+                    // A new limit starts a new window: restarts counted under the old one
+                    // are forgotten.
+                    st.intensity = spec.intensity.tracker();
+                }
+                let order: Vec<&str> = spec.children.iter().map(|c| c.id.as_str()).collect();
+                // Stable: children the new order does not name keep theirs, after the others.
+                st.children.sort_by_key(|c| order.iter().position(|id| *id == c.spec.id).unwrap_or(usize::MAX));
+                let SupervisorSpec { name, strategy, intensity, backoff, healthy_period, children: _ } = *spec;
+                st.spec.name = name;
+                st.spec.strategy = strategy;
+                st.spec.intensity = intensity;
+                st.spec.backoff = backoff;
+                st.spec.healthy_period = healthy_period;
+                let _ = reply.send(());
             }
             SupervisorMsg::Shutdown(reply) => {
                 st.stopping = true;

@@ -13,6 +13,7 @@
 //! - `readiness`: whether a tree is ready (the one meaning `/readyz`, systemd and
 //!   `pyvisor status` share), a pure function of that snapshot;
 //! - `registry`: the tree's paths to what runs there now (handles by path follow restarts);
+//! - `reload`: what a reload from a new declaration changes (the plan) and reports;
 //! - `actor`: the supervisor actor (decisions);
 //! - `tree`: the [`Tree`] handle (lookup by path, status, dynamic children, shutdown).
 //!
@@ -23,6 +24,7 @@ mod actor;
 mod intensity;
 mod readiness;
 mod registry;
+mod reload;
 mod spec;
 mod status;
 mod tree;
@@ -30,6 +32,7 @@ mod tree;
 pub use intensity::{Intensity, IntensityTracker};
 pub use spec::{ChildKind, ChildSpec, Restart, Shutdown, StartFn, Strategy, SupervisorSpec};
 pub use readiness::{NotReady, Unready};
+pub use reload::ReloadReport;
 pub use status::{ChildReport, ChildState, ChildStatus, TreeStatus};
 pub use tree::Tree;
 

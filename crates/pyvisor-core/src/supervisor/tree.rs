@@ -12,6 +12,8 @@ use super::actor::{spawn_supervisor, SupervisorMsg};
 use super::registry::{join_path, Registered, Registry};
 use super::spec::{ChildSpec, SupervisorSpec};
 use super::readiness::{NotReady, Unready};
+use super::reload::{self, ReloadReport, Step};
+use super::spec::ChildKind;
 use super::status::{ChildReport, ChildState, ChildStatus, TreeStatus};
 use super::SupervisorError;
 use crate::pool::Pool;
@@ -38,6 +40,8 @@ pub struct Tree {
     registry: Registry,
     path: String,
     join: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// One reload at a time per handle (and its clones).
+    reloading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Tree {
@@ -68,7 +72,7 @@ impl Tree {
         registry: Registry,
     ) -> Result<Tree, SupervisorError> {
         let (actor, join) = spawn_supervisor(spec, parent, path.clone(), Arc::clone(&registry)).await?;
-        Ok(Tree { actor, registry, path, join: Arc::new(Mutex::new(Some(join))) })
+        Ok(Tree { actor, registry, path, join: Arc::new(Mutex::new(Some(join))), reloading: Arc::default() })
     }
 
     /// The supervisor's actor (to link, monitor, or compare with supervision events).
@@ -99,6 +103,7 @@ impl Tree {
                 registry: Arc::clone(&self.registry),
                 path: full,
                 join: Arc::new(Mutex::new(None)),
+                reloading: Arc::default(),
             }),
             Registered::Pool(_) => None,
         }
@@ -166,6 +171,135 @@ impl Tree {
         self.ask(|port| SupervisorMsg::RemoveChild(id, port)).await?
     }
 
+    /// Reload this supervisor from a new declaration of itself, changing only what changed:
+    /// added children start, removed ones stop, a pool whose settings changed is replaced
+    /// make-before-break (handles got by path switch to the new pool once it is ready, then the
+    /// old one drains), nested supervisors are reloaded the same way, and everything else keeps
+    /// running untouched (see the rules in `supervisor::reload`'s module doc). Changes are made
+    /// one child at a time, in the new declaration's order.
+    ///
+    /// A declaration that is not usable (a duration too long, two children with one id, at any
+    /// depth) is refused before anything changes. A child whose change fails is named in
+    /// [`ReloadReport::failed`] and the others still change; `Err` means this supervisor stopped
+    /// answering.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use pyvisor_core::supervisor::{ChildSpec, Strategy, SupervisorSpec, Tree};
+    /// use pyvisor_core::PoolSpec;
+    /// let v1 = SupervisorSpec::new("root", Strategy::OneForOne)
+    ///     .child(ChildSpec::pool("ml", PoolSpec::script("ml.py").workers(2)));
+    /// let tree = Tree::start(v1).await?;
+    /// let ml = tree.pool("ml").expect("running"); // follows the replacement below
+    /// let v2 = SupervisorSpec::new("root", Strategy::OneForOne)
+    ///     .child(ChildSpec::pool("ml", PoolSpec::script("ml.py").workers(4)))
+    ///     .child(ChildSpec::pool("etl", PoolSpec::script("etl.py")));
+    /// let report = tree.reload(v2).await?;
+    /// assert_eq!(report.replaced, ["ml"]);
+    /// assert_eq!(report.added, ["etl"]);
+    /// let y: f64 = ml.call("predict", &[1.0]).await?; // served by the new pool
+    /// # Ok(()) }
+    /// ```
+    pub async fn reload(&self, spec: SupervisorSpec) -> Result<ReloadReport, SupervisorError> {
+        validate(&spec).map_err(SupervisorError::InvalidSpec)?;
+        let _one_at_a_time = self.reloading.lock().await;
+        self.reload_level(spec).await
+    }
+
+    /// [`Tree::reload`] of this level, without the checks and the lock (taken once, at the top).
+    fn reload_level(&self, spec: SupervisorSpec) -> Pin<Box<dyn Future<Output = Result<ReloadReport, SupervisorError>> + Send + '_>> {
+        Box::pin(async move {
+            let current = self.ask(SupervisorMsg::Spec).await?;
+            let plan = reload::plan(&current, &spec);
+            let mut report = ReloadReport::default();
+            let path_of = |id: &str| join_path(&self.path, id);
+            for id in plan.remove {
+                match self.remove_child(&id).await {
+                    Ok(()) | Err(SupervisorError::NoSuchChild(_)) => report.removed.push(path_of(&id)),
+                    Err(e) => return Err(e),
+                }
+            }
+            for step in plan.steps {
+                match step {
+                    Step::Add(child) => {
+                        let path = path_of(&child.id);
+                        match self.start_new(child).await {
+                            Ok(()) => report.added.push(path),
+                            Err(e) => report.failed.push(failure(path, e)?),
+                        }
+                    }
+                    Step::Replace(child) => {
+                        let path = path_of(&child.id);
+                        match self.start_new(child).await {
+                            Ok(()) => report.replaced.push(path),
+                            Err(e) => report.failed.push(failure(path, e)?),
+                        }
+                    }
+                    Step::Restart(child) => {
+                        let path = path_of(&child.id);
+                        match self.remove_child(&child.id).await {
+                            Ok(()) | Err(SupervisorError::NoSuchChild(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                        match self.start_new(child).await {
+                            Ok(()) => report.replaced.push(path),
+                            Err(e) => report.failed.push(failure(path, e)?),
+                        }
+                    }
+                    Step::Keep { spec, changed } => {
+                        let path = path_of(&spec.id);
+                        self.ask(|port| SupervisorMsg::SetSpec(Box::new(spec), port)).await??;
+                        if changed {
+                            report.updated.push(path);
+                        } else {
+                            report.kept.push(path);
+                        }
+                    }
+                    Step::Recurse(child) => {
+                        let id = child.id.clone();
+                        let ChildKind::Supervisor(sub_spec) = &child.kind else { continue };
+                        let sub_spec = (**sub_spec).clone();
+                        // Stored first: if it restarts from now on, it starts as declared.
+                        self.ask(|port| SupervisorMsg::SetSpec(Box::new(child), port)).await??;
+                        match self.subtree(&id) {
+                            Some(sub) => match sub.reload_level(sub_spec).await {
+                                Ok(r) => report.merge(r),
+                                Err(e) => report.failed.push((path_of(&id), e.to_string())),
+                            },
+                            // Not running now (restarting): its restart uses the new declaration.
+                            None => report.updated.push(path_of(&id)),
+                        }
+                    }
+                }
+            }
+            self.ask(|port| SupervisorMsg::Reconfigure(Box::new(spec), port)).await?;
+            Ok(report)
+        })
+    }
+
+    /// Start `child` as declared, in its place or as a new child. A pool
+    /// is started here, outside the supervisor (which keeps answering meanwhile), and installed
+    /// once every worker is ready; anything else is added by the supervisor.
+    async fn start_new(&self, child: ChildSpec) -> Result<(), SupervisorError> {
+        match &child.kind {
+            ChildKind::Pool(pool_spec) => {
+                child.check().map_err(SupervisorError::InvalidSpec)?;
+                let pool = Pool::start_linked((**pool_spec).clone(), self.actor())
+                    .await
+                    .map_err(|e| SupervisorError::ChildStartFailed { path: join_path(&self.path, &child.id), reason: e.to_string() })?;
+                let installed = self.ask(|port| SupervisorMsg::Install(Box::new(child), pool.clone(), port)).await;
+                match installed {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) | Err(e) => {
+                        pool.shutdown().await;
+                        Err(e)
+                    }
+                }
+            }
+            _ => self.add_child(child).await,
+        }
+    }
+
     /// Stop every child in reverse start order (each per its shutdown spec), then the
     /// supervisor. Idempotent.
     pub async fn shutdown(&self) {
@@ -186,4 +320,31 @@ impl Tree {
             Err(e) => Err(SupervisorError::NotRunning(e.to_string())),
         }
     }
+}
+
+/// A failed change of one child, for [`ReloadReport::failed`]; a supervisor that stopped
+/// answering ends the reload instead.
+fn failure(path: String, e: SupervisorError) -> Result<(String, String), SupervisorError> {
+    match e {
+        SupervisorError::ChildStartFailed { reason, .. } => Ok((path, reason)),
+        SupervisorError::NotRunning(_) => Err(e),
+        other => Ok((path, other.to_string())),
+    }
+}
+
+/// Whether a declaration can be reloaded: durations, child shutdowns and unique ids, at every
+/// depth (pools' own settings are checked when they start).
+fn validate(spec: &SupervisorSpec) -> Result<(), String> {
+    spec.check()?;
+    let mut ids = std::collections::HashSet::new();
+    for c in &spec.children {
+        if !ids.insert(c.id.as_str()) {
+            return Err(format!("supervisor `{}`: two children are named `{}`", spec.name, c.id));
+        }
+        c.check()?;
+        if let ChildKind::Supervisor(sub) = &c.kind {
+            validate(sub)?;
+        }
+    }
+    Ok(())
 }
