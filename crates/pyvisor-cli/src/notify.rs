@@ -14,6 +14,9 @@
 //!   `WATCHDOG_USEC` (when `WATCHDOG_PID` is unset or ours): a supervisor that is wedged, busy
 //!   longer than that, stopped or failed answers no walk, and the pings stop; once the tree has
 //!   failed, none is sent again;
+//! - `RELOADING=1` with `MONOTONIC_USEC=` when a reload (SIGHUP) begins, then `READY=1` and the
+//!   outcome as `STATUS=` when it has been applied or rejected (what `Type=notify-reload` waits
+//!   for; harmless under `Type=notify`); no `READY=1` before the tree was first ready;
 //! - `STOPPING=1` when `run` starts to stop the tree, then `EXTEND_TIMEOUT_USEC=` every second
 //!   while it drains, for at most the tree's shutdown budget (the sum of its shutdown timeouts)
 //!   plus a margin: a shutdown that overruns its own timeouts is left to `TimeoutStopSec`.
@@ -160,6 +163,14 @@ impl Inner {
     }
 }
 
+/// `CLOCK_MONOTONIC` in microseconds (what `MONOTONIC_USEC=` carries).
+fn monotonic_usec() -> u128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32).as_micros()
+}
+
 /// Longest `STATUS=` value sent, in characters: `systemctl status` shows one line.
 const STATUS_MAX: usize = 200;
 
@@ -232,6 +243,30 @@ impl Notifier {
             async move { tree.status().await.ok().map(|s| Judged { ready: s.readiness().is_ok(), summary: s.summary() }) }
         }));
         Watch(Some(task))
+    }
+
+    /// A reload begins: `RELOADING=1`, stamped with the monotonic clock as systemd asks.
+    pub fn reloading(&self) {
+        if let Some(i) = &self.inner {
+            let mut st = i.lock();
+            let lines = ["RELOADING=1".to_string(), format!("MONOTONIC_USEC={}", monotonic_usec()), status_line("reloading the tree file")];
+            i.send(&mut st, &lines);
+        }
+    }
+
+    /// A reload ended (`outcome`: what changed, or why the file was rejected): `READY=1` again
+    /// (if the tree was ready before) and the outcome as `STATUS=` until readiness changes.
+    pub fn reloaded(&self, outcome: &str) {
+        if let Some(i) = &self.inner {
+            let mut st = i.lock();
+            let mut lines = Vec::new();
+            if st.ready_sent {
+                lines.push("READY=1".to_string());
+            }
+            lines.push(status_line(outcome));
+            st.last_status = outcome.to_string();
+            i.send(&mut st, &lines);
+        }
     }
 
     /// The tree failed (`reason`): no more pings, and the reason as `STATUS=`.

@@ -1,22 +1,25 @@
 //! `pyvisor run TREE.toml`: start a supervision tree, show a live status table and lifecycle
-//! events until Ctrl-C (or SIGTERM), then shut the tree down in order. Under systemd
+//! events until Ctrl-C (or SIGTERM), then shut the tree down in order. SIGHUP rereads the file
+//! and applies what changed (`Tree::reload`); a file that does not parse is rejected with the
+//! reason and the running tree is kept. Under systemd
 //! (`NOTIFY_SOCKET`), `notify` tells the service manager when the tree is ready, alive and
 //! stopping. With `--http`, the endpoints of `pyvisor_cli::http`, listening from before the
 //! tree starts.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyvisor_core::ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use pyvisor_core::supervisor::{ChildState, Tree};
+use pyvisor_core::supervisor::{ChildState, ReloadReport, SupervisorError, SupervisorSpec, Tree};
 use pyvisor_cli::http;
 use pyvisor_core::{Interpreter, PoolEvent};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::{control, notify, tree_file};
 
@@ -153,25 +156,73 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>, control_path: Option<PathBuf>) -> ExitCode {
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
-            return ExitCode::from(2);
-        }
-    };
+/// Read and parse the tree file.
+fn load(file: &Path, interpreter: &Interpreter, sink: &tree_file::EventSink) -> Result<SupervisorSpec, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let base = file.parent().map(PathBuf::from).unwrap_or_default();
+    tree_file::parse(&text, &base, interpreter, sink.clone()).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// A reload in progress: the tree's own, on a task, so that the loop keeps showing status,
+/// events and signals meanwhile. Yields its outcome and the new shutdown budget.
+type Reloading = JoinHandle<(Result<ReloadReport, SupervisorError>, Duration)>;
+
+/// SIGHUP: reread the file and, if it parses, start applying it. A file that does not parse is
+/// rejected here, with the reason, and the running tree is kept as it is.
+fn begin_reload(file: &Path, interpreter: &Interpreter, sink: &tree_file::EventSink, tree: &Tree, sd: &notify::Notifier) -> Option<Reloading> {
+    sd.reloading();
+    println!("reload: rereading {}", file.display());
+    match load(file, interpreter, sink) {
+        Ok(spec) => {
+            let tree = tree.clone();
+            let budget = spec.shutdown_budget();
+            Some(tokio::spawn(async move { (tree.reload(spec).await, budget) }))
+        }
+        Err(e) => {
+            // The reason may run over several lines (toml shows the spot): the verdict first.
+            let line = format!("reload rejected, the running tree is kept: {e}");
+            eprintln!("{line}");
+            sd.reloaded(&line);
+            None
+        }
+    }
+}
+
+/// The outcome of the reload in progress (never, if there is none).
+async fn reload_done(r: &mut Option<Reloading>) -> Result<(Result<ReloadReport, SupervisorError>, Duration), tokio::task::JoinError> {
+    match r {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Print a lifecycle event: kept for the live screen on a terminal, a line otherwise.
+fn show(line: String, tty: bool, recent: &mut Vec<String>) {
+    if tty {
+        recent.push(line);
+        let excess = recent.len().saturating_sub(10);
+        recent.drain(..excess);
+    } else {
+        println!("event: {line}");
+    }
+}
+
+pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>, control_path: Option<PathBuf>) -> ExitCode {
+    // Listened to from the very start, not once the tree is up: a SIGTERM while workers load
+    // stops what started (it does not kill the run outright), a SIGHUP then is kept for later.
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<String>();
     let sink: tree_file::EventSink = Arc::new(move |path: &str, e: &PoolEvent| {
         if let Some(line) = describe(path, e) {
             let _ = ev_tx.send(line);
         }
     });
-    let spec = match tree_file::parse(&text, &base, &interpreter, sink) {
+    let spec = match load(&file, &interpreter, &sink) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}: {e}", file.display());
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -186,7 +237,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     };
     let sd = notify::Notifier::from_captured_env();
     sd.status("starting the tree");
-    let shutdown_budget = spec.shutdown_budget();
+    let mut shutdown_budget = spec.shutdown_budget();
     // `--http`: listening before the tree starts (liveness passes while workers load).
     let endpoints = match http_addr {
         Some(addr) => match http::bind(addr).await {
@@ -209,45 +260,102 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
             return ExitCode::from(2);
         }
     };
-    let tree = match Tree::start_linked(spec, host.get_cell()).await {
-        Ok(t) => t,
-        Err(e) => {
-            while let Ok(line) = ev_rx.try_recv() {
-                println!("{line}");
+    let tty = std::io::stdout().is_terminal();
+    let mut recent: Vec<String> = Vec::new();
+    let mut reload_wanted = false;
+    let start = Tree::start_linked(spec, host.get_cell());
+    tokio::pin!(start);
+    let stop_signal = loop {
+        tokio::select! {
+            started = &mut start => match started {
+                Ok(tree) => break Ok(tree),
+                Err(e) => {
+                    while let Ok(line) = ev_rx.try_recv() {
+                        println!("{line}");
+                    }
+                    eprintln!("error: the tree did not start: {e}");
+                    sd.status(&format!("the tree did not start: {e}"));
+                    host.stop(None);
+                    return ExitCode::from(1);
+                }
+            },
+            _ = received(&mut int) => break Err("SIGINT"),
+            _ = received(&mut term) => break Err("SIGTERM"),
+            _ = received(&mut hup) => {
+                reload_wanted = true;
+                println!("reload: the tree is still starting; the file is reread once it has started");
             }
-            eprintln!("error: the tree did not start: {e}");
-            sd.status(&format!("the tree did not start: {e}"));
-            host.stop(None);
-            return ExitCode::from(1);
+            Some(line) = ev_rx.recv() => show(line, false, &mut recent),
+        }
+    };
+    let tree = match stop_signal {
+        Ok(tree) => tree,
+        Err(which) => {
+            // Nothing serves yet, so nothing drains: the supervisor (killed with its host) and
+            // every pool that started are killed, and their processes buried; the run's own
+            // processes that remain are killed at exit (the run marker).
+            control.stopping();
+            println!("{which} while the tree was starting: stopping what started");
+            let _draining = sd.stopping(Duration::ZERO);
+            if let Some(e) = &endpoints {
+                e.stopping();
+            }
+            drop(start);
+            let _ = host.kill_and_wait(Some(Duration::from_secs(10))).await;
+            let _ = host_join.await;
+            if let Some(e) = endpoints {
+                e.shutdown().await;
+            }
+            drop(control);
+            println!("stopped");
+            return ExitCode::SUCCESS;
         }
     };
     if let Some(e) = &endpoints {
         e.attach(tree.clone());
     }
     control.running(tree.clone());
-    println!("tree `{}` started; Ctrl-C stops it", file.display());
+    println!("tree `{}` started; Ctrl-C stops it, SIGHUP reloads the file", file.display());
     println!("status from another shell: pyvisor status --control {}", control.path().display());
     let _watch = sd.watch(tree.clone());
-    let tty = std::io::stdout().is_terminal();
-    let mut recent: Vec<String> = Vec::new();
+    let mut reloading: Option<Reloading> = None;
+    if std::mem::take(&mut reload_wanted) {
+        reloading = begin_reload(&file, &interpreter, &sink, &tree, &sd);
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Listened to from here on, not re-created per iteration: a signal that arrives while the
-    // loop is printing is kept for the next `select!` (a fresh `ctrl_c()` would miss it).
-    let mut int = signal(SignalKind::interrupt()).ok();
-    let mut term = signal(SignalKind::terminate()).ok();
     let code = loop {
         tokio::select! {
             _ = received(&mut int) => break ExitCode::SUCCESS,
             _ = received(&mut term) => break ExitCode::SUCCESS,
-            Some(line) = ev_rx.recv() => {
-                if tty {
-                    recent.push(line);
-                    let excess = recent.len().saturating_sub(10);
-                    recent.drain(..excess);
+            _ = received(&mut hup) => {
+                if reloading.is_some() {
+                    // Reread once the one in progress is done: the file may have changed again.
+                    reload_wanted = true;
+                    println!("reload: one is in progress; the file is reread after it");
                 } else {
-                    println!("event: {line}");
+                    reloading = begin_reload(&file, &interpreter, &sink, &tree, &sd);
                 }
             }
+            done = reload_done(&mut reloading) => {
+                reloading = None;
+                let outcome = match done {
+                    Ok((Ok(report), budget)) => {
+                        shutdown_budget = budget;
+                        for (path, why) in &report.failed {
+                            eprintln!("reload: {path} could not change: {why}");
+                        }
+                        format!("reloaded: {report}")
+                    }
+                    Ok((Err(e), _)) => format!("reload failed: {e}"),
+                    Err(e) => format!("reload failed: {e}"),
+                };
+                println!("{outcome}");
+                sd.reloaded(&outcome);
+                if std::mem::take(&mut reload_wanted) {
+                    reloading = begin_reload(&file, &interpreter, &sink, &tree, &sd);
+                }
+            }
+            Some(line) = ev_rx.recv() => show(line, tty, &mut recent),
             Some(line) = host_rx.recv() => {
                 println!("{line}");
                 sd.tree_failed(&line);
@@ -266,6 +374,11 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     };
     control.stopping();
     println!("stopping the tree (children in reverse order)...");
+    if let Some(r) = reloading.take() {
+        // A pool it was starting is linked to its supervisor and stops with the tree.
+        r.abort();
+        println!("reload: abandoned (stopping)");
+    }
     let draining = sd.stopping(shutdown_budget);
     if let Some(e) = &endpoints {
         e.stopping();

@@ -2,6 +2,9 @@
 //! `pyvisor_worker`, and the binary under test.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod manager;
+pub mod run;
+
 use std::path::PathBuf;
 use std::process::Command;
 
