@@ -51,7 +51,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Load a pool while killing random workers; report what was saved and the recovery time.
     Chaos(chaos::ChaosArgs),
-    /// Start a supervision tree from a TOML file; show live status until Ctrl-C.
+    /// Start a supervision tree from a TOML file; show live status until Ctrl-C. SIGHUP rereads
+    /// the file and applies what changed (docs/operations.md, "Reload").
     Run {
         /// The tree file (see docs/supervision.md and examples/tree.toml).
         tree: PathBuf,

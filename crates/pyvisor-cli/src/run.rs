@@ -263,8 +263,8 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     let tty = std::io::stdout().is_terminal();
     let mut recent: Vec<String> = Vec::new();
     let mut reload_wanted = false;
-    let start = Tree::start_linked(spec, host.get_cell());
-    tokio::pin!(start);
+    // Boxed so that it can be dropped (abandoned) when a signal stops the start.
+    let mut start = Box::pin(Tree::start_linked(spec, host.get_cell()));
     let stop_signal = loop {
         tokio::select! {
             started = &mut start => match started {
