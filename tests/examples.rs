@@ -55,6 +55,11 @@ fn run_example(name: &str, expect: &str) {
 }
 
 #[test]
+fn affinity_runs_and_exits_cleanly() {
+    run_example("affinity", "affinity example done");
+}
+
+#[test]
 fn quickstart_runs_and_exits_cleanly() {
     run_example("quickstart", "divide(1, 0) raised ZeroDivisionError");
 }

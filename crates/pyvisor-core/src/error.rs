@@ -117,6 +117,18 @@ pub enum CallError {
         /// How the (last) worker died.
         certificate: Arc<DeathCertificate>,
     },
+    /// The worker that held this affinity key's state is gone (crashed, recycled, or removed
+    /// with its pool): state kept in it (an open connection, a loaded document) must be rebuilt.
+    /// Said once per loss: the key's next call goes to another worker and is bound there. A
+    /// keyed call in flight when its worker died gets this too (it is not retried elsewhere:
+    /// the state it relied on is gone), and that is the key's one notice.
+    #[error("affinity key `{key}` lost its worker ({reason}); rebuild its state: the next call binds it to another worker")]
+    AffinityLost {
+        /// The key.
+        key: String,
+        /// Why its worker is gone.
+        reason: AffinityLostReason,
+    },
     /// The call crashed its workers repeatedly (or is quarantined for having done so): it is a
     /// poison request and is refused until the quarantine window ends.
     #[error("`{function}` is a poison request: {}; quarantined for {quarantined_for:.0?}{}", if *refused { "refused at once" } else { "it crashed the workers running it" }, certificates.last().map(|c| format!("; last: {c}")).unwrap_or_default())]
@@ -169,10 +181,34 @@ impl CallError {
             CallError::QueueTimeout { .. } => "queue_timeout",
             CallError::Overloaded { .. } => "overloaded",
             CallError::WorkerCrashed { .. } => "worker_crashed",
+            CallError::AffinityLost { .. } => "affinity_lost",
             CallError::PoisonRequest { .. } => "poison_request",
             CallError::Worker { .. } => "worker",
             CallError::ShutDown { .. } => "shut_down",
             CallError::PoolFailed { .. } => "pool_failed",
+        }
+    }
+}
+
+/// Why an affinity key's worker is gone ([`CallError::AffinityLost`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AffinityLostReason {
+    /// It crashed; the certificate says how.
+    Crashed(Arc<DeathCertificate>),
+    /// It was recycled (age, requests, memory, or a lost watchdog): it drained and stopped.
+    Recycled,
+    /// It stopped for another reason than a crash or a recycle: its pool is shutting down
+    /// (a call made once the pool has closed gets [`CallError::ShutDown`] instead).
+    Removed,
+}
+
+impl std::fmt::Display for AffinityLostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AffinityLostReason::Crashed(c) => write!(f, "crashed: {c}"),
+            AffinityLostReason::Recycled => f.write_str("recycled"),
+            AffinityLostReason::Removed => f.write_str("removed"),
         }
     }
 }

@@ -60,7 +60,7 @@ pub use backoff::{Backoff, Jitter};
 pub use chaos::{Chaos, ChaosAction};
 pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
-pub use error::{CallError, PythonError, StartError};
+pub use error::{AffinityLostReason, CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
 pub use pool::{CallOptions, Pool};
 pub use shared::{KEPT_CERTIFICATES, STATUS_CERTIFICATES};

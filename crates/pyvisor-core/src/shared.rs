@@ -15,6 +15,7 @@ use pyvisor_protocol::FunctionInfo;
 
 use crate::barrier::quarantine::{Quarantine, Quarantined, QUARANTINE_CAP};
 use crate::death::{DeathCertificate, WorkerId};
+use crate::dispatch::affinity::AffinityTable;
 use crate::dispatch::{Dispatcher, WorkerSlot};
 use crate::error::{CallError, StartError};
 use crate::events::PoolEvent;
@@ -35,6 +36,8 @@ pub(crate) struct PoolShared {
     pub stats: PoolStats,
     pub(crate) deaths: Mutex<VecDeque<Arc<DeathCertificate>>>,
     members: RwLock<Vec<Arc<WorkerSlot>>>,
+    /// Affinity keys' bindings (only keyed calls take this lock).
+    pub(crate) affinity: Mutex<AffinityTable>,
 }
 
 /// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
@@ -86,6 +89,7 @@ impl PoolShared {
     pub(crate) fn new(spec: PoolSpec, python: PathBuf) -> Self {
         PoolShared {
             name: Arc::from(spec.name.as_str()),
+            affinity: Mutex::new(AffinityTable::new(spec.affinity_max_keys, spec.affinity_idle)),
             spec,
             python,
             dispatch: Dispatcher::new(),

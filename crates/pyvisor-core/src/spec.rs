@@ -100,6 +100,8 @@ pub struct PoolSpec {
     pub(crate) harakiri_grace: Option<Duration>,
     pub(crate) recycle: RecyclePolicy,
     pub(crate) confine: Confinement,
+    pub(crate) affinity_max_keys: usize,
+    pub(crate) affinity_idle: Duration,
 }
 
 /// When workers are replaced although healthy: age, requests served, memory.
@@ -247,6 +249,8 @@ impl PoolSpec {
             taint_window: Duration::from_secs(5),
             poison_threshold: 2,
             quarantine_window: Duration::from_secs(300),
+            affinity_max_keys: 100_000,
+            affinity_idle: Duration::from_secs(600),
             harakiri_grace: Some(Duration::from_secs(5)),
             recycle: RecyclePolicy::default(),
             confine: Confinement::default(),
@@ -383,6 +387,15 @@ impl PoolSpec {
         self.quarantine_window = d;
         self
     }
+    /// Bounds of the affinity table ([`crate::CallOptions::affinity`]): at most `max_keys`
+    /// bindings (past it, idle ones expire, then the least recently used goes), and a key
+    /// unused for `idle` is forgotten (its next call is placed afresh, without
+    /// `AffinityLost`). Default 100,000 keys, 10 min.
+    pub fn affinity_bounds(mut self, max_keys: usize, idle: Duration) -> Self {
+        self.affinity_max_keys = max_keys.max(1);
+        self.affinity_idle = idle;
+        self
+    }
     /// Kill a worker whose call overran its deadline by more than this (`None`: never).
     /// Default 5 s.
     pub fn harakiri_grace(mut self, d: Option<Duration>) -> Self {
@@ -465,6 +478,8 @@ impl PoolSpec {
             harakiri_grace,
             recycle,
             confine,
+            affinity_max_keys,
+            affinity_idle,
         } = self;
         *name == other.name
             && *target == other.target
@@ -493,6 +508,8 @@ impl PoolSpec {
             && *harakiri_grace == other.harakiri_grace
             && *recycle == other.recycle
             && *confine == other.confine
+            && *affinity_max_keys == other.affinity_max_keys
+            && *affinity_idle == other.affinity_idle
     }
 
     /// Number of workers this spec starts.

@@ -5,16 +5,18 @@
 //! - [`pick`]: the routing table and the choice of worker (taint rule, power of two choices,
 //!   alone for suspects);
 //! - [`queue`]: the fair first-in-first-out line where calls wait for capacity, served by
-//!   hand-off whenever capacity frees, a worker becomes ready or a taint window ends.
+//!   hand-off whenever capacity frees, a worker becomes ready or a taint window ends;
+//! - [`affinity`]: which worker an affinity key's calls go to (bindings, placement, bounds).
 //!
 //! The crash barrier (`crate::barrier`) decides *what* a call wants (any worker, or one
 //! alone); dispatch only provides it. Workers' processes and actors are elsewhere.
 
+pub(crate) mod affinity;
 pub(crate) mod pick;
 pub(crate) mod queue;
 pub(crate) mod slot;
 
 pub(crate) use queue::{Dispatcher, QueueExit, Reservation, Want};
-pub(crate) use slot::{Failure, Outcome, WorkerSlot};
+pub(crate) use slot::{Failure, Outcome, SlotEnd, WorkerSlot};
 #[cfg(test)]
 mod model_tests;

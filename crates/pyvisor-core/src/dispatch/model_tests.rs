@@ -9,7 +9,9 @@
 //! - capacity in use on each worker equals calls registered plus abandoned-unanswered;
 //! - no waiter sleeps while a worker that could take it is idle (quiescence);
 //! - among calls that could use the same free worker, earlier arrivals go first, and a call
-//!   waiting for an idle worker never blocks calls that could run elsewhere.
+//!   waiting for an idle worker never blocks calls that could run elsewhere;
+//! - a call pinned to one worker (an affinity key's) runs there or nowhere: it is never sent to
+//!   another worker, and it leaves the line (`Gone`) as soon as its worker stops taking calls.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,6 +29,7 @@ use crate::status::WorkerState;
 #[derive(Debug, Clone)]
 enum Op {
     Arrive { idempotent: bool },
+    ArrivePinned { worker: usize },
     Reply { pick: usize },
     AnswerAbandoned { pick: usize },
     Crash { worker: usize, fault: bool },
@@ -39,6 +42,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => any::<bool>().prop_map(|idempotent| Op::Arrive { idempotent }),
+        2 => any::<usize>().prop_map(|worker| Op::ArrivePinned { worker }),
         4 => any::<usize>().prop_map(|pick| Op::Reply { pick }),
         1 => any::<usize>().prop_map(|pick| Op::AnswerAbandoned { pick }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(worker, fault)| Op::Crash { worker, fault }),
@@ -55,6 +59,8 @@ enum End {
     Crashed,
     Poison,
     Cancelled,
+    /// A pinned call whose worker went (affinity lost).
+    Lost,
 }
 
 enum State<'d> {
@@ -66,6 +72,8 @@ enum State<'d> {
 struct Call<'d> {
     id: u64,
     idempotent: bool,
+    /// The one worker this call may run on.
+    pinned: Option<WorkerId>,
     barrier: CallBarrier,
     sends: u32,
     outcomes: u32,
@@ -102,7 +110,11 @@ impl<'d> World<'d> {
 
     /// Join the line for the call's next attempt (or be served at once).
     fn enqueue(&mut self, i: usize, first: bool) {
-        let want = if self.calls[i].barrier.is_suspect() { Want::Alone { call_id: self.calls[i].id } } else { Want::Any };
+        let want = match self.calls[i].pinned {
+            Some(w) => Want::On(w),
+            None if self.calls[i].barrier.is_suspect() => Want::Alone { call_id: self.calls[i].id },
+            None => Want::Any,
+        };
         self.seq += 1;
         let seq = self.seq;
         match self.d.enqueue(want, first, usize::MAX) {
@@ -125,9 +137,18 @@ impl<'d> World<'d> {
                 progressed = true;
                 let r = match r {
                     Ok(r) => r,
+                    Err(QueueExit::Gone) => {
+                        let w = self.calls[i].pinned.expect("only pinned calls are told Gone");
+                        assert!(!self.d.table.snapshot().iter().any(|s| s.id == w), "told Gone while worker {w} takes calls");
+                        Self::finish(&mut self.calls[i], End::Lost);
+                        continue;
+                    }
                     Err(QueueExit::Closed) => panic!("the pool never closes in this model"),
                     Err(e) => panic!("unexpected {e:?}"),
                 };
+                if let Some(w) = self.calls[i].pinned {
+                    assert_eq!(r.slot.id, w, "call {} pinned to {w} was given another worker", self.calls[i].id);
+                }
                 if want == Want::Any {
                     served_any.push(seq);
                 }
@@ -157,10 +178,37 @@ impl<'d> World<'d> {
         }
     }
 
+    /// A call pinned to the `worker`-th worker (an affinity key's), wherever it stands.
+    fn arrive_pinned(&mut self, worker: usize) {
+        let target = self.workers[worker % self.workers.len()].id;
+        let id = self.calls.len() as u64 + 1;
+        let barrier = CallBarrier::new(self.policy, true);
+        self.calls.push(Call { id, idempotent: true, pinned: Some(target), barrier, sends: 0, outcomes: 0, state: State::Done(End::Ok) });
+        let i = self.calls.len() - 1;
+        match self.d.try_now(Want::On(target)) {
+            Some(Ok(r)) => {
+                let waiting = self.calls.iter().any(|c| matches!(c.state, State::Waiting { .. }));
+                assert!(!waiting, "a new call overtook waiters");
+                assert_eq!(r.slot.id, target);
+                let slot = Arc::clone(&r.slot);
+                let name: Arc<str> = Arc::from("f");
+                let (in_flight, rx) = r.register(id, 1, &name, None, None).expect("a reserved worker is open");
+                self.calls[i].sends = 1;
+                self.calls[i].state = State::Running { slot, in_flight, rx };
+            }
+            Some(Err(QueueExit::Gone)) => {
+                assert!(!self.d.table.snapshot().iter().any(|s| s.id == target));
+                Self::finish(&mut self.calls[i], End::Lost);
+            }
+            Some(Err(e)) => panic!("unexpected {e:?}"),
+            None => self.enqueue(i, true),
+        }
+    }
+
     fn arrive(&mut self, idempotent: bool) {
         let id = self.calls.len() as u64 + 1;
         let barrier = CallBarrier::new(self.policy, idempotent);
-        self.calls.push(Call { id, idempotent, barrier, sends: 0, outcomes: 0, state: State::Done(End::Ok) });
+        self.calls.push(Call { id, idempotent, pinned: None, barrier, sends: 0, outcomes: 0, state: State::Done(End::Ok) });
         let i = self.calls.len() - 1;
         // The fast path is allowed only when nobody waits.
         match self.d.try_now(Want::Any) {
@@ -253,6 +301,11 @@ impl<'d> World<'d> {
             in_flight.done();
             let got = rx.try_recv().expect("a crash reaches every caller on the worker");
             let Err(Failure::Crashed(c)) = got.result else { panic!("expected a crash") };
+            if self.calls[i].pinned.is_some() {
+                // Never retried elsewhere: its key's state died with the worker.
+                Self::finish(&mut self.calls[i], End::Lost);
+                continue;
+            }
             let id = self.calls[i].id;
             match self.calls[i].barrier.on_crash(id, c) {
                 CrashVerdict::Retry { .. } => self.enqueue(i, false),
@@ -291,7 +344,18 @@ impl<'d> World<'d> {
                         c.id,
                         s.id
                     ),
+                    Want::On(w) if *w == s.id => assert!(
+                        s.held_by() != 0 || s.in_flight() >= self.max_in_flight,
+                        "call {} pinned to worker {} waits while it has room",
+                        c.id,
+                        s.id
+                    ),
+                    Want::On(_) => {}
                 }
+            }
+            // A pinned call does not wait for a worker that takes no calls.
+            if let Want::On(w) = want {
+                assert!(routable.iter().any(|s| s.id == *w), "call {} waits for worker {w}, which is gone", c.id);
             }
         }
     }
@@ -299,6 +363,7 @@ impl<'d> World<'d> {
     fn step(&mut self, op: &Op) {
         match *op {
             Op::Arrive { idempotent } => self.arrive(idempotent),
+            Op::ArrivePinned { worker } => self.arrive_pinned(worker),
             Op::Reply { pick } => {
                 let r = self.running();
                 if !r.is_empty() {

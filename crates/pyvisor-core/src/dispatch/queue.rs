@@ -32,6 +32,9 @@ pub(crate) enum Want {
         /// The call.
         call_id: u64,
     },
+    /// This worker (an affinity key's): waits for room on it; leaves with
+    /// [`QueueExit::Gone`] when it stops taking calls.
+    On(WorkerId),
 }
 
 /// Why a call left the queue without a worker.
@@ -43,6 +46,8 @@ pub(crate) enum QueueExit {
     TimedOut,
     /// The pool closed.
     Closed,
+    /// The worker a [`Want::On`] call waited for stopped taking calls.
+    Gone,
 }
 
 /// One unit of capacity on one worker, taken for one call. Dropped unused, it is given back
@@ -92,7 +97,7 @@ struct Waiter {
     ticket: u64,
     want: Want,
     first: bool,
-    tx: oneshot::Sender<Reservation>,
+    tx: oneshot::Sender<Result<Reservation, QueueExit>>,
     /// The worker held for this waiter (`Want::Alone`) while it drains.
     held: Option<Arc<WorkerSlot>>,
 }
@@ -112,6 +117,8 @@ struct Line {
     next_ticket: u64,
     first_attempts: usize,
     alone: usize,
+    /// Waiters that want one worker ([`Want::On`]).
+    pinned: usize,
     closed: bool,
 }
 
@@ -121,8 +128,10 @@ impl Line {
         if w.first {
             self.first_attempts -= 1;
         }
-        if matches!(w.want, Want::Alone { .. }) {
-            self.alone -= 1;
+        match w.want {
+            Want::Alone { .. } => self.alone -= 1,
+            Want::On(_) => self.pinned -= 1,
+            Want::Any => {}
         }
         Some(w)
     }
@@ -200,6 +209,7 @@ impl Dispatcher {
                 line.closed = true;
                 line.first_attempts = 0;
                 line.alone = 0;
+                line.pinned = 0;
                 let mut v: Vec<Waiter> = line.waiters.drain(..).collect();
                 for w in &mut v {
                     w.release_hold();
@@ -218,11 +228,23 @@ impl Dispatcher {
         if self.is_closed() {
             return Some(Err(QueueExit::Closed));
         }
-        if want != Want::Any || self.bell.waiting.load(Ordering::SeqCst) > 0 {
+        if self.bell.waiting.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let slots = self.table.snapshot();
-        pick_normal(&preferred(&slots), true).map(|s| Ok(Reservation::new(s, 0)))
+        match want {
+            Want::Any => {
+                let slots = self.table.snapshot();
+                pick_normal(&preferred(&slots), true).map(|s| Ok(Reservation::new(s, 0)))
+            }
+            Want::On(id) => {
+                let slots = self.table.snapshot();
+                match slots.iter().find(|s| s.id == id) {
+                    Some(s) => s.try_reserve(true).then(|| Ok(Reservation::new(Arc::clone(s), 0))),
+                    None => Some(Err(QueueExit::Gone)),
+                }
+            }
+            Want::Alone { .. } => None,
+        }
     }
 
     /// Reserve a worker as `want` says, waiting in line until `until` (for a call that
@@ -239,7 +261,7 @@ impl Dispatcher {
         match tokio::time::timeout_at(until, &mut ticket.rx).await {
             Ok(Ok(r)) => {
                 ticket.left = true;
-                Ok(r)
+                r
             }
             Ok(Err(_)) => {
                 ticket.left = true;
@@ -269,8 +291,10 @@ impl Dispatcher {
             if first {
                 line.first_attempts += 1;
             }
-            if matches!(want, Want::Alone { .. }) {
-                line.alone += 1;
+            match want {
+                Want::Alone { .. } => line.alone += 1,
+                Want::On(_) => line.pinned += 1,
+                Want::Any => {}
             }
             self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
             self.serve_locked(&mut line);
@@ -307,6 +331,15 @@ impl Dispatcher {
                     continue;
                 }
                 let want = line.waiters[i].want;
+                if let Want::On(id) = want {
+                    if !all.iter().any(|s| s.id == id) {
+                        // Its worker stopped taking calls: it leaves the line, told why.
+                        if let Some(w) = line.remove(i) {
+                            let _ = w.tx.send(Err(QueueExit::Gone));
+                        }
+                        continue;
+                    }
+                }
                 let got = match want {
                     Want::Any if any_blocked => None,
                     Want::Any => {
@@ -334,11 +367,12 @@ impl Dispatcher {
                         }
                         s.map(|s| Reservation::new(s, call_id))
                     }
+                    Want::On(id) => all.iter().find(|s| s.id == id && s.try_reserve(false)).map(|s| Reservation::new(Arc::clone(s), 0)),
                 };
                 match got {
                     Some(r) => match line.remove(i) {
                         Some(w) => {
-                            if let Err(r) = w.tx.send(r) {
+                            if let Err(Ok(r)) = w.tx.send(Ok(r)) {
                                 // The waiter left just now: the unit goes to the next one.
                                 r.give_back_quiet();
                                 given_back = true;
@@ -350,7 +384,7 @@ impl Dispatcher {
                         }
                     },
                     None => {
-                        if any_blocked && line.alone == 0 {
+                        if any_blocked && line.alone == 0 && line.pinned == 0 {
                             break;
                         }
                         i += 1;
@@ -365,7 +399,7 @@ impl Dispatcher {
     }
 
     /// Leave the line (the waiter gave up). Returns a reservation that reached it meanwhile.
-    fn leave(&self, ticket: u64, rx: &mut oneshot::Receiver<Reservation>) -> Option<Reservation> {
+    fn leave(&self, ticket: u64, rx: &mut oneshot::Receiver<Result<Reservation, QueueExit>>) -> Option<Reservation> {
         if let Ok(mut line) = self.line.lock() {
             if let Some(i) = line.waiters.iter().position(|w| w.ticket == ticket) {
                 if let Some(mut w) = line.remove(i) {
@@ -377,7 +411,7 @@ impl Dispatcher {
             }
         }
         rx.close();
-        rx.try_recv().ok()
+        rx.try_recv().ok().and_then(Result::ok)
     }
 }
 
@@ -386,7 +420,7 @@ impl Dispatcher {
 pub(crate) struct Ticket<'a> {
     dispatcher: &'a Dispatcher,
     ticket: u64,
-    rx: oneshot::Receiver<Reservation>,
+    rx: oneshot::Receiver<Result<Reservation, QueueExit>>,
     left: bool,
 }
 
@@ -397,7 +431,7 @@ impl Ticket<'_> {
         match self.rx.try_recv() {
             Ok(r) => {
                 self.left = true;
-                Some(Ok(r))
+                Some(r)
             }
             Err(oneshot::error::TryRecvError::Empty) => None,
             Err(oneshot::error::TryRecvError::Closed) => {

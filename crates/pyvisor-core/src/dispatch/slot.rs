@@ -133,6 +133,17 @@ pub(crate) struct WorkerSlot {
     /// It has been ready (sent `hello`) at some point.
     became_ready: AtomicBool,
     bell: Arc<CapacityBell>,
+    /// How the table closed, once it has (for session affinity: why a key's worker is gone).
+    ended: tokio::sync::watch::Sender<Option<SlotEnd>>,
+}
+
+/// How a worker's table closed for good.
+#[derive(Debug, Clone)]
+pub(crate) enum SlotEnd {
+    /// The worker died; its certificate.
+    Crashed(Arc<DeathCertificate>),
+    /// It stopped (drained for a recycle, or with its pool).
+    Stopped,
 }
 
 impl WorkerSlot {
@@ -155,6 +166,7 @@ impl WorkerSlot {
             last_pong: AtomicU64::new(0),
             became_ready: AtomicBool::new(false),
             bell,
+            ended: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -432,6 +444,12 @@ impl WorkerSlot {
             }
             Err(_) => Vec::new(),
         };
+        // The first closing says how it ended.
+        let end = match &failure {
+            Failure::Crashed(c) => SlotEnd::Crashed(Arc::clone(c)),
+            _ => SlotEnd::Stopped,
+        };
+        self.ended.send_if_modified(|e| e.is_none() && e.replace(end).is_none());
         self.held_by.store(0, Ordering::Release);
         self.release_units(drained.len(), true);
         let mut told = 0;
@@ -442,6 +460,17 @@ impl WorkerSlot {
             }
         }
         told
+    }
+
+    /// How the table closed: at once if it has, else once it does (a worker whose death was
+    /// seen has its certificate a moment later, after its process is buried).
+    pub(crate) async fn ended(&self) -> SlotEnd {
+        let mut rx = self.ended.subscribe();
+        let end = match rx.wait_for(Option::is_some).await {
+            Ok(e) => e.clone(),
+            Err(_) => None,
+        };
+        end.unwrap_or(SlotEnd::Stopped)
     }
 
     /// A `pong` arrived.

@@ -10,6 +10,10 @@
 //!    a suspect) or poison; a `refused` reply (the worker was going away and did not run the
 //!    call) sends the same attempt to another worker.
 //!
+//! A call with an affinity key wants its key's worker (`dispatch::affinity`) instead of any,
+//! and is never sent elsewhere: when that worker is gone (before the call, while it waited, or
+//! while it ran), the call fails with `AffinityLost` and the key is unbound.
+//!
 //! No actor is on this path. Owns none of the policies it applies: they are in
 //! `crate::barrier` and `crate::dispatch`.
 
@@ -26,8 +30,9 @@ use crate::barrier::quarantine::fingerprint;
 use crate::clock::unix_ms;
 use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
 use crate::death::DeathCertificate;
-use crate::dispatch::{Failure, QueueExit, Reservation, Want};
-use crate::error::CallError;
+use crate::dispatch::affinity::Route;
+use crate::dispatch::{Failure, QueueExit, Reservation, SlotEnd, Want, WorkerSlot};
+use crate::error::{AffinityLostReason, CallError};
 use crate::events::PoolEvent;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
@@ -143,9 +148,26 @@ pub(crate) async fn run(
         let q = call.called + spec.queue_timeout;
         call.deadline.map_or(q, |d| d.min(q))
     };
+    let key = opts.affinity_arc();
     loop {
         let attempt = barrier.attempt();
-        let want = if barrier.is_suspect() { Want::Alone { call_id: call.id } } else { Want::Any };
+        // The worker an affinity key is bound to (placed now if it was not).
+        let mut pinned: Option<Arc<WorkerSlot>> = None;
+        let want = match key {
+            // A closed pool is said so, not as a lost key.
+            Some(_) if shared.dispatch.is_closed() => return Err(shared.closed_error()),
+            Some(key) => match route(shared, key) {
+                Route::On(slot) => {
+                    let id = slot.id;
+                    pinned = Some(slot);
+                    Want::On(id)
+                }
+                Route::Unplaced => Want::Any,
+                Route::Lost(slot) => return Err(affinity_lost(shared, key, &slot, call.deadline).await),
+            },
+            None if barrier.is_suspect() => Want::Alone { call_id: call.id },
+            None => Want::Any,
+        };
         // A first attempt waits in the bounded queue; a retry was admitted already and waits
         // for a worker up to the call's deadline.
         let until = if attempt == 1 {
@@ -159,6 +181,13 @@ pub(crate) async fn run(
                 return Err(CallError::Overloaded { pool: shared.name.to_string(), max_queue: spec.max_queue })
             }
             Err(QueueExit::Closed) => return Err(shared.closed_error()),
+            Err(QueueExit::Gone) => match (key, &pinned) {
+                (Some(key), Some(slot)) => {
+                    unbind(shared, key, slot);
+                    return Err(affinity_lost(shared, key, slot, call.deadline).await);
+                }
+                _ => continue,
+            },
             Err(QueueExit::TimedOut) => {
                 let sent = !barrier.certificates().is_empty();
                 if call.expired() {
@@ -176,6 +205,12 @@ pub(crate) async fn run(
             }
         };
         admitted = true;
+        if let (Some(key), None) = (key, &pinned) {
+            // Placed on whichever worker had room (none was ready to place it on).
+            if let Ok(mut table) = shared.affinity.lock() {
+                table.bind(key, &reservation.slot, std::time::Instant::now());
+            }
+        }
         if call.expired() {
             // Expired while queued: never sent (the reservation goes back as it drops).
             return Err(call.timeout(!barrier.certificates().is_empty()));
@@ -228,12 +263,27 @@ pub(crate) async fn run(
         }
         let certificate = match outcome.result {
             Ok(bytes) => return Ok(bytes),
-            // The worker was going away and did not run it: same attempt, another worker.
-            Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => continue,
+            // The worker was going away and did not run it: same attempt, another worker —
+            // unless the call is keyed: its worker (and the key's state) is going.
+            Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => match key {
+                Some(key) => {
+                    unbind(shared, key, &slot);
+                    return Err(affinity_lost(shared, key, &slot, call.deadline).await);
+                }
+                None => continue,
+            },
             Err(Failure::Remote(e)) => return Err(CallError::from_remote(function, e, shared.functions().as_deref())),
             Err(Failure::ShutDown) => return Err(shared.closed_error()),
             Err(Failure::Crashed(certificate)) => certificate,
         };
+        if let Some(key) = key {
+            // Not retried elsewhere: the state it relied on died with the worker.
+            unbind(shared, key, &slot);
+            if let Some(a) = &mut attempt_trace {
+                a.crashed(&certificate);
+            }
+            return Err(CallError::AffinityLost { key: key.to_string(), reason: AffinityLostReason::Crashed(certificate) });
+        }
         if let Some(a) = &mut attempt_trace {
             a.crashed(&certificate);
         }
@@ -253,6 +303,44 @@ pub(crate) async fn run(
             CrashVerdict::Poison => return Err(poisoned(shared, function, payload, trace, attempt, barrier.certificates())),
         }
     }
+}
+
+/// Where a keyed call goes now (the key's lock, held only for the lookup).
+fn route(shared: &PoolShared, key: &Arc<str>) -> Route {
+    let slots = shared.dispatch.table.snapshot();
+    match shared.affinity.lock() {
+        Ok(mut table) => table.route(key, &slots, std::time::Instant::now()),
+        // A poisoned table (a panic elsewhere): no affinity rather than no calls.
+        Err(_) => Route::Unplaced,
+    }
+}
+
+fn unbind(shared: &PoolShared, key: &str, slot: &Arc<WorkerSlot>) {
+    if let Ok(mut table) = shared.affinity.lock() {
+        table.unbind(key, slot);
+    }
+}
+
+/// The longest a keyed call waits for a dead worker's certificate (its process is being
+/// buried), within the call's deadline.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
+
+/// `AffinityLost` for `key`, whose worker `slot` stopped taking calls, with why.
+async fn affinity_lost(shared: &PoolShared, key: &str, slot: &WorkerSlot, deadline: Option<Instant>) -> CallError {
+    let stopped = |shared: &PoolShared| if shared.is_closed() { AffinityLostReason::Removed } else { AffinityLostReason::Recycled };
+    let reason = match slot.state() {
+        // It died: its certificate comes once the process is buried.
+        crate::status::WorkerState::Dead => {
+            let limit = (Instant::now() + CERTIFICATE_WAIT).min(deadline.unwrap_or_else(|| Instant::now() + CERTIFICATE_WAIT));
+            match tokio::time::timeout_at(limit, slot.ended()).await {
+                Ok(SlotEnd::Crashed(c)) => AffinityLostReason::Crashed(c),
+                _ => stopped(shared),
+            }
+        }
+        // Draining (recycled) or stopped with its pool.
+        _ => stopped(shared),
+    };
+    CallError::AffinityLost { key: key.to_string(), reason }
 }
 
 /// Reserve a worker, with a queue-wait span only when the call has to wait.

@@ -1,7 +1,8 @@
-//! Per-call options: timeout or deadline, idempotency override, trace context.
+//! Per-call options: timeout or deadline, idempotency override, trace context, affinity key.
 //!
 //! Owns [`CallOptions`] and how they resolve into a call's deadline; nothing else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,6 +23,7 @@ pub struct CallOptions {
     idempotent: Option<bool>,
     traceparent: Option<String>,
     tracestate: Option<String>,
+    affinity: Option<Arc<str>>,
 }
 
 impl CallOptions {
@@ -55,6 +57,26 @@ impl CallOptions {
     pub fn idempotent_override(&self) -> Option<bool> {
         self.idempotent
     }
+    /// Session affinity: calls with the same `key` go to the same worker while it lives, so
+    /// that state kept in the worker (an open connection, a loaded document) is there. When
+    /// that worker is gone, the key's next call fails once with
+    /// [`crate::CallError::AffinityLost`] (rebuild the state) and the key is bound to another
+    /// worker. A keyed call is never retried on another worker after a crash. See
+    /// docs/affinity.md.
+    ///
+    /// ```
+    /// use pyvisor_core::CallOptions;
+    /// let opts = CallOptions::new().affinity("session-42");
+    /// assert_eq!(opts.affinity_key(), Some("session-42"));
+    /// ```
+    pub fn affinity(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.affinity = Some(key.into());
+        self
+    }
+    /// The affinity key, if set.
+    pub fn affinity_key(&self) -> Option<&str> {
+        self.affinity.as_deref()
+    }
     /// Propagate this W3C trace context to the worker.
     pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
         self.traceparent = Some(traceparent.into());
@@ -80,5 +102,8 @@ impl CallOptions {
     }
     pub(crate) fn tracestate_str(&self) -> Option<&str> {
         self.tracestate.as_deref()
+    }
+    pub(crate) fn affinity_arc(&self) -> Option<&Arc<str>> {
+        self.affinity.as_ref()
     }
 }
