@@ -405,3 +405,59 @@ async fn a_handle_by_path_follows_a_restart_of_its_supervisor() {
     assert!(moved, "the handle kept pointing at the stopped pool");
     tree.shutdown().await;
 }
+
+/// A child's restart runs beside the supervisor's loop: while the new child is starting (here
+/// held by the test; in life a pool loading its models), the supervisor answers (`children`,
+/// status, readiness, the systemd watchdog's walks) and reports the child as starting; then it
+/// runs as usual. Other children can still fail and be restarted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_answers_while_a_child_restarts_slowly() {
+    let log = Log::default();
+    let refs = Refs::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let slow = {
+        let (log, refs, gate, starts) = (log.clone(), refs.clone(), gate.clone(), starts.clone());
+        ChildSpec::actor("slow", move |sup| {
+            let (log, refs, gate, starts) = (log.clone(), refs.clone(), gate.clone(), starts.clone());
+            Box::pin(async move {
+                // Every start after the first waits for the test.
+                if starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                    gate.acquire().await.map_err(|e| e.to_string())?.forget();
+                }
+                let (a, _) = Actor::spawn_linked(None, Probe, ("slow".to_string(), log), sup).await.map_err(|e| e.to_string())?;
+                refs.lock().unwrap().insert("slow".into(), a.clone());
+                Ok(a.get_cell())
+            })
+        })
+    };
+    let tree = Tree::start(
+        SupervisorSpec::new("t", Strategy::OneForOne)
+            .backoff(fast())
+            .intensity(10, Duration::from_secs(10))
+            .child(slow)
+            .child(probe("quick", &log, &refs)),
+    )
+    .await
+    .unwrap();
+    send(&refs, "slow", ProbeMsg::Fail);
+    assert!(common::eventually(Duration::from_secs(10), || starts.load(std::sync::atomic::Ordering::SeqCst) == 2).await, "no restart began");
+
+    let children = tokio::time::timeout(Duration::from_secs(10), tree.children())
+        .await
+        .expect("the supervisor did not answer while a child was starting")
+        .unwrap();
+    assert_eq!(children[0].state, ChildState::Starting, "{children:?}");
+    assert_eq!(children[1].state, ChildState::Running);
+    // Another child fails meanwhile: it is restarted at once, not after the slow one.
+    send(&refs, "quick", ProbeMsg::Fail);
+    let quick_restarted = common::eventually(Duration::from_secs(10), || log.lock().unwrap().iter().filter(|l| *l == "start quick").count() == 2).await;
+    assert!(quick_restarted, "log: {:?}", log.lock().unwrap());
+
+    gate.add_permits(1);
+    assert!(common::eventually(Duration::from_secs(10), || log.lock().unwrap().iter().filter(|l| *l == "start slow").count() == 2).await);
+    let children = tree.children().await.unwrap();
+    assert!(children.iter().all(|c| c.state == ChildState::Running), "{children:?}");
+    assert_eq!(children[0].restarts, 1);
+    tree.shutdown().await;
+}

@@ -403,6 +403,7 @@ fn nodes(reports: Vec<ChildReport>) -> Vec<Node> {
             let (mut state, mut reason, restart_in_ms) = match &c.state {
                 ChildState::Running => ("running", None, None),
                 ChildState::Restarting { next_in } => ("restarting", None, Some(millis(*next_in))),
+                ChildState::Starting => ("starting", None, None),
                 ChildState::Stopped => ("stopped", None, None),
                 ChildState::Failed { reason } => ("failed", Some(reason.clone()), None),
                 _ => ("unknown", None, None),

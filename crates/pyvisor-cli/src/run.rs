@@ -90,6 +90,7 @@ async fn rows(tree: &Tree, out: &mut Vec<Row>) {
         let state = match &c.state {
             ChildState::Running => "running".to_string(),
             ChildState::Restarting { next_in } => format!("restarting in {} ms", next_in.as_millis()),
+            ChildState::Starting => "starting".to_string(),
             ChildState::Stopped => "stopped".to_string(),
             ChildState::Failed { reason } => format!("failed: {}", reason.lines().next().unwrap_or("")),
             other => format!("{other:?}"),

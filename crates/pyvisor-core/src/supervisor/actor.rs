@@ -1,7 +1,10 @@
 //! The supervisor actor: starts children in order, decides restarts, stops in reverse order.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::oneshot;
@@ -18,6 +21,10 @@ use crate::pool::Pool;
 pub(crate) enum SupervisorMsg {
     /// Start these children (in this order) if their pending restart is still `generation`.
     Restart { children: Vec<(String, u64)> },
+    /// A restart begun by `Restart` ended (on a task of its own, so that the supervisor keeps
+    /// answering while a pool loads): install it if the child still waits for this
+    /// `generation`, then go on with the `rest` of its group, in order.
+    Started { id: String, generation: u64, result: Result<StartedChild, String>, rest: VecDeque<(String, u64)> },
     Children(RpcReplyPort<Vec<ChildStatus>>),
     AddChild(Box<ChildSpec>, RpcReplyPort<Result<(), SupervisorError>>),
     RemoveChild(String, RpcReplyPort<Result<(), SupervisorError>>),
@@ -48,6 +55,25 @@ enum Handle {
     Pool(Pool),
     Supervisor(ActorRef<SupervisorMsg>, Option<JoinHandle<()>>),
     Actor,
+}
+
+/// A child that has just started, not yet installed.
+pub(crate) enum StartedChild {
+    Pool(Pool),
+    Supervisor(ActorRef<SupervisorMsg>, JoinHandle<()>),
+    Actor(ActorCell),
+}
+
+impl StartedChild {
+    /// As a running child (for `stop_running`).
+    fn into_running(self) -> Running {
+        let (cell, handle) = match self {
+            StartedChild::Pool(p) => (p.actor(), Handle::Pool(p)),
+            StartedChild::Supervisor(a, j) => (a.get_cell(), Handle::Supervisor(a, Some(j))),
+            StartedChild::Actor(c) => (c, Handle::Actor),
+        };
+        Running { cell, handle, since: Instant::now() }
+    }
 }
 
 /// Spawn a supervisor (linked under `parent` if given) and wait until its children started.
@@ -95,6 +121,8 @@ struct Running {
 enum Life {
     Running(Running),
     Restarting { at: Instant, generation: u64 },
+    /// Its restart is under way on a task of its own.
+    Starting { generation: u64 },
     Stopped,
     Failed(String),
 }
@@ -123,31 +151,82 @@ impl SupState {
         self.children.iter().position(|c| c.spec.id == id)
     }
 
+    /// Start child `i` as declared and install it (the supervisor waits: its first start, and
+    /// children added by `add_child`).
     async fn start_child(&mut self, myself: &ActorRef<SupervisorMsg>, i: usize) -> Result<(), String> {
+        let started = self.start_future(myself, i).await?;
+        self.install_started(i, started);
+        Ok(())
+    }
+
+    /// What starts child `i`, linked under this supervisor; owns everything it needs, so that
+    /// it may run on a task of its own.
+    fn start_future(&self, myself: &ActorRef<SupervisorMsg>, i: usize) -> BoxFuture<'static, Result<StartedChild, String>> {
         let sup = myself.get_cell();
         let path = self.children[i].path.clone();
-        let (cell, handle, registered) = match &self.children[i].spec.kind {
+        match &self.children[i].spec.kind {
             ChildKind::Pool(spec) => {
-                let pool = Pool::start_linked((**spec).clone(), sup).await.map_err(|e| e.to_string())?;
+                let spec = (**spec).clone();
+                Box::pin(async move { Pool::start_linked(spec, sup).await.map(StartedChild::Pool).map_err(|e| e.to_string()) })
+            }
+            ChildKind::Supervisor(spec) => {
+                let (spec, registry) = ((**spec).clone(), Arc::clone(&self.registry));
+                Box::pin(async move {
+                    spawn_supervisor(spec, Some(sup), path, registry).await.map(|(a, j)| StartedChild::Supervisor(a, j)).map_err(|e| e.to_string())
+                })
+            }
+            ChildKind::Actor(start) => {
+                let start = Arc::clone(start);
+                Box::pin(async move { start(sup).await.map(StartedChild::Actor) })
+            }
+        }
+    }
+
+    /// Child `i` runs `started` from now on: registered by path, its exits watched.
+    fn install_started(&mut self, i: usize, started: StartedChild) {
+        let path = self.children[i].path.clone();
+        let (cell, handle, registered) = match started {
+            StartedChild::Pool(pool) => {
                 let by_path = self.following_handle(&path, &pool);
                 (pool.actor(), Handle::Pool(pool), Some(Registered::Pool(by_path)))
             }
-            ChildKind::Supervisor(spec) => {
-                let (actor, join) = spawn_supervisor((**spec).clone(), Some(sup), path.clone(), Arc::clone(&self.registry))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            StartedChild::Supervisor(actor, join) => {
                 (actor.get_cell(), Handle::Supervisor(actor.clone(), Some(join)), Some(Registered::Supervisor(actor.get_cell())))
             }
-            ChildKind::Actor(start) => (start(sup).await?, Handle::Actor, None),
+            StartedChild::Actor(cell) => (cell, Handle::Actor, None),
         };
         if let (Some(r), Ok(mut reg)) = (registered, self.registry.write()) {
             reg.insert(path.clone(), r);
         }
-        let now = Instant::now();
         let c = &mut self.children[i];
-        c.life = Life::Running(Running { cell, handle, since: now });
+        c.life = Life::Running(Running { cell, handle, since: Instant::now() });
         tracing::info!(supervisor = %self.spec.name, child = %path, kind = c.spec.kind.name(), "child started");
-        Ok(())
+    }
+
+    /// Begin the next restart of a group (`chain`, in order) whose generation still holds, on a
+    /// task of its own; its `Started` message goes on with the rest. The supervisor keeps
+    /// answering meanwhile (status, readiness, other children's exits and restarts).
+    fn start_next(&mut self, myself: &ActorRef<SupervisorMsg>, mut chain: VecDeque<(String, u64)>) {
+        while let Some((id, generation)) = chain.pop_front() {
+            let Some(i) = self.position(&id) else { continue };
+            if !matches!(self.children[i].life, Life::Restarting { generation: g, .. } if g == generation) {
+                continue;
+            }
+            self.children[i].restarts += 1;
+            self.children[i].life = Life::Starting { generation };
+            let start = self.start_future(myself, i);
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let result = start.await;
+                if let Err(ractor::MessagingErr::SendErr(SupervisorMsg::Started { result: Ok(orphan), .. })) =
+                    me.cast(SupervisorMsg::Started { id, generation, result, rest: chain })
+                {
+                    // The supervisor is gone: what started for it goes too.
+                    stop_running(orphan.into_running(), Shutdown::Brutal, "").await;
+                }
+            });
+            return;
+        }
     }
 
     /// The handle registered at `path`, pointed at `pool`. A handle got by path follows
@@ -330,6 +409,7 @@ impl SupState {
                     Life::Restarting { at, .. } => {
                         ChildState::Restarting { next_in: at.saturating_duration_since(Instant::now()) }
                     }
+                    Life::Starting { .. } => ChildState::Starting,
                     Life::Stopped => ChildState::Stopped,
                     Life::Failed(r) => ChildState::Failed { reason: r.clone() },
                 },
@@ -436,19 +516,28 @@ impl Actor for SupervisorActor {
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restart { children } => {
-                if st.stopping {
-                    return Ok(());
+                if !st.stopping {
+                    st.start_next(&myself, children.into());
                 }
-                for (id, generation) in children {
-                    let Some(i) = st.position(&id) else { continue };
-                    if !matches!(st.children[i].life, Life::Restarting { generation: g, .. } if g == generation) {
-                        continue;
+            }
+            SupervisorMsg::Started { id, generation, result, rest } => {
+                let waiting = st
+                    .position(&id)
+                    .filter(|&i| !st.stopping && matches!(st.children[i].life, Life::Starting { generation: g } if g == generation));
+                match (waiting, result) {
+                    (Some(i), Ok(started)) => st.install_started(i, started),
+                    // A failed restart is another abnormal exit of that child.
+                    (Some(i), Err(reason)) => st.on_exit(&myself, i, true, format!("restart failed: {reason}"), Duration::ZERO).await?,
+                    // Removed, replaced or restarted again meanwhile, or the supervisor is
+                    // stopping: not wanted any more.
+                    (None, Ok(started)) => {
+                        let path = join_path(&st.path, &id);
+                        tokio::spawn(async move { stop_running(started.into_running(), Shutdown::Timeout(Duration::from_secs(5)), &path).await });
                     }
-                    st.children[i].restarts += 1;
-                    if let Err(reason) = st.start_child(&myself, i).await {
-                        // A failed restart is another abnormal exit of that child.
-                        st.on_exit(&myself, i, true, format!("restart failed: {reason}"), Duration::ZERO).await?;
-                    }
+                    (None, Err(_)) => {}
+                }
+                if !st.stopping {
+                    st.start_next(&myself, rest);
                 }
             }
             SupervisorMsg::Children(reply) => {

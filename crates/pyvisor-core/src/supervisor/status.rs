@@ -16,6 +16,9 @@ pub enum ChildState {
         /// Time until the restart.
         next_in: Duration,
     },
+    /// Being restarted now (a pool: its workers are starting). The supervisor answers and
+    /// handles its other children meanwhile.
+    Starting,
     /// Exited normally and is not restarted (transient, temporary), or removed.
     Stopped,
     /// Exited abnormally and is not restarted (temporary).
@@ -50,6 +53,7 @@ impl std::fmt::Display for ChildState {
         match self {
             ChildState::Running => f.write_str("running"),
             ChildState::Restarting { next_in } => write!(f, "restarting in {} ms", next_in.as_millis()),
+            ChildState::Starting => f.write_str("starting"),
             ChildState::Stopped => f.write_str("stopped"),
             ChildState::Failed { reason } => write!(f, "failed: {}", reason.lines().next().unwrap_or("")),
         }
