@@ -27,6 +27,7 @@ pub enum Jitter {
 /// assert_eq!(b.delay(30), Duration::from_secs(10)); // capped
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct Backoff {
     /// Delay after the first failure.
     pub base: Duration,

@@ -195,6 +195,7 @@ impl std::fmt::Display for Principal {
 /// # let _ = spec;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct Confinement {
     limits: [Option<Limit>; 4],
     allow_env: Option<Vec<String>>,

@@ -71,6 +71,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// assert_eq!(spec.worker_count(), 2);
 /// ```
 #[derive(Clone)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct PoolSpec {
     pub(crate) name: String,
     pub(crate) target: Target,
@@ -111,6 +112,7 @@ pub struct PoolSpec {
 /// assert_eq!(r.jitter, 0.1);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct RecyclePolicy {
     /// Replace a worker after this age (jittered). Default off.
     pub ttl: Option<Duration>,

@@ -138,6 +138,7 @@ impl Protocol {
 /// assert!(c.exports());
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct TelemetryConfig {
     /// Collector base address; `None`: no export (console logs only).
     pub endpoint: Option<String>,

@@ -31,8 +31,15 @@ use crate::error::CallError;
 use crate::events::PoolEvent;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
-use crate::shared::PoolShared;
+use crate::shared::{PoolShared, Resolved};
 
+/// A function name a typed handle ([`super::function::Function`]) resolved once: its shared
+/// name, and what the pool's table said then (`None`: no worker had said `hello` yet).
+#[derive(Clone, Copy)]
+pub(crate) struct Known<'a> {
+    pub name: &'a Arc<str>,
+    pub resolved: Option<Resolved>,
+}
 
 /// A call past admission.
 struct Admitted<'a> {
@@ -63,22 +70,30 @@ impl Admitted<'_> {
 fn admit<'a>(
     shared: &'a PoolShared,
     function: &'a str,
+    known: Option<Known<'_>>,
     payload: &'a [u8],
     opts: &'a CallOptions,
 ) -> Result<Admitted<'a>, CallError> {
     let spec = &shared.spec;
     let called = Instant::now();
     let deadline = opts.deadline_from(called, spec.call_timeout);
-    // One look at the function table: the name must exist; its flag is the default idempotency.
     let mut exposed_idempotent = false;
-    if let Some(funcs) = shared.functions() {
-        match funcs.iter().find(|f| f.name == function) {
-            Some(f) => exposed_idempotent = f.idempotent,
-            None => {
-                return Err(CallError::UnknownFunction {
-                    function: function.to_string(),
-                    available: funcs.iter().map(|f| f.name.clone()).collect(),
-                })
+    match known.and_then(|k| k.resolved) {
+        // Resolved by a typed handle against the table still in force: one atomic load.
+        Some(r) if r.table == shared.table_id() => exposed_idempotent = r.idempotent,
+        // One look at the function table: the name must exist; its flag is the default
+        // idempotency.
+        _ => {
+            if let Some(funcs) = shared.functions() {
+                match funcs.iter().find(|f| f.name == function) {
+                    Some(f) => exposed_idempotent = f.idempotent,
+                    None => {
+                        return Err(CallError::UnknownFunction {
+                            function: function.to_string(),
+                            available: funcs.iter().map(|f| f.name.clone()).collect(),
+                        })
+                    }
+                }
             }
         }
     }
@@ -125,17 +140,22 @@ impl<'a> Admitted<'a> {
 pub(crate) async fn run(
     shared: &PoolShared,
     function: &str,
+    known: Option<Known<'_>>,
     payload: &[u8],
     opts: &CallOptions,
     trace: Option<&CallTrace>,
     attempts: &mut u32,
 ) -> Result<Bytes, CallError> {
-    let call = admit(shared, function, payload, opts)?;
+    let call = admit(shared, function, known, payload, opts)?;
     let spec = &shared.spec;
     if let Some(t) = trace {
         t.idempotent(call.idempotent);
     }
-    let name: Arc<str> = Arc::from(function);
+    // The name the worker's call table keeps: a typed handle's shared one, else a copy.
+    let name: Arc<str> = match known {
+        Some(k) => Arc::clone(k.name),
+        None => Arc::from(function),
+    };
     let mut barrier = CallBarrier::new(RetryPolicy::from_spec(spec), call.idempotent);
     let mut previous_attempt: Option<AttemptTrace> = None;
     let mut admitted = false;

@@ -3,14 +3,20 @@
 //! - [`handle`]: the [`Pool`] handle, cheap to clone — start, call, status, death
 //!   certificates, chaos, shutdown;
 //! - [`options`]: the per-call [`CallOptions`];
+//! - [`function`]: the typed handle [`Function`] on one function, its name resolved once;
+//! - [`service`]: tower's `Service` (readiness from the pool's queue) and `Load` (calls in
+//!   flight) for [`Function`] and [`Pool`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
 //!   barrier — with no actor on it.
 //!
 //! The router actor is asked only for status and shutdown.
 
 pub(crate) mod call;
+pub(crate) mod function;
 pub(crate) mod handle;
 pub(crate) mod options;
+pub(crate) mod service;
 
+pub use function::Function;
 pub use handle::Pool;
 pub use options::CallOptions;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 /// assert_eq!(opts.idempotent_override(), Some(true));
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct CallOptions {
     timeout: Option<Duration>,
     deadline: Option<Instant>,

@@ -70,6 +70,7 @@ impl ChildKind {
 
 /// One child of a supervisor.
 #[derive(Clone)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct ChildSpec {
     pub(crate) id: String,
     pub(crate) kind: ChildKind,
@@ -141,6 +142,7 @@ impl ChildSpec {
 /// assert_eq!(tree.children().len(), 2);
 /// ```
 #[derive(Clone, Debug)]
+#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct SupervisorSpec {
     pub(crate) name: String,
     pub(crate) strategy: Strategy,

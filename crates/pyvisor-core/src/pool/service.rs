@@ -1,0 +1,125 @@
+//! tower integration: a [`Function`] is a `tower::Service<I>`; it and [`Pool`] are
+//! `tower::load::Load`.
+//!
+//! Owns what tower middleware sees of a pool: readiness and load. `poll_ready` reflects the
+//! pool's bounded queue: it is `Pending` while `max_queue` calls already wait (backpressure)
+//! instead of letting the call fail with [`CallError::Overloaded`], and wakes when a queued
+//! call leaves the line. `Load` is the pool's calls in flight ([`Pool::in_flight`]). The call
+//! itself is [`Function::call`]'s; this module adds nothing to the call path.
+//!
+//! Readiness is a hint, not a reservation: callers that bypass the service (or many clones of
+//! it) can fill the queue between `poll_ready` and `call`, and such a call still gets
+//! `Overloaded` (which [`CallError::is_retryable`]). Put a `tower::limit::ConcurrencyLimit`
+//! (below `max_queue` plus the pool's capacity) in front to make that impossible.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::function::Function;
+use super::handle::Pool;
+use super::options::CallOptions;
+use crate::dispatch::RoomWait;
+use crate::error::CallError;
+
+/// A service's wait for room in its pool's queue (one per [`Function`] clone).
+#[derive(Default)]
+pub(crate) struct Readiness {
+    wait: Option<RoomWait>,
+}
+
+impl Readiness {
+    /// Ready when `pool`'s queue has room for another call (or the pool is closed: the call
+    /// then fails at once with `ShutDown`/`PoolFailed`); otherwise registers `cx` to be woken
+    /// when a queued call leaves the line.
+    fn poll(&mut self, cx: &mut Context<'_>, pool: &Pool) -> Poll<()> {
+        let (dispatch, max_queue) = pool.queue();
+        loop {
+            if dispatch.has_room(max_queue) {
+                self.wait = None;
+                return Poll::Ready(());
+            }
+            match &mut self.wait {
+                // Made before the next check, so that room made in between is not missed.
+                None => self.wait = Some(dispatch.wait_for_room()),
+                Some(wait) => match wait.poll(cx) {
+                    Poll::Ready(()) => self.wait = None,
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
+        }
+    }
+}
+
+/// A typed handle as a tower service: `I` in, `O` out, errors [`CallError`].
+///
+/// `poll_ready` waits while the pool's queue is full (see the module documentation); `call`
+/// encodes the input at once and returns a boxed future that makes the call with the pool's
+/// defaults (as [`Function::call`]). Compose tower middleware around it:
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// use std::time::Duration;
+/// use pyvisor_core::{Pool, PoolSpec};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// let pool = Pool::start(PoolSpec::script("worker.py").workers(2)).await?;
+/// let mut add = ServiceBuilder::new()
+///     .concurrency_limit(8)
+///     .timeout(Duration::from_secs(5))
+///     .service(pool.function::<(i64, i64), i64>("add")?);
+/// let sum = add.ready().await?.call((1, 2)).await?;
+/// assert_eq!(sum, 3);
+/// # Ok(()) }
+/// ```
+impl<I, O> tower::Service<I> for Function<I, O>
+where
+    I: Serialize,
+    O: DeserializeOwned + Send + 'static,
+{
+    type Response = O;
+    type Error = CallError;
+    type Future = Pin<Box<dyn Future<Output = Result<O, CallError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CallError>> {
+        self.readiness.poll(cx, &self.target.pool).map(Ok)
+    }
+
+    fn call(&mut self, input: I) -> Self::Future {
+        let payload = self.encode(&input);
+        let target = self.target.clone();
+        Box::pin(async move { target.call_encoded(&payload?, CallOptions::default()).await })
+    }
+}
+
+/// The pool's calls in flight ([`Pool::in_flight`]), for `tower::balance` and other
+/// load-aware middleware.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use pyvisor_core::{Pool, PoolSpec};
+/// use tower::load::Load;
+/// let pool = Pool::start(PoolSpec::script("worker.py")).await?;
+/// let echo = pool.function::<u64, u64>("echo")?;
+/// assert_eq!(echo.load(), 0);
+/// # Ok(()) }
+/// ```
+impl<I: ?Sized, O> tower::load::Load for Function<I, O> {
+    type Metric = usize;
+
+    fn load(&self) -> usize {
+        self.pool().in_flight()
+    }
+}
+
+/// The pool's calls in flight ([`Pool::in_flight`]).
+impl tower::load::Load for Pool {
+    type Metric = usize;
+
+    fn load(&self) -> usize {
+        self.in_flight()
+    }
+}
