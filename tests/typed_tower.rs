@@ -234,3 +234,26 @@ async fn tower_balance_sends_a_call_to_the_less_loaded_pool() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A typed handle on a pool got by path follows the pool's restarts, as the pool handle does:
+/// the restarted pool has a new function table, and the handle's calls still reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_handle_by_path_follows_restarts_of_its_pool() {
+    use pyvisor::supervisor::{ChildSpec, Strategy, SupervisorSpec, Tree};
+
+    let tree = Tree::start(SupervisorSpec::new("typed", Strategy::OneForOne).child(ChildSpec::pool("p", common::spec("basic.py").workers(1))))
+        .await
+        .unwrap();
+    let pool = tree.pool("p").unwrap();
+    let pid = pool.function::<(), u32>("pid").unwrap();
+    let first = pid.call(&()).await.unwrap();
+    let old = pool.actor();
+    old.kill();
+    assert!(common::eventually(GUARD, || old.get_status() == pyvisor::ractor::ActorStatus::Stopped).await);
+    let second = tokio::time::timeout(GUARD * 2, pid.call(&())).await.expect("the call hangs").expect("the handle followed the restart");
+    assert_ne!(first, second, "served by the new pool's worker");
+    let mut svc = pool.function::<u64, u64>("echo").unwrap();
+    assert_eq!(svc.ready().await.unwrap().call(5).await.unwrap(), 5);
+    tree.shutdown().await;
+    assert!(pid.call(&()).await.is_err(), "a stopped tree's pool takes no calls");
+}

@@ -316,3 +316,53 @@ fn poisoned(
         refused: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use pyvisor_protocol::{ExecKind, FunctionInfo};
+
+    use super::{admit, Known};
+    use crate::error::CallError;
+    use crate::pool::options::CallOptions;
+    use crate::shared::PoolShared;
+    use crate::spec::PoolSpec;
+
+    fn function(name: &str, idempotent: bool) -> FunctionInfo {
+        FunctionInfo { name: name.into(), idempotent, kind: ExecKind::default(), threads: 0 }
+    }
+
+    /// A typed handle's resolution is used while the pool's table is the one it was made
+    /// against, and ignored (the name looked up again) once the table changes.
+    #[test]
+    fn a_resolution_holds_only_for_its_own_table() {
+        let shared = PoolShared::new(PoolSpec::script("w.py"), PathBuf::from("python3"));
+        let opts = CallOptions::new();
+        let name: Arc<str> = Arc::from("f");
+        // Before any hello: nothing to check against, the call goes ahead as pool.call's does.
+        assert_eq!(shared.table_id(), 0);
+        assert!(shared.resolve("f").is_none());
+        assert!(admit(&shared, "f", None, b"", &opts).is_ok());
+
+        shared.set_functions(&[function("f", true), function("g", false)]);
+        let resolved = shared.resolve("f").and_then(Result::ok).expect("f is exposed");
+        assert!(resolved.idempotent && resolved.table == shared.table_id());
+        assert!(matches!(shared.resolve("h"), Some(Err(CallError::UnknownFunction { .. }))));
+        let known = Known { name: &name, resolved: Some(resolved) };
+        assert!(admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+
+        // The same table announced again (another worker's hello) keeps its id.
+        shared.set_functions(&[function("f", true), function("g", false)]);
+        assert_eq!(shared.table_id(), resolved.table);
+
+        // A different table: the old resolution is not trusted, the name is looked up again.
+        shared.set_functions(&[function("f", false)]);
+        assert_ne!(shared.table_id(), resolved.table);
+        assert!(!admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+        shared.set_functions(&[function("g", false)]);
+        let gone = admit(&shared, "f", Some(known), b"", &opts).err();
+        assert!(matches!(gone, Some(CallError::UnknownFunction { ref available, .. }) if available == &["g".to_string()]), "{gone:?}");
+    }
+}
