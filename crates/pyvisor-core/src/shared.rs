@@ -129,7 +129,7 @@ impl PoolShared {
 
     pub(crate) fn set_functions(&self, f: &[FunctionInfo]) {
         if let Ok(mut g) = self.functions.write() {
-            if g.as_ref().map_or(true, |(_, cur)| cur.as_slice() != f) {
+            if !g.as_ref().is_some_and(|(_, cur)| cur.as_slice() == f) {
                 let id = next_table_id();
                 *g = Some((id, Arc::new(f.to_vec())));
                 self.table_id.store(id, Ordering::Release);
