@@ -27,7 +27,6 @@ pub enum Jitter {
 /// assert_eq!(b.delay(30), Duration::from_secs(10)); // capped
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[must_use = "a builder: its methods return the changed value, which must be used"]
 pub struct Backoff {
     /// Delay after the first failure.
     pub base: Duration,
@@ -53,21 +52,25 @@ impl Default for Backoff {
 
 impl Backoff {
     /// Set the first delay.
+    #[must_use]
     pub fn base(mut self, base: Duration) -> Self {
         self.base = base;
         self
     }
     /// Set the growth factor (values below 1 are treated as 1).
+    #[must_use]
     pub fn factor(mut self, factor: f64) -> Self {
         self.factor = factor;
         self
     }
     /// Set the cap.
+    #[must_use]
     pub fn cap(mut self, cap: Duration) -> Self {
         self.cap = cap;
         self
     }
     /// Set the jitter.
+    #[must_use]
     pub fn jitter(mut self, jitter: Jitter) -> Self {
         self.jitter = jitter;
         self
