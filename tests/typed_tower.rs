@@ -257,3 +257,31 @@ async fn a_typed_handle_by_path_follows_restarts_of_its_pool() {
     tree.shutdown().await;
     assert!(pid.call(&()).await.is_err(), "a stopped tree's pool takes no calls");
 }
+
+/// `Pool::service()`: any function by name, MessagePack in and out, with the same readiness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_service_calls_any_function_by_name() {
+    let pool = Pool::start(common::spec("basic.py").workers(1).max_in_flight(1).max_queue(1)).await.unwrap();
+    let mut any = ServiceBuilder::new().concurrency_limit(4).service(pool.service());
+    let input = rmp_serde::to_vec(&(40, 2)).unwrap();
+    let reply = ServiceExt::<(String, Vec<u8>)>::ready(&mut any).await.unwrap().call(("add".to_string(), input)).await.unwrap();
+    assert_eq!(rmp_serde::from_slice::<i64>(&reply).unwrap(), 42);
+    let unknown = any.clone().oneshot(("nope", rmp_serde::to_vec(&()).unwrap())).await.unwrap_err();
+    match &unknown {
+        CallError::UnknownFunction { available, .. } => assert!(available.iter().any(|f| f == "add")),
+        other => panic!("{other:?}"),
+    }
+
+    // Worker busy, queue full: the service is not ready until the queued call gets the worker.
+    let mut raw = pool.service();
+    let busy = tokio::spawn(pool.service().oneshot(("sleep", rmp_serde::to_vec(&1.0).unwrap())));
+    until_in_flight(&pool, 1).await;
+    let queued = tokio::spawn(pool.service().oneshot(("echo", rmp_serde::to_vec(&1u8).unwrap())));
+    until_in_flight(&pool, 2).await;
+    assert_eq!(raw.load(), 2);
+    assert!(ServiceExt::<(&str, Vec<u8>)>::ready(&mut raw).now_or_never().is_none(), "ready while the queue is full");
+    tokio::time::timeout(GUARD, ServiceExt::<(&str, Vec<u8>)>::ready(&mut raw)).await.expect("never woke").unwrap();
+    busy.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    pool.shutdown().await;
+}

@@ -5,7 +5,7 @@
 //! - [`options`]: the per-call [`CallOptions`];
 //! - [`function`]: the typed handle [`Function`] on one function, its name resolved once;
 //! - [`service`]: tower's `Service` (readiness from the pool's queue) and `Load` (calls in
-//!   flight) for [`Function`] and [`Pool`];
+//!   flight) for [`Function`] and [`PoolService`] (any function by name), `Load` for [`Pool`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
 //!   barrier — with no actor on it.
 //!
@@ -19,4 +19,5 @@ pub(crate) mod service;
 
 pub use function::Function;
 pub use handle::Pool;
+pub use service::PoolService;
 pub use options::CallOptions;
