@@ -10,8 +10,9 @@
 //! worker has one *held* for it, which then drains.
 //!
 //! It also tells whoever would rather wait than be refused (a tower service's `poll_ready`)
-//! when the line has room again: a [`RoomWait`] completes when a first attempt leaves a full
-//! line. That costs the queued path one atomic load, and a call that does not queue nothing.
+//! when the line has room again: a [`RoomWait`] completes when a first attempt leaves the line
+//! (or the pool closes). That costs each change of the line, under its lock, an atomic swap and
+//! load (and a notify only while somebody waits); a call that does not queue pays nothing.
 //!
 //! It does not decide what a call wants (the crash barrier does) nor what a worker is.
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::call::Known;
 use super::handle::Pool;
 use super::options::CallOptions;
-use super::service::Readiness;
+use super::readiness::Readiness;
 use crate::error::CallError;
 use crate::shared::Resolved;
 

@@ -4,6 +4,7 @@
 //!   certificates, chaos, shutdown;
 //! - [`options`]: the per-call [`CallOptions`];
 //! - [`function`]: the typed handle [`Function`] on one function, its name resolved once;
+//! - [`readiness`]: a tower service's wait for room in the pool's queue;
 //! - [`service`]: tower's `Service` (readiness from the pool's queue) and `Load` (calls in
 //!   flight) for [`Function`] and [`PoolService`] (any function by name), `Load` for [`Pool`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
@@ -15,6 +16,7 @@ pub(crate) mod call;
 pub(crate) mod function;
 pub(crate) mod handle;
 pub(crate) mod options;
+pub(crate) mod readiness;
 pub(crate) mod service;
 
 pub use function::Function;

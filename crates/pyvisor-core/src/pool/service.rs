@@ -25,37 +25,8 @@ use serde::Serialize;
 use super::function::Function;
 use super::handle::Pool;
 use super::options::CallOptions;
-use crate::dispatch::RoomWait;
+use super::readiness::Readiness;
 use crate::error::CallError;
-
-/// A service's wait for room in its pool's queue (one per [`Function`] clone).
-#[derive(Default)]
-pub(crate) struct Readiness {
-    wait: Option<RoomWait>,
-}
-
-impl Readiness {
-    /// Ready when `pool`'s queue has room for another call (or the pool is closed: the call
-    /// then fails at once with `ShutDown`/`PoolFailed`); otherwise registers `cx` to be woken
-    /// when a queued call leaves the line.
-    fn poll(&mut self, cx: &mut Context<'_>, pool: &Pool) -> Poll<()> {
-        let (dispatch, max_queue) = pool.queue();
-        loop {
-            if dispatch.has_room(max_queue) {
-                self.wait = None;
-                return Poll::Ready(());
-            }
-            match &mut self.wait {
-                // Made before the next check, so that room made in between is not missed.
-                None => self.wait = Some(dispatch.wait_for_room()),
-                Some(wait) => match wait.poll(cx) {
-                    Poll::Ready(()) => self.wait = None,
-                    Poll::Pending => return Poll::Pending,
-                },
-            }
-        }
-    }
-}
 
 /// A typed handle as a tower service: `I` in, `O` out, errors [`CallError`].
 ///
