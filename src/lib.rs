@@ -1,1 +1,7 @@
 pub use pyvisor_core::*;
+
+/// The code blocks of docs/typed_handles_and_tower.md, compiled as doctests so the page cannot
+/// drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/typed_handles_and_tower.md")]
+pub struct TypedHandlesAndTowerDoc;

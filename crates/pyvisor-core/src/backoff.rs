@@ -52,21 +52,25 @@ impl Default for Backoff {
 
 impl Backoff {
     /// Set the first delay.
+    #[must_use]
     pub fn base(mut self, base: Duration) -> Self {
         self.base = base;
         self
     }
     /// Set the growth factor (values below 1 are treated as 1).
+    #[must_use]
     pub fn factor(mut self, factor: f64) -> Self {
         self.factor = factor;
         self
     }
     /// Set the cap.
+    #[must_use]
     pub fn cap(mut self, cap: Duration) -> Self {
         self.cap = cap;
         self
     }
     /// Set the jitter.
+    #[must_use]
     pub fn jitter(mut self, jitter: Jitter) -> Self {
         self.jitter = jitter;
         self

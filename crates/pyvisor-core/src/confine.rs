@@ -309,11 +309,13 @@ impl Confinement {
     /// lives on), and C code that does not check may abort (a crash implicating its calls).
     /// Counts reserved address space, not memory in use: leave room for thread stacks and
     /// allocator arenas (a Python worker reserves a few hundred MiB at start).
+    #[must_use]
     pub fn address_space(self, bytes: u64) -> Self {
         self.limit(Resource::AddressSpace, Limit::fixed(bytes))
     }
     /// Limit the worker's open file descriptors to `n` (soft = hard, `RLIMIT_NOFILE`): opening
     /// more fails with `OSError: [Errno 24] Too many open files`.
+    #[must_use]
     pub fn open_files(self, n: u64) -> Self {
         self.limit(Resource::OpenFiles, Limit::fixed(n))
     }
@@ -321,10 +323,12 @@ impl Confinement {
     /// At the soft limit the kernel sends SIGXCPU, which kills a Python worker: a crash
     /// implicating the calls in flight, or a start failure before `hello`. The time is the
     /// process's total since it started (imports and every call), not per call.
+    #[must_use]
     pub fn cpu_time(self, seconds: u64) -> Self {
         self.limit(Resource::CpuTime, Limit::new(seconds, seconds.saturating_add(1)))
     }
     /// Limit core dumps to `bytes` (soft = hard, `RLIMIT_CORE`); 0 writes none.
+    #[must_use]
     pub fn core_size(self, bytes: u64) -> Self {
         self.limit(Resource::CoreSize, Limit::fixed(bytes))
     }
@@ -336,6 +340,7 @@ impl Confinement {
     /// assert_eq!(c.get_limit(Resource::OpenFiles), Some(Limit::new(256, 1024)));
     /// assert_eq!(c.get_limit(Resource::CpuTime), None);
     /// ```
+    #[must_use]
     pub fn limit(mut self, resource: Resource, limit: Limit) -> Self {
         self.limits[resource.index()] = Some(limit);
         self
@@ -346,6 +351,7 @@ impl Confinement {
     }
     /// Pass only these inherited variables (exact names, or prefixes ending in `*`), plus
     /// pyvisor's own (see the type's documentation). Calls add up.
+    #[must_use]
     pub fn allow_env<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -356,6 +362,7 @@ impl Confinement {
     }
     /// Pass every inherited variable except these (exact names, or prefixes ending in `*`);
     /// pyvisor's own are never removed. Calls add up.
+    #[must_use]
     pub fn deny_env<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -366,18 +373,21 @@ impl Confinement {
     }
     /// Run the worker as this user (a name or a uid); its group is [`Confinement::group`],
     /// else the user's primary group. Needs a parent running as root.
+    #[must_use]
     pub fn user(mut self, user: impl Into<Principal>) -> Self {
         self.user = Some(user.into());
         self
     }
     /// Run the worker with this group (a name or a gid) as its only group. Needs a parent
     /// running as root.
+    #[must_use]
     pub fn group(mut self, group: impl Into<Principal>) -> Self {
         self.group = Some(group.into());
         self
     }
     /// Set `PR_SET_NO_NEW_PRIVS`: neither the worker nor anything it runs can gain privileges
     /// through exec (set-user-id binaries, file capabilities). Default off.
+    #[must_use]
     pub fn no_new_privs(mut self, on: bool) -> Self {
         self.no_new_privs = on;
         self

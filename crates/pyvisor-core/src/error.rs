@@ -213,6 +213,59 @@ impl std::fmt::Display for AffinityLostReason {
     }
 }
 
+impl CallError {
+    /// Whether sending the same call again is both safe and worth it: true only when the call
+    /// certainly did not run (so a retry cannot run a non-idempotent function twice) and the
+    /// refusal is transient (another try may succeed). What a `tower::retry` policy (or any
+    /// retry around pyvisor) must ask; see docs/typed_handles_and_tower.md.
+    ///
+    /// - `true`: [`Overloaded`](CallError::Overloaded) (refused at admission),
+    ///   [`QueueTimeout`](CallError::QueueTimeout) (never left the queue), and
+    ///   [`Timeout`](CallError::Timeout) with `sent: false` (its deadline passed before it
+    ///   reached a worker).
+    /// - `false`: everything that may have run or will fail the same way again:
+    ///   [`AffinityLost`](CallError::AffinityLost) (the key's state must be rebuilt first; a
+    ///   call in flight at the death may have run);
+    ///   [`WorkerCrashed`](CallError::WorkerCrashed) always — the crash barrier has already
+    ///   retried an idempotent call (up to `max_retries`) and refused to repeat a
+    ///   non-idempotent one, and middleware must not overrule it; `Timeout` with `sent: true`
+    ///   (it may be running: cancel is cooperative); [`Python`](CallError::Python),
+    ///   [`Deserialize`](CallError::Deserialize), [`BadResult`](CallError::BadResult) (it ran);
+    ///   [`Worker`](CallError::Worker) (the worker failed with the call in hand);
+    ///   [`PoisonRequest`](CallError::PoisonRequest) (quarantined: refused again until the
+    ///   window ends); [`UnknownFunction`](CallError::UnknownFunction),
+    ///   [`Serialize`](CallError::Serialize), [`PayloadTooLarge`](CallError::PayloadTooLarge)
+    ///   (the same call fails the same way); [`ShutDown`](CallError::ShutDown) and
+    ///   [`PoolFailed`](CallError::PoolFailed) (the pool takes no calls; a call in flight when
+    ///   it stopped may have run).
+    ///
+    /// ```
+    /// use pyvisor_core::CallError;
+    /// let full = CallError::Overloaded { pool: "p".into(), max_queue: 1024 };
+    /// assert!(full.is_retryable());
+    /// let ran = CallError::Timeout { function: "f".into(), after: std::time::Duration::from_secs(1), sent: true };
+    /// assert!(!ran.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CallError::Overloaded { .. } | CallError::QueueTimeout { .. } => true,
+            CallError::Timeout { sent, .. } => !sent,
+            CallError::WorkerCrashed { .. }
+            | CallError::AffinityLost { .. }
+            | CallError::PoisonRequest { .. }
+            | CallError::Python { .. }
+            | CallError::Deserialize { .. }
+            | CallError::BadResult { .. }
+            | CallError::Worker { .. }
+            | CallError::UnknownFunction { .. }
+            | CallError::Serialize { .. }
+            | CallError::PayloadTooLarge { .. }
+            | CallError::ShutDown { .. }
+            | CallError::PoolFailed { .. } => false,
+        }
+    }
+}
+
 /// Why a pool could not start (or stopped running).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -300,5 +353,79 @@ impl CallError {
             }
             _ => CallError::Worker { function, message: format!("{}: {}", e.type_name, e.message) },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{CallError, PythonError, StartError};
+    use crate::barrier::testing::death;
+
+    /// One error of every kind, with whether a retry around the pool may send it again.
+    fn every_variant() -> Vec<(CallError, bool)> {
+        let f = || "f".to_string();
+        let cert = Arc::new(death(None, Some(libc::SIGKILL), &[(1, false)]));
+        vec![
+            (CallError::UnknownFunction { function: f(), available: vec!["g".into()] }, false),
+            (CallError::AffinityLost { key: "k".into(), reason: super::AffinityLostReason::Crashed(Arc::clone(&cert)) }, false),
+            (
+                CallError::Python {
+                    function: f(),
+                    error: Box::new(PythonError { type_name: "ValueError".into(), message: "m".into(), traceback: None }),
+                },
+                false,
+            ),
+            (CallError::Serialize { function: f(), detail: "d".into() }, false),
+            (CallError::Deserialize { function: f(), detail: "d".into() }, false),
+            (CallError::PayloadTooLarge { function: f(), size: 2, max: 1 }, false),
+            (CallError::BadResult { function: f(), message: "m".into() }, false),
+            (CallError::Timeout { function: f(), after: Duration::from_secs(1), sent: false }, true),
+            (CallError::Timeout { function: f(), after: Duration::from_secs(1), sent: true }, false),
+            (CallError::QueueTimeout { function: f(), waited: Duration::from_secs(10) }, true),
+            (CallError::Overloaded { pool: "p".into(), max_queue: 1 }, true),
+            // Non-idempotent (failed at once) or idempotent with retries spent: the same error,
+            // and never for middleware to repeat.
+            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert) }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 3, certificate: Arc::clone(&cert) }, false),
+            (
+                CallError::PoisonRequest {
+                    function: f(),
+                    certificates: vec![Arc::clone(&cert)],
+                    quarantined_for: Duration::from_secs(300),
+                    refused: false,
+                },
+                false,
+            ),
+            (
+                CallError::PoisonRequest {
+                    function: f(),
+                    certificates: vec![cert],
+                    quarantined_for: Duration::from_secs(300),
+                    refused: true,
+                },
+                false,
+            ),
+            (CallError::Worker { function: f(), message: "m".into() }, false),
+            (CallError::ShutDown { pool: "p".into() }, false),
+            (CallError::PoolFailed { pool: "p".into(), reason: Arc::new(StartError::InvalidSpec("x".into())) }, false),
+        ]
+    }
+
+    #[test]
+    fn is_retryable_only_for_calls_that_never_ran() {
+        for (error, retryable) in every_variant() {
+            assert_eq!(error.is_retryable(), retryable, "{} ({error})", error.kind());
+        }
+    }
+
+    #[test]
+    fn every_variant_is_covered() {
+        let kinds: HashSet<&str> = every_variant().iter().map(|(e, _)| e.kind()).collect();
+        // `kind` is an exhaustive match: a new variant gets a new kind, and must be added above.
+        assert_eq!(kinds.len(), 15, "{kinds:?}");
     }
 }

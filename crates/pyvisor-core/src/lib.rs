@@ -62,7 +62,7 @@ pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{AffinityLostReason, CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
-pub use pool::{CallOptions, Pool};
+pub use pool::{CallOptions, Function, Pool, PoolService};
 pub use shared::{KEPT_CERTIFICATES, STATUS_CERTIFICATES};
 pub use os::markers::{program_id, reap_orphans, run_id, set_child_subreaper};
 pub use python::{find_executable, Interpreter};
@@ -72,6 +72,10 @@ pub use status::{PoolStatus, WorkerState, WorkerStatus};
 
 /// The wire protocol crate, re-exported.
 pub use pyvisor_protocol as protocol;
+
+/// The tower version whose `Service` and `Load` [`Function`] and [`Pool`] implement,
+/// re-exported so your middleware matches it.
+pub use tower;
 
 /// The actor runtime pyvisor is built on, re-exported so your actors link with the same
 /// version.

@@ -30,7 +30,10 @@ pub(crate) struct PoolShared {
     pub dispatch: Arc<Dispatcher>,
     pub(crate) next_call_id: AtomicU64,
     next_worker_id: AtomicU64,
-    functions: RwLock<Option<Arc<Vec<FunctionInfo>>>>,
+    /// The function table from `hello`, with its [`TableId`] (changed with every new table).
+    functions: RwLock<Option<(TableId, Arc<Vec<FunctionInfo>>)>>,
+    /// The id of the table in `functions` (0: none yet), readable without the lock.
+    table_id: AtomicU64,
     failed: Mutex<Option<Arc<StartError>>>,
     pub quarantine: SharedQuarantine,
     pub stats: PoolStats,
@@ -45,6 +48,25 @@ pub const KEPT_CERTIFICATES: usize = 64;
 
 /// Death certificates a [`crate::PoolStatus`] carries (the newest of the kept ones).
 pub const STATUS_CERTIFICATES: usize = 5;
+
+/// Identifies one function table of one pool, unique in the process (never reused), so that a
+/// typed handle can check with one atomic load that what it resolved still holds.
+pub(crate) type TableId = u64;
+
+/// The next [`TableId`] (0 is "no table").
+fn next_table_id() -> TableId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A function name looked up in a pool's table once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    /// The table it was found in.
+    pub table: TableId,
+    /// Its `@expose(idempotent=...)` flag.
+    pub idempotent: bool,
+}
 
 /// Counters of a pool's fault handling.
 #[derive(Default)]
@@ -96,6 +118,7 @@ impl PoolShared {
             next_call_id: AtomicU64::new(1),
             next_worker_id: AtomicU64::new(1),
             functions: RwLock::new(None),
+            table_id: AtomicU64::new(0),
             failed: Mutex::new(None),
             quarantine: SharedQuarantine::new(),
             stats: PoolStats::default(),
@@ -110,14 +133,34 @@ impl PoolShared {
 
     pub(crate) fn set_functions(&self, f: &[FunctionInfo]) {
         if let Ok(mut g) = self.functions.write() {
-            if g.as_ref().map_or(true, |cur| cur.as_slice() != f) {
-                *g = Some(Arc::new(f.to_vec()));
+            if !g.as_ref().is_some_and(|(_, cur)| cur.as_slice() == f) {
+                let id = next_table_id();
+                *g = Some((id, Arc::new(f.to_vec())));
+                self.table_id.store(id, Ordering::Release);
             }
         }
     }
 
     pub(crate) fn functions(&self) -> Option<Arc<Vec<FunctionInfo>>> {
-        self.functions.read().ok().and_then(|g| g.clone())
+        self.functions.read().ok().and_then(|g| g.as_ref().map(|(_, f)| Arc::clone(f)))
+    }
+
+    /// The id of the current function table (0: no worker has said `hello` yet): one load.
+    pub(crate) fn table_id(&self) -> TableId {
+        self.table_id.load(Ordering::Acquire)
+    }
+
+    /// Look `function` up in the current table: `None` when no worker has said `hello` yet.
+    pub(crate) fn resolve(&self, function: &str) -> Option<Result<Resolved, CallError>> {
+        let g = self.functions.read().ok()?;
+        let (table, funcs) = g.as_ref()?;
+        Some(match funcs.iter().find(|f| f.name == function) {
+            Some(f) => Ok(Resolved { table: *table, idempotent: f.idempotent }),
+            None => Err(CallError::UnknownFunction {
+                function: function.to_string(),
+                available: funcs.iter().map(|f| f.name.clone()).collect(),
+            }),
+        })
     }
 
     pub(crate) fn fail(&self, err: Arc<StartError>) {

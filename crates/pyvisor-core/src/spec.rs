@@ -149,22 +149,26 @@ impl Default for RecyclePolicy {
 
 impl RecyclePolicy {
     /// Set `ttl`.
+    #[must_use]
     pub fn ttl(mut self, d: Duration) -> Self {
         self.ttl = Some(d);
         self
     }
     /// Set `max_requests`.
+    #[must_use]
     pub fn max_requests(mut self, n: u64) -> Self {
         self.max_requests = Some(n);
         self
     }
     /// Set the memory limits in bytes (soft: drain and replace; hard: kill).
+    #[must_use]
     pub fn memory_limits(mut self, soft: Option<u64>, hard: Option<u64>) -> Self {
         self.memory_soft_limit = soft;
         self.memory_hard_limit = hard;
         self
     }
     /// Set the jitter (0.1 = ±10%).
+    #[must_use]
     pub fn jitter(mut self, j: f64) -> Self {
         self.jitter = j;
         self
@@ -185,16 +189,19 @@ impl RecyclePolicy {
         self.min_ready.unwrap_or_else(|| workers.saturating_sub(1).max(1)).min(workers.max(1))
     }
     /// Set `min_ready`.
+    #[must_use]
     pub fn min_ready(mut self, n: usize) -> Self {
         self.min_ready = Some(n);
         self
     }
     /// Set `max_concurrent` recycles.
+    #[must_use]
     pub fn max_concurrent(mut self, n: usize) -> Self {
         self.max_concurrent = n;
         self
     }
     /// Set the drain timeout.
+    #[must_use]
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
         self
@@ -258,36 +265,43 @@ impl PoolSpec {
     }
 
     /// A pool running a Python script (`@expose`d functions, ending in `run_worker()`).
+    #[must_use]
     pub fn script(path: impl Into<PathBuf>) -> Self {
         Self::new(Target::Script(path.into()))
     }
 
     /// A pool running an importable module (`python -m pyvisor_worker --module NAME`).
+    #[must_use]
     pub fn module(name: impl Into<String>) -> Self {
         Self::new(Target::Module(name.into()))
     }
 
     /// Pool name, used in logs, errors and events. Default `pool`.
+    #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
     }
     /// The interpreter to run. Default: `PYVISOR_PYTHON`, else `python3` on `PATH`.
+    #[must_use]
     pub fn python(mut self, path: impl Into<PathBuf>) -> Self {
         self.interpreter = Interpreter::Path(path.into());
         self
     }
     /// Run `VENV/bin/python`.
+    #[must_use]
     pub fn venv(mut self, dir: impl Into<PathBuf>) -> Self {
         self.interpreter = Interpreter::Venv(dir.into());
         self
     }
     /// Run this interpreter (e.g. `Interpreter::from_option(cli_flag)`).
+    #[must_use]
     pub fn interpreter(mut self, interpreter: Interpreter) -> Self {
         self.interpreter = interpreter;
         self
     }
     /// Extra arguments for the script (its `sys.argv[1:]`).
+    #[must_use]
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -302,87 +316,104 @@ impl PoolSpec {
     /// when it exports, and glibc's `MALLOC_TOP_PAD_` and `MALLOC_MMAP_THRESHOLD_` unless the
     /// parent's environment sets the allocator ([`WORKER_MALLOC_TOP_PAD`]: calls with large
     /// payloads reuse freed memory instead of faulting it in again). Values set here are applied last and win over all of those.
+    #[must_use]
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
     }
     /// Working directory of the workers. Default: the parent's.
+    #[must_use]
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
         self
     }
     /// Number of worker processes. Default: number of CPUs.
+    #[must_use]
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
     }
     /// Calls the parent may have outstanding on one worker (pipelining depth). Default 1.
+    #[must_use]
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n;
         self
     }
     /// Calls that may wait for a free worker before `Overloaded`. Default 1024.
+    #[must_use]
     pub fn max_queue(mut self, n: usize) -> Self {
         self.max_queue = n;
         self
     }
     /// Longest wait in the queue before `QueueTimeout`. Default 10 s.
+    #[must_use]
     pub fn queue_timeout(mut self, d: Duration) -> Self {
         self.queue_timeout = d;
         self
     }
     /// Default per-call timeout (`None`: no timeout). Default 60 s.
+    #[must_use]
     pub fn call_timeout(mut self, d: Option<Duration>) -> Self {
         self.call_timeout = d;
         self
     }
     /// Longest time from spawn to `hello`. Default 30 s.
+    #[must_use]
     pub fn start_timeout(mut self, d: Duration) -> Self {
         self.start_timeout = d;
         self
     }
     /// Maximum frame body size, both directions. Default 64 MiB.
+    #[must_use]
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
         self
     }
     /// Backoff between start failures. Default 100 ms × 2, cap 10 s, full jitter.
+    #[must_use]
     pub fn start_backoff(mut self, b: Backoff) -> Self {
         self.start_backoff = b;
         self
     }
     /// Start failures tolerated within `period` before the pool fails. Default 5 / 60 s.
+    #[must_use]
     pub fn max_start_failures(mut self, n: usize, period: Duration) -> Self {
         self.max_start_failures = n;
         self.start_failure_period = period;
         self
     }
     /// Interval of the workers' beats. Default 1 s.
+    #[must_use]
     pub fn heartbeat_interval(mut self, d: Duration) -> Self {
         self.heartbeat_interval = d;
         self
     }
     /// Beats that may be missed before a worker is declared hung. Default 5.
+    #[must_use]
     pub fn heartbeat_max_missed(mut self, n: u32) -> Self {
         self.heartbeat_max_missed = n;
         self
     }
     /// Retries of an idempotent call after crashes. Default 2.
+    #[must_use]
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
         self
     }
     /// How long a crashed worker's replacement is avoided. Default 5 s.
+    #[must_use]
     pub fn taint_window(mut self, d: Duration) -> Self {
         self.taint_window = d;
         self
     }
     /// Crashes with a call alone in flight that make it a poison request. Default 2.
+    #[must_use]
     pub fn poison_threshold(mut self, n: u32) -> Self {
         self.poison_threshold = n;
         self
     }
     /// How long a poison request's fingerprint is refused. Default 5 min.
+    #[must_use]
     pub fn quarantine_window(mut self, d: Duration) -> Self {
         self.quarantine_window = d;
         self
@@ -398,11 +429,13 @@ impl PoolSpec {
     }
     /// Kill a worker whose call overran its deadline by more than this (`None`: never).
     /// Default 5 s.
+    #[must_use]
     pub fn harakiri_grace(mut self, d: Option<Duration>) -> Self {
         self.harakiri_grace = d;
         self
     }
     /// Recycling policy. Default: no recycling.
+    #[must_use]
     pub fn recycle(mut self, r: RecyclePolicy) -> Self {
         self.recycle = r;
         self
@@ -416,18 +449,21 @@ impl PoolSpec {
     ///     .confine(Confinement::default().open_files(256).cpu_time(600).no_new_privs(true));
     /// # let _ = spec;
     /// ```
+    #[must_use]
     pub fn confine(mut self, c: Confinement) -> Self {
         self.confine = c;
         self
     }
     /// On shutdown: time for in-flight calls to finish, then the wait after SIGTERM before
     /// SIGKILL. Default 5 s, 2 s.
+    #[must_use]
     pub fn shutdown_timeouts(mut self, grace: Duration, sigterm_wait: Duration) -> Self {
         self.shutdown_grace = grace;
         self.sigterm_wait = sigterm_wait;
         self
     }
     /// Receive lifecycle events (spawn, ready, death, restart). The callback must not block.
+    #[must_use]
     pub fn on_event<F>(mut self, f: F) -> Self
     where
         F: Fn(&PoolEvent) + Send + Sync + 'static,

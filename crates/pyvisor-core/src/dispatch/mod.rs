@@ -16,7 +16,7 @@ pub(crate) mod pick;
 pub(crate) mod queue;
 pub(crate) mod slot;
 
-pub(crate) use queue::{Dispatcher, QueueExit, Reservation, Want};
+pub(crate) use queue::{Dispatcher, QueueExit, Reservation, RoomWait, Want};
 pub(crate) use slot::{Failure, Outcome, SlotEnd, WorkerSlot};
 #[cfg(test)]
 mod model_tests;

@@ -598,3 +598,34 @@ fn a_freed_unit_reaches_the_waiter_that_can_use_it_not_a_suspect_first_in_line()
     assert!(ordinary.try_take().unwrap().is_ok(), "the ordinary call takes the unit the suspect cannot use");
     drop(busy);
 }
+
+/// Found by the model test: a suspect that lets go of the worker held for it (it found another
+/// idle one) frees that worker for a call pinned to it earlier in line, in the same pass.
+#[test]
+fn a_hold_let_go_of_reaches_a_call_pinned_to_that_worker() {
+    let d = Dispatcher::new();
+    let w: Vec<_> = (1..=2)
+        .map(|i| {
+            let s = Arc::new(WorkerSlot::new(WorkerId(i), 0, 2, d.bell()));
+            s.set_state(WorkerState::Ready);
+            d.insert(Arc::clone(&s));
+            s
+        })
+        .collect();
+    let mut busy: Vec<_> = (0..4).map(|_| d.try_now(Want::Any).unwrap().unwrap()).collect();
+    let mut pinned = d.enqueue(Want::On(WorkerId(1)), true, 10).unwrap();
+    let mut suspect = d.enqueue(Want::Alone { call_id: 7 }, false, 10).unwrap();
+    assert_eq!(w[0].held_by(), 7, "worker 1 is held for the suspect");
+    // One unit frees on worker 1 (held: the pinned call may not join), then worker 2 empties:
+    // the suspect takes it and lets go of worker 1, which the pinned call must get now.
+    let i = busy.iter().position(|r| r.slot.id == WorkerId(1)).unwrap();
+    drop(busy.remove(i));
+    busy.retain(|r| r.slot.id != WorkerId(2));
+    let alone = suspect.try_take().unwrap().unwrap();
+    assert_eq!(alone.slot.id, WorkerId(2));
+    assert_eq!(w[0].held_by(), 0);
+    // Nothing else rings meanwhile: the pass that let go of the hold must have served it.
+    let got = pinned.try_take().expect("the pinned call waits while its worker has room").unwrap();
+    assert_eq!(got.slot.id, WorkerId(1));
+    drop((alone, got, busy));
+}

@@ -9,13 +9,22 @@
 //! never blocks the waiters behind it that can run elsewhere. A suspect that finds no idle
 //! worker has one *held* for it, which then drains.
 //!
+//! It also tells whoever would rather wait than be refused (a tower service's `poll_ready`)
+//! when the line has room again: a [`RoomWait`] completes when a first attempt leaves the line
+//! (or the pool closes). That costs each change of the line, under its lock, an atomic swap and
+//! load (and a notify only while somebody waits); a call that does not queue pays nothing.
+//!
 //! It does not decide what a call wants (the crash barrier does) nor what a worker is.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 
-use tokio::sync::oneshot;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use super::pick::{hold_for, pick_alone, pick_normal, preferred, SlotTable};
@@ -143,6 +152,11 @@ pub(crate) struct Dispatcher {
     bell: Arc<CapacityBell>,
     line: Mutex<Line>,
     closed: AtomicBool,
+    /// First attempts waiting now (the line's `first_attempts`, kept under its lock).
+    first_waiting: AtomicUsize,
+    /// [`RoomWait`]s alive: only then does a first attempt leaving the line notify `room`.
+    room_wanted: AtomicUsize,
+    room: Arc<Notify>,
 }
 
 impl Dispatcher {
@@ -152,6 +166,9 @@ impl Dispatcher {
             bell: Arc::new(CapacityBell::default()),
             line: Mutex::new(Line::default()),
             closed: AtomicBool::new(false),
+            first_waiting: AtomicUsize::new(0),
+            room_wanted: AtomicUsize::new(0),
+            room: Arc::new(Notify::new()),
         });
         let weak: Weak<Dispatcher> = Arc::downgrade(&d);
         d.bell.on_ring(Box::new(move || {
@@ -215,11 +232,40 @@ impl Dispatcher {
                     w.release_hold();
                 }
                 self.bell.waiting.store(0, Ordering::SeqCst);
+                self.first_waiting.store(0, Ordering::SeqCst);
                 v
             }
             Err(_) => Vec::new(),
         };
         drop(gone); // dropping the senders tells the waiters
+        // Whoever waits for room learns it (the call it then makes is refused as closed).
+        self.room.notify_waiters();
+    }
+
+    /// Whether a first attempt would join the line now rather than be refused as full: the line
+    /// holds fewer than `max_queue` first attempts, or there is no line to fill (`max_queue`
+    /// 0), or the pool is closed (a call then fails at once, as closed). A hint: other callers
+    /// may fill the line before the caller's call arrives.
+    pub(crate) fn has_room(&self, max_queue: usize) -> bool {
+        max_queue == 0 || self.is_closed() || self.first_waiting.load(Ordering::SeqCst) < max_queue
+    }
+
+    /// A wait for the next first attempt to leave the line (or for the pool to close). Check
+    /// [`Dispatcher::has_room`] after making it: a change between the two is not lost.
+    pub(crate) fn wait_for_room(self: &Arc<Self>) -> RoomWait {
+        self.room_wanted.fetch_add(1, Ordering::SeqCst);
+        let mut notified = Box::pin(Arc::clone(&self.room).notified_owned());
+        notified.as_mut().enable();
+        RoomWait { notified, dispatcher: Arc::clone(self) }
+    }
+
+    /// Publish the line's sizes (under its lock); wake room waiters when a first attempt left.
+    fn publish(&self, line: &Line) {
+        self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+        let before = self.first_waiting.swap(line.first_attempts, Ordering::SeqCst);
+        if line.first_attempts < before && self.room_wanted.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
     }
 
     /// A reservation without waiting, when nobody waits (first in, first out: a new call
@@ -296,7 +342,7 @@ impl Dispatcher {
                 Want::On(_) => line.pinned += 1,
                 Want::Any => {}
             }
-            self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+            self.publish(&line);
             self.serve_locked(&mut line);
             ticket
         };
@@ -349,8 +395,10 @@ impl Dispatcher {
                     }
                     Want::Alone { call_id } => {
                         let w = &mut line.waiters[i];
+                        // A hold released here frees a worker that a waiter looked at earlier in
+                        // this pass may want (one pinned to it): the pass is made again.
                         if w.held.as_ref().is_some_and(|h| !h.is_ready() || h.held_by() != call_id) {
-                            w.release_hold();
+                            given_back |= w.release_hold();
                         }
                         // Any idle worker will do, the held one first.
                         let mut s = w.held.as_ref().and_then(|h| h.try_reserve_alone(call_id).then(|| Arc::clone(h)));
@@ -358,7 +406,7 @@ impl Dispatcher {
                             s = pick_alone(&pref, call_id);
                             if let (Some(got), Some(h)) = (&s, &w.held) {
                                 if got.id != h.id {
-                                    w.release_hold();
+                                    given_back |= w.release_hold();
                                 }
                             }
                         }
@@ -395,7 +443,7 @@ impl Dispatcher {
                 break;
             }
         }
-        self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+        self.publish(line);
     }
 
     /// Leave the line (the waiter gave up). Returns a reservation that reached it meanwhile.
@@ -407,11 +455,31 @@ impl Dispatcher {
                         self.serve_locked(&mut line);
                     }
                 }
-                self.bell.waiting.store(line.waiters.len(), Ordering::SeqCst);
+                self.publish(&line);
             }
         }
         rx.close();
         rx.try_recv().ok().and_then(Result::ok)
+    }
+}
+
+/// A wait for room in the line ([`Dispatcher::wait_for_room`]); completes when a first attempt
+/// leaves the line or the pool closes.
+pub(crate) struct RoomWait {
+    notified: Pin<Box<OwnedNotified>>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl RoomWait {
+    /// Ready once notified; registers `cx`'s waker otherwise.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.notified.as_mut().poll(cx)
+    }
+}
+
+impl Drop for RoomWait {
+    fn drop(&mut self) {
+        self.dispatcher.room_wanted.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -171,6 +171,7 @@ impl TelemetryConfig {
     /// From `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
     /// `OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`,
     /// `OTEL_METRIC_EXPORT_INTERVAL`, and `PYVISOR_LOG`/`RUST_LOG`.
+    #[must_use]
     pub fn from_env() -> Self {
         let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let endpoint = if disabled {
@@ -195,21 +196,25 @@ impl TelemetryConfig {
         c
     }
     /// Export to this collector base address.
+    #[must_use]
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
         self
     }
     /// Use this transport.
+    #[must_use]
     pub fn protocol(mut self, p: Protocol) -> Self {
         self.protocol = p;
         self
     }
     /// Set `service.name`.
+    #[must_use]
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service_name = name.into();
         self
     }
     /// Set the metric export interval.
+    #[must_use]
     pub fn metric_interval(mut self, d: Duration) -> Self {
         self.metric_interval = d;
         self

@@ -36,8 +36,15 @@ use crate::error::{AffinityLostReason, CallError};
 use crate::events::PoolEvent;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
-use crate::shared::PoolShared;
+use crate::shared::{PoolShared, Resolved};
 
+/// A function name a typed handle ([`super::function::Function`]) resolved once: its shared
+/// name, and what the pool's table said then (`None`: no worker had said `hello` yet).
+#[derive(Clone, Copy)]
+pub(crate) struct Known<'a> {
+    pub name: &'a Arc<str>,
+    pub resolved: Option<Resolved>,
+}
 
 /// A call past admission.
 struct Admitted<'a> {
@@ -68,22 +75,30 @@ impl Admitted<'_> {
 fn admit<'a>(
     shared: &'a PoolShared,
     function: &'a str,
+    known: Option<Known<'_>>,
     payload: &'a [u8],
     opts: &'a CallOptions,
 ) -> Result<Admitted<'a>, CallError> {
     let spec = &shared.spec;
     let called = Instant::now();
     let deadline = opts.deadline_from(called, spec.call_timeout);
-    // One look at the function table: the name must exist; its flag is the default idempotency.
     let mut exposed_idempotent = false;
-    if let Some(funcs) = shared.functions() {
-        match funcs.iter().find(|f| f.name == function) {
-            Some(f) => exposed_idempotent = f.idempotent,
-            None => {
-                return Err(CallError::UnknownFunction {
-                    function: function.to_string(),
-                    available: funcs.iter().map(|f| f.name.clone()).collect(),
-                })
+    match known.and_then(|k| k.resolved) {
+        // Resolved by a typed handle against the table still in force: one atomic load.
+        Some(r) if r.table == shared.table_id() => exposed_idempotent = r.idempotent,
+        // One look at the function table: the name must exist; its flag is the default
+        // idempotency.
+        _ => {
+            if let Some(funcs) = shared.functions() {
+                match funcs.iter().find(|f| f.name == function) {
+                    Some(f) => exposed_idempotent = f.idempotent,
+                    None => {
+                        return Err(CallError::UnknownFunction {
+                            function: function.to_string(),
+                            available: funcs.iter().map(|f| f.name.clone()).collect(),
+                        })
+                    }
+                }
             }
         }
     }
@@ -130,17 +145,22 @@ impl<'a> Admitted<'a> {
 pub(crate) async fn run(
     shared: &PoolShared,
     function: &str,
+    known: Option<Known<'_>>,
     payload: &[u8],
     opts: &CallOptions,
     trace: Option<&CallTrace>,
     attempts: &mut u32,
 ) -> Result<Bytes, CallError> {
-    let call = admit(shared, function, payload, opts)?;
+    let call = admit(shared, function, known, payload, opts)?;
     let spec = &shared.spec;
     if let Some(t) = trace {
         t.idempotent(call.idempotent);
     }
-    let name: Arc<str> = Arc::from(function);
+    // The name the worker's call table keeps: a typed handle's shared one, else a copy.
+    let name: Arc<str> = match known {
+        Some(k) => Arc::clone(k.name),
+        None => Arc::from(function),
+    };
     let mut barrier = CallBarrier::new(RetryPolicy::from_spec(spec), call.idempotent);
     let mut previous_attempt: Option<AttemptTrace> = None;
     let mut admitted = false;
@@ -382,5 +402,55 @@ fn poisoned(
         certificates: certificates.to_vec(),
         quarantined_for: spec.quarantine_window,
         refused: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use pyvisor_protocol::{ExecKind, FunctionInfo};
+
+    use super::{admit, Known};
+    use crate::error::CallError;
+    use crate::pool::options::CallOptions;
+    use crate::shared::PoolShared;
+    use crate::spec::PoolSpec;
+
+    fn function(name: &str, idempotent: bool) -> FunctionInfo {
+        FunctionInfo { name: name.into(), idempotent, kind: ExecKind::default(), threads: 0 }
+    }
+
+    /// A typed handle's resolution is used while the pool's table is the one it was made
+    /// against, and ignored (the name looked up again) once the table changes.
+    #[test]
+    fn a_resolution_holds_only_for_its_own_table() {
+        let shared = PoolShared::new(PoolSpec::script("w.py"), PathBuf::from("python3"));
+        let opts = CallOptions::new();
+        let name: Arc<str> = Arc::from("f");
+        // Before any hello: nothing to check against, the call goes ahead as pool.call's does.
+        assert_eq!(shared.table_id(), 0);
+        assert!(shared.resolve("f").is_none());
+        assert!(admit(&shared, "f", None, b"", &opts).is_ok());
+
+        shared.set_functions(&[function("f", true), function("g", false)]);
+        let resolved = shared.resolve("f").and_then(Result::ok).expect("f is exposed");
+        assert!(resolved.idempotent && resolved.table == shared.table_id());
+        assert!(matches!(shared.resolve("h"), Some(Err(CallError::UnknownFunction { .. }))));
+        let known = Known { name: &name, resolved: Some(resolved) };
+        assert!(admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+
+        // The same table announced again (another worker's hello) keeps its id.
+        shared.set_functions(&[function("f", true), function("g", false)]);
+        assert_eq!(shared.table_id(), resolved.table);
+
+        // A different table: the old resolution is not trusted, the name is looked up again.
+        shared.set_functions(&[function("f", false)]);
+        assert_ne!(shared.table_id(), resolved.table);
+        assert!(!admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+        shared.set_functions(&[function("g", false)]);
+        let gone = admit(&shared, "f", Some(known), b"", &opts).err();
+        assert!(matches!(gone, Some(CallError::UnknownFunction { ref available, .. }) if available == &["g".to_string()]), "{gone:?}");
     }
 }

@@ -17,12 +17,14 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::call::Known;
 use super::options::CallOptions;
 use crate::death::DeathCertificate;
+use crate::dispatch::Dispatcher;
 use crate::error::{CallError, StartError};
 use crate::observe::call_trace::CallTrace;
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
-use crate::shared::PoolShared;
+use crate::shared::{PoolShared, Resolved};
 use crate::spec::PoolSpec;
 use crate::status::PoolStatus;
 
@@ -220,18 +222,56 @@ impl Pool {
         I: Serialize + ?Sized,
         O: DeserializeOwned,
     {
-        let payload = rmp_serde::to_vec_named(input)
-            .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })?;
+        let payload = encode(function, input)?;
         let reply = self.call_raw(function, &payload, opts).await?;
-        rmp_serde::from_slice(&reply)
-            .map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+        decode(function, &reply)
+    }
+
+    /// The function table's entry for `function` (`None`: no worker has said `hello` yet).
+    pub(super) fn resolve(&self, function: &str) -> Option<Result<Resolved, CallError>> {
+        self.inner().shared.resolve(function)
+    }
+
+    /// The dispatcher and queue bound of the pool this handle points at now.
+    pub(super) fn queue(&self) -> (Arc<Dispatcher>, usize) {
+        let inner = self.inner();
+        (Arc::clone(&inner.shared.dispatch), inner.shared.spec.max_queue)
+    }
+
+    /// Calls in flight: calls on the pool's routable workers now plus calls waiting in its
+    /// queue. What a load balancer should compare between pools (it is the pool's
+    /// `tower::load::Load`): one atomic read per routable worker and one for the queue.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use pyvisor_core::{Pool, PoolSpec};
+    /// let pool = Pool::start(PoolSpec::script("worker.py").workers(2)).await?;
+    /// assert_eq!(pool.in_flight(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn in_flight(&self) -> usize {
+        let inner = self.inner();
+        let dispatch = &inner.shared.dispatch;
+        let running: usize = dispatch.table.snapshot().iter().map(|s| s.in_flight()).sum();
+        running + dispatch.len()
     }
 
     /// Call with an already-encoded MessagePack payload; returns the encoded result.
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
+        self.call_known(function, None, payload, opts).await
+    }
+
+    /// [`Pool::call_raw`] for a name resolved beforehand by a typed handle (`known`), or not.
+    pub(crate) async fn call_known(
+        &self,
+        function: &str,
+        known: Option<Known<'_>>,
+        payload: &[u8],
+        opts: CallOptions,
+    ) -> Result<Bytes, CallError> {
         let mut inner = self.inner();
         if !self.cell.follows {
-            return Self::call_on(&inner, function, payload, &opts, &mut 0).await;
+            return Self::call_on(&inner, function, known, payload, &opts, &mut 0).await;
         }
         // A handle got by path follows restarts: a call that found its pool closed and was
         // never sent waits for the replacement (up to the queue timeout and its own deadline,
@@ -240,7 +280,7 @@ impl Pool {
         let mut followed: Option<CallOptions> = None;
         loop {
             let mut attempts = 0;
-            let result = Self::call_on(&inner, function, payload, followed.as_ref().unwrap_or(&opts), &mut attempts).await;
+            let result = Self::call_on(&inner, function, known, payload, followed.as_ref().unwrap_or(&opts), &mut attempts).await;
             let closed = matches!(result, Err(CallError::ShutDown { .. } | CallError::PoolFailed { .. }));
             if !(closed && attempts == 0) {
                 return result;
@@ -261,6 +301,7 @@ impl Pool {
     async fn call_on(
         inner: &PoolInner,
         function: &str,
+        known: Option<Known<'_>>,
         payload: &[u8],
         opts: &CallOptions,
         attempts: &mut u32,
@@ -268,7 +309,7 @@ impl Pool {
         let shared = &*inner.shared;
         let started = Instant::now();
         let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
-        let result = super::call::run(shared, function, payload, opts, trace.as_ref(), attempts).await;
+        let result = super::call::run(shared, function, known, payload, opts, trace.as_ref(), attempts).await;
         if let Some(t) = trace {
             t.finish(result.as_ref().map(|_| ()), *attempts);
         }
@@ -327,3 +368,12 @@ impl Pool {
     }
 }
 
+/// Encode `input` for a call to `function`.
+pub(super) fn encode<I: Serialize + ?Sized>(function: &str, input: &I) -> Result<Vec<u8>, CallError> {
+    rmp_serde::to_vec_named(input).map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })
+}
+
+/// Decode the reply of a call to `function`.
+pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &[u8]) -> Result<O, CallError> {
+    rmp_serde::from_slice(reply).map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+}

@@ -3,14 +3,23 @@
 //! - [`handle`]: the [`Pool`] handle, cheap to clone — start, call, status, death
 //!   certificates, chaos, shutdown;
 //! - [`options`]: the per-call [`CallOptions`];
+//! - [`function`]: the typed handle [`Function`] on one function, its name resolved once;
+//! - [`readiness`]: a tower service's wait for room in the pool's queue;
+//! - [`service`]: tower's `Service` (readiness from the pool's queue) and `Load` (calls in
+//!   flight) for [`Function`] and [`PoolService`] (any function by name), `Load` for [`Pool`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
 //!   barrier — with no actor on it.
 //!
 //! The router actor is asked only for status and shutdown.
 
 pub(crate) mod call;
+pub(crate) mod function;
 pub(crate) mod handle;
 pub(crate) mod options;
+pub(crate) mod readiness;
+pub(crate) mod service;
 
+pub use function::Function;
 pub use handle::Pool;
+pub use service::PoolService;
 pub use options::CallOptions;

@@ -28,27 +28,32 @@ pub struct CallOptions {
 
 impl CallOptions {
     /// The pool's defaults.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
     /// Fail with `Timeout` after `d` (instead of the pool's call timeout). A `d` too long for
     /// the clock (e.g. `Duration::MAX`) means no deadline.
+    #[must_use]
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
     }
     /// Fail with `Timeout` at `at` (takes precedence over any timeout).
+    #[must_use]
     pub fn deadline(mut self, at: Instant) -> Self {
         self.deadline = Some(at);
         self
     }
     /// No timeout at all for this call.
+    #[must_use]
     pub fn no_timeout(mut self) -> Self {
         self.no_timeout = true;
         self
     }
     /// Override whether this call may be retried after a crash (default: the function's
     /// `@expose(idempotent=...)`).
+    #[must_use]
     pub fn idempotent(mut self, yes: bool) -> Self {
         self.idempotent = Some(yes);
         self
@@ -78,6 +83,7 @@ impl CallOptions {
         self.affinity.as_deref()
     }
     /// Propagate this W3C trace context to the worker.
+    #[must_use]
     pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
         self.traceparent = Some(traceparent.into());
         self.tracestate = tracestate;

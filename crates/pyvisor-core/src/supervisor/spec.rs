@@ -93,17 +93,20 @@ impl ChildSpec {
         ChildSpec { id: id.into(), kind, restart: Restart::Permanent, shutdown: Shutdown::Timeout(Duration::from_secs(15)) }
     }
     /// A pool child. Its id is its name in paths (`"etl/loader"`); the pool is named after it.
+    #[must_use]
     pub fn pool(id: impl Into<String>, spec: PoolSpec) -> Self {
         let id = id.into();
         let spec = spec.name(id.clone());
         Self::new(id, ChildKind::Pool(Box::new(spec)))
     }
     /// A nested supervisor.
+    #[must_use]
     pub fn supervisor(id: impl Into<String>, spec: SupervisorSpec) -> Self {
         Self::new(id, ChildKind::Supervisor(Box::new(spec)))
     }
     /// A user actor, started by `start` linked under the supervisor's cell, e.g.
     /// `|sup| Box::pin(async move { Actor::spawn_linked(None, MyActor, (), sup).await.map(|(a, _)| a.get_cell()).map_err(|e| e.to_string()) })`.
+    #[must_use]
     pub fn actor<F>(id: impl Into<String>, start: F) -> Self
     where
         F: Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, String>> + Send + Sync + 'static,
@@ -111,11 +114,13 @@ impl ChildSpec {
         Self::new(id, ChildKind::Actor(Arc::new(start)))
     }
     /// Restart type. Default permanent.
+    #[must_use]
     pub fn restart(mut self, r: Restart) -> Self {
         self.restart = r;
         self
     }
     /// Shutdown. Default a 15 s timeout, then kill.
+    #[must_use]
     pub fn shutdown(mut self, s: Shutdown) -> Self {
         self.shutdown = s;
         self
@@ -153,6 +158,7 @@ pub struct SupervisorSpec {
 impl SupervisorSpec {
     /// A supervisor with OTP's intensity (3 in 5 s), restart backoff 100 ms × 2 capped at
     /// 10 s with full jitter, reset after a child stays up 30 s.
+    #[must_use]
     pub fn new(name: impl Into<String>, strategy: Strategy) -> Self {
         SupervisorSpec {
             name: name.into(),
@@ -164,21 +170,25 @@ impl SupervisorSpec {
         }
     }
     /// Restart intensity.
+    #[must_use]
     pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
         self.intensity = Intensity::new(max_restarts, period);
         self
     }
     /// Restart delay policy.
+    #[must_use]
     pub fn backoff(mut self, b: Backoff) -> Self {
         self.backoff = b;
         self
     }
     /// A child that stays up this long has its backoff reset.
+    #[must_use]
     pub fn healthy_period(mut self, d: Duration) -> Self {
         self.healthy_period = d;
         self
     }
     /// Add a child (children start in the order added, stop in reverse).
+    #[must_use]
     pub fn child(mut self, c: ChildSpec) -> Self {
         self.children.push(c);
         self
