@@ -28,10 +28,12 @@ class Call(Context):
     """A call the worker holds; it is also the ``ctx`` its function receives.
 
     ``_phase`` and ``_started`` are set by whoever runs it; ``_handle`` is its executor's
-    (a future or an asyncio task), for ``cancel``.
+    (a future or an asyncio task), for ``cancel``. ``_ack_start``: the call came as
+    ``call_options`` with ``ack_start``, so a ``started`` message goes out right before its
+    function runs.
     """
 
-    __slots__ = ("_spec", "_payload", "_phase", "_started", "_handle")
+    __slots__ = ("_spec", "_payload", "_phase", "_started", "_handle", "_ack_start")
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class Call(Context):
         deadline_ms: Optional[int],
         traceparent: Optional[str],
         tracestate: Optional[str],
+        ack_start: bool = False,
     ) -> None:
         self._call_id = call_id
         self._attempt = attempt
@@ -54,6 +57,7 @@ class Call(Context):
         self._phase = QUEUED
         self._started = _time()
         self._handle: Any = None
+        self._ack_start = ack_start
 
 
 class WorkerState:
