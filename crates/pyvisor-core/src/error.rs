@@ -27,8 +27,9 @@ impl std::fmt::Display for PythonError {
     }
 }
 
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a call failed. Cheap to clone (what is large is shared): the callers coalesced into one
+/// keyed execution each get a clone of its outcome.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     /// No worker exposes a function of that name.
@@ -108,7 +109,7 @@ pub enum CallError {
         max_queue: usize,
     },
     /// The worker running the call died; the certificate says how.
-    #[error("the worker running `{function}` crashed (attempt {attempts}): {certificate}")]
+    #[error("the worker running `{function}` crashed (attempt {attempts}{}): {certificate}", if *.started { "" } else { "; the function had not started" })]
     WorkerCrashed {
         /// The function called.
         function: String,
@@ -116,6 +117,12 @@ pub enum CallError {
         attempts: u32,
         /// How the (last) worker died.
         certificate: Arc<DeathCertificate>,
+        /// Whether the function started, or may have started, on some attempt. `false` only
+        /// when the parent knows that it never ran: a call with an idempotency key, on
+        /// workers that acknowledge the start of a call, whose dead workers' sockets were read
+        /// to their end without an acknowledgement. Every other crash says `true` ("may have
+        /// run"); see docs/idempotency.md.
+        started: bool,
     },
     /// The call crashed its workers repeatedly (or is quarantined for having done so): it is a
     /// poison request and is refused until the quarantine window ends.
@@ -137,6 +144,17 @@ pub enum CallError {
         function: String,
         /// The worker's message.
         message: String,
+    },
+    /// The idempotency key is held by a call to another function, or with another payload:
+    /// one key names one execution (docs/idempotency.md).
+    #[error("idempotency key `{key}` belongs to a call to `{held_by}`{}; this call is to `{function}`", if held_by == function { " with another payload" } else { "" })]
+    IdempotencyKeyConflict {
+        /// The key.
+        key: String,
+        /// The function this call asked for.
+        function: String,
+        /// The function of the call that holds the key (the same name: another payload).
+        held_by: String,
     },
     /// The pool has been shut down.
     #[error("pool `{pool}` is shut down")]
@@ -171,6 +189,7 @@ impl CallError {
             CallError::WorkerCrashed { .. } => "worker_crashed",
             CallError::PoisonRequest { .. } => "poison_request",
             CallError::Worker { .. } => "worker",
+            CallError::IdempotencyKeyConflict { .. } => "idempotency_key_conflict",
             CallError::ShutDown { .. } => "shut_down",
             CallError::PoolFailed { .. } => "pool_failed",
         }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use pyvisor_protocol::FunctionInfo;
 
+use crate::barrier::idempotency::Idempotency;
 use crate::barrier::quarantine::{Quarantine, Quarantined, QUARANTINE_CAP};
 use crate::death::{DeathCertificate, WorkerId};
 use crate::dispatch::{Dispatcher, WorkerSlot};
@@ -35,6 +36,8 @@ pub(crate) struct PoolShared {
     pub stats: PoolStats,
     pub(crate) deaths: Mutex<VecDeque<Arc<DeathCertificate>>>,
     members: RwLock<Vec<Arc<WorkerSlot>>>,
+    /// Calls with an idempotency key: executions in flight, kept outcomes.
+    pub(crate) idempotency: Idempotency,
 }
 
 /// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
@@ -84,6 +87,7 @@ impl SharedQuarantine {
 
 impl PoolShared {
     pub(crate) fn new(spec: PoolSpec, python: PathBuf) -> Self {
+        let idempotency = Idempotency::new(spec.idempotency);
         PoolShared {
             name: Arc::from(spec.name.as_str()),
             spec,
@@ -97,6 +101,7 @@ impl PoolShared {
             stats: PoolStats::default(),
             deaths: Mutex::new(VecDeque::new()),
             members: RwLock::new(Vec::new()),
+            idempotency,
         }
     }
 

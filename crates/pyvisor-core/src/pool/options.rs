@@ -1,7 +1,8 @@
-//! Per-call options: timeout or deadline, idempotency override, trace context.
+//! Per-call options: timeout or deadline, idempotency override, idempotency key, trace context.
 //!
 //! Owns [`CallOptions`] and how they resolve into a call's deadline; nothing else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,6 +23,7 @@ pub struct CallOptions {
     idempotent: Option<bool>,
     traceparent: Option<String>,
     tracestate: Option<String>,
+    idempotency_key: Option<Arc<str>>,
 }
 
 impl CallOptions {
@@ -55,6 +57,27 @@ impl CallOptions {
     pub fn idempotent_override(&self) -> Option<bool> {
         self.idempotent
     }
+    /// Give the call an idempotency key: calls with one key run the function once. Concurrent
+    /// ones are coalesced into one execution and all get its outcome; a later one gets the
+    /// kept outcome (for the pool's [`crate::IdempotencyPolicy`] time) without running
+    /// anything. A crash before the function started is retried even for a non-idempotent
+    /// function; after it started, the call fails with `WorkerCrashed { started: true }` and
+    /// that outcome is kept like a result. The key with another function or payload fails
+    /// with `IdempotencyKeyConflict`. See docs/idempotency.md.
+    ///
+    /// ```
+    /// use pyvisor_core::CallOptions;
+    /// let opts = CallOptions::new().idempotency_key("order-1234/charge");
+    /// assert_eq!(opts.get_idempotency_key(), Some("order-1234/charge"));
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(Arc::from(key.into()));
+        self
+    }
+    /// The idempotency key, if set.
+    pub fn get_idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
     /// Propagate this W3C trace context to the worker.
     pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
         self.traceparent = Some(traceparent.into());
@@ -74,6 +97,9 @@ impl CallOptions {
             // A timeout too long for the clock is no deadline at all.
             (None, false) => self.timeout.or(pool_timeout).and_then(|t| called.checked_add(t)),
         }
+    }
+    pub(crate) fn key(&self) -> Option<&Arc<str>> {
+        self.idempotency_key.as_ref()
     }
     pub(crate) fn traceparent_str(&self) -> Option<&str> {
         self.traceparent.as_deref()
