@@ -147,7 +147,7 @@ pub enum CallError {
     },
     /// The idempotency key is held by a call to another function, or with another payload:
     /// one key names one execution (docs/idempotency.md).
-    #[error("idempotency key `{key}` belongs to a call to `{held_by}`{}; this call is to `{function}`", if held_by == function { " with another payload" } else { "" })]
+    #[error("idempotency key `{key}` belongs to a call to `{held_by}` {}; one key names one execution", if held_by == function { "with another payload".to_string() } else { format!("(this call is to `{function}`)") })]
     IdempotencyKeyConflict {
         /// The key.
         key: String,
