@@ -32,7 +32,7 @@ from ._framing import (
 )
 from ._registry import FunctionSpec
 from ._replies import Pack, cancelled_frame, refused_frame, unknown_function_frame
-from ._state import Call, WorkerState
+from ._state import AckedCall, Call, WorkerState
 
 if TYPE_CHECKING:
     from ._control import Control
@@ -94,7 +94,7 @@ class Dispatcher:
                 protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
             if msg[0] == MSG_CALL and len(msg) == 8:
                 kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
-                ack_start = False
+                make = Call
             elif msg[0] == MSG_CALL_OPTIONS and len(msg) == 9:
                 (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, options,
                  payload) = msg
@@ -103,6 +103,7 @@ class Dispatcher:
                 ack_start = options.get("ack_start", False)
                 if type(ack_start) is not bool:
                     protocol_error(f"malformed call_options: ack_start {ack_start!r:.100}")
+                make = AckedCall if ack_start else Call
             else:
                 self._control_message(msg, out, pack)
                 continue
@@ -134,9 +135,7 @@ class Dispatcher:
                 )
                 continue
             spec, submit, _ = route
-            call = Call(
-                call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate, ack_start
-            )
+            call = make(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
             calls[call_id] = call
             # Checked after the call is registered (see WorkerState).
             if not state.accepting:
