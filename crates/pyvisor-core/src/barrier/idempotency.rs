@@ -188,8 +188,11 @@ impl Idempotency {
     /// map. Callers waiting get it through the sender.
     pub(crate) fn finish(&self, key: &Arc<str>, outcome: Option<&Shared>, now: Instant) {
         if let Some(o) = outcome.filter(|o| keep(o)) {
-            if let Some(f) = self.in_flight.get(key).map(|f| f.binding.clone()) {
-                self.insert(Arc::clone(key), f, o.clone(), now);
+            // The binding is copied out first: no lock of the in-flight map is held while the
+            // outcome is kept.
+            let binding = self.in_flight.get(key).map(|f| f.binding.clone());
+            if let Some(binding) = binding {
+                self.insert(Arc::clone(key), binding, o.clone(), now);
             }
         }
         self.in_flight.remove(key);
