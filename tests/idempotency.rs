@@ -39,7 +39,8 @@ fn key(k: &str) -> CallOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_concurrent_calls_with_one_key_run_the_function_once() {
-    let (pool, log) = pool("hundred", 2, 4, |s| s).await;
+    pyvisor::metrics::enable();
+    let (pool, log) = pool("hundred", 2, 4, |s| s.name("hundred")).await;
     let calls: Vec<_> = (0..100)
         .map(|_| {
             let pool = pool.clone();
@@ -68,6 +69,17 @@ async fn a_hundred_concurrent_calls_with_one_key_run_the_function_once() {
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(runs(&log, "twice"), 0);
+    // The key's metric, in the Prometheus output too.
+    let m = pyvisor::metrics::snapshot();
+    let count = |how: &str| m.value("pyvisor.call.idempotency", &["hundred", "record_slowly", how]).unwrap_or(0);
+    // (A caller scheduled only after the 0.3 s execution ended is a hit, not coalesced.)
+    assert_eq!((count("miss"), count("coalesced") + count("hit")), (1, 100));
+    assert!(count("coalesced") > 0 && count("hit") > 0);
+    let text = m.to_prometheus();
+    assert!(
+        text.contains("pyvisor_call_idempotency_total{pyvisor_pool=\"hundred\",rpc_method=\"record_slowly\",pyvisor_idempotency=\"miss\"} 1"),
+        "{text}"
+    );
     // Without a key, it runs every time.
     for _ in 0..2 {
         let _: String = pool.call("record", &"plain").await.expect("a plain call");
