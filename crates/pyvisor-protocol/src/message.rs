@@ -402,6 +402,10 @@ pub fn encode_call_head(h: &CallHeader<'_>, payload_len: usize) -> Vec<u8> {
     buf
 }
 
+/// Bytes a `call_options` frame may have beyond the `call` frame of the same call (its options
+/// map): with [`call_overhead`], an upper bound to check the frame limit against.
+pub const CALL_OPTIONS_EXTRA: usize = 16;
+
 /// Encode the head of a `call_options` frame (`[9, id, attempt, function, deadline_ms,
 /// traceparent, tracestate, {options}, payload]`): like [`encode_call_head`], the payload
 /// follows. Send it only to a worker whose `hello` announced `call_options`.
@@ -417,7 +421,7 @@ pub fn encode_call_head(h: &CallHeader<'_>, payload_len: usize) -> Vec<u8> {
 /// assert_eq!(a[7].as_map().unwrap()[0].1.as_bool(), Some(true));
 /// ```
 pub fn encode_call_options_head(h: &CallHeader<'_>, options: WireCallOptions, payload_len: usize) -> Vec<u8> {
-    let mut buf = begin(call_overhead(h) + 16);
+    let mut buf = begin(call_overhead(h) + CALL_OPTIONS_EXTRA);
     write_fields(&mut buf, msg_type::CALL_OPTIONS, 9, h);
     let r = rmp::encode::write_map_len(&mut buf, 1);
     debug_assert!(r.is_ok());
@@ -892,6 +896,7 @@ mod tests {
         assert_eq!(opts.len(), 1);
         assert_eq!((opts[0].0.as_str(), opts[0].1.as_bool()), (Some("ack_start"), Some(true)));
         assert_eq!(a[8].as_str(), Some("p"));
+        assert!(f.len() <= encode_call(&h, &payload).len() + CALL_OPTIONS_EXTRA);
         // The same fields as `call`, the options map inserted before the payload.
         let plain = encode_call(&h, &payload);
         let p: rmpv::Value = rmp_serde::from_slice(body_of(&plain)).unwrap();

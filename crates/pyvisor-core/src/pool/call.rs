@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyvisor_protocol::{call_overhead, encode_call_head, encode_call_options_head, CallHeader, RemoteErrorKind, WireCallOptions};
+use pyvisor_protocol::{
+    call_overhead, encode_call_head, encode_call_options_head, CallHeader, RemoteErrorKind, WireCallOptions,
+    CALL_OPTIONS_EXTRA,
+};
 use tokio::time::Instant;
 
 use super::options::CallOptions;
@@ -96,7 +99,9 @@ fn admit<'a>(
         traceparent: opts.traceparent_str(),
         tracestate: opts.tracestate_str(),
     };
-    let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + payload.len();
+    // A keyed call may go as `call_options`, a few bytes longer.
+    let options = if call.keyed { CALL_OPTIONS_EXTRA } else { 0 };
+    let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + options + payload.len();
     if size > spec.max_frame {
         return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
     }
