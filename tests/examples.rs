@@ -65,6 +65,11 @@ fn quickstart_runs_and_exits_cleanly() {
 }
 
 #[test]
+fn idempotency_runs_and_exits_cleanly() {
+    run_example("idempotency", "idempotency example done");
+}
+
+#[test]
 fn supervision_tree_runs_and_exits_cleanly() {
     run_example("supervision_tree", "tree shut down");
 }

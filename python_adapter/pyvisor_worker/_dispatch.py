@@ -5,7 +5,8 @@ Owns :meth:`Dispatcher.dispatch_frames`: it splits the bytes the reader received
 :class:`~._state.Call`, registered in the shared state and handed to its function's executor
 through the route table (built once, at start, from ``_executors.make_executors``: the only
 place where execution kinds are told apart), or answered at once (unknown function, shutting
-down). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
+down). A ``call_options`` is a ``call`` with an options map (``ack_start``: send ``started``
+right before the function runs; unknown keys are ignored). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
 ``shutdown`` goes to the control thread. Every field of these messages is type-checked as
 docs/protocol.md says; a mistyped field, a ``call`` whose id the worker already holds, or
 anything else is a protocol error (the call never runs).
@@ -19,10 +20,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 from ._exits import protocol_error
-from ._framing import HEADER, MSG_CALL, MSG_CANCEL, MSG_PING, MSG_PONG, MSG_SHUTDOWN, unpack_body
+from ._framing import (
+    HEADER,
+    MSG_CALL,
+    MSG_CALL_OPTIONS,
+    MSG_CANCEL,
+    MSG_PING,
+    MSG_PONG,
+    MSG_SHUTDOWN,
+    unpack_body,
+)
 from ._registry import FunctionSpec
 from ._replies import Pack, cancelled_frame, refused_frame, unknown_function_frame
-from ._state import Call, WorkerState
+from ._state import AckedCall, Call, WorkerState
 
 if TYPE_CHECKING:
     from ._control import Control
@@ -84,44 +94,55 @@ class Dispatcher:
                 protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
             if msg[0] == MSG_CALL and len(msg) == 8:
                 kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
-                # Every field as docs/protocol.md types it. A decoded integer always fits in
-                # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
-                # int`` also rules out bool (True == 1) and floats (a ``kind`` of 1.0).
-                if (
-                    type(call_id) is not int
-                    or call_id < 0
-                    or type(attempt) is not int
-                    or attempt < 1
-                    or attempt > 0xFFFFFFFF
-                    or type(name) is not str
-                    or (
-                        deadline_ms is not None
-                        and (type(deadline_ms) is not int or deadline_ms < 0)
-                    )
-                    or (traceparent is not None and type(traceparent) is not str)
-                    or (tracestate is not None and type(tracestate) is not str)
-                    or type(kind) is not int
-                ):
-                    protocol_error(f"malformed call: {msg[:7]!r:.300}")
-                if call_id in calls:
-                    protocol_error(f"duplicate call id {call_id}: the worker already holds it")
-                route = routes.get(name)
-                if route is None:
-                    out.append(
-                        unknown_function_frame(call_id, attempt, name, self._names, pack, max_frame)
-                    )
-                    continue
-                spec, submit, _ = route
-                call = Call(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
-                calls[call_id] = call
-                # Checked after the call is registered (see WorkerState).
-                if not state.accepting:
-                    del calls[call_id]
-                    out.append(refused_frame(call_id, attempt, pack, max_frame))
-                    continue
-                submit(call)
+                make = Call
+            elif msg[0] == MSG_CALL_OPTIONS and len(msg) == 9:
+                (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, options,
+                 payload) = msg
+                if type(options) is not dict:
+                    protocol_error(f"malformed call_options: options {options!r:.200}")
+                ack_start = options.get("ack_start", False)
+                if type(ack_start) is not bool:
+                    protocol_error(f"malformed call_options: ack_start {ack_start!r:.100}")
+                make = AckedCall if ack_start else Call
             else:
                 self._control_message(msg, out, pack)
+                continue
+            # Every field as docs/protocol.md types it. A decoded integer always fits in
+            # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
+            # int`` also rules out bool (True == 1) and floats (a ``kind`` of 1.0).
+            if (
+                type(call_id) is not int
+                or call_id < 0
+                or type(attempt) is not int
+                or attempt < 1
+                or attempt > 0xFFFFFFFF
+                or type(name) is not str
+                or (
+                    deadline_ms is not None
+                    and (type(deadline_ms) is not int or deadline_ms < 0)
+                )
+                or (traceparent is not None and type(traceparent) is not str)
+                or (tracestate is not None and type(tracestate) is not str)
+                or type(kind) is not int
+            ):
+                protocol_error(f"malformed call: {msg[:7]!r:.300}")
+            if call_id in calls:
+                protocol_error(f"duplicate call id {call_id}: the worker already holds it")
+            route = routes.get(name)
+            if route is None:
+                out.append(
+                    unknown_function_frame(call_id, attempt, name, self._names, pack, max_frame)
+                )
+                continue
+            spec, submit, _ = route
+            call = make(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
+            calls[call_id] = call
+            # Checked after the call is registered (see WorkerState).
+            if not state.accepting:
+                del calls[call_id]
+                out.append(refused_frame(call_id, attempt, pack, max_frame))
+                continue
+            submit(call)
         return start, need
 
     def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
@@ -154,5 +175,7 @@ class Dispatcher:
             self._control.begin_shutdown(grace, requested=True)
         elif kind == MSG_CALL:
             protocol_error(f"a call has {len(msg)} elements instead of 8")
+        elif kind == MSG_CALL_OPTIONS:
+            protocol_error(f"a call_options has {len(msg)} elements instead of 9")
         else:
             protocol_error(f"unexpected message: {msg!r:.200}")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, NoReturn, Op
 from . import _otel
 from ._config import EXIT_INTERNAL
 from ._exits import exit_status, guarded, hard_exit, parent_gone, say
-from ._framing import HEADER, MSG_REPLY, new_packer
+from ._framing import HEADER, MSG_REPLY, MSG_STARTED, new_packer
 from ._registry import (
     ASYNC,
     CALL_CTX_ONLY,
@@ -108,10 +108,19 @@ class Runner:
         self._tracing = tracing
         self._writer = writer
 
+    def ack_start(self, call: Call, pack: Pack) -> None:
+        """Right before a call whose options asked for it runs its function: write ``started``
+        (after anything staged, through the locked writer), so that once the parent has read
+        a dead worker's socket to its end it knows whether the function had started."""
+        body = pack([MSG_STARTED, call._call_id, call._attempt])
+        self._writer.write(_HEADER_PACK(len(body)) + body)
+
     def execute(self, call: Call, pack: Pack) -> bytes:
         """Run a plain function (inline or on its pool); returns the reply frame."""
         if call._cancelled:
             return cancelled_frame(call, pack, self._max_frame)
+        if call._ack_start:
+            self.ack_start(call, pack)
         spec = call._spec
         call._phase = RUNNING
         call._started = _time()
@@ -371,6 +380,8 @@ class AsyncExecutor(Executor):
             data = cancelled_frame(call, pack, self._max_frame)
         else:
             runner = self._runner
+            if call._ack_start:
+                runner.ack_start(call, pack)
             call._phase = RUNNING
             call._started = _time()
             timing = None if call._traceparent is None else runner.span_begin(call)

@@ -18,6 +18,9 @@ __all__ = [
     "MSG_PING",
     "MSG_PONG",
     "MSG_SHUTDOWN",
+    "MSG_STARTED",
+    "MSG_CALL_OPTIONS",
+    "CAPABILITIES",
     "new_packer",
     "unpack_body",
     "frame",
@@ -36,6 +39,14 @@ MSG_BEAT = 4
 MSG_PING = 5
 MSG_PONG = 6
 MSG_SHUTDOWN = 7
+#: worker → parent: the function of a call whose options had ``ack_start`` is about to run.
+MSG_STARTED = 8
+#: parent → worker: a ``call`` with an options map before the payload.
+MSG_CALL_OPTIONS = 9
+
+#: What ``hello`` announces (``capabilities``): the parent uses messages 8 and 9 only with a
+#: worker that announced them.
+CAPABILITIES = ("call_options", "started")
 
 #: Error kinds of a reply.
 KIND_EXCEPTION = "exception"

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 from ._context import Context
 from ._registry import FunctionSpec
 
-__all__ = ["Call", "WorkerState", "QUEUED", "RUNNING"]
+__all__ = ["Call", "AckedCall", "WorkerState", "QUEUED", "RUNNING"]
 
 #: A call's phase, as the beat's ``in_progress`` reports it.
 QUEUED = "queued"
@@ -28,10 +28,14 @@ class Call(Context):
     """A call the worker holds; it is also the ``ctx`` its function receives.
 
     ``_phase`` and ``_started`` are set by whoever runs it; ``_handle`` is its executor's
-    (a future or an asyncio task), for ``cancel``.
+    (a future or an asyncio task), for ``cancel``. ``_ack_start`` (a class attribute: a plain
+    call pays nothing for it) says whether a ``started`` message goes out right before its
+    function runs: only for an :class:`AckedCall`.
     """
 
     __slots__ = ("_spec", "_payload", "_phase", "_started", "_handle")
+
+    _ack_start = False
 
     def __init__(
         self,
@@ -54,6 +58,15 @@ class Call(Context):
         self._phase = QUEUED
         self._started = _time()
         self._handle: Any = None
+
+
+class AckedCall(Call):
+    """A call that came as ``call_options`` with ``ack_start``: ``started`` is sent right
+    before its function runs."""
+
+    __slots__ = ()
+
+    _ack_start = True
 
 
 class WorkerState:

@@ -37,7 +37,7 @@ from ._control import SIGNALLED, Control
 from ._dispatch import Dispatcher, Route
 from ._executors import Executor, Runner, make_executors
 from ._exits import end_by_sigterm, flush_stdio, guarded, protocol_error, say
-from ._framing import MSG_HELLO, frame, new_packer
+from ._framing import CAPABILITIES, MSG_HELLO, frame, new_packer
 from ._reader import Reader
 from ._registry import CALL_NOTHING, CALL_PAYLOAD, INLINE, FunctionSpec, registered
 from ._replies import Writer
@@ -110,6 +110,7 @@ class Worker:
             "adapter": __version__,
             "python": platform.python_version(),
             "functions": [self._functions[name].describe() for name in self._names],
+            "capabilities": list(CAPABILITIES),
         }
         body = new_packer()([MSG_HELLO, hello])
         if len(body) > self._max_frame:

@@ -35,6 +35,7 @@ from ._framing import (
     HEADER,
     MSG_BEAT,
     MSG_CALL,
+    MSG_CALL_OPTIONS,
     MSG_CANCEL,
     MSG_HELLO,
     MSG_PING,
@@ -220,12 +221,18 @@ class FakeParent:
         deadline_ms: Optional[int] = None,
         traceparent: Optional[str] = None,
         tracestate: Optional[str] = None,
+        options: Optional[Dict[str, Any]] = None,
     ) -> int:
-        """Send a ``call``; returns its id (fresh unless ``call_id`` is given)."""
+        """Send a ``call`` (a ``call_options`` when ``options`` is given, e.g.
+        ``{"ack_start": True}``); returns its id (fresh unless ``call_id`` is given)."""
         if call_id is None:
             call_id = self._next_id
         self._next_id = max(self._next_id, call_id + 1)
-        self.send([MSG_CALL, call_id, attempt, function, deadline_ms, traceparent, tracestate, payload])
+        head = [call_id, attempt, function, deadline_ms, traceparent, tracestate]
+        if options is None:
+            self.send([MSG_CALL, *head, payload])
+        else:
+            self.send([MSG_CALL_OPTIONS, *head, options, payload])
         return call_id
 
     def cancel(self, call_id: int) -> None:

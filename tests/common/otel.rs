@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 /// A call whose first attempt is killed and retried, then an echo call, a call whose function
-/// makes a span of its own, one that raises, and two at once on the one worker (one waits in
-/// the queue). (A killed worker loses the spans its batch exporter had not sent yet, so the
+/// makes a span of its own, one that raises, two at once on the one worker (one waits in
+/// the queue), and a call with an idempotency key made twice (it runs, then it is a hit). (A killed worker loses the spans its batch exporter had not sent yet, so the
 /// spans made in Python come from the survivor, which exits gracefully and flushes.)
 pub async fn workload() {
     let pool = Pool::start(super::spec("faults.py").workers(1).heartbeat_interval(Duration::from_millis(100)))
@@ -30,6 +30,10 @@ pub async fn workload() {
     assert_eq!(e.kind(), "python", "{e}");
     let (a, b) = tokio::join!(pool.call::<_, f64>("nap", &0.2), pool.call::<_, f64>("nap", &0.2));
     assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    for _ in 0..2 {
+        let v: String = pool.call_with("mark", "keyed", CallOptions::new().idempotency_key("k-mark")).await.unwrap();
+        assert_eq!(v, "keyed");
+    }
     pool.shutdown().await; // workers flush their spans on a graceful exit
 }
 
@@ -151,6 +155,18 @@ pub fn check_traces(spans: &[ExportedSpan], resources: bool) {
     assert_eq!(attr(died, "pyvisor.death.cause").as_deref(), Some("exited"));
     assert_eq!(attr(died, "pyvisor.exit.signal").as_deref(), Some("9"));
     assert!(spans.iter().any(|s| s.name == "pyvisor.worker.ready"));
+    // A keyed call: the one that ran (`miss`, with its attempt) and the hit (no attempt).
+    let marks: Vec<&&ExportedSpan> = calls.iter().filter(|s| attr(s, "rpc.method").as_deref() == Some("mark")).collect();
+    assert_eq!(marks.len(), 2, "{:#?}", names(spans));
+    for m in &marks {
+        assert_eq!(attr(m, "pyvisor.idempotency_key").as_deref(), Some("k-mark"));
+    }
+    let how = |m: &ExportedSpan| attr(m, "pyvisor.idempotency");
+    let miss = marks.iter().find(|m| how(m).as_deref() == Some("miss")).unwrap_or_else(|| panic!("no miss: {marks:#?}"));
+    let hit = marks.iter().find(|m| how(m).as_deref() == Some("hit")).unwrap_or_else(|| panic!("no hit: {marks:#?}"));
+    assert_eq!(children(miss, "pyvisor.attempt").len(), 1);
+    assert!(children(hit, "pyvisor.attempt").is_empty());
+    assert_eq!(attr(hit, "pyvisor.outcome").as_deref(), Some("ok"));
     // ractor's own actor spans stay out.
     assert!(!spans.iter().any(|s| s.name == "Actor"));
 }

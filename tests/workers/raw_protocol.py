@@ -8,6 +8,10 @@ RAW_MODE selects the misbehaviour:
 - ``stall_prefix``: on a call whose payload is ``"stall"``, send a length prefix announcing ``PYVISOR_MAX_FRAME``
   bytes and a few bytes of body, then nothing more (no beat can follow inside a frame).
 - ``flood``: beat as fast as the socket takes it, and answer calls meanwhile.
+- ``started_then_exit``: announce the ``call_options`` and ``started`` capabilities; on a
+  ``call_options`` asking for ``ack_start``, write ``RAW_BEATS`` beats and the ``started`` in
+  one write, append the payload to ``RAW_LOG`` (the call "ran") and exit at once: the
+  acknowledgement is still unread in the socket when the process is gone.
 """
 
 import os
@@ -26,7 +30,7 @@ sock = socket.socket(fileno=config.fd)
 interval = config.beat_interval_ms / 1000
 mode = os.environ.get("RAW_MODE", "")
 lock = threading.Lock()
-if mode == "batch_then_exit":
+if mode in ("batch_then_exit", "started_then_exit"):
     # Room in the socket for the whole answer, so that the process can be gone while every
     # byte of it still waits to be read (SO_SNDBUFFORCE needs privileges; SO_SNDBUF is capped).
     for opt in (32, socket.SO_SNDBUF):
@@ -73,6 +77,7 @@ def hello(functions):
         "adapter": "raw",
         "python": "3",
         "functions": [{"name": f, "idempotent": False, "kind": "inline", "threads": 0} for f in functions],
+        "capabilities": ["call_options", "started"] if mode == "started_then_exit" else [],
     }])
 
 
@@ -95,6 +100,20 @@ while True:
     if msg[0] == 5:  # ping
         send([6, msg[1], {"seq": 0, "rss": 1 << 20, "in_progress": [], "served": 0}])
         continue
+    if mode == "started_then_exit" and msg[0] == 9 and msg[7].get("ack_start"):
+        frames = []
+        for seq in range(int(os.environ.get("RAW_BEATS", "10000"))):
+            body = msgpack.packb([4, {"seq": seq, "rss": 1 << 20, "in_progress": [], "served": 0}])
+            frames.append(struct.pack(">I", len(body)) + body)
+        body = msgpack.packb([8, msg[1], msg[2]])
+        frames.append(struct.pack(">I", len(body)) + body)
+        with lock:
+            sock.sendall(b"".join(frames))
+        # The acknowledgement is written: the call "runs" (as the adapter orders them).
+        fd = os.open(os.environ["RAW_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f"{msg[8]}\n".encode())
+        os.close(fd)
+        os._exit(0)
     if msg[0] != 1:
         continue
     call_id, attempt, function, payload = msg[1], msg[2], msg[3], msg[7]

@@ -27,8 +27,9 @@ impl std::fmt::Display for PythonError {
     }
 }
 
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a call failed. Cheap to clone (what is large is shared): the callers coalesced into one
+/// keyed execution each get a clone of its outcome.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     /// No worker exposes a function of that name.
@@ -108,7 +109,7 @@ pub enum CallError {
         max_queue: usize,
     },
     /// The worker running the call died; the certificate says how.
-    #[error("the worker running `{function}` crashed (attempt {attempts}): {certificate}")]
+    #[error("the worker running `{function}` crashed (attempt {attempts}{}): {certificate}", if *.started { "" } else { "; the function had not started" })]
     WorkerCrashed {
         /// The function called.
         function: String,
@@ -116,6 +117,12 @@ pub enum CallError {
         attempts: u32,
         /// How the (last) worker died.
         certificate: Arc<DeathCertificate>,
+        /// Whether the function started, or may have started, on some attempt. `false` only
+        /// when the parent knows that it never ran: a call with an idempotency key, on
+        /// workers that acknowledge the start of a call, whose dead workers' sockets were read
+        /// to their end without an acknowledgement. Every other crash says `true` ("may have
+        /// run"); see docs/idempotency.md.
+        started: bool,
     },
     /// The worker that held this affinity key's state is gone (crashed, recycled, or removed
     /// with its pool): state kept in it (an open connection, a loaded document) must be rebuilt.
@@ -149,6 +156,17 @@ pub enum CallError {
         function: String,
         /// The worker's message.
         message: String,
+    },
+    /// The idempotency key is held by a call to another function, or with another payload:
+    /// one key names one execution (docs/idempotency.md).
+    #[error("idempotency key `{key}` belongs to a call to `{held_by}` {}; one key names one execution", if held_by == function { "with another payload".to_string() } else { format!("(this call is to `{function}`)") })]
+    IdempotencyKeyConflict {
+        /// The key.
+        key: String,
+        /// The function this call asked for.
+        function: String,
+        /// The function of the call that holds the key (the same name: another payload).
+        held_by: String,
     },
     /// The pool has been shut down.
     #[error("pool `{pool}` is shut down")]
@@ -184,6 +202,7 @@ impl CallError {
             CallError::AffinityLost { .. } => "affinity_lost",
             CallError::PoisonRequest { .. } => "poison_request",
             CallError::Worker { .. } => "worker",
+            CallError::IdempotencyKeyConflict { .. } => "idempotency_key_conflict",
             CallError::ShutDown { .. } => "shut_down",
             CallError::PoolFailed { .. } => "pool_failed",
         }
@@ -226,6 +245,8 @@ impl CallError {
     /// - `false`: everything that may have run or will fail the same way again:
     ///   [`AffinityLost`](CallError::AffinityLost) (the key's state must be rebuilt first; a
     ///   call in flight at the death may have run);
+    ///   [`IdempotencyKeyConflict`](CallError::IdempotencyKeyConflict) (the same call conflicts
+    ///   again);
     ///   [`WorkerCrashed`](CallError::WorkerCrashed) always — the crash barrier has already
     ///   retried an idempotent call (up to `max_retries`) and refused to repeat a
     ///   non-idempotent one, and middleware must not overrule it; `Timeout` with `sent: true`
@@ -252,6 +273,7 @@ impl CallError {
             CallError::Timeout { sent, .. } => !sent,
             CallError::WorkerCrashed { .. }
             | CallError::AffinityLost { .. }
+            | CallError::IdempotencyKeyConflict { .. }
             | CallError::PoisonRequest { .. }
             | CallError::Python { .. }
             | CallError::Deserialize { .. }
@@ -372,6 +394,7 @@ mod tests {
         vec![
             (CallError::UnknownFunction { function: f(), available: vec!["g".into()] }, false),
             (CallError::AffinityLost { key: "k".into(), reason: super::AffinityLostReason::Crashed(Arc::clone(&cert)) }, false),
+            (CallError::IdempotencyKeyConflict { key: "k".into(), function: f(), held_by: f() }, false),
             (
                 CallError::Python {
                     function: f(),
@@ -389,8 +412,8 @@ mod tests {
             (CallError::Overloaded { pool: "p".into(), max_queue: 1 }, true),
             // Non-idempotent (failed at once) or idempotent with retries spent: the same error,
             // and never for middleware to repeat.
-            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert) }, false),
-            (CallError::WorkerCrashed { function: f(), attempts: 3, certificate: Arc::clone(&cert) }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert), started: true }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 3, certificate: Arc::clone(&cert), started: false }, false),
             (
                 CallError::PoisonRequest {
                     function: f(),
@@ -426,6 +449,6 @@ mod tests {
     fn every_variant_is_covered() {
         let kinds: HashSet<&str> = every_variant().iter().map(|(e, _)| e.kind()).collect();
         // `kind` is an exhaustive match: a new variant gets a new kind, and must be added above.
-        assert_eq!(kinds.len(), 15, "{kinds:?}");
+        assert_eq!(kinds.len(), 16, "{kinds:?}");
     }
 }

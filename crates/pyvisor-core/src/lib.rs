@@ -67,7 +67,7 @@ pub use shared::{KEPT_CERTIFICATES, STATUS_CERTIFICATES};
 pub use os::markers::{program_id, reap_orphans, run_id, set_child_subreaper};
 pub use python::{find_executable, Interpreter};
 pub use router::PoolFailure;
-pub use spec::{PoolSpec, RecyclePolicy, Target, MAX_DURATION, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
+pub use spec::{IdempotencyPolicy, PoolSpec, RecyclePolicy, Target, MAX_DURATION, WORKER_MALLOC_MMAP_THRESHOLD, WORKER_MALLOC_TOP_PAD};
 pub use status::{PoolStatus, WorkerState, WorkerStatus};
 
 /// The wire protocol crate, re-exported.

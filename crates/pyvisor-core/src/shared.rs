@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use pyvisor_protocol::FunctionInfo;
 
+use crate::barrier::idempotency::Idempotency;
 use crate::barrier::quarantine::{Quarantine, Quarantined, QUARANTINE_CAP};
 use crate::death::{DeathCertificate, WorkerId};
 use crate::dispatch::affinity::AffinityTable;
@@ -41,6 +42,8 @@ pub(crate) struct PoolShared {
     members: RwLock<Vec<Arc<WorkerSlot>>>,
     /// Affinity keys' bindings (only keyed calls take this lock).
     pub(crate) affinity: Mutex<AffinityTable>,
+    /// Calls with an idempotency key: executions in flight, kept outcomes.
+    pub(crate) idempotency: Idempotency,
 }
 
 /// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
@@ -109,6 +112,7 @@ impl SharedQuarantine {
 
 impl PoolShared {
     pub(crate) fn new(spec: PoolSpec, python: PathBuf) -> Self {
+        let idempotency = Idempotency::new(spec.idempotency);
         PoolShared {
             name: Arc::from(spec.name.as_str()),
             affinity: Mutex::new(AffinityTable::new(spec.affinity_max_keys, spec.affinity_idle)),
@@ -124,6 +128,7 @@ impl PoolShared {
             stats: PoolStats::default(),
             deaths: Mutex::new(VecDeque::new()),
             members: RwLock::new(Vec::new()),
+            idempotency,
         }
     }
 

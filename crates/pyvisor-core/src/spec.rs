@@ -102,6 +102,39 @@ pub struct PoolSpec {
     pub(crate) confine: Confinement,
     pub(crate) affinity_max_keys: usize,
     pub(crate) affinity_idle: Duration,
+    pub(crate) idempotency: IdempotencyPolicy,
+}
+
+/// How long, and how many, outcomes of calls with an idempotency key
+/// ([`crate::CallOptions::idempotency_key`]) a pool keeps (see docs/idempotency.md).
+///
+/// An outcome is kept for `ttl` after its execution ended; beyond `max_entries` outcomes or
+/// `max_bytes` (the value's bytes, or the error's texts and certificates, plus 128 bytes per
+/// entry and the key), the oldest go first. An outcome larger than `max_bytes` alone is not
+/// kept. A bound of 0 keeps nothing (calls with one key are still coalesced while one runs).
+///
+/// ```
+/// use std::time::Duration;
+/// use pyvisor_core::{IdempotencyPolicy, PoolSpec};
+/// let p = IdempotencyPolicy { ttl: Duration::from_secs(60), ..IdempotencyPolicy::default() };
+/// assert_eq!(p.max_entries, 10_000);
+/// let spec = PoolSpec::script("w.py").idempotency(p);
+/// # let _ = spec;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyPolicy {
+    /// How long an outcome is kept after its execution ended. Default 10 min.
+    pub ttl: Duration,
+    /// Outcomes kept at most. Default 10 000.
+    pub max_entries: usize,
+    /// Bytes kept at most. Default 64 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for IdempotencyPolicy {
+    fn default() -> Self {
+        IdempotencyPolicy { ttl: Duration::from_secs(600), max_entries: 10_000, max_bytes: 64 << 20 }
+    }
 }
 
 /// When workers are replaced although healthy: age, requests served, memory.
@@ -261,6 +294,7 @@ impl PoolSpec {
             harakiri_grace: Some(Duration::from_secs(5)),
             recycle: RecyclePolicy::default(),
             confine: Confinement::default(),
+            idempotency: IdempotencyPolicy::default(),
         }
     }
 
@@ -427,6 +461,12 @@ impl PoolSpec {
         self.affinity_idle = idle;
         self
     }
+    /// How long, and how many, outcomes of keyed calls are kept. Default
+    /// [`IdempotencyPolicy::default`] (10 min, 10 000 outcomes, 64 MiB).
+    pub fn idempotency(mut self, policy: IdempotencyPolicy) -> Self {
+        self.idempotency = policy;
+        self
+    }
     /// Kill a worker whose call overran its deadline by more than this (`None`: never).
     /// Default 5 s.
     #[must_use]
@@ -516,6 +556,7 @@ impl PoolSpec {
             confine,
             affinity_max_keys,
             affinity_idle,
+            idempotency,
         } = self;
         *name == other.name
             && *target == other.target
@@ -546,6 +587,7 @@ impl PoolSpec {
             && *confine == other.confine
             && *affinity_max_keys == other.affinity_max_keys
             && *affinity_idle == other.affinity_idle
+            && *idempotency == other.idempotency
     }
 
     /// Number of workers this spec starts.
@@ -571,7 +613,8 @@ impl PoolSpec {
         let r = &self.recycle;
         let b = &self.start_backoff;
         let hung = self.heartbeat_interval.checked_mul(self.heartbeat_max_missed).unwrap_or(Duration::MAX);
-        let fields: [(&str, Option<Duration>); 15] = [
+        let fields: [(&str, Option<Duration>); 16] = [
+            ("idempotency ttl", Some(self.idempotency.ttl)),
             ("queue_timeout", Some(self.queue_timeout)),
             ("call_timeout", self.call_timeout),
             ("start_timeout", Some(self.start_timeout)),

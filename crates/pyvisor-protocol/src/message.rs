@@ -24,6 +24,71 @@ pub mod msg_type {
     pub const PONG: u8 = 6;
     /// parent → worker.
     pub const SHUTDOWN: u8 = 7;
+    /// worker → parent, capability `started`: the function of a call that asked for it is
+    /// about to run.
+    pub const STARTED: u8 = 8;
+    /// parent → worker, capability `call_options`: a `call` with an options map.
+    pub const CALL_OPTIONS: u8 = 9;
+}
+
+/// The capabilities a worker may announce in `hello` (`capabilities`, an array of str): new
+/// messages and options used only with workers that announce them, without a protocol version
+/// change. Names this version does not know are ignored.
+pub mod capability {
+    /// The worker understands `call_options` (message 9).
+    pub const CALL_OPTIONS: &str = "call_options";
+    /// The worker sends `started` (message 8) for calls whose options ask for it (`ack_start`).
+    pub const STARTED: &str = "started";
+}
+
+/// The set of capabilities a worker announced that this version knows, as bits (cheap to keep
+/// in an atomic and test on the call path).
+///
+/// ```
+/// use pyvisor_protocol::Capabilities;
+/// let caps = Capabilities::from_names(["started", "call_options", "teleport"]);
+/// assert!(caps.acks_start());
+/// assert!(!Capabilities::NONE.acks_start());
+/// assert_eq!(Capabilities::from_bits(caps.bits()), caps);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities(u8);
+
+impl Capabilities {
+    /// A worker that announced none (or no `capabilities` key).
+    pub const NONE: Capabilities = Capabilities(0);
+    const CALL_OPTIONS: u8 = 1;
+    const STARTED: u8 = 2;
+
+    /// The known capabilities among `names` (unknown names are ignored).
+    pub fn from_names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
+        let mut bits = 0;
+        for n in names {
+            match n.as_ref() {
+                capability::CALL_OPTIONS => bits |= Self::CALL_OPTIONS,
+                capability::STARTED => bits |= Self::STARTED,
+                _ => {}
+            }
+        }
+        Capabilities(bits)
+    }
+    /// The set as bits (for an atomic).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+    /// The set from [`Capabilities::bits`].
+    pub fn from_bits(bits: u8) -> Self {
+        Capabilities(bits & (Self::CALL_OPTIONS | Self::STARTED))
+    }
+    /// The worker takes `call_options`.
+    pub fn call_options(self) -> bool {
+        self.0 & Self::CALL_OPTIONS != 0
+    }
+    /// The worker takes `call_options` and acknowledges the start of calls that ask for it:
+    /// whether such a call started is known after its worker died.
+    pub fn acks_start(self) -> bool {
+        self.0 & (Self::CALL_OPTIONS | Self::STARTED) == Self::CALL_OPTIONS | Self::STARTED
+    }
 }
 
 /// How a worker runs an exposed function.
@@ -75,6 +140,16 @@ pub struct Hello {
     /// Exposed functions, `health` included.
     #[serde(default)]
     pub functions: Vec<FunctionInfo>,
+    /// Capabilities the worker announced (names; see [`capability`]). Absent: none.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+impl Hello {
+    /// The announced capabilities this version knows.
+    pub fn capability_set(&self) -> Capabilities {
+        Capabilities::from_names(&self.capabilities)
+    }
 }
 
 /// Where a call held by the worker is.
@@ -204,6 +279,14 @@ pub enum WorkerMessage {
     Reply(Reply),
     /// A heartbeat.
     Beat(Beat),
+    /// The function of call `id`, attempt `attempt`, is about to run (sent only for calls
+    /// whose options asked for it).
+    Started {
+        /// Call id.
+        id: u64,
+        /// Attempt number.
+        attempt: u32,
+    },
     /// The answer to a `ping`.
     Pong {
         /// The ping's nonce.
@@ -250,6 +333,21 @@ pub struct CallHeader<'a> {
     pub traceparent: Option<&'a str>,
     /// W3C tracestate.
     pub tracestate: Option<&'a str>,
+}
+
+/// The options map of a `call_options` message. Receivers ignore keys they do not know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WireCallOptions {
+    /// Ask the worker for a `started` message right before the function runs.
+    pub ack_start: bool,
+}
+
+impl WireCallOptions {
+    /// Options asking for the start acknowledgement.
+    pub fn ack_start() -> Self {
+        WireCallOptions { ack_start: true }
+    }
 }
 
 // Writing MessagePack into a Vec cannot fail; these wrappers keep that in one place.
@@ -304,9 +402,44 @@ pub fn encode_call_head(h: &CallHeader<'_>, payload_len: usize) -> Vec<u8> {
     buf
 }
 
+/// Bytes a `call_options` frame may have beyond the `call` frame of the same call (its options
+/// map): with [`call_overhead`], an upper bound to check the frame limit against.
+pub const CALL_OPTIONS_EXTRA: usize = 16;
+
+/// Encode the head of a `call_options` frame (`[9, id, attempt, function, deadline_ms,
+/// traceparent, tracestate, {options}, payload]`): like [`encode_call_head`], the payload
+/// follows. Send it only to a worker whose `hello` announced `call_options`.
+///
+/// ```
+/// use pyvisor_protocol::{encode_call_options_head, CallHeader, WireCallOptions};
+/// let h = CallHeader { id: 1, attempt: 1, function: "f", deadline_ms: None, traceparent: None, tracestate: None };
+/// let mut frame = encode_call_options_head(&h, WireCallOptions::ack_start(), 1);
+/// frame.push(0xc0); // the payload: nil
+/// let v: rmpv::Value = rmp_serde::from_slice(&frame[4..]).unwrap();
+/// let a = v.as_array().unwrap();
+/// assert_eq!((a.len(), a[0].as_u64()), (9, Some(9)));
+/// assert_eq!(a[7].as_map().unwrap()[0].1.as_bool(), Some(true));
+/// ```
+pub fn encode_call_options_head(h: &CallHeader<'_>, options: WireCallOptions, payload_len: usize) -> Vec<u8> {
+    let mut buf = begin(call_overhead(h) + CALL_OPTIONS_EXTRA);
+    write_fields(&mut buf, msg_type::CALL_OPTIONS, 9, h);
+    let r = rmp::encode::write_map_len(&mut buf, 1);
+    debug_assert!(r.is_ok());
+    put_str(&mut buf, "ack_start");
+    let r = rmp::encode::write_bool(&mut buf, options.ack_start);
+    debug_assert!(r.is_ok());
+    let len = (buf.len() - LENGTH_PREFIX + payload_len) as u32;
+    buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
 fn write_call_fields(buf: &mut Vec<u8>, h: &CallHeader<'_>) {
-    put_array_len(buf, 8);
-    put_uint(buf, u64::from(msg_type::CALL));
+    write_fields(buf, msg_type::CALL, 8, h);
+}
+
+fn write_fields(buf: &mut Vec<u8>, ty: u8, elements: u32, h: &CallHeader<'_>) {
+    put_array_len(buf, elements);
+    put_uint(buf, u64::from(ty));
     put_uint(buf, h.id);
     put_uint(buf, u64::from(h.attempt));
     put_str(buf, h.function);
@@ -545,6 +678,19 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
             };
             Ok(WorkerMessage::Reply(Reply { id, attempt, span, outcome }))
         }
+        t if t == u64::from(msg_type::STARTED) => {
+            if len != 3 {
+                return Err(malformed(format!("started has {len} elements, expected 3")));
+            }
+            let id = read_u64(&mut rd, "started", "id")?;
+            let attempt = read_u64(&mut rd, "started", "attempt")?;
+            let attempt = u32::try_from(attempt).map_err(|e| ProtocolError::BadField {
+                message: "started",
+                field: "attempt",
+                detail: e.to_string(),
+            })?;
+            Ok(WorkerMessage::Started { id, attempt })
+        }
         t if t == u64::from(msg_type::BEAT) => {
             Ok(WorkerMessage::Beat(read_map(&mut rd, "beat", "body")?))
         }
@@ -731,6 +877,74 @@ mod tests {
         // Exactly as many bytes as declared is fine (unknown keys are ignored).
         let ok = [0xdc, 0x00, 0x02, 0xc0, 0xc0];
         assert!(matches!(decode_worker_message(beat_with(&ok).into()), Ok(WorkerMessage::Beat(_))));
+    }
+
+    #[test]
+    fn call_options_frame_is_call_plus_options_before_the_payload() {
+        let payload = rmp_serde::to_vec(&"p").unwrap();
+        let h = CallHeader { id: 5, attempt: 2, function: "f", deadline_ms: Some(9), traceparent: None, tracestate: Some("ts") };
+        let mut f = encode_call_options_head(&h, WireCallOptions::ack_start(), payload.len());
+        f.extend_from_slice(&payload);
+        let v: rmpv::Value = rmp_serde::from_slice(body_of(&f)).unwrap();
+        let a = v.as_array().unwrap();
+        assert_eq!(a.len(), 9);
+        assert_eq!(a[0].as_u64(), Some(9));
+        assert_eq!((a[1].as_u64(), a[2].as_u64(), a[3].as_str(), a[4].as_u64()), (Some(5), Some(2), Some("f"), Some(9)));
+        assert!(a[5].is_nil());
+        assert_eq!(a[6].as_str(), Some("ts"));
+        let opts = a[7].as_map().unwrap();
+        assert_eq!(opts.len(), 1);
+        assert_eq!((opts[0].0.as_str(), opts[0].1.as_bool()), (Some("ack_start"), Some(true)));
+        assert_eq!(a[8].as_str(), Some("p"));
+        assert!(f.len() <= encode_call(&h, &payload).len() + CALL_OPTIONS_EXTRA);
+        // The same fields as `call`, the options map inserted before the payload.
+        let plain = encode_call(&h, &payload);
+        let p: rmpv::Value = rmp_serde::from_slice(body_of(&plain)).unwrap();
+        assert_eq!(&p.as_array().unwrap()[1..7], &a[1..7]);
+    }
+
+    #[test]
+    fn decodes_started_and_checks_its_fields() {
+        let body = rmp_serde::to_vec(&(8u8, 7u64, 3u32)).unwrap();
+        assert_eq!(decode_worker_message(body.into()).unwrap(), WorkerMessage::Started { id: 7, attempt: 3 });
+        for bad in [
+            rmp_serde::to_vec(&(8u8, 7u64)).unwrap(),
+            rmp_serde::to_vec(&(8u8, 7u64, 3u32, 1u8)).unwrap(),
+            rmp_serde::to_vec(&(8u8, "7", 3u32)).unwrap(),
+            rmp_serde::to_vec(&(8u8, 7u64, true)).unwrap(),
+            rmp_serde::to_vec(&(8u8, -1i64, 3u32)).unwrap(),
+            rmp_serde::to_vec(&(8u8, 7u64, u64::from(u32::MAX) + 1)).unwrap(),
+        ] {
+            assert!(decode_worker_message(bad.into()).is_err());
+        }
+    }
+
+    #[test]
+    fn hello_capabilities_default_to_none_and_unknown_ones_are_ignored() {
+        let hello = |caps: Option<rmpv::Value>| {
+            let mut m = vec![("protocol".into(), 2.into()), ("pid".into(), 1.into())];
+            if let Some(c) = caps {
+                m.push(("capabilities".into(), c));
+            }
+            let body = rmp_serde::to_vec(&rmpv::Value::Array(vec![0.into(), rmpv::Value::Map(m)])).unwrap();
+            decode_worker_message(body.into())
+        };
+        match hello(None).unwrap() {
+            WorkerMessage::Hello(h) => assert_eq!(h.capability_set(), Capabilities::NONE),
+            other => panic!("{other:?}"),
+        }
+        let caps = rmpv::Value::Array(vec!["call_options".into(), "started".into(), "stream".into()]);
+        match hello(Some(caps)).unwrap() {
+            WorkerMessage::Hello(h) => assert!(h.capability_set().acks_start()),
+            other => panic!("{other:?}"),
+        }
+        // Only `started` without `call_options` cannot be asked for acknowledgements.
+        match hello(Some(rmpv::Value::Array(vec!["started".into()]))).unwrap() {
+            WorkerMessage::Hello(h) => assert!(!h.capability_set().acks_start()),
+            other => panic!("{other:?}"),
+        }
+        assert!(hello(Some(rmpv::Value::Array(vec![1.into()]))).is_err());
+        assert!(hello(Some("started".into())).is_err());
     }
 
     #[test]

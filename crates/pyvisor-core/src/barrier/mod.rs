@@ -8,11 +8,15 @@
 //!   a given call;
 //! - [`start_failures`]: the pool's restart intensity (start failures in a sliding window);
 //! - [`retry`]: one call's barrier: fail, retry (alone when suspect), poison, or give up;
-//! - [`quarantine`]: fingerprints of poison requests, refused until their window ends.
+//! - [`quarantine`]: fingerprints of poison requests, refused until their window ends;
+//! - [`idempotency`]: calls with an idempotency key — one execution per key in flight, its
+//!   outcome kept (TTL, count and byte bounds). The one module here that is shared state
+//!   itself (concurrent maps), since every caller of a key must meet in it.
 //!
 //! The taint window and the choice of a worker for a retry are dispatch's (`dispatch::pick`).
 
 pub(crate) mod classify;
+pub(crate) mod idempotency;
 pub(crate) mod quarantine;
 pub(crate) mod retry;
 pub(crate) mod start_failures;

@@ -83,6 +83,19 @@ impl CallBarrier {
         self.suspect
     }
 
+    /// The worker running attempt [`Self::attempt`] died with `cert` before the function
+    /// started (its worker acknowledges starts and the dead worker's socket was read to the
+    /// end without one): the call did not run, so it is retried whatever its idempotency, and
+    /// the crash is no evidence against it. The attempt still counts toward `max_retries`.
+    pub(crate) fn on_crash_not_started(&mut self, cert: Arc<DeathCertificate>) -> CrashVerdict {
+        self.certificates.push(cert);
+        if self.attempt > self.policy.max_retries {
+            return CrashVerdict::Exhausted;
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        CrashVerdict::Retry { alone: self.suspect }
+    }
+
     /// The worker running attempt [`Self::attempt`] of call `call_id` died with `cert`.
     pub(crate) fn on_crash(&mut self, call_id: u64, cert: Arc<DeathCertificate>) -> CrashVerdict {
         let evidence = classify::implicates(&cert, call_id);
@@ -153,6 +166,24 @@ mod tests {
         assert_eq!(b.on_crash(ME, signal(libc::SIGKILL, &[(ME, false)])), CrashVerdict::Fail);
         assert_eq!(b.attempt(), 1);
         assert_eq!(b.certificates().len(), 1);
+    }
+
+    #[test]
+    fn a_crash_before_the_start_is_retried_even_when_not_idempotent() {
+        let mut b = CallBarrier::new(RetryPolicy { max_retries: 2, poison_threshold: 1 }, false);
+        // Evidence against it (alone, by a fault signal) does not count: it never ran.
+        let fault = || signal(libc::SIGSEGV, &[(ME, true)]);
+        assert_eq!(b.on_crash_not_started(fault()), CrashVerdict::Retry { alone: false });
+        assert_eq!(b.on_crash_not_started(fault()), CrashVerdict::Retry { alone: false });
+        assert_eq!(b.attempt(), 3);
+        assert!(!b.is_suspect());
+        // Still bounded by max_retries.
+        assert_eq!(b.on_crash_not_started(fault()), CrashVerdict::Exhausted);
+        assert_eq!(b.certificates().len(), 3);
+        // A crash after the start of a non-idempotent call fails as before.
+        let mut b = CallBarrier::new(RetryPolicy { max_retries: 2, poison_threshold: 2 }, false);
+        assert_eq!(b.on_crash_not_started(fault()), CrashVerdict::Retry { alone: false });
+        assert_eq!(b.on_crash(ME, fault()), CrashVerdict::Fail);
     }
 
     #[test]

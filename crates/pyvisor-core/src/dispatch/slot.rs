@@ -9,6 +9,11 @@
 //! - a worker *held* for a call (a suspect retried alone) takes no other call until that call
 //!   is answered or given back; every path that ends the call clears the hold.
 //!
+//! - a call that asked its worker to acknowledge its start (a keyed call on a worker that
+//!   announced `started`) records the acknowledgement; when the worker dies, the call's crash
+//!   says it started only if the acknowledgement was read, and that it did not start only if
+//!   the dead worker's socket was read to its end without one (else: unknown).
+//!
 //! It does not choose slots ([`super::pick`]) nor make callers wait ([`super::queue`]); it
 //! rings the [`CapacityBell`] when capacity frees so that waiters are served.
 
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::os::pidfd::Pidfd;
-use pyvisor_protocol::{encode_cancel, Beat, RemoteError, SpanTiming};
+use pyvisor_protocol::{encode_cancel, Beat, Capabilities, RemoteError, SpanTiming};
 use tokio::sync::oneshot;
 
 use crate::death::{CallInFlight, DeathCertificate, WorkerId};
@@ -71,6 +76,20 @@ pub(crate) enum Failure {
 pub(crate) struct Outcome {
     pub(crate) result: Result<Bytes, Failure>,
     pub(crate) span: Option<SpanTiming>,
+    /// For a crash: whether the function had started, when known (see [`StartAck`]); `None`
+    /// for replies and whenever it is not known.
+    pub(crate) started: Option<bool>,
+}
+
+/// Whether a call's start was acknowledged by its worker (`started`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartAck {
+    /// The call did not ask for one (plain `call`): whether it started is never known.
+    NotAsked,
+    /// Asked for, not (yet) seen.
+    Awaiting,
+    /// The worker said the function is about to run.
+    Started,
 }
 
 struct Pending {
@@ -80,6 +99,7 @@ struct Pending {
     deadline: Option<Instant>,
     trace_id: Option<String>,
     alone: bool,
+    start: StartAck,
     /// `None` once the caller gave up (abandoned): kept until the worker answers, because it
     /// still holds capacity and may still be running (harakiri, certificates).
     tx: Option<oneshot::Sender<Outcome>>,
@@ -132,6 +152,8 @@ pub(crate) struct WorkerSlot {
     last_pong: AtomicU64,
     /// It has been ready (sent `hello`) at some point.
     became_ready: AtomicBool,
+    /// What the worker's `hello` announced ([`Capabilities::bits`]).
+    capabilities: AtomicU8,
     bell: Arc<CapacityBell>,
     /// How the table closed, once it has (for session affinity: why a key's worker is gone).
     ended: tokio::sync::watch::Sender<Option<SlotEnd>>,
@@ -165,6 +187,7 @@ impl WorkerSlot {
             held_by: AtomicU64::new(0),
             last_pong: AtomicU64::new(0),
             became_ready: AtomicBool::new(false),
+            capabilities: AtomicU8::new(0),
             bell,
             ended: tokio::sync::watch::channel(None).0,
         }
@@ -197,6 +220,14 @@ impl WorkerSlot {
         if s == WorkerState::Ready {
             self.became_ready.store(true, Ordering::Release);
         }
+    }
+    /// Record the capabilities the worker's `hello` announced (before it becomes ready).
+    pub(crate) fn set_capabilities(&self, c: Capabilities) {
+        self.capabilities.store(c.bits(), Ordering::Release);
+    }
+    /// The capabilities the worker's `hello` announced (none before `hello`).
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        Capabilities::from_bits(self.capabilities.load(Ordering::Acquire))
     }
     /// Whether the worker has been ready (sent `hello`) at some point.
     pub(crate) fn became_ready(&self) -> bool {
@@ -346,10 +377,31 @@ impl WorkerSlot {
                 deadline,
                 trace_id,
                 alone,
+                start: StartAck::NotAsked,
                 tx: Some(tx),
             },
         );
         Ok(rx)
+    }
+
+    /// Attempt `attempt` of call `id` (registered, not yet written) asks its worker for a
+    /// `started` acknowledgement.
+    pub(crate) fn expect_start(&self, id: u64, attempt: u32) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(p) = t.calls.get_mut(&id).filter(|p| p.attempt == attempt) {
+                p.start = StartAck::Awaiting;
+            }
+        }
+    }
+
+    /// The worker acknowledged the start of attempt `attempt` of call `id` (an unknown or
+    /// older one is ignored, like a late reply).
+    pub(crate) fn mark_started(&self, id: u64, attempt: u32) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(p) = t.calls.get_mut(&id).filter(|p| p.attempt == attempt && p.start == StartAck::Awaiting) {
+                p.start = StartAck::Started;
+            }
+        }
     }
 
     /// Complete a call with a worker's reply. Returns false for a reply nobody held a place for
@@ -435,8 +487,15 @@ impl WorkerSlot {
     }
 
     /// Stop taking calls and end every pending call with `failure`, giving back their capacity
-    /// and any hold. Returns how many callers were told.
+    /// and any hold. Returns how many callers were told. Whether an unacknowledged call
+    /// started is unknown (see [`Self::close_and_fail_read`]).
     pub(crate) fn close_and_fail(&self, failure: Failure) -> usize {
+        self.close_and_fail_read(failure, false)
+    }
+
+    /// [`Self::close_and_fail`] for a dead worker; `read_to_end`: its socket was read to EOF,
+    /// so a call that asked for a start acknowledgement and got none did not start.
+    pub(crate) fn close_and_fail_read(&self, failure: Failure, read_to_end: bool) -> usize {
         let drained: Vec<Pending> = match self.table.lock() {
             Ok(mut t) => {
                 t.open = false;
@@ -456,7 +515,12 @@ impl WorkerSlot {
         for p in drained {
             if let Some(tx) = p.tx {
                 told += 1;
-                let _ = tx.send(Outcome { result: Err(failure.clone()), span: None });
+                let started = match p.start {
+                    StartAck::NotAsked => None,
+                    StartAck::Started => Some(true),
+                    StartAck::Awaiting => read_to_end.then_some(false),
+                };
+                let _ = tx.send(Outcome { result: Err(failure.clone()), span: None, started });
             }
         }
         told

@@ -66,6 +66,13 @@ impl CallTrace {
         self.cx.span().set_attribute(KeyValue::new("pyvisor.idempotent", idempotent));
     }
 
+    /// The call's idempotency key and how it found it (`hit`, `miss`, `coalesced`).
+    pub(crate) fn idempotency(&self, key: &str, lookup: &'static str) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("pyvisor.idempotency_key", key.to_string()));
+        span.set_attribute(KeyValue::new("pyvisor.idempotency", lookup));
+    }
+
     /// A span for a wait in the queue; it ends when dropped.
     pub(crate) fn queue_wait(&self, attempt: u32) -> SdkSpan {
         self.tracer

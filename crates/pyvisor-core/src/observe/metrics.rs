@@ -1,5 +1,6 @@
 //! Metrics through OpenTelemetry: calls by outcome, call latency, retries, queue depth, calls in
-//! flight, workers by state, restarts, recycles and crashes by cause, worker memory.
+//! flight, workers by state, restarts, recycles and crashes by cause, worker memory, keyed calls
+//! by hit, miss or coalesced.
 //!
 //! Instruments are created once, when telemetry starts exporting; until then every recording
 //! is one relaxed atomic load (nothing is built). Gauges are observed from the live pools.
@@ -13,8 +14,8 @@ use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::KeyValue;
 
 use super::prometheus::{
-    self as plain, gauge, MetricDef, CALLS, CALL_DURATION_BUCKETS, CRASHES, DURATION, IN_FLIGHT, MEMORY, QUEUE, RECYCLES, RESTARTS,
-    RETRIES, WORKERS,
+    self as plain, gauge, MetricDef, CALLS, CALL_DURATION_BUCKETS, CRASHES, DURATION, IDEMPOTENCY, IN_FLIGHT, MEMORY, QUEUE, RECYCLES,
+    RESTARTS, RETRIES, WORKERS,
 };
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -29,6 +30,7 @@ struct Instruments {
     restarts: Counter<u64>,
     recycles: Counter<u64>,
     crashes: Counter<u64>,
+    idempotency: Counter<u64>,
 }
 
 fn observable(meter: &opentelemetry::metrics::Meter, def: MetricDef) -> opentelemetry::metrics::ObservableGauge<u64> {
@@ -66,6 +68,7 @@ pub(crate) fn enable() {
         restarts: counter(&meter, RESTARTS),
         recycles: counter(&meter, RECYCLES),
         crashes: counter(&meter, CRASHES),
+        idempotency: counter(&meter, IDEMPOTENCY),
     });
     let gauges = [QUEUE, IN_FLIGHT, WORKERS, MEMORY].into_iter().map(|d| observable(&meter, d)).collect();
     let _ = GAUGES.set(gauges);
@@ -113,6 +116,21 @@ pub(crate) fn recycle(pool: &str, reason: &str) {
     plain::count(&RECYCLES, &[pool, reason]);
     if let Some(i) = instruments() {
         i.recycles.add(1, &[KeyValue::new("pyvisor.pool", pool.to_string()), KeyValue::new("pyvisor.recycle.reason", reason.to_string())]);
+    }
+}
+
+/// A call with an idempotency key found its key: `hit`, `miss` or `coalesced`.
+pub(crate) fn idempotency(pool: &str, function: &str, lookup: &'static str) {
+    plain::count(&IDEMPOTENCY, &[pool, function, lookup]);
+    if let Some(i) = instruments() {
+        i.idempotency.add(
+            1,
+            &[
+                KeyValue::new("pyvisor.pool", pool.to_string()),
+                KeyValue::new("rpc.method", function.to_string()),
+                KeyValue::new("pyvisor.idempotency", lookup),
+            ],
+        );
     }
 }
 

@@ -164,8 +164,16 @@ pub(crate) const MEMORY: MetricDef = MetricDef {
     attributes: &[POOL, "pyvisor.worker.id"],
 };
 
+pub(crate) const IDEMPOTENCY: MetricDef = MetricDef {
+    name: "pyvisor.call.idempotency",
+    description: "Calls with an idempotency key, by how they found the key: hit (a kept outcome), miss (ran the function), coalesced (joined the execution in flight)",
+    unit: "{call}",
+    kind: MetricKind::Counter,
+    attributes: &[POOL, "rpc.method", "pyvisor.idempotency"],
+};
+
 /// Every metric pyvisor records, in the order a snapshot lists them.
-pub const FAMILIES: [MetricDef; 10] = [CALLS, DURATION, RETRIES, QUEUE, IN_FLIGHT, WORKERS, RESTARTS, RECYCLES, CRASHES, MEMORY];
+pub const FAMILIES: [MetricDef; 11] = [CALLS, DURATION, RETRIES, QUEUE, IN_FLIGHT, WORKERS, RESTARTS, RECYCLES, CRASHES, MEMORY, IDEMPOTENCY];
 
 /// One labelled value of a family.
 #[derive(Debug, Clone, PartialEq)]
@@ -501,6 +509,7 @@ mod tests {
                 "pyvisor_worker_recycles_total",
                 "pyvisor_worker_crashes_total",
                 "pyvisor_worker_memory_bytes",
+                "pyvisor_call_idempotency_total",
             ]
         );
         assert_eq!(sanitize("pyvisor.worker.state", false), "pyvisor_worker_state");

@@ -8,7 +8,9 @@
 //!    (dropping the future abandons the call and sends `cancel`).
 //! 4. *Barrier*: a crash goes to the call's [`CallBarrier`], which says fail, retry (alone for
 //!    a suspect) or poison; a `refused` reply (the worker was going away and did not run the
-//!    call) sends the same attempt to another worker.
+//!    call) sends the same attempt to another worker. A keyed call on a worker that
+//!    acknowledges starts is sent as `call_options` with `ack_start`; if its worker died
+//!    before the function started, it is retried whatever its idempotency.
 //!
 //! A call with an affinity key wants its key's worker (`dispatch::affinity`) instead of any,
 //! and is never sent elsewhere: when that worker is gone (before the call, while it waited, or
@@ -22,7 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyvisor_protocol::{call_overhead, encode_call_head, CallHeader, RemoteErrorKind};
+use pyvisor_protocol::{
+    call_overhead, encode_call_head, encode_call_options_head, CallHeader, RemoteErrorKind, WireCallOptions,
+    CALL_OPTIONS_EXTRA,
+};
 use tokio::time::Instant;
 
 use super::options::CallOptions;
@@ -53,6 +58,8 @@ struct Admitted<'a> {
     deadline: Option<Instant>,
     id: u64,
     idempotent: bool,
+    /// It has an idempotency key: ask workers that can for a start acknowledgement.
+    keyed: bool,
     traceparent: Option<&'a str>,
     tracestate: Option<&'a str>,
 }
@@ -108,10 +115,13 @@ fn admit<'a>(
         deadline,
         id: shared.next_call_id.fetch_add(1, Ordering::Relaxed),
         idempotent: opts.idempotent_override().unwrap_or(exposed_idempotent),
+        keyed: opts.key().is_some(),
         traceparent: opts.traceparent_str(),
         tracestate: opts.tracestate_str(),
     };
-    let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + payload.len();
+    // A keyed call may go as `call_options`, a few bytes longer.
+    let options = if call.keyed { CALL_OPTIONS_EXTRA } else { 0 };
+    let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + options + payload.len();
     if size > spec.max_frame {
         return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
     }
@@ -164,6 +174,8 @@ pub(crate) async fn run(
     let mut barrier = CallBarrier::new(RetryPolicy::from_spec(spec), call.idempotent);
     let mut previous_attempt: Option<AttemptTrace> = None;
     let mut admitted = false;
+    // Whether the function started (or may have) on some attempt, for `WorkerCrashed`.
+    let mut started_any = false;
     let queue_until = {
         let q = call.called + spec.queue_timeout;
         call.deadline.map_or(q, |d| d.min(q))
@@ -219,6 +231,7 @@ pub(crate) async fn run(
                         function: function.to_string(),
                         attempts: attempt - 1,
                         certificate: Arc::clone(last),
+                        started: started_any,
                     });
                 }
                 return Err(CallError::QueueTimeout { function: function.to_string(), waited: call.called.elapsed() });
@@ -240,6 +253,11 @@ pub(crate) async fn run(
         // A worker that stopped taking calls meanwhile: the reservation goes back, pick again.
         let Ok((mut in_flight, rx)) = reservation.register(call.id, attempt, &name, deadline, None) else { continue };
         *attempts = attempt;
+        // Keyed calls only: the plain path neither asks nor looks.
+        let ack_start = call.keyed && slot.capabilities().acks_start();
+        if ack_start {
+            slot.expect_start(call.id, attempt);
+        }
         let mut attempt_trace = trace.map(|t| t.attempt(attempt, &slot.id, slot.pid().unwrap_or(0), previous_attempt.as_ref()));
         let wire = attempt_trace.as_ref().map(|a| crate::observe::tracing_ctx::traceparent(a.context()));
         let (tp, ts) = match &wire {
@@ -249,7 +267,12 @@ pub(crate) async fn run(
         };
         if let Some(w) = slot.writer() {
             // A failed write means the worker is going down; its actor fails this call.
-            let head = encode_call_head(&call.header(attempt, tp, ts), payload.len());
+            let header = call.header(attempt, tp, ts);
+            let head = if ack_start {
+                encode_call_options_head(&header, WireCallOptions::ack_start(), payload.len())
+            } else {
+                encode_call_head(&header, payload.len())
+            };
             let _ = w.send_parts(&head, payload);
         }
         let outcome = match call.deadline {
@@ -281,6 +304,7 @@ pub(crate) async fn run(
                 },
             });
         }
+        let started = outcome.started;
         let certificate = match outcome.result {
             Ok(bytes) => return Ok(bytes),
             // The worker was going away and did not run it: same attempt, another worker —
@@ -308,7 +332,15 @@ pub(crate) async fn run(
             a.crashed(&certificate);
         }
         previous_attempt = attempt_trace;
-        match barrier.on_crash(call.id, Arc::clone(&certificate)) {
+        // Known not to have started (acknowledged starts, socket read to its end): it did not
+        // run, so it may go again whatever its idempotency.
+        let verdict = if started == Some(false) {
+            barrier.on_crash_not_started(Arc::clone(&certificate))
+        } else {
+            started_any = true;
+            barrier.on_crash(call.id, Arc::clone(&certificate))
+        };
+        match verdict {
             CrashVerdict::Retry { .. } => {
                 shared.stats.retried.fetch_add(1, Ordering::Relaxed);
                 crate::observe::metrics::retry(&shared.name, function);
@@ -318,7 +350,12 @@ pub(crate) async fn run(
                 tracing::debug!(pool = %shared.name, function, attempt = barrier.attempt(), suspect = barrier.is_suspect(), "retrying after a crash");
             }
             CrashVerdict::Fail | CrashVerdict::Exhausted => {
-                return Err(CallError::WorkerCrashed { function: function.to_string(), attempts: attempt, certificate })
+                return Err(CallError::WorkerCrashed {
+                    function: function.to_string(),
+                    attempts: attempt,
+                    certificate,
+                    started: started_any,
+                })
             }
             CrashVerdict::Poison => return Err(poisoned(shared, function, payload, trace, attempt, barrier.certificates())),
         }

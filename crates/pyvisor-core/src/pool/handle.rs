@@ -306,20 +306,10 @@ impl Pool {
         opts: &CallOptions,
         attempts: &mut u32,
     ) -> Result<Bytes, CallError> {
-        let shared = &*inner.shared;
-        let started = Instant::now();
-        let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
-        let result = super::call::run(shared, function, known, payload, opts, trace.as_ref(), attempts).await;
-        if let Some(t) = trace {
-            t.finish(result.as_ref().map(|_| ()), *attempts);
+        if let Some(key) = opts.key() {
+            return super::keyed::call(&inner.shared, key, function, payload, opts, attempts).await;
         }
-        crate::observe::metrics::call_done(
-            &shared.name,
-            function,
-            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
-            started.elapsed().as_secs_f64(),
-        );
-        result
+        traced_call(&inner.shared, function, known, payload, opts, attempts, None).await
     }
 
     /// The last death certificates of this pool's workers (up to [`crate::KEPT_CERTIFICATES`]),
@@ -376,4 +366,33 @@ pub(super) fn encode<I: Serialize + ?Sized>(function: &str, input: &I) -> Result
 /// Decode the reply of a call to `function`.
 pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &[u8]) -> Result<O, CallError> {
     rmp_serde::from_slice(reply).map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+}
+
+/// One call on `shared`, traced and counted: its call span (with the idempotency key and how
+/// it was found, for a keyed execution), [`super::call::run`], the call metrics.
+pub(crate) async fn traced_call(
+    shared: &PoolShared,
+    function: &str,
+    known: Option<Known<'_>>,
+    payload: &[u8],
+    opts: &CallOptions,
+    attempts: &mut u32,
+    idempotency: Option<(&str, &'static str)>,
+) -> Result<Bytes, CallError> {
+    let started = Instant::now();
+    let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
+    if let (Some(t), Some((key, how))) = (&trace, idempotency) {
+        t.idempotency(key, how);
+    }
+    let result = super::call::run(shared, function, known, payload, opts, trace.as_ref(), attempts).await;
+    if let Some(t) = trace {
+        t.finish(result.as_ref().map(|_| ()), *attempts);
+    }
+    crate::observe::metrics::call_done(
+        &shared.name,
+        function,
+        result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+        started.elapsed().as_secs_f64(),
+    );
+    result
 }

@@ -8,13 +8,16 @@
 //! - [`service`]: tower's `Service` (readiness from the pool's queue) and `Load` (calls in
 //!   flight) for [`Function`] and [`PoolService`] (any function by name), `Load` for [`Pool`];
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
-//!   barrier — with no actor on it.
+//!   barrier — with no actor on it;
+//! - [`keyed`]: the path of a call with an idempotency key — a kept outcome, the execution in
+//!   flight to join, or a new execution (single flight).
 //!
 //! The router actor is asked only for status and shutdown.
 
 pub(crate) mod call;
 pub(crate) mod function;
 pub(crate) mod handle;
+pub(crate) mod keyed;
 pub(crate) mod options;
 pub(crate) mod readiness;
 pub(crate) mod service;

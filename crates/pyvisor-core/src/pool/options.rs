@@ -1,4 +1,5 @@
-//! Per-call options: timeout or deadline, idempotency override, trace context, affinity key.
+//! Per-call options: timeout or deadline, idempotency override, idempotency key, trace context,
+//! affinity key.
 //!
 //! Owns [`CallOptions`] and how they resolve into a call's deadline; nothing else.
 
@@ -24,6 +25,7 @@ pub struct CallOptions {
     traceparent: Option<String>,
     tracestate: Option<String>,
     affinity: Option<Arc<str>>,
+    idempotency_key: Option<Arc<str>>,
 }
 
 impl CallOptions {
@@ -82,6 +84,27 @@ impl CallOptions {
     pub fn affinity_key(&self) -> Option<&str> {
         self.affinity.as_deref()
     }
+    /// Give the call an idempotency key: calls with one key run the function once. Concurrent
+    /// ones are coalesced into one execution and all get its outcome; a later one gets the
+    /// kept outcome (for the pool's [`crate::IdempotencyPolicy`] time) without running
+    /// anything. A crash before the function started is retried even for a non-idempotent
+    /// function; after it started, the call fails with `WorkerCrashed { started: true }` and
+    /// that outcome is kept like a result. The key with another function or payload fails
+    /// with `IdempotencyKeyConflict`. See docs/idempotency.md.
+    ///
+    /// ```
+    /// use pyvisor_core::CallOptions;
+    /// let opts = CallOptions::new().idempotency_key("order-1234/charge");
+    /// assert_eq!(opts.get_idempotency_key(), Some("order-1234/charge"));
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(Arc::from(key.into()));
+        self
+    }
+    /// The idempotency key, if set.
+    pub fn get_idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
     /// Propagate this W3C trace context to the worker.
     #[must_use]
     pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
@@ -102,6 +125,9 @@ impl CallOptions {
             // A timeout too long for the clock is no deadline at all.
             (None, false) => self.timeout.or(pool_timeout).and_then(|t| called.checked_add(t)),
         }
+    }
+    pub(crate) fn key(&self) -> Option<&Arc<str>> {
+        self.idempotency_key.as_ref()
     }
     pub(crate) fn traceparent_str(&self) -> Option<&str> {
         self.traceparent.as_deref()

@@ -88,7 +88,8 @@ pub(crate) struct WorkerActorState {
     exit_rx: Option<watch::Receiver<Option<ExitInfo>>>,
     stderr: Arc<StderrTail>,
     stderr_task: Option<JoinHandle<()>>,
-    reader: Option<JoinHandle<()>>,
+    /// The reader task; it returns whether it read the socket to EOF.
+    reader: Option<JoinHandle<bool>>,
     tasks: Vec<JoinHandle<()>>,
     ready: bool,
     cause: Option<DeathCause>,
@@ -166,17 +167,18 @@ impl WorkerActorState {
         if let Some(f) = self.family.take() {
             f.bury(BURIAL_LIMIT).await;
         }
-        // Replies the worker wrote before it died are still in the socket: let the reader
-        // deliver them (it ends at EOF once every holder of the socket is gone) before the
-        // calls left are failed.
-        drain_reader(&mut self.reader).await;
+        // Replies (and start acknowledgements) the worker wrote before it died are still in the
+        // socket: let the reader deliver them (it ends at EOF once every holder of the socket
+        // is gone) before the calls left are failed. Only a socket read to its end says that a
+        // call without an acknowledgement did not start.
+        let read_to_end = drain_reader(&mut self.reader).await;
         // Let stderr drain so the tail holds the last words (e.g. an import traceback).
         if let Some(t) = self.stderr_task.as_mut() {
             let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
         }
         let cause = self.cause.clone().unwrap_or(DeathCause::Exited);
         let cert = Arc::new(self.certificate(exit, cause));
-        let failed = self.slot.close_and_fail(Failure::Crashed(Arc::clone(&cert)));
+        let failed = self.slot.close_and_fail_read(Failure::Crashed(Arc::clone(&cert)), read_to_end);
         self.finalized = true;
         if let Some(w) = self.slot.writer() {
             w.close();
@@ -382,8 +384,9 @@ fn deliver(
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
             }
-            slot.complete(r.id, r.attempt, Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span });
+            slot.complete(r.id, r.attempt, Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span, started: None });
         }
+        WorkerMessage::Started { id, attempt } => slot.mark_started(id, attempt),
         WorkerMessage::Beat(b) => slot.record_beat(b),
         WorkerMessage::Pong { nonce, beat } => {
             slot.record_beat(beat);
@@ -504,7 +507,9 @@ impl Actor for WorkerActor {
         st.reader = Some(tokio::spawn(async move {
             let mut hellos = 0;
             let end = read_frames(read, max_frame, |m| deliver(&slot, &shared, &actor, &mut hellos, m)).await;
+            let eof = matches!(end, ReadEnd::Eof);
             let _ = actor.cast(WorkerMsg::ConnectionLost(end));
+            eof
         }));
         myself.send_after(spec.start_timeout, || WorkerMsg::StartTimeout);
         st.shared.emit(crate::PoolEvent::WorkerSpawned { worker: st.slot.id, index: st.slot.index, pid });
@@ -542,6 +547,7 @@ impl Actor for WorkerActor {
                 });
                 let period = (spec.heartbeat_interval / 2).clamp(Duration::from_millis(10), Duration::from_millis(500));
                 st.ticker = Some(myself.send_interval(period, || WorkerMsg::Tick));
+                st.slot.set_capabilities(h.capability_set());
                 st.slot.set_state(WorkerState::Ready);
                 (st.report)(WorkerReport::Ready { id: st.slot.id, hello: Box::new(h), startup: st.started.elapsed() });
             }
@@ -660,11 +666,16 @@ async fn shutdown_process(st: &mut WorkerActorState, grace: Duration) {
 
 /// Let the reader deliver what the worker wrote before it exited: it ends at EOF, once every
 /// holder of the socket is gone. Bounded (an escaped process could hold the socket open).
-async fn drain_reader(reader: &mut Option<JoinHandle<()>>) {
-    if let Some(mut r) = reader.take() {
-        if tokio::time::timeout(Duration::from_secs(1), &mut r).await.is_err() {
+/// Returns whether the socket was read to its end (EOF, not a protocol error or the bound).
+async fn drain_reader(reader: &mut Option<JoinHandle<bool>>) -> bool {
+    let Some(mut r) = reader.take() else { return false };
+    match tokio::time::timeout(Duration::from_secs(1), &mut r).await {
+        Ok(Ok(eof)) => eof,
+        Ok(Err(_)) => false,
+        Err(_) => {
             tracing::debug!("the worker's reader did not reach EOF within 1 s");
             r.abort();
+            false
         }
     }
 }

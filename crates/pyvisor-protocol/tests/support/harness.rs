@@ -220,6 +220,7 @@ fn hello_value(h: &Hello) -> Value {
         (s("adapter"), s(&h.adapter)),
         (s("python"), s(&h.python)),
         (s("functions"), Value::Array(functions)),
+        (s("capabilities"), Value::Array(h.capabilities.iter().map(|c| s(c)).collect())),
     ])
 }
 
@@ -255,6 +256,7 @@ pub fn encode_message(m: &WorkerMessage) -> Vec<u8> {
         WorkerMessage::Hello(h) => encode(&Value::Array(vec![0.into(), hello_value(h)])),
         WorkerMessage::Beat(b) => encode(&Value::Array(vec![4.into(), beat_value(b)])),
         WorkerMessage::Pong { nonce, beat } => encode(&Value::Array(vec![6.into(), (*nonce).into(), beat_value(beat)])),
+        WorkerMessage::Started { id, attempt } => encode(&Value::Array(vec![8.into(), (*id).into(), (*attempt).into()])),
         WorkerMessage::Reply(r) => {
             let span = r.span.map_or(Value::Nil, |t| {
                 Value::Array(vec![t.span_id.into(), t.start_unix_ns.into(), t.end_unix_ns.into()])
@@ -312,8 +314,9 @@ fn arb_hello() -> impl Strategy<Value = Hello> {
     let kind = prop_oneof![Just(ExecKind::Inline), Just(ExecKind::Async), Just(ExecKind::Threads), Just(ExecKind::Unknown)];
     let function = ("\\PC{0,10}", any::<bool>(), kind, any::<u32>())
         .prop_map(|(name, idempotent, kind, threads)| FunctionInfo { name, idempotent, kind, threads });
-    (any::<u32>(), any::<u32>(), "\\PC{0,8}", "\\PC{0,8}", vec(function, 0..4)).prop_map(
-        |(protocol, pid, adapter, python, functions)| Hello { protocol, pid, adapter, python, functions },
+    let caps = vec(prop_oneof![Just("call_options".to_string()), Just("started".to_string()), "\\PC{0,6}"], 0..3);
+    (any::<u32>(), any::<u32>(), "\\PC{0,8}", "\\PC{0,8}", vec(function, 0..4), caps).prop_map(
+        |(protocol, pid, adapter, python, functions, capabilities)| Hello { protocol, pid, adapter, python, functions, capabilities },
     )
 }
 
@@ -350,6 +353,7 @@ pub fn arb_message() -> impl Strategy<Value = WorkerMessage> {
         1 => arb_beat().prop_map(WorkerMessage::Beat),
         1 => arb_hello().prop_map(WorkerMessage::Hello),
         1 => (any::<u64>(), arb_beat()).prop_map(|(nonce, beat)| WorkerMessage::Pong { nonce, beat }),
+        1 => (any::<u64>(), any::<u32>()).prop_map(|(id, attempt)| WorkerMessage::Started { id, attempt }),
     ]
 }
 
@@ -543,6 +547,7 @@ fn sample_hello() -> Hello {
         adapter: "0.1.0".into(),
         python: "3.12.1".into(),
         functions: vec![FunctionInfo { name: "health".into(), idempotent: true, kind: ExecKind::Inline, threads: 0 }],
+        capabilities: vec!["call_options".into(), "started".into()],
     }
 }
 
@@ -574,6 +579,7 @@ pub fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("hello", encode_message(&WorkerMessage::Hello(sample_hello()))),
         ("beat", encode_message(&WorkerMessage::Beat(sample_beat()))),
         ("pong", encode_message(&WorkerMessage::Pong { nonce: 5, beat: sample_beat() })),
+        ("started", encode_message(&WorkerMessage::Started { id: u64::MAX, attempt: u32::MAX })),
         ("reply-ok", encode_message(&ok)),
         ("reply-error-traced", encode_message(&traced)),
     ]
