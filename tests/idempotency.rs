@@ -255,3 +255,23 @@ async fn the_start_is_judged_only_after_the_dead_workers_socket_is_read_to_its_e
     assert_eq!(runs(&log, "s1"), 1, "ran once");
     pool.shutdown().await;
 }
+
+/// The outcome is kept before its callers hear it: a caller that got it and calls again with
+/// the key gets a hit, never the execution that is ending (it was "coalesced" into it, seen
+/// once in a telemetry test, before the order was fixed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_got_the_outcome_and_calls_again_gets_a_hit() {
+    pyvisor::metrics::enable();
+    let (pool, log) = pool("again", 1, 4, |s| s.name("again")).await;
+    for i in 0..300 {
+        let k = format!("k-again-{i}");
+        let first: String = pool.call_with("record", &format!("again-{i}"), key(&k)).await.unwrap();
+        let second: String = pool.call_with("record", &format!("again-{i}"), key(&k)).await.unwrap();
+        assert_eq!(first, second);
+    }
+    let m = pyvisor::metrics::snapshot();
+    let count = |how: &str| m.value("pyvisor.call.idempotency", &["again", "record", how]).unwrap_or(0);
+    assert_eq!((count("miss"), count("hit"), count("coalesced")), (300, 300, 0));
+    assert_eq!(std::fs::read_to_string(&log).unwrap_or_default().lines().count(), 300, "each key ran once");
+    pool.shutdown().await;
+}

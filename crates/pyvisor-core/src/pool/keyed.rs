@@ -124,11 +124,11 @@ fn spawn_execution(
         let shared = Arc::clone(&release.shared);
         let outcome =
             super::handle::traced_call(&shared, &function, None, &payload, &opts, &mut attempts, Some((&release.key, "miss"))).await;
-        // Waiters first (the key still in flight: a caller arriving now joins and gets it at
-        // once), then keep it, then free the key.
-        tx.send_replace(Some((outcome.clone(), attempts)));
+        // Kept (and the key freed) before the waiters hear it: a caller that got the outcome
+        // and calls again with the key finds it kept (a hit), never the ending execution.
         shared.idempotency.finish(&release.key, Some(&outcome), std::time::Instant::now());
         release.armed = false;
+        tx.send_replace(Some((outcome, attempts)));
     });
 }
 
