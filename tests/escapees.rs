@@ -90,7 +90,10 @@ async fn program_exit_leaves_nothing(mode: &'static str) {
     // The program has exited; its exit hook ran before it did.
     let gone = common::eventually(Duration::from_secs(10), || common::processes_of_run(&run).is_empty()).await;
     assert!(gone, "{mode}: left behind {:?}", common::processes_of_run(&run));
-    assert!(!common::alive(escaped), "{mode}: the setsid grandchild outlived the program");
+    // A process being killed loses its environment (the marker) a moment before its state
+    // turns zombie: wait for that too.
+    let dead = common::eventually(Duration::from_secs(10), || !common::alive(escaped)).await;
+    assert!(dead, "{mode}: the setsid grandchild outlived the program");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
