@@ -22,7 +22,6 @@ use super::options::CallOptions;
 use crate::death::DeathCertificate;
 use crate::dispatch::Dispatcher;
 use crate::error::{CallError, StartError};
-use crate::observe::call_trace::CallTrace;
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
 use crate::shared::{PoolShared, Resolved};
 use crate::spec::PoolSpec;
@@ -309,7 +308,7 @@ impl Pool {
         if let Some(key) = opts.key() {
             return super::keyed::call(&inner.shared, key, function, payload, opts, attempts).await;
         }
-        traced_call(&inner.shared, function, known, payload, opts, attempts, None).await
+        super::traced::traced_call(&inner.shared, function, known, payload, opts, attempts, None).await
     }
 
     /// The last death certificates of this pool's workers (up to [`crate::KEPT_CERTIFICATES`]),
@@ -368,31 +367,3 @@ pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &[u8]) -> Resul
     rmp_serde::from_slice(reply).map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
 }
 
-/// One call on `shared`, traced and counted: its call span (with the idempotency key and how
-/// it was found, for a keyed execution), [`super::call::run`], the call metrics.
-pub(crate) async fn traced_call(
-    shared: &PoolShared,
-    function: &str,
-    known: Option<Known<'_>>,
-    payload: &[u8],
-    opts: &CallOptions,
-    attempts: &mut u32,
-    idempotency: Option<(&str, &'static str)>,
-) -> Result<Bytes, CallError> {
-    let started = Instant::now();
-    let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
-    if let (Some(t), Some((key, how))) = (&trace, idempotency) {
-        t.idempotency(key, how);
-    }
-    let result = super::call::run(shared, function, known, payload, opts, trace.as_ref(), attempts).await;
-    if let Some(t) = trace {
-        t.finish(result.as_ref().map(|_| ()), *attempts);
-    }
-    crate::observe::metrics::call_done(
-        &shared.name,
-        function,
-        result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
-        started.elapsed().as_secs_f64(),
-    );
-    result
-}

@@ -1,7 +1,7 @@
 //! The path of a call with an idempotency key: return the key's kept outcome, join its
 //! execution in flight, or start that execution.
 //!
-//! An execution runs as its own task (the plain call path, [`super::handle::traced_call`],
+//! An execution runs as its own task (the plain call path, [`super::traced::traced_call`],
 //! under the deadline of the call that started it), so a caller that drops its future or
 //! whose own deadline passes leaves it running for the others: it ends on its own, its outcome
 //! is kept if it ran (or may have), and later callers with the key get it. The callers of one
@@ -123,7 +123,7 @@ fn spawn_execution(
         let mut attempts = 0;
         let shared = Arc::clone(&release.shared);
         let outcome =
-            super::handle::traced_call(&shared, &function, None, &payload, &opts, &mut attempts, Some((&release.key, "miss"))).await;
+            super::traced::traced_call(&shared, &function, None, &payload, &opts, &mut attempts, Some((&release.key, "miss"))).await;
         // Kept (and the key freed) before the waiters hear it: a caller that got the outcome
         // and calls again with the key finds it kept (a hit), never the ending execution.
         shared.idempotency.finish(&release.key, Some(&outcome), std::time::Instant::now());

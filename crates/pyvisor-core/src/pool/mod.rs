@@ -10,7 +10,9 @@
 //! - [`call`]: the path of one call — admit, acquire a worker, attempt, apply the crash
 //!   barrier — with no actor on it;
 //! - [`keyed`]: the path of a call with an idempotency key — a kept outcome, the execution in
-//!   flight to join, or a new execution (single flight).
+//!   flight to join, or a new execution (single flight);
+//! - [`traced`]: one call made and observed (its span and metrics), for the handle and the
+//!   keyed path.
 //!
 //! The router actor is asked only for status and shutdown.
 
@@ -21,6 +23,7 @@ pub(crate) mod keyed;
 pub(crate) mod options;
 pub(crate) mod readiness;
 pub(crate) mod service;
+pub(crate) mod traced;
 
 pub use function::Function;
 pub use handle::Pool;
