@@ -33,6 +33,24 @@ async fn pool(tag: &str, workers: usize, max_in_flight: usize, tweak: impl FnOnc
     (Pool::start(tweak(spec)).await.expect("the pool starts"), log)
 }
 
+type Spawned<T> = tokio::task::JoinHandle<Result<T, CallError>>;
+
+/// A plain call that keeps the worker's one inline executor busy (`block` 5 s), then a keyed
+/// `record` of `token` queued in the worker behind it.
+async fn keyed_behind_a_busy_call(pool: &Pool, token: &'static str, k: &'static str) -> (Spawned<f64>, Spawned<String>) {
+    let busy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call::<_, f64>("block", &5.0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let keyed = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call_with::<_, String>("record", &token, key(k)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (busy, keyed)
+}
+
 fn key(k: &str) -> CallOptions {
     CallOptions::new().idempotency_key(k)
 }
@@ -172,16 +190,7 @@ async fn a_crash_after_the_start_fails_started_and_is_remembered() {
 async fn a_keyed_call_killed_before_it_started_is_retried_and_runs_once() {
     let (pool, log) = pool("queued", 1, 2, |s| s).await;
     // The worker's one inline executor is busy: the keyed call waits in the worker's queue.
-    let busy = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call::<_, f64>("block", &5.0).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let keyed = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call_with::<_, String>("record", &"q1", key("k-q1")).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (busy, keyed) = keyed_behind_a_busy_call(&pool, "q1", "k-q1").await;
     assert_eq!(runs(&log, "q1"), 0, "queued behind the busy call");
     pool.chaos().kill(None).expect("a ready worker to kill");
     match busy.await.expect("no panic") {
@@ -198,16 +207,7 @@ async fn a_keyed_call_killed_before_it_started_is_retried_and_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_without_start_acknowledgements_makes_a_keyed_crash_count_as_started() {
     let (pool, log) = pool("old-adapter", 1, 2, |s| s.env("KEYED_NO_CAPABILITIES", "1")).await;
-    let busy = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call::<_, f64>("block", &5.0).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let keyed = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call_with::<_, String>("record", &"old1", key("k-old1")).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (busy, keyed) = keyed_behind_a_busy_call(&pool, "old1", "k-old1").await;
     pool.chaos().kill(None).expect("a ready worker to kill");
     let _ = busy.await;
     // Whether it started is unknown: it may have run, so it is never retried.

@@ -580,15 +580,7 @@ fn a_freed_unit_reaches_the_waiter_that_can_use_it_not_a_suspect_first_in_line()
 
     // With two workers, the suspect's hold never keeps the ordinary call from the other one.
     let d = Dispatcher::new();
-    let w: Vec<_> = (1..=2)
-        .map(|i| {
-            let s = Arc::new(WorkerSlot::new(WorkerId(i), 0, 2, d.bell()));
-            s.set_state(WorkerState::Ready);
-            d.insert(Arc::clone(&s));
-            s
-        })
-        .collect();
-    let mut busy: Vec<_> = (0..4).map(|_| d.try_now(Want::Any).unwrap().unwrap()).collect();
+    let (w, mut busy) = two_busy_workers(&d);
     let mut suspect = d.enqueue(Want::Alone { call_id: 7 }, false, 10).unwrap();
     let mut ordinary = d.enqueue(Want::Any, true, 10).unwrap();
     let held = w.iter().find(|s| s.held_by() == 7).expect("one worker held").id;
@@ -599,11 +591,8 @@ fn a_freed_unit_reaches_the_waiter_that_can_use_it_not_a_suspect_first_in_line()
     drop(busy);
 }
 
-/// Found by the model test: a suspect that lets go of the worker held for it (it found another
-/// idle one) frees that worker for a call pinned to it earlier in line, in the same pass.
-#[test]
-fn a_hold_let_go_of_reaches_a_call_pinned_to_that_worker() {
-    let d = Dispatcher::new();
+/// Two ready workers of two units each, every unit taken (the reservations returned).
+fn two_busy_workers(d: &Dispatcher) -> (Vec<Arc<WorkerSlot>>, Vec<super::queue::Reservation>) {
     let w: Vec<_> = (1..=2)
         .map(|i| {
             let s = Arc::new(WorkerSlot::new(WorkerId(i), 0, 2, d.bell()));
@@ -612,7 +601,16 @@ fn a_hold_let_go_of_reaches_a_call_pinned_to_that_worker() {
             s
         })
         .collect();
-    let mut busy: Vec<_> = (0..4).map(|_| d.try_now(Want::Any).unwrap().unwrap()).collect();
+    let busy = (0..4).map(|_| d.try_now(Want::Any).unwrap().unwrap()).collect();
+    (w, busy)
+}
+
+/// Found by the model test: a suspect that lets go of the worker held for it (it found another
+/// idle one) frees that worker for a call pinned to it earlier in line, in the same pass.
+#[test]
+fn a_hold_let_go_of_reaches_a_call_pinned_to_that_worker() {
+    let d = Dispatcher::new();
+    let (w, mut busy) = two_busy_workers(&d);
     let mut pinned = d.enqueue(Want::On(WorkerId(1)), true, 10).unwrap();
     let mut suspect = d.enqueue(Want::Alone { call_id: 7 }, false, 10).unwrap();
     assert_eq!(w[0].held_by(), 7, "worker 1 is held for the suspect");
