@@ -26,18 +26,23 @@ fn leftovers(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn run_example(name: &str, expect: &str) {
+/// The built example `name` with the test interpreter, quiet logs, no OTLP export, and its
+/// output piped.
+fn example_command(name: &str) -> Command {
     let path = example(name);
     assert!(path.exists(), "{} not built", path.display());
-    let child = Command::new(&path)
-        .env("PYVISOR_PYTHON", common::python())
+    let mut c = Command::new(&path);
+    c.env("PYVISOR_PYTHON", common::python())
         .env("PYVISOR_LOG", "warn")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+fn run_example(name: &str, expect: &str) {
+    let child = example_command(name).spawn().unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -92,19 +97,9 @@ async fn axum_service_answers_real_http_requests() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
     let guard = std::time::Duration::from_secs(60);
-    let path = example("axum_service");
-    assert!(path.exists(), "{} not built", path.display());
-    let mut child = tokio::process::Command::new(&path)
-        .arg("127.0.0.1:0")
-        .env("PYVISOR_PYTHON", common::python())
-        .env("PYVISOR_LOG", "warn")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut command = example_command("axum_service");
+    command.arg("127.0.0.1:0");
+    let mut child = tokio::process::Command::from(command).kill_on_drop(true).spawn().unwrap();
     let pid = child.id().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let base = tokio::time::timeout(guard, async {

@@ -8,6 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use pyvisor::{DeathCertificate, PoolEvent, PoolSpec, RecycleReason};
 
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use proc_scan::{alive, processes_of_run};
+
 /// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
@@ -30,18 +33,6 @@ pub fn spec(script: &str) -> PoolSpec {
     PoolSpec::script(worker(script)).python(python()).name(script.trim_end_matches(".py"))
 }
 
-/// Whether a process exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state follows the parenthesised command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
 /// Poll `cond` until it holds or `limit` passes (a guard against hangs, not a timing claim).
 pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -54,19 +45,6 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     cond()
 }
 
-/// Live (non-zombie) processes whose environment carries `PYVISOR_RUN_ID=run_id`.
-pub fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let needle = format!("PYVISOR_RUN_ID={run_id}");
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-                .unwrap_or(false)
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
 
 /// Send a signal to a pid.
 pub fn signal(pid: u32, sig: i32) {
@@ -105,5 +83,6 @@ impl Events {
 }
 
 pub mod otel;
+pub mod proc_scan;
 pub mod procs;
 pub mod side_effects;

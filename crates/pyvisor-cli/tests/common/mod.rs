@@ -3,7 +3,12 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod manager;
+#[path = "../../../../tests/common/proc_scan.rs"]
+pub mod proc_scan;
 pub mod run;
+
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use proc_scan::{alive, processes_of_run};
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,24 +39,3 @@ pub fn pyvisor() -> Command {
     c
 }
 
-/// Whether `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
-/// Live processes whose environment carries `PYVISOR_RUN_ID=run_id`.
-pub fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let needle = format!("PYVISOR_RUN_ID={run_id}");
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-                .unwrap_or(false)
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
