@@ -29,6 +29,10 @@ pub mod msg_type {
     pub const STARTED: u8 = 8;
     /// parent → worker, capability `call_options`: a `call` with an options map.
     pub const CALL_OPTIONS: u8 = 9;
+    /// worker → parent, capability `stream`: one item of a stream.
+    pub const ITEM: u8 = 10;
+    /// parent → worker, capability `stream`: more credit for a stream.
+    pub const CREDIT: u8 = 11;
 }
 
 /// The capabilities a worker may announce in `hello` (`capabilities`, an array of str): new
@@ -39,6 +43,8 @@ pub mod capability {
     pub const CALL_OPTIONS: &str = "call_options";
     /// The worker sends `started` (message 8) for calls whose options ask for it (`ack_start`).
     pub const STARTED: &str = "started";
+    /// The worker runs generator functions as streams (`item`, `credit`, the `stream` option).
+    pub const STREAM: &str = "stream";
 }
 
 /// The set of capabilities a worker announced that this version knows, as bits (cheap to keep
@@ -59,6 +65,7 @@ impl Capabilities {
     pub const NONE: Capabilities = Capabilities(0);
     const CALL_OPTIONS: u8 = 1;
     const STARTED: u8 = 2;
+    const STREAM: u8 = 4;
 
     /// The known capabilities among `names` (unknown names are ignored).
     pub fn from_names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
@@ -67,6 +74,7 @@ impl Capabilities {
             match n.as_ref() {
                 capability::CALL_OPTIONS => bits |= Self::CALL_OPTIONS,
                 capability::STARTED => bits |= Self::STARTED,
+                capability::STREAM => bits |= Self::STREAM,
                 _ => {}
             }
         }
@@ -78,7 +86,7 @@ impl Capabilities {
     }
     /// The set from [`Capabilities::bits`].
     pub fn from_bits(bits: u8) -> Self {
-        Capabilities(bits & (Self::CALL_OPTIONS | Self::STARTED))
+        Capabilities(bits & (Self::CALL_OPTIONS | Self::STARTED | Self::STREAM))
     }
     /// The worker takes `call_options`.
     pub fn call_options(self) -> bool {
@@ -88,6 +96,10 @@ impl Capabilities {
     /// whether such a call started is known after its worker died.
     pub fn acks_start(self) -> bool {
         self.0 & (Self::CALL_OPTIONS | Self::STARTED) == Self::CALL_OPTIONS | Self::STARTED
+    }
+    /// The worker takes `call_options` and runs generator functions as streams.
+    pub fn streams(self) -> bool {
+        self.0 & (Self::CALL_OPTIONS | Self::STREAM) == Self::CALL_OPTIONS | Self::STREAM
     }
 }
 
@@ -122,6 +134,9 @@ pub struct FunctionInfo {
     /// Thread pool size for [`ExecKind::Threads`], else 0.
     #[serde(default)]
     pub threads: u32,
+    /// A generator function: called as a stream (`docs/protocol.md`, "Streams").
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// The worker's `hello`: it is ready once this arrives.
@@ -219,6 +234,9 @@ pub enum RemoteErrorKind {
     /// The worker refused the call without running it (it is shutting down): the parent
     /// routes the call to another worker.
     Refused,
+    /// A stream call to a function that is not a generator, or a plain call to one that is;
+    /// the function did not run.
+    StreamMismatch,
     /// A kind this version does not know.
     #[serde(other)]
     Other,
@@ -287,6 +305,17 @@ pub enum WorkerMessage {
         /// Attempt number.
         attempt: u32,
     },
+    /// One item of a stream (capability `stream`).
+    Item {
+        /// The stream's call id.
+        id: u64,
+        /// Attempt number.
+        attempt: u32,
+        /// 0 for the attempt's first item, then +1 per item.
+        seq: u64,
+        /// The encoded value: a zero-copy slice of the frame.
+        value: Bytes,
+    },
     /// The answer to a `ping`.
     Pong {
         /// The ping's nonce.
@@ -341,12 +370,19 @@ pub struct CallHeader<'a> {
 pub struct WireCallOptions {
     /// Ask the worker for a `started` message right before the function runs.
     pub ack_start: bool,
+    /// Run the call as a stream with this initial credit (items); send only to a worker that
+    /// announced `stream`.
+    pub stream: Option<u32>,
 }
 
 impl WireCallOptions {
     /// Options asking for the start acknowledgement.
     pub fn ack_start() -> Self {
-        WireCallOptions { ack_start: true }
+        WireCallOptions { ack_start: true, stream: None }
+    }
+    /// Options of a stream call with `credit` items of initial credit (at least 1).
+    pub fn stream(credit: u32) -> Self {
+        WireCallOptions { ack_start: false, stream: Some(credit.max(1)) }
     }
 }
 
@@ -404,7 +440,7 @@ pub fn encode_call_head(h: &CallHeader<'_>, payload_len: usize) -> Vec<u8> {
 
 /// Bytes a `call_options` frame may have beyond the `call` frame of the same call (its options
 /// map): with [`call_overhead`], an upper bound to check the frame limit against.
-pub const CALL_OPTIONS_EXTRA: usize = 16;
+pub const CALL_OPTIONS_EXTRA: usize = 32;
 
 /// Encode the head of a `call_options` frame (`[9, id, attempt, function, deadline_ms,
 /// traceparent, tracestate, {options}, payload]`): like [`encode_call_head`], the payload
@@ -423,11 +459,15 @@ pub const CALL_OPTIONS_EXTRA: usize = 16;
 pub fn encode_call_options_head(h: &CallHeader<'_>, options: WireCallOptions, payload_len: usize) -> Vec<u8> {
     let mut buf = begin(call_overhead(h) + CALL_OPTIONS_EXTRA);
     write_fields(&mut buf, msg_type::CALL_OPTIONS, 9, h);
-    let r = rmp::encode::write_map_len(&mut buf, 1);
+    let r = rmp::encode::write_map_len(&mut buf, if options.stream.is_some() { 2 } else { 1 });
     debug_assert!(r.is_ok());
     put_str(&mut buf, "ack_start");
     let r = rmp::encode::write_bool(&mut buf, options.ack_start);
     debug_assert!(r.is_ok());
+    if let Some(credit) = options.stream {
+        put_str(&mut buf, "stream");
+        put_uint(&mut buf, u64::from(credit.max(1)));
+    }
     let len = (buf.len() - LENGTH_PREFIX + payload_len) as u32;
     buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
     buf
@@ -456,6 +496,22 @@ pub fn encode_call(h: &CallHeader<'_>, payload: &[u8]) -> Vec<u8> {
     let mut buf = begin(call_overhead(h) + payload.len());
     write_call_fields(&mut buf, h);
     buf.extend_from_slice(payload);
+    finish(buf)
+}
+
+/// Encode a complete `credit` frame: the worker may send `n` more items of stream `id`.
+///
+/// ```
+/// let f = pyvisor_protocol::encode_credit(7, 128);
+/// let v: (u8, u64, u64) = rmp_serde::from_slice(&f[4..]).unwrap();
+/// assert_eq!(v, (11, 7, 128));
+/// ```
+pub fn encode_credit(id: u64, n: u64) -> Vec<u8> {
+    let mut buf = begin(20);
+    put_array_len(&mut buf, 3);
+    put_uint(&mut buf, u64::from(msg_type::CREDIT));
+    put_uint(&mut buf, id);
+    put_uint(&mut buf, n);
     finish(buf)
 }
 
@@ -677,6 +733,24 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
                 Err(read_map::<RemoteError>(&mut rd, "reply", "error")?)
             };
             Ok(WorkerMessage::Reply(Reply { id, attempt, span, outcome }))
+        }
+        t if t == u64::from(msg_type::ITEM) => {
+            if len != 5 {
+                return Err(malformed(format!("item has {len} elements, expected 5")));
+            }
+            let id = read_u64(&mut rd, "item", "id")?;
+            let attempt = read_u64(&mut rd, "item", "attempt")?;
+            let attempt = u32::try_from(attempt).map_err(|e| ProtocolError::BadField {
+                message: "item",
+                field: "attempt",
+                detail: e.to_string(),
+            })?;
+            let seq = read_u64(&mut rd, "item", "seq")?;
+            if rd.is_empty() {
+                return Err(malformed("item has no value"));
+            }
+            let start = total - rd.len();
+            Ok(WorkerMessage::Item { id, attempt, seq, value: body.slice(start..) })
         }
         t if t == u64::from(msg_type::STARTED) => {
             if len != 3 {
@@ -917,6 +991,49 @@ mod tests {
         ] {
             assert!(decode_worker_message(bad.into()).is_err());
         }
+    }
+
+    #[test]
+    fn decodes_items_with_their_value_spliced_and_checks_their_fields() {
+        let value = rmp_serde::to_vec(&("x", 1u8)).unwrap();
+        let mut body = rmp_serde::to_vec(&(10u8, 7u64, 2u32, 41u64)).unwrap();
+        body[0] = 0x95; // five elements: the value follows, already encoded
+        body.extend_from_slice(&value);
+        match decode_worker_message(body.into()).unwrap() {
+            WorkerMessage::Item { id, attempt, seq, value: v } => {
+                assert_eq!((id, attempt, seq), (7, 2, 41));
+                assert_eq!(&v[..], &value[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            rmp_serde::to_vec(&(10u8, 7u64, 2u32, 41u64)).unwrap(),
+            rmp_serde::to_vec(&(10u8, 7u64, 2u32, -1i64, 0u8)).unwrap(),
+            rmp_serde::to_vec(&(10u8, 7u64, u64::from(u32::MAX) + 1, 0u64, 0u8)).unwrap(),
+            rmp_serde::to_vec(&(10u8, "7", 2u32, 0u64, 0u8)).unwrap(),
+        ] {
+            assert!(decode_worker_message(bad.into()).is_err());
+        }
+    }
+
+    #[test]
+    fn stream_call_options_carry_the_credit_within_the_extra_bound() {
+        let h = CallHeader { id: 1, attempt: 1, function: "f", deadline_ms: None, traceparent: None, tracestate: None };
+        let plain = encode_call_head(&h, 0);
+        for opts in [WireCallOptions::stream(u32::MAX), WireCallOptions { ack_start: true, stream: Some(u32::MAX) }] {
+            let mut f = encode_call_options_head(&h, opts, 1);
+            assert!(f.len() - plain.len() <= CALL_OPTIONS_EXTRA, "{} extra bytes", f.len() - plain.len());
+            f.push(0xc0);
+            let v: rmpv::Value = rmp_serde::from_slice(&f[4..]).unwrap();
+            let map = v.as_array().unwrap()[7].as_map().unwrap().clone();
+            let get = |k: &str| map.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v.clone());
+            assert_eq!(get("stream").and_then(|v| v.as_u64()), Some(u64::from(u32::MAX)));
+            assert_eq!(get("ack_start").and_then(|v| v.as_bool()), Some(opts.ack_start));
+        }
+        // A credit of 0 is sent as 1: the worker could never send anything.
+        assert_eq!(WireCallOptions::stream(0).stream, Some(1));
+        assert!(Capabilities::from_names(["call_options", "stream"]).streams());
+        assert!(!Capabilities::from_names(["stream"]).streams());
     }
 
     #[test]

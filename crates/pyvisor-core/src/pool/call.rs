@@ -456,7 +456,7 @@ mod tests {
     use crate::spec::PoolSpec;
 
     fn function(name: &str, idempotent: bool) -> FunctionInfo {
-        FunctionInfo { name: name.into(), idempotent, kind: ExecKind::default(), threads: 0 }
+        FunctionInfo { name: name.into(), idempotent, kind: ExecKind::default(), threads: 0, stream: false }
     }
 
     /// A typed handle's resolution is used while the pool's table is the one it was made

@@ -233,6 +233,7 @@ fn error_kind_name(k: &RemoteErrorKind) -> &'static str {
         RemoteErrorKind::Unserializable => "unserializable",
         RemoteErrorKind::Internal => "internal",
         RemoteErrorKind::Refused => "refused",
+        RemoteErrorKind::StreamMismatch => "stream_mismatch",
         _ => "a-kind-from-the-future",
     }
 }
@@ -257,6 +258,13 @@ pub fn encode_message(m: &WorkerMessage) -> Vec<u8> {
         WorkerMessage::Beat(b) => encode(&Value::Array(vec![4.into(), beat_value(b)])),
         WorkerMessage::Pong { nonce, beat } => encode(&Value::Array(vec![6.into(), (*nonce).into(), beat_value(beat)])),
         WorkerMessage::Started { id, attempt } => encode(&Value::Array(vec![8.into(), (*id).into(), (*attempt).into()])),
+        WorkerMessage::Item { id, attempt, seq, value } => {
+            // The value goes in as the worker's encoder wrote it: spliced, not re-encoded.
+            let mut out = encode(&Value::Array(vec![10.into(), (*id).into(), (*attempt).into(), (*seq).into()]));
+            out[0] = 0x95;
+            out.extend_from_slice(value);
+            out
+        }
         WorkerMessage::Reply(r) => {
             let span = r.span.map_or(Value::Nil, |t| {
                 Value::Array(vec![t.span_id.into(), t.start_unix_ns.into(), t.end_unix_ns.into()])
@@ -313,7 +321,7 @@ fn arb_beat() -> impl Strategy<Value = Beat> {
 fn arb_hello() -> impl Strategy<Value = Hello> {
     let kind = prop_oneof![Just(ExecKind::Inline), Just(ExecKind::Async), Just(ExecKind::Threads), Just(ExecKind::Unknown)];
     let function = ("\\PC{0,10}", any::<bool>(), kind, any::<u32>())
-        .prop_map(|(name, idempotent, kind, threads)| FunctionInfo { name, idempotent, kind, threads });
+        .prop_map(|(name, idempotent, kind, threads)| FunctionInfo { name, idempotent, kind, threads, stream: false });
     let caps = vec(prop_oneof![Just("call_options".to_string()), Just("started".to_string()), "\\PC{0,6}"], 0..3);
     (any::<u32>(), any::<u32>(), "\\PC{0,8}", "\\PC{0,8}", vec(function, 0..4), caps).prop_map(
         |(protocol, pid, adapter, python, functions, capabilities)| Hello { protocol, pid, adapter, python, functions, capabilities },
@@ -354,6 +362,8 @@ pub fn arb_message() -> impl Strategy<Value = WorkerMessage> {
         1 => arb_hello().prop_map(WorkerMessage::Hello),
         1 => (any::<u64>(), arb_beat()).prop_map(|(nonce, beat)| WorkerMessage::Pong { nonce, beat }),
         1 => (any::<u64>(), any::<u32>()).prop_map(|(id, attempt)| WorkerMessage::Started { id, attempt }),
+        1 => (any::<u64>(), any::<u32>(), any::<u64>(), arb_value())
+            .prop_map(|(id, attempt, seq, v)| WorkerMessage::Item { id, attempt, seq, value: bytes::Bytes::from(encode(&v)) }),
     ]
 }
 
@@ -546,7 +556,7 @@ fn sample_hello() -> Hello {
         pid: 42,
         adapter: "0.1.0".into(),
         python: "3.12.1".into(),
-        functions: vec![FunctionInfo { name: "health".into(), idempotent: true, kind: ExecKind::Inline, threads: 0 }],
+        functions: vec![FunctionInfo { name: "health".into(), idempotent: true, kind: ExecKind::Inline, threads: 0, stream: false }],
         capabilities: vec!["call_options".into(), "started".into()],
     }
 }
@@ -580,6 +590,7 @@ pub fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("beat", encode_message(&WorkerMessage::Beat(sample_beat()))),
         ("pong", encode_message(&WorkerMessage::Pong { nonce: 5, beat: sample_beat() })),
         ("started", encode_message(&WorkerMessage::Started { id: u64::MAX, attempt: u32::MAX })),
+        ("item", encode_message(&WorkerMessage::Item { id: u64::MAX, attempt: u32::MAX, seq: u64::MAX, value: bytes::Bytes::from(encode(&s("v"))) })),
         ("reply-ok", encode_message(&ok)),
         ("reply-error-traced", encode_message(&traced)),
     ]
