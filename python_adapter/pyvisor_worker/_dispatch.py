@@ -6,8 +6,12 @@ Owns :meth:`Dispatcher.dispatch_frames`: it splits the bytes the reader received
 through the route table (built once, at start, from ``_executors.make_executors``: the only
 place where execution kinds are told apart), or answered at once (unknown function, shutting
 down). A ``call_options`` is a ``call`` with an options map (``ack_start``: send ``started``
-right before the function runs; unknown keys are ignored). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
-``shutdown`` goes to the control thread. Every field of these messages is type-checked as
+right before the function runs; ``stream: W``: a stream call with initial credit ``W``, a
+:class:`~._streams.StreamCall`; unknown keys are ignored). A stream call to a function that is
+not a generator function, or a plain call to one that is, is answered ``stream_mismatch`` at
+once and never runs. ``cancel`` goes to the call's executor (and wakes a stream waiting for
+credit), ``credit`` to its stream (ignored for a call the worker does not hold), ``ping`` is
+answered with a ``pong``, ``shutdown`` goes to the control thread. Every field of these messages is type-checked as
 docs/protocol.md says; a mistyped field, a ``call`` whose id the worker already holds, or
 anything else is a protocol error (the call never runs).
 
@@ -17,6 +21,7 @@ read the socket, manage the read buffer, run functions or decide when the worker
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 from ._exits import protocol_error
@@ -25,14 +30,22 @@ from ._framing import (
     MSG_CALL,
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
+    MSG_CREDIT,
     MSG_PING,
     MSG_PONG,
     MSG_SHUTDOWN,
     unpack_body,
 )
 from ._registry import FunctionSpec
-from ._replies import Pack, cancelled_frame, refused_frame, unknown_function_frame
+from ._replies import (
+    Pack,
+    cancelled_frame,
+    refused_frame,
+    stream_mismatch_frame,
+    unknown_function_frame,
+)
 from ._state import AckedCall, Call, WorkerState
+from ._streams import AckedStreamCall, StreamCall
 
 if TYPE_CHECKING:
     from ._control import Control
@@ -44,6 +57,9 @@ __all__ = ["Dispatcher", "Route"]
 Route = Tuple[FunctionSpec, Callable[[Call], object], "Executor"]
 
 _unpack_from = HEADER.unpack_from
+
+#: The largest initial credit (``stream`` option) a stream call may ask for.
+MAX_WINDOW = 0xFFFFFFFF
 
 
 class Dispatcher:
@@ -94,7 +110,8 @@ class Dispatcher:
                 protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
             if msg[0] == MSG_CALL and len(msg) == 8:
                 kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
-                make = Call
+                make: Callable[..., Call] = Call
+                stream = False
             elif msg[0] == MSG_CALL_OPTIONS and len(msg) == 9:
                 (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, options,
                  payload) = msg
@@ -103,7 +120,17 @@ class Dispatcher:
                 ack_start = options.get("ack_start", False)
                 if type(ack_start) is not bool:
                     protocol_error(f"malformed call_options: ack_start {ack_start!r:.100}")
-                make = AckedCall if ack_start else Call
+                window = options.get("stream")
+                if window is None:
+                    make = AckedCall if ack_start else Call
+                    stream = False
+                else:
+                    if type(window) is not int or window < 1 or window > MAX_WINDOW:
+                        protocol_error(f"malformed call_options: stream {window!r:.100}")
+                    make = functools.partial(
+                        AckedStreamCall if ack_start else StreamCall, window=window
+                    )
+                    stream = True
             else:
                 self._control_message(msg, out, pack)
                 continue
@@ -135,6 +162,11 @@ class Dispatcher:
                 )
                 continue
             spec, submit, _ = route
+            if spec.stream is not stream:
+                out.append(
+                    stream_mismatch_frame(call_id, attempt, name, spec.stream, pack, max_frame)
+                )
+                continue
             call = make(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
             calls[call_id] = call
             # Checked after the call is registered (see WorkerState).
@@ -149,7 +181,15 @@ class Dispatcher:
         kind = msg[0]
         if type(kind) is not int:
             protocol_error(f"unexpected message: {msg!r:.200}")
-        if kind == MSG_CANCEL and len(msg) >= 2:
+        if kind == MSG_CREDIT and len(msg) >= 3:
+            call_id = msg[1]
+            n = msg[2]
+            if type(call_id) is not int or call_id < 0 or type(n) is not int or n < 1:
+                protocol_error(f"malformed credit: {msg!r:.200}")
+            call = self._calls.get(call_id)
+            if call is not None and call._stream:
+                call.grant(n)  # type: ignore[attr-defined]
+        elif kind == MSG_CANCEL and len(msg) >= 2:
             call_id = msg[1]
             if type(call_id) is not int or call_id < 0:
                 protocol_error(f"malformed cancel: {msg!r:.200}")
@@ -159,6 +199,8 @@ class Dispatcher:
                 if self._routes[call._spec.name][2].cancel(call):
                     out.append(cancelled_frame(call, pack, self._max_frame))
                     self._calls.pop(call._call_id, None)
+                elif call._stream:
+                    call.interrupt()  # type: ignore[attr-defined]
         elif kind == MSG_PING and len(msg) >= 2:
             nonce = msg[1]
             if type(nonce) is not int or nonce < 0:
@@ -177,5 +219,7 @@ class Dispatcher:
             protocol_error(f"a call has {len(msg)} elements instead of 8")
         elif kind == MSG_CALL_OPTIONS:
             protocol_error(f"a call_options has {len(msg)} elements instead of 9")
+        elif kind == MSG_CREDIT:
+            protocol_error(f"a credit has {len(msg)} elements instead of 3")
         else:
             protocol_error(f"unexpected message: {msg!r:.200}")

@@ -49,7 +49,13 @@ def test_expose_with_arguments() -> None:
 
     assert whatever(5) == 5
     spec = registered()["api_named"]
-    assert spec.describe() == {"name": "api_named", "idempotent": True, "kind": "threads", "threads": 3}
+    assert spec.describe() == {
+        "name": "api_named",
+        "idempotent": True,
+        "kind": "threads",
+        "threads": 3,
+        "stream": False,
+    }
 
 
 def test_async_function_kind() -> None:

@@ -319,7 +319,7 @@ def test_module_launch(write_script: Callable[..., Path], tmp_path: Path) -> Non
         "my_worker_mod.py",
     )
     with FakeParent.spawn(module="my_worker_mod", cwd=tmp_path) as parent:
-        assert {"name": "where", "idempotent": True, "kind": "inline", "threads": 0} in parent.hello[
+        assert {"name": "where", "idempotent": True, "kind": "inline", "threads": 0, "stream": False} in parent.hello[
             "functions"
         ]
         assert parent.invoke("where") == "__main__"
