@@ -21,7 +21,6 @@ read the socket, manage the read buffer, run functions or decide when the worker
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 from ._exits import protocol_error
@@ -71,7 +70,11 @@ class Dispatcher:
         control: Control,
         max_frame: int,
     ) -> None:
-        self._routes = routes
+        #: Plain functions' routes (the main loop's table) and stream functions' routes.
+        self._routes = {name: r for name, r in routes.items() if not r[0].stream}
+        self._stream_routes = {name: r for name, r in routes.items() if r[0].stream}
+        #: Every route (cancel).
+        self._all_routes = dict(routes)
         self._names = list(names)
         self._state = state
         self._calls = state.calls
@@ -110,8 +113,7 @@ class Dispatcher:
                 protocol_error(f"a message is not a non-empty array: {msg!r:.200}")
             if msg[0] == MSG_CALL and len(msg) == 8:
                 kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, payload = msg
-                make: Callable[..., Call] = Call
-                stream = False
+                make = Call
             elif msg[0] == MSG_CALL_OPTIONS and len(msg) == 9:
                 (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, options,
                  payload) = msg
@@ -121,16 +123,10 @@ class Dispatcher:
                 if type(ack_start) is not bool:
                     protocol_error(f"malformed call_options: ack_start {ack_start!r:.100}")
                 window = options.get("stream")
-                if window is None:
-                    make = AckedCall if ack_start else Call
-                    stream = False
-                else:
-                    if type(window) is not int or window < 1 or window > MAX_WINDOW:
-                        protocol_error(f"malformed call_options: stream {window!r:.100}")
-                    make = functools.partial(
-                        AckedStreamCall if ack_start else StreamCall, window=window
-                    )
-                    stream = True
+                if window is not None:
+                    self._stream_call(msg, window, ack_start, out, pack)
+                    continue
+                make = AckedCall if ack_start else Call
             else:
                 self._control_message(msg, out, pack)
                 continue
@@ -155,18 +151,11 @@ class Dispatcher:
                 protocol_error(f"malformed call: {msg[:7]!r:.300}")
             if call_id in calls:
                 protocol_error(f"duplicate call id {call_id}: the worker already holds it")
-            route = routes.get(name)
+            route = routes.get(name)  # (stream functions are not in this table)
             if route is None:
-                out.append(
-                    unknown_function_frame(call_id, attempt, name, self._names, pack, max_frame)
-                )
+                out.append(self._no_route(call_id, attempt, name, pack))
                 continue
             spec, submit, _ = route
-            if spec.stream is not stream:
-                out.append(
-                    stream_mismatch_frame(call_id, attempt, name, spec.stream, pack, max_frame)
-                )
-                continue
             call = make(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
             calls[call_id] = call
             # Checked after the call is registered (see WorkerState).
@@ -176,6 +165,63 @@ class Dispatcher:
                 continue
             submit(call)
         return start, need
+
+    def _no_route(self, call_id: int, attempt: int, name: str, pack: Pack) -> bytes:
+        """The reply to a plain call (or ``call_options`` without ``stream``) to a function
+        that has no plain route: a stream function (``stream_mismatch``), or none at all."""
+        if name in self._stream_routes:
+            return stream_mismatch_frame(call_id, attempt, name, True, pack, self._max_frame)
+        return unknown_function_frame(call_id, attempt, name, self._names, pack, self._max_frame)
+
+    def _stream_call(
+        self, msg: List[Any], window: Any, ack_start: bool, out: List[bytes], pack: Pack
+    ) -> None:
+        """A ``call_options`` whose options have ``stream``: the main loop's checks and
+        registration, for a :class:`~._streams.StreamCall` (kept out of the loop, so that
+        plain calls pay nothing for streams)."""
+        (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, _, payload) = msg
+        if type(window) is not int or window < 1 or window > MAX_WINDOW:
+            protocol_error(f"malformed call_options: stream {window!r:.100}")
+        if (
+            type(call_id) is not int
+            or call_id < 0
+            or type(attempt) is not int
+            or attempt < 1
+            or attempt > 0xFFFFFFFF
+            or type(name) is not str
+            or (deadline_ms is not None and (type(deadline_ms) is not int or deadline_ms < 0))
+            or (traceparent is not None and type(traceparent) is not str)
+            or (tracestate is not None and type(tracestate) is not str)
+            or type(kind) is not int
+        ):
+            protocol_error(f"malformed call: {msg[:7]!r:.300}")
+        calls = self._calls
+        if call_id in calls:
+            protocol_error(f"duplicate call id {call_id}: the worker already holds it")
+        route = self._stream_routes.get(name)
+        if route is None:
+            if name in self._routes:
+                out.append(
+                    stream_mismatch_frame(call_id, attempt, name, False, pack, self._max_frame)
+                )
+            else:
+                out.append(
+                    unknown_function_frame(
+                        call_id, attempt, name, self._names, pack, self._max_frame
+                    )
+                )
+            return
+        spec, submit, _ = route
+        make = AckedStreamCall if ack_start else StreamCall
+        call = make(
+            call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate, window
+        )
+        calls[call_id] = call
+        if not self._state.accepting:  # (after registering: see WorkerState)
+            del calls[call_id]
+            out.append(refused_frame(call_id, attempt, pack, self._max_frame))
+            return
+        submit(call)
 
     def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
         kind = msg[0]
@@ -196,7 +242,7 @@ class Dispatcher:
             call = self._calls.get(call_id)
             if call is not None:
                 call._cancelled = True
-                if self._routes[call._spec.name][2].cancel(call):
+                if self._all_routes[call._spec.name][2].cancel(call):
                     out.append(cancelled_frame(call, pack, self._max_frame))
                     self._calls.pop(call._call_id, None)
                 elif call._stream:

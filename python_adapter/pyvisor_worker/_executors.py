@@ -80,6 +80,10 @@ _time_ns = time.time_ns
 _monotonic = time.monotonic
 
 
+def _no_streams(call: Any, pack: Pack) -> bytes:
+    raise RuntimeError("no stream runner")
+
+
 class Runner:
     """Runs one function and returns its reply frame.
 
@@ -95,6 +99,8 @@ class Runner:
         self._max_frame = max_frame
         self._tracing = tracing
         self._writer = writer
+        #: Runs a stream call (``StreamRunner.run``; set by :func:`make_executors`).
+        self.run_stream: Callable[[Any, Pack], bytes] = _no_streams
 
     def ack_start(self, call: Call, pack: Pack) -> None:
         """Right before a call whose options asked for it runs its function: write ``started``
@@ -107,7 +113,9 @@ class Runner:
         """Run a plain function (inline or on its pool); returns the reply frame."""
         if call._cancelled:
             return cancelled_frame(call, pack, self._max_frame)
-        if call._ack_start:
+        if call._ack_start:  # (true for a stream call too: a plain call pays nothing for it)
+            if call._stream:
+                return self.run_stream(call, pack)  # type: ignore[arg-type]
             self.ack_start(call, pack)
         spec = call._spec
         call._phase = RUNNING
@@ -211,7 +219,6 @@ class InlineExecutor(Executor):
         self.session_start = 0.0
         self.submit = self.queue.append
         self._execute = runner.execute
-        self._run_stream = streams.run
         self._writer = writer
         self._calls = state.calls
 
@@ -235,7 +242,6 @@ class InlineExecutor(Executor):
         lock = self.lock
         calls = self._calls
         execute = self._execute
-        run_stream = self._run_stream
         writer = self._writer
         wlock = writer.lock
         sendall = writer.sendall
@@ -245,7 +251,7 @@ class InlineExecutor(Executor):
                     self.executing = False
                     break
                 call = queue.popleft()
-            data = run_stream(call, pack) if call._stream else execute(call, pack)  # type: ignore[arg-type]
+            data = execute(call, pack)  # (a stream call too: see Runner.execute)
             with wlock:
                 writer.served += 1
                 staged = writer.staged
@@ -447,6 +453,7 @@ def make_executors(
     ``threads=N`` function). None is started yet.
     """
     streams = StreamRunner(runner, writer, max_frame)
+    runner.run_stream = streams.run  # the inline drain hands stream calls to Runner.execute
     inline = InlineExecutor(runner, streams, writer, state)
     shared_async: Optional[AsyncExecutor] = None
     by_name: Dict[str, Executor] = {}

@@ -107,6 +107,10 @@ class StreamCall(Call):
     __slots__ = ("_window", "_credit", "_lock", "_wake", "_event", "_pending")
 
     _stream = True
+    #: True for every stream call (``Call._ack_start``: the plain path's one test of "more to
+    #: do than run the function"); whether ``started`` is sent is ``_ack_stream``.
+    _ack_start = True
+    _ack_stream = False
 
     def __init__(
         self,
@@ -188,7 +192,7 @@ class AckedStreamCall(StreamCall):
 
     __slots__ = ()
 
-    _ack_start = True
+    _ack_stream = True
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -268,7 +272,7 @@ class StreamRunner:
         if call._cancelled:
             return cancelled_frame(call, pack, max_frame)
         runner = self._runner
-        if call._ack_start:
+        if call._ack_stream:
             runner.ack_start(call, pack)
         call._phase = RUNNING
         call._started = _time()
@@ -346,7 +350,7 @@ class StreamRunner:
             return cancelled_frame(call, pack, max_frame)
         loop = asyncio.get_running_loop()
         runner = self._runner
-        if call._ack_start:
+        if call._ack_stream:
             runner.ack_start(call, pack)
         call._phase = RUNNING
         call._started = _time()

@@ -540,11 +540,9 @@ def test_a_slow_generators_item_is_not_held_back(streams: FakeParent, kind: str)
 
 
 def test_items_of_a_slowish_generator_arrive_as_they_come(streams: FakeParent) -> None:
-    begin = time.monotonic()
     call_id = streams.stream("timed", 10, credit=100)
     messages = streams.item_messages_for(call_id, 10)
     # Item i is yielded at about 20 ms * (i + 1): none waits for the end of the stream.
-    assert messages[0].received - begin < 0.15
     assert messages[-1].received - messages[0].received > 0.1
     assert streams.stream_result(call_id).reply.value == 10
 
