@@ -11,9 +11,10 @@ right before the function runs; ``stream: W``: a stream call with initial credit
 not a generator function, or a plain call to one that is, is answered ``stream_mismatch`` at
 once and never runs. ``cancel`` goes to the call's executor (and wakes a stream waiting for
 credit), ``credit`` to its stream (ignored for a call the worker does not hold), ``ping`` is
-answered with a ``pong``, ``shutdown`` goes to the control thread. Every field of these messages is type-checked as
-docs/protocol.md says; a mistyped field, a ``call`` whose id the worker already holds, or
-anything else is a protocol error (the call never runs).
+answered with a ``pong``, ``shutdown`` goes to the control thread. Every field of these
+messages is type-checked as docs/protocol.md says; a mistyped field, a ``call`` whose id the
+worker already holds, or anything else is a protocol error (the call never runs). Stream calls
+are handled off the main loop (``_stream_call``), so plain calls pay nothing for them.
 
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.

@@ -461,6 +461,23 @@ def test_a_mistyped_stream_option_is_a_protocol_error(spawn: SpawnFn, window: An
     _expect_protocol_error(parent, [9, 1, 1, "count", None, None, None, {"stream": window}, 3])
 
 
+def test_a_stream_call_with_an_id_the_worker_holds_is_a_protocol_error(
+    streams: FakeParent,
+) -> None:
+    call_id = streams.stream("count", 10, credit=1)
+    assert streams.items_for(call_id, 1) == [0]
+    _expect_protocol_error(
+        streams, [9, call_id, 1, "count_threads", None, None, None, {"stream": 4}, 3]
+    )
+
+
+def test_a_stream_call_to_an_unknown_function(streams: FakeParent) -> None:
+    call_id = streams.stream("no_such_generator", None, credit=4)
+    reply = streams.reply_for(call_id)
+    assert reply.error["kind"] == "unknown_function"
+    assert "count" in reply.error["functions"]
+
+
 def test_the_end_needs_credit_too(streams: FakeParent) -> None:
     # Without credit the generator is not resumed, not even to find that it is exhausted.
     call_id = streams.stream("count", 3, credit=3)
