@@ -6,10 +6,15 @@ Owns :meth:`Dispatcher.dispatch_frames`: it splits the bytes the reader received
 through the route table (built once, at start, from ``_executors.make_executors``: the only
 place where execution kinds are told apart), or answered at once (unknown function, shutting
 down). A ``call_options`` is a ``call`` with an options map (``ack_start``: send ``started``
-right before the function runs; unknown keys are ignored). ``cancel`` goes to the call's executor, ``ping`` is answered with a ``pong``,
-``shutdown`` goes to the control thread. Every field of these messages is type-checked as
-docs/protocol.md says; a mistyped field, a ``call`` whose id the worker already holds, or
-anything else is a protocol error (the call never runs).
+right before the function runs; ``stream: W``: a stream call with initial credit ``W``, a
+:class:`~._streams.StreamCall`; unknown keys are ignored). A stream call to a function that is
+not a generator function, or a plain call to one that is, is answered ``stream_mismatch`` at
+once and never runs. ``cancel`` goes to the call's executor (and wakes a stream waiting for
+credit), ``credit`` to its stream (ignored for a call the worker does not hold), ``ping`` is
+answered with a ``pong``, ``shutdown`` goes to the control thread. Every field of these
+messages is type-checked as docs/protocol.md says; a mistyped field, a ``call`` whose id the
+worker already holds, or anything else is a protocol error (the call never runs). Stream calls
+are handled off the main loop (``_stream_call``), so plain calls pay nothing for them.
 
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
@@ -25,14 +30,22 @@ from ._framing import (
     MSG_CALL,
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
+    MSG_CREDIT,
     MSG_PING,
     MSG_PONG,
     MSG_SHUTDOWN,
     unpack_body,
 )
 from ._registry import FunctionSpec
-from ._replies import Pack, cancelled_frame, refused_frame, unknown_function_frame
+from ._replies import (
+    Pack,
+    cancelled_frame,
+    refused_frame,
+    stream_mismatch_frame,
+    unknown_function_frame,
+)
 from ._state import AckedCall, Call, WorkerState
+from ._streams import AckedStreamCall, StreamCall
 
 if TYPE_CHECKING:
     from ._control import Control
@@ -45,6 +58,9 @@ Route = Tuple[FunctionSpec, Callable[[Call], object], "Executor"]
 
 _unpack_from = HEADER.unpack_from
 
+#: The largest initial credit (``stream`` option) a stream call may ask for.
+MAX_WINDOW = 0xFFFFFFFF
+
 
 class Dispatcher:
     def __init__(
@@ -55,7 +71,11 @@ class Dispatcher:
         control: Control,
         max_frame: int,
     ) -> None:
-        self._routes = routes
+        #: Plain functions' routes (the main loop's table) and stream functions' routes.
+        self._routes = {name: r for name, r in routes.items() if not r[0].stream}
+        self._stream_routes = {name: r for name, r in routes.items() if r[0].stream}
+        #: Every route (cancel).
+        self._all_routes = dict(routes)
         self._names = list(names)
         self._state = state
         self._calls = state.calls
@@ -103,6 +123,10 @@ class Dispatcher:
                 ack_start = options.get("ack_start", False)
                 if type(ack_start) is not bool:
                     protocol_error(f"malformed call_options: ack_start {ack_start!r:.100}")
+                window = options.get("stream")
+                if window is not None:
+                    self._stream_call(msg, window, ack_start, out, pack)
+                    continue
                 make = AckedCall if ack_start else Call
             else:
                 self._control_message(msg, out, pack)
@@ -128,11 +152,9 @@ class Dispatcher:
                 protocol_error(f"malformed call: {msg[:7]!r:.300}")
             if call_id in calls:
                 protocol_error(f"duplicate call id {call_id}: the worker already holds it")
-            route = routes.get(name)
+            route = routes.get(name)  # (stream functions are not in this table)
             if route is None:
-                out.append(
-                    unknown_function_frame(call_id, attempt, name, self._names, pack, max_frame)
-                )
+                out.append(self._no_route(call_id, attempt, name, pack))
                 continue
             spec, submit, _ = route
             call = make(call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate)
@@ -145,20 +167,87 @@ class Dispatcher:
             submit(call)
         return start, need
 
+    def _no_route(self, call_id: int, attempt: int, name: str, pack: Pack) -> bytes:
+        """The reply to a plain call (or ``call_options`` without ``stream``) to a function
+        that has no plain route: a stream function (``stream_mismatch``), or none at all."""
+        if name in self._stream_routes:
+            return stream_mismatch_frame(call_id, attempt, name, True, pack, self._max_frame)
+        return unknown_function_frame(call_id, attempt, name, self._names, pack, self._max_frame)
+
+    def _stream_call(
+        self, msg: List[Any], window: Any, ack_start: bool, out: List[bytes], pack: Pack
+    ) -> None:
+        """A ``call_options`` whose options have ``stream``: the main loop's checks and
+        registration, for a :class:`~._streams.StreamCall` (kept out of the loop, so that
+        plain calls pay nothing for streams)."""
+        (kind, call_id, attempt, name, deadline_ms, traceparent, tracestate, _, payload) = msg
+        if type(window) is not int or window < 1 or window > MAX_WINDOW:
+            protocol_error(f"malformed call_options: stream {window!r:.100}")
+        if (
+            type(call_id) is not int
+            or call_id < 0
+            or type(attempt) is not int
+            or attempt < 1
+            or attempt > 0xFFFFFFFF
+            or type(name) is not str
+            or (deadline_ms is not None and (type(deadline_ms) is not int or deadline_ms < 0))
+            or (traceparent is not None and type(traceparent) is not str)
+            or (tracestate is not None and type(tracestate) is not str)
+            or type(kind) is not int
+        ):
+            protocol_error(f"malformed call: {msg[:7]!r:.300}")
+        calls = self._calls
+        if call_id in calls:
+            protocol_error(f"duplicate call id {call_id}: the worker already holds it")
+        route = self._stream_routes.get(name)
+        if route is None:
+            if name in self._routes:
+                out.append(
+                    stream_mismatch_frame(call_id, attempt, name, False, pack, self._max_frame)
+                )
+            else:
+                out.append(
+                    unknown_function_frame(
+                        call_id, attempt, name, self._names, pack, self._max_frame
+                    )
+                )
+            return
+        spec, submit, _ = route
+        make = AckedStreamCall if ack_start else StreamCall
+        call = make(
+            call_id, attempt, spec, payload, deadline_ms, traceparent, tracestate, window
+        )
+        calls[call_id] = call
+        if not self._state.accepting:  # (after registering: see WorkerState)
+            del calls[call_id]
+            out.append(refused_frame(call_id, attempt, pack, self._max_frame))
+            return
+        submit(call)
+
     def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
         kind = msg[0]
         if type(kind) is not int:
             protocol_error(f"unexpected message: {msg!r:.200}")
-        if kind == MSG_CANCEL and len(msg) >= 2:
+        if kind == MSG_CREDIT and len(msg) >= 3:
+            call_id = msg[1]
+            n = msg[2]
+            if type(call_id) is not int or call_id < 0 or type(n) is not int or n < 1:
+                protocol_error(f"malformed credit: {msg!r:.200}")
+            call = self._calls.get(call_id)
+            if call is not None and call._stream:
+                call.grant(n)  # type: ignore[attr-defined]
+        elif kind == MSG_CANCEL and len(msg) >= 2:
             call_id = msg[1]
             if type(call_id) is not int or call_id < 0:
                 protocol_error(f"malformed cancel: {msg!r:.200}")
             call = self._calls.get(call_id)
             if call is not None:
                 call._cancelled = True
-                if self._routes[call._spec.name][2].cancel(call):
+                if self._all_routes[call._spec.name][2].cancel(call):
                     out.append(cancelled_frame(call, pack, self._max_frame))
                     self._calls.pop(call._call_id, None)
+                elif call._stream:
+                    call.interrupt()  # type: ignore[attr-defined]
         elif kind == MSG_PING and len(msg) >= 2:
             nonce = msg[1]
             if type(nonce) is not int or nonce < 0:
@@ -177,5 +266,7 @@ class Dispatcher:
             protocol_error(f"a call has {len(msg)} elements instead of 8")
         elif kind == MSG_CALL_OPTIONS:
             protocol_error(f"a call_options has {len(msg)} elements instead of 9")
+        elif kind == MSG_CREDIT:
+            protocol_error(f"a credit has {len(msg)} elements instead of 3")
         else:
             protocol_error(f"unexpected message: {msg!r:.200}")

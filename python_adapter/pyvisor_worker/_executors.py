@@ -13,7 +13,10 @@ Each executor takes a :class:`~._state.Call` through ``submit`` (a plain attribu
 callable where possible: the route table keeps it), answers ``cancel`` for a call that has not
 started, and removes a call from the shared state once its reply is written. :class:`Runner`
 runs one function and builds its reply frame (the call-mode dispatch, the span timing of a
-traced call, ``SystemExit`` in user code); it is shared by all kinds.
+traced call, ``SystemExit`` in user code); it is shared by all kinds. A stream call (a
+generator function's) runs where a call to its function would, driven by ``_streams``'
+:class:`~._streams.StreamRunner` instead of :class:`Runner`: inline on the serving thread
+(which waits there for credit; the sentinel reads meanwhile), on its pool, or as a task.
 
 Does not parse frames, decide whether a call is admitted, or own the socket's read side.
 """
@@ -41,9 +44,11 @@ from ._registry import (
     INLINE,
     THREADS,
     FunctionSpec,
+    invoke,
 )
 from ._replies import (
     FLUSH_BYTES,
+    TICK,
     Pack,
     Writer,
     cancelled_frame,
@@ -51,6 +56,7 @@ from ._replies import (
     result_frame,
 )
 from ._state import RUNNING, Call, WorkerState
+from ._streams import StreamRunner
 
 if TYPE_CHECKING:
     import asyncio
@@ -67,10 +73,6 @@ __all__ = [
     "invoke",
 ]
 
-#: How long plain calls may execute before the sentinel takes the socket over; also when a
-#: run of plain calls counts as slow (its replies then go out one by one).
-TICK = 0.005
-
 _HEADER_PACK = HEADER.pack
 _getrandbits = random.getrandbits
 _time = time.time
@@ -78,18 +80,8 @@ _time_ns = time.time_ns
 _monotonic = time.monotonic
 
 
-def invoke(spec: FunctionSpec, call: Call) -> Any:
-    """Call ``spec.fn`` the way its signature asks (``spec.call_mode``)."""
-    mode = spec.call_mode
-    if mode == CALL_PAYLOAD:
-        return spec.fn(call._payload)
-    if mode == CALL_PAYLOAD_CTX:
-        return spec.fn(call._payload, ctx=call)
-    if mode == CALL_PAYLOAD_CTX_POS:
-        return spec.fn(call._payload, call)
-    if mode == CALL_CTX_ONLY:
-        return spec.fn(ctx=call)
-    return spec.fn()
+def _no_streams(call: Any, pack: Pack) -> bytes:
+    raise RuntimeError("no stream runner")
 
 
 class Runner:
@@ -107,6 +99,8 @@ class Runner:
         self._max_frame = max_frame
         self._tracing = tracing
         self._writer = writer
+        #: Runs a stream call (``StreamRunner.run``; set by :func:`make_executors`).
+        self.run_stream: Callable[[Any, Pack], bytes] = _no_streams
 
     def ack_start(self, call: Call, pack: Pack) -> None:
         """Right before a call whose options asked for it runs its function: write ``started``
@@ -119,7 +113,9 @@ class Runner:
         """Run a plain function (inline or on its pool); returns the reply frame."""
         if call._cancelled:
             return cancelled_frame(call, pack, self._max_frame)
-        if call._ack_start:
+        if call._ack_start:  # (true for a stream call too: a plain call pays nothing for it)
+            if call._stream:
+                return self.run_stream(call, pack)  # type: ignore[arg-type]
             self.ack_start(call, pack)
         spec = call._spec
         call._phase = RUNNING
@@ -214,7 +210,9 @@ class InlineExecutor(Executor):
     it is older than ``TICK``).
     """
 
-    def __init__(self, runner: Runner, writer: Writer, state: WorkerState) -> None:
+    def __init__(
+        self, runner: Runner, streams: StreamRunner, writer: Writer, state: WorkerState
+    ) -> None:
         self.queue: Deque[Call] = deque()
         self.lock = threading.Lock()
         self.executing = False
@@ -253,7 +251,7 @@ class InlineExecutor(Executor):
                     self.executing = False
                     break
                 call = queue.popleft()
-            data = execute(call, pack)
+            data = execute(call, pack)  # (a stream call too: see Runner.execute)
             with wlock:
                 writer.served += 1
                 staged = writer.staged
@@ -282,9 +280,16 @@ class InlineExecutor(Executor):
 class ThreadsExecutor(Executor):
     """One plain function exposed with ``threads=N``, on its own pool of N threads."""
 
-    def __init__(self, spec: FunctionSpec, runner: Runner, writer: Writer, state: WorkerState):
+    def __init__(
+        self,
+        spec: FunctionSpec,
+        runner: Runner,
+        streams: StreamRunner,
+        writer: Writer,
+        state: WorkerState,
+    ):
         self._spec = spec
-        self._execute = runner.execute
+        self._execute: Callable[[Any, Pack], bytes] = streams.run if spec.stream else runner.execute
         self._writer = writer
         self._calls = state.calls
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -331,8 +336,16 @@ class AsyncExecutor(Executor):
     creates) see it as current. Replies finished in one loop iteration go out in one write.
     """
 
-    def __init__(self, runner: Runner, writer: Writer, state: WorkerState, max_frame: int):
+    def __init__(
+        self,
+        runner: Runner,
+        streams: StreamRunner,
+        writer: Writer,
+        state: WorkerState,
+        max_frame: int,
+    ):
         self._runner = runner
+        self._streams = streams
         self._writer = writer
         self._calls = state.calls
         self._max_frame = max_frame
@@ -368,7 +381,8 @@ class AsyncExecutor(Executor):
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     def _start_task(self, call: Call) -> None:  # on the loop thread
-        call._handle = self._loop.create_task(self._run(call))  # type: ignore[union-attr]
+        coro = self._run_stream(call) if call._stream else self._run(call)
+        call._handle = self._loop.create_task(coro)  # type: ignore[union-attr]
 
     def _cancel_task(self, call: Call) -> None:  # on the loop thread
         if call._phase is RUNNING and call._handle is not None:
@@ -397,6 +411,12 @@ class AsyncExecutor(Executor):
             else:
                 span = None if timing is None else runner.span_end(*timing)
                 data = result_frame(call, result, pack, self._max_frame, span)
+        self._done(call, data)
+
+    async def _run_stream(self, call: Call) -> None:  # a stream's task, on the loop thread
+        self._done(call, await self._streams.run_async(call, self._pack))  # type: ignore[arg-type]
+
+    def _done(self, call: Call, data: bytes) -> None:  # on the loop thread
         out = self._out
         out.append((call, data))
         if len(out) == 1:  # replies finished in this loop iteration go out in one write
@@ -432,7 +452,9 @@ def make_executors(
     function name (one asyncio executor for all ``async def`` functions, one pool per
     ``threads=N`` function). None is started yet.
     """
-    inline = InlineExecutor(runner, writer, state)
+    streams = StreamRunner(runner, writer, max_frame)
+    runner.run_stream = streams.run  # the inline drain hands stream calls to Runner.execute
+    inline = InlineExecutor(runner, streams, writer, state)
     shared_async: Optional[AsyncExecutor] = None
     by_name: Dict[str, Executor] = {}
     for name, spec in functions.items():
@@ -442,10 +464,10 @@ def make_executors(
             executor = inline
         elif kind == ASYNC:
             if shared_async is None:
-                shared_async = AsyncExecutor(runner, writer, state, max_frame)
+                shared_async = AsyncExecutor(runner, streams, writer, state, max_frame)
             executor = shared_async
         elif kind == THREADS:
-            executor = ThreadsExecutor(spec, runner, writer, state)
+            executor = ThreadsExecutor(spec, runner, streams, writer, state)
         else:
             raise ValueError(f"{name!r}: unknown execution kind {kind!r}")
         by_name[name] = executor

@@ -20,6 +20,8 @@ __all__ = [
     "MSG_SHUTDOWN",
     "MSG_STARTED",
     "MSG_CALL_OPTIONS",
+    "MSG_ITEM",
+    "MSG_CREDIT",
     "CAPABILITIES",
     "new_packer",
     "unpack_body",
@@ -43,10 +45,14 @@ MSG_SHUTDOWN = 7
 MSG_STARTED = 8
 #: parent → worker: a ``call`` with an options map before the payload.
 MSG_CALL_OPTIONS = 9
+#: worker → parent: one value a stream's generator yielded (``[10, id, attempt, seq, value]``).
+MSG_ITEM = 10
+#: parent → worker: ``[11, id, n]``: the stream may send ``n`` more items.
+MSG_CREDIT = 11
 
-#: What ``hello`` announces (``capabilities``): the parent uses messages 8 and 9 only with a
+#: What ``hello`` announces (``capabilities``): the parent uses messages 8 to 11 only with a
 #: worker that announced them.
-CAPABILITIES = ("call_options", "started")
+CAPABILITIES = ("call_options", "started", "stream")
 
 #: Error kinds of a reply.
 KIND_EXCEPTION = "exception"
@@ -57,6 +63,8 @@ KIND_UNSERIALIZABLE = "unserializable"
 KIND_INTERNAL = "internal"
 #: The call arrived after shutdown began and did not run: the parent may route it elsewhere.
 KIND_REFUSED = "refused"
+#: A stream call to a function that is not a generator, or a plain call to one that is.
+KIND_STREAM_MISMATCH = "stream_mismatch"
 
 
 def new_packer() -> Callable[[Any], bytes]:

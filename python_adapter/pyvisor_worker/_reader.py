@@ -11,7 +11,9 @@ the reading thread sets when a run of plain calls begins, so an idle worker does
 every ``TICK``. A fast call therefore costs no thread switch, and
 while a slow one runs, ``cancel``, ``ping`` and async/threaded calls are still seen within a few
 milliseconds. A thread that finished draining and finds ``_read_lock`` taken becomes the
-sentinel.
+sentinel. An inline stream (a plain generator) is such a call: while it waits for credit its
+serving thread stays in the drain, and the sentinel reads the ``credit`` or ``cancel`` that
+ends the wait.
 
 Does not interpret frames (``_dispatch``), run functions (``_executors``) or build replies; it
 writes the immediate replies that dispatch hands back. EOF on the socket ends the process

@@ -1,11 +1,17 @@
-"""``@expose`` and the table of exposed functions."""
+"""``@expose`` and the table of exposed functions.
+
+A generator function or an ``async def`` generator function is a **stream function**
+(``FunctionSpec.stream``): it is called as a stream (``_streams``), its ``hello`` entry says
+``stream: true``. A plain generator keeps its kind (inline, or ``threads`` with ``threads=N``);
+an async generator is of kind ``async``.
+"""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable, Dict, Optional, TypeVar, overload
 
-__all__ = ["FunctionSpec", "expose", "registered", "RESERVED_NAMES"]
+__all__ = ["FunctionSpec", "expose", "registered", "invoke", "RESERVED_NAMES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +34,7 @@ RESERVED_NAMES = frozenset({"health", "__pyvisor_chaos_arm"})
 class FunctionSpec:
     """One exposed function and how to run it."""
 
-    __slots__ = ("name", "fn", "idempotent", "kind", "threads", "call_mode", "origin")
+    __slots__ = ("name", "fn", "idempotent", "kind", "threads", "call_mode", "origin", "stream")
 
     def __init__(
         self,
@@ -39,6 +45,7 @@ class FunctionSpec:
         threads: int,
         call_mode: int,
         origin: tuple[str, str, int] | None,
+        stream: bool = False,
     ) -> None:
         self.name = name
         self.fn = fn
@@ -47,6 +54,8 @@ class FunctionSpec:
         self.threads = threads
         self.call_mode = call_mode
         self.origin = origin
+        #: A generator (or async generator) function: called as a stream.
+        self.stream = stream
 
     def describe(self) -> Dict[str, Any]:
         """The entry of this function in ``hello.functions``."""
@@ -55,10 +64,30 @@ class FunctionSpec:
             "idempotent": self.idempotent,
             "kind": self.kind,
             "threads": self.threads,
+            "stream": self.stream,
         }
 
     def __repr__(self) -> str:
-        return f"FunctionSpec(name={self.name!r}, kind={self.kind!r}, idempotent={self.idempotent})"
+        stream = ", stream=True" if self.stream else ""
+        return (
+            f"FunctionSpec(name={self.name!r}, kind={self.kind!r}, "
+            f"idempotent={self.idempotent}{stream})"
+        )
+
+
+def invoke(spec: FunctionSpec, call: Any) -> Any:
+    """Call ``spec.fn`` the way its signature asks (``spec.call_mode``), with ``call``'s
+    payload and ``call`` as its ``ctx``."""
+    mode = spec.call_mode
+    if mode == CALL_PAYLOAD:
+        return spec.fn(call._payload)
+    if mode == CALL_PAYLOAD_CTX:
+        return spec.fn(call._payload, ctx=call)
+    if mode == CALL_PAYLOAD_CTX_POS:
+        return spec.fn(call._payload, call)
+    if mode == CALL_CTX_ONLY:
+        return spec.fn(ctx=call)
+    return spec.fn()
 
 
 _registry: Dict[str, FunctionSpec] = {}
@@ -109,7 +138,10 @@ def _register(
         raise ValueError(f"invalid exposed name {fname!r}")
     if fname in RESERVED_NAMES:
         raise ValueError(f"the name {fname!r} is reserved by pyvisor_worker")
-    is_async = inspect.iscoroutinefunction(fn)
+    # (iscoroutinefunction is False for an async generator function: it is async too.)
+    is_async_gen = inspect.isasyncgenfunction(fn)
+    is_async = is_async_gen or inspect.iscoroutinefunction(fn)
+    stream = is_async_gen or inspect.isgeneratorfunction(fn)
     if threads is not None:
         if is_async:
             raise ValueError(f"{fname!r}: threads= cannot be used with an async def function")
@@ -124,6 +156,7 @@ def _register(
         threads=threads if threads is not None else 0,
         call_mode=_call_mode(fn),
         origin=_origin(fn),
+        stream=stream,
     )
     previous = _registry.get(fname)
     if previous is not None:
@@ -163,6 +196,12 @@ def expose(
 
     The function receives the call's payload as its one positional argument, and a
     :class:`~pyvisor_worker.Context` as ``ctx`` if it declares a ``ctx`` parameter.
+
+    A generator function (``def`` with ``yield``) or an async generator function (``async
+    def`` with ``yield``) is exposed as a **stream**: the parent calls it as a stream and
+    receives the values it yields one by one, under flow control (the generator is not
+    resumed while the parent holds as many items as it allowed). A cancelled stream's
+    generator is closed (``GeneratorExit`` at its ``yield``: its ``finally`` blocks run).
     """
     if fn is not None:
         _register(fn, name, idempotent, threads)

@@ -10,7 +10,9 @@ Does not decide when a function runs or which replies are staged (the inline exe
 loop does, with the writer's fields under its lock), and never reads from the socket.
 
 Error kinds (``docs/protocol.md``; the parent acts on them): ``exception``,
-``unknown_function``, ``cancelled``, ``reply_too_large``, ``unserializable``, ``internal``, and
+``unknown_function``, ``cancelled``, ``reply_too_large``, ``unserializable``, ``internal``,
+``stream_mismatch`` (a stream call to a function that is not a generator, or a plain call to
+one that is: it did not run; type ``TypeError``), and
 ``refused``: the call arrived after shutdown began (``shutdown`` message or SIGTERM) and **did
 not run** (type ``WorkerShuttingDown``), so the parent may send it to another worker.
 """
@@ -29,6 +31,7 @@ from ._framing import (
     KIND_EXCEPTION,
     KIND_REFUSED,
     KIND_REPLY_TOO_LARGE,
+    KIND_STREAM_MISMATCH,
     KIND_UNKNOWN_FUNCTION,
     KIND_UNSERIALIZABLE,
     MSG_REPLY,
@@ -41,12 +44,14 @@ __all__ = [
     "Pack",
     "Writer",
     "FLUSH_BYTES",
+    "TICK",
     "error_frame",
     "result_frame",
     "exception_frame",
     "cancelled_frame",
     "refused_frame",
     "unknown_function_frame",
+    "stream_mismatch_frame",
     "REFUSED_TYPE",
     "REFUSED_MESSAGE",
 ]
@@ -55,6 +60,11 @@ Pack = Callable[[Any], bytes]
 
 #: Staged replies are written out at the latest once they reach this many bytes.
 FLUSH_BYTES = 1 << 20
+
+#: How long plain calls may execute before the sentinel takes the socket over; also when a
+#: run of plain calls counts as slow (its replies then go out one by one), and how long a
+#: stream's items may wait for a slow generator before the stream flusher writes them.
+TICK = 0.005
 
 #: The error of a call refused because the worker is shutting down (kind ``refused``).
 REFUSED_TYPE = "WorkerShuttingDown"
@@ -205,6 +215,20 @@ def unknown_function_frame(
     )
 
 
+def stream_mismatch_frame(
+    call_id: int, attempt: int, name: str, is_stream: bool, pack: Pack, max_frame: int
+) -> bytes:
+    """The reply to a stream call to a function that is not a generator function, or to a
+    plain call to one that is: kind ``stream_mismatch``; the function did not run."""
+    if is_stream:
+        message = f"{name!r} is a generator function: call it as a stream (pool.stream)"
+    else:
+        message = f"{name!r} is not a generator function: call it with pool.call"
+    return error_frame(
+        call_id, attempt, KIND_STREAM_MISMATCH, "TypeError", message, pack, max_frame
+    )
+
+
 # ---------------------------------------------------------------------- writer
 
 
@@ -240,6 +264,37 @@ class Writer:
                 self.sendall(data)
             except OSError:
                 parent_gone()
+
+    def write_pending(self, pending: List[bytes]) -> None:
+        """Write (after anything staged) and remove the frames in ``pending``: a stream's
+        items, which its driver appends without the lock. Only lock holders remove from
+        ``pending``, from the front: frames appended meanwhile stay for the next write."""
+        with self.lock:
+            n = len(pending)
+            if not n:
+                return
+            parts = pending[:n]
+            del pending[:n]
+            staged = self.staged
+            if staged:
+                parts[:0] = staged
+                staged.clear()
+                self.staged_bytes = 0
+            try:
+                self.sendall(b"".join(parts))
+            except OSError:
+                parent_gone()
+
+    def stage_pending(self, pending: List[bytes]) -> None:
+        """Move the frames in ``pending`` to the staged ones (they go out with the next
+        write: a stream's last items, with its reply)."""
+        with self.lock:
+            n = len(pending)
+            if n:
+                parts = pending[:n]
+                del pending[:n]
+                self.staged.extend(parts)
+                self.staged_bytes += sum(map(len, parts))
 
     def flush(self) -> None:
         """Write what is staged."""

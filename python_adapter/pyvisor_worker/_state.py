@@ -30,12 +30,16 @@ class Call(Context):
     ``_phase`` and ``_started`` are set by whoever runs it; ``_handle`` is its executor's
     (a future or an asyncio task), for ``cancel``. ``_ack_start`` (a class attribute: a plain
     call pays nothing for it) says whether a ``started`` message goes out right before its
-    function runs: only for an :class:`AckedCall`.
+    function runs: only for an :class:`AckedCall`; it is also true for every stream call
+    (``_streams.StreamCall``, whose ``_ack_stream`` says whether it asked for ``started``), so
+    that the one class-attribute test of the plain path also routes streams.
+    ``_stream`` (a class attribute too) says whether it is a stream call.
     """
 
     __slots__ = ("_spec", "_payload", "_phase", "_started", "_handle")
 
     _ack_start = False
+    _stream = False
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ up (each module imports only modules listed before it):
 - ``_state``: the calls the worker holds and whether it admits new ones;
 - ``_exits``: how the process ends (``os._exit`` paths, death by SIGTERM);
 - ``_replies``: reply frames and the locked, batching writer;
+- ``_streams``: generator functions run as streams (credit, items, the stream flusher);
 - ``_executors``: inline, asyncio and thread-pool execution, and the one kind → executor map;
 - ``_control``: beats, graceful shutdown, SIGTERM (the control thread);
 - ``_dispatch``: frames → messages → calls routed to their executor;
@@ -17,8 +18,9 @@ up (each module imports only modules listed before it):
 
 Threads (all but the main thread are daemons): two serving threads, the control thread, an
 asyncio loop thread (only when an ``async def`` function is exposed), one pool per function
-exposed with ``threads=N``; the main thread installs the SIGTERM handler, waits, and after
-an outside SIGTERM ends the process by that signal.
+exposed with ``threads=N``, the stream flusher (started with the first stream); the main
+thread installs the SIGTERM handler, waits, and after an outside SIGTERM ends the process by
+that signal.
 """
 
 from __future__ import annotations

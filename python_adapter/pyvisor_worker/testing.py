@@ -11,6 +11,24 @@
             assert reply.ok, reply.error
             assert reply.value == {"y": 2.0}
 
+Streams (generator functions) are called with :meth:`FakeParent.stream` and collected with
+:meth:`FakeParent.stream_result` (which grants credit back as items arrive, like the parent)
+or, to control the credit yourself, :meth:`FakeParent.items_for` and :meth:`FakeParent.credit`::
+
+    def test_count(tmp_path):
+        with FakeParent.spawn("worker.py") as parent:
+            result = parent.stream_result(parent.stream("count", 3, credit=16))
+            assert result.ok and result.items == [0, 1, 2] and result.reply.value == 3
+
+            call_id = parent.stream("count", 100, credit=2)
+            assert parent.items_for(call_id, 2) == [0, 1]   # then the generator waits
+            parent.credit(call_id, 1)
+            assert parent.items_for(call_id, 1) == [2]
+
+The fake parent checks the worker's items as the parent does: an item beyond the credit
+granted, with a ``seq`` out of order, for a call that is not a stream or after the stream's
+reply raises ``AssertionError``.
+
 It starts the worker exactly as the parent does (``python -m pyvisor_worker SCRIPT`` with the
 worker's end of a socketpair in ``PYVISOR_FD``, its own process group, stdin from
 ``/dev/null``, stdout/stderr as pipes) and speaks the protocol of docs/protocol.md.
@@ -37,7 +55,9 @@ from ._framing import (
     MSG_CALL,
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
+    MSG_CREDIT,
     MSG_HELLO,
+    MSG_ITEM,
     MSG_PING,
     MSG_PONG,
     MSG_REPLY,
@@ -48,7 +68,15 @@ from ._framing import (
 )
 from ._watchdog import _load_libc, set_parent_death_signal
 
-__all__ = ["FakeParent", "Reply", "Beat", "WorkerExited", "encode_frame"]
+__all__ = [
+    "FakeParent",
+    "Reply",
+    "Beat",
+    "Item",
+    "StreamResult",
+    "WorkerExited",
+    "encode_frame",
+]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -95,6 +123,47 @@ class Beat:
     raw: Dict[str, Any] = field(repr=False)
 
 
+@dataclass
+class Item:
+    """An ``item`` message: ``[10, id, attempt, seq, value]``, and when it arrived
+    (``time.monotonic()``)."""
+
+    id: int
+    attempt: int
+    seq: int
+    value: Any
+    received: float = 0.0
+
+
+@dataclass
+class StreamResult:
+    """A stream's items (the values, in order) and the reply that ended it."""
+
+    items: List[Any]
+    reply: Reply
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.ok
+
+    @property
+    def error(self) -> Dict[str, Any]:
+        return self.reply.error
+
+
+class _Stream:
+    """The fake parent's book-keeping of one stream call."""
+
+    __slots__ = ("window", "credit", "received", "items", "ended")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.credit = window  # items the worker may still send
+        self.received = 0  # items received (the next seq)
+        self.items: Deque[Item] = deque()  # received, not taken yet
+        self.ended = False  # its reply came
+
+
 def encode_frame(message: Any) -> bytes:
     """One protocol frame (length header + MessagePack body) for ``message``."""
     return frame(new_packer()(message))
@@ -120,6 +189,7 @@ class FakeParent:
         self._buf = bytearray()
         self._inbox: Deque[List[Any]] = deque()
         self._replies: Dict[int, Reply] = {}
+        self._streams: Dict[int, _Stream] = {}
         self._next_id = 1
         self._eof = False
         self._stdout: List[bytes] = []
@@ -235,6 +305,44 @@ class FakeParent:
             self.send([MSG_CALL_OPTIONS, *head, options, payload])
         return call_id
 
+    def stream(
+        self,
+        function: str,
+        payload: Any = None,
+        *,
+        credit: int,
+        call_id: Optional[int] = None,
+        attempt: int = 1,
+        deadline_ms: Optional[int] = None,
+        traceparent: Optional[str] = None,
+        tracestate: Optional[str] = None,
+        options: Optional[Dict[str, Any]] = None,
+    ) -> int:
+        """Call a generator function as a stream with initial credit ``credit`` (a
+        ``call_options`` whose options have ``stream: credit``, plus ``options``); returns its
+        id. Its items are collected for :meth:`items_for` and :meth:`stream_result`."""
+        opts = dict(options or {})
+        opts["stream"] = credit
+        call_id = self.call(
+            function,
+            payload,
+            call_id=call_id,
+            attempt=attempt,
+            deadline_ms=deadline_ms,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            options=opts,
+        )
+        self._streams[call_id] = _Stream(credit)
+        return call_id
+
+    def credit(self, call_id: int, n: int) -> None:
+        """Send ``credit``: stream ``call_id`` may send ``n`` more items."""
+        self.send([MSG_CREDIT, call_id, n])
+        stream = self._streams.get(call_id)
+        if stream is not None and type(n) is int:
+            stream.credit += n
+
     def cancel(self, call_id: int) -> None:
         self.send([MSG_CANCEL, call_id])
 
@@ -254,7 +362,8 @@ class FakeParent:
     # ------------------------------------------------------------------ receiving
 
     def recv(self, timeout: float = DEFAULT_TIMEOUT) -> List[Any]:
-        """The next message other than a beat (beats are collected in ``.beats``)."""
+        """The next message other than a beat or an item (beats are collected in ``.beats``,
+        a stream's items for :meth:`items_for`)."""
         while True:
             msg = self._inbox.popleft() if self._inbox else self._next_message(timeout)
             if msg[0] != MSG_BEAT:
@@ -275,6 +384,117 @@ class FakeParent:
                 del self._inbox[i]
                 break
         return reply
+
+    def items_for(
+        self, call_id: int, count: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> List[Any]:
+        """The values of the next ``count`` items of stream ``call_id`` (waits for them; they
+        are taken: the next call returns the following ones). With ``count=None``: the items
+        received so far (including those the socket already holds), without waiting."""
+        return [item.value for item in self.item_messages_for(call_id, count, timeout)]
+
+    def item_messages_for(
+        self, call_id: int, count: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> List[Item]:
+        """:meth:`items_for`, as :class:`Item` messages (``seq``, arrival time)."""
+        stream = self._stream(call_id)
+        if count is None:
+            self._receive_available()
+            count = len(stream.items)
+        deadline = time.monotonic() + timeout
+        while len(stream.items) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{len(stream.items)} of {count} items of stream {call_id} arrived in "
+                    f"{timeout:.1f} s{self._stderr_tail()}"
+                )
+            self._receive_one(remaining)
+        return [stream.items.popleft() for _ in range(count)]
+
+    def stream_result(
+        self, call_id: int, timeout: float = DEFAULT_TIMEOUT, *, grant: bool = True
+    ) -> StreamResult:
+        """Wait for the reply that ends stream ``call_id``; returns it with the values of the
+        items not taken yet. With ``grant`` (the default) credit is granted back for the
+        items as they arrive (after each read from the socket), as the parent does for a
+        caller that consumes them promptly; without, the credit granted must exceed the
+        number of items (without credit the generator is not resumed, not even to find that it
+        is exhausted)."""
+        stream = self._stream(call_id)
+        deadline = time.monotonic() + timeout
+        values: List[Any] = []
+        ungranted = 0  # items taken, credit not granted back yet
+        while call_id not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"no reply to stream {call_id} in {timeout:.1f} s "
+                    f"({stream.received} items){self._stderr_tail()}"
+                )
+            self._receive_one(remaining)
+            if stream.items:
+                ungranted += len(stream.items)
+                values.extend(item.value for item in stream.items)
+                stream.items.clear()
+            if grant and ungranted and not stream.ended and not self._frame_buffered():
+                self.credit(call_id, ungranted)
+                ungranted = 0
+        values.extend(item.value for item in stream.items)
+        stream.items.clear()
+        return StreamResult(values, self.reply_for(call_id, 0.0))
+
+    def _stream(self, call_id: int) -> _Stream:
+        stream = self._streams.get(call_id)
+        if stream is None:
+            raise ValueError(f"call {call_id} was not sent as a stream (FakeParent.stream)")
+        return stream
+
+    def _receive_one(self, timeout: float) -> None:
+        """Receive one message (items included); other messages are queued for recv()."""
+        msg = self._next_message(timeout, items=True)
+        if msg[0] != MSG_BEAT and msg[0] != MSG_ITEM:
+            self._inbox.append(msg)
+
+    def _receive_available(self) -> None:
+        """Receive what the socket holds now, without waiting for more."""
+        while not self._eof:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if not ready:
+                break
+            try:
+                data = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self._eof = True
+            self._buf += data
+        while self._frame_buffered():
+            self._receive_one(0.0)
+
+    def _frame_buffered(self) -> bool:
+        buf = self._buf
+        return len(buf) >= 4 and len(buf) >= 4 + HEADER.unpack_from(buf, 0)[0]
+
+    def _item(self, msg: List[Any]) -> None:
+        """Check and keep an item, as the parent would."""
+        if len(msg) != 5:
+            raise AssertionError(f"an item has {len(msg)} elements instead of 5: {msg!r:.300}")
+        _, call_id, attempt, seq, value = msg
+        stream = self._streams.get(call_id)
+        if stream is None:
+            raise AssertionError(f"an item for call {call_id}, which is not a stream: {msg!r:.300}")
+        if stream.ended:
+            raise AssertionError(f"an item of stream {call_id} after its reply: {msg!r:.300}")
+        if seq != stream.received:
+            raise AssertionError(
+                f"item seq {seq!r} of stream {call_id} out of order (expected {stream.received})"
+            )
+        if stream.credit <= 0:
+            raise AssertionError(f"item {seq} of stream {call_id} exceeds the credit granted")
+        stream.credit -= 1
+        stream.received += 1
+        stream.items.append(Item(call_id, attempt, seq, value, time.monotonic()))
 
     def pong_for(self, nonce: Any, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
         """Wait for the pong answering ``nonce``; returns its beat map."""
@@ -298,18 +518,26 @@ class FakeParent:
                 self._inbox.append(msg)
         return list(self.beats)
 
-    def _next_message(self, timeout: float) -> List[Any]:
+    def _next_message(self, timeout: float, items: bool = False) -> List[Any]:
+        """The next message; an item is kept for its stream (and returned only if ``items``)."""
         deadline = time.monotonic() + timeout
         while True:
             msg = self._take_frame()
             if msg is not None:
-                if msg[0] == MSG_BEAT:
+                if msg[0] == MSG_ITEM:
+                    self._item(msg)
+                    if not items:
+                        continue
+                elif msg[0] == MSG_BEAT:
                     b = msg[1]
                     self.beats.append(
                         Beat(time.monotonic(), b["seq"], b["rss"], b["in_progress"], b["served"], b)
                     )
                 elif msg[0] == MSG_REPLY:
                     self._replies[msg[1]] = _reply(msg)
+                    stream = self._streams.get(msg[1])
+                    if stream is not None:
+                        stream.ended = True
                 return msg
             if self._eof:
                 raise WorkerExited(self._describe_exit())

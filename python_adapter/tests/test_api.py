@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import AsyncIterator, Iterator
 
 import pytest
 
@@ -42,6 +43,47 @@ def test_expose_bare_returns_the_function_unchanged() -> None:
     assert spec.kind == "inline" and spec.idempotent is False and spec.threads == 0
 
 
+def test_generator_functions_are_streams() -> None:
+    @expose(name="api_gen")
+    def gen(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @expose(name="api_gen_threads", threads=2)
+    def gen_threads(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @expose(name="api_agen")
+    async def agen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    @expose(name="api_coroutine")
+    async def coroutine(n: int) -> int:
+        return n
+
+    specs = registered()
+    assert [specs["api_gen"].kind, specs["api_gen"].stream] == ["inline", True]
+    assert specs["api_gen_threads"].describe() == {
+        "name": "api_gen_threads",
+        "idempotent": False,
+        "kind": "threads",
+        "threads": 2,
+        "stream": True,
+    }
+    # inspect.iscoroutinefunction is False for an async generator function: async all the same
+    assert [specs["api_agen"].kind, specs["api_agen"].stream] == ["async", True]
+    assert [specs["api_coroutine"].kind, specs["api_coroutine"].stream] == ["async", False]
+    assert list(gen(2)) == [0, 1]  # returned unchanged
+
+
+def test_an_async_generator_cannot_take_threads() -> None:
+    with pytest.raises(ValueError, match="threads= cannot be used"):
+
+        @expose(name="api_agen_threads", threads=2)
+        async def agen() -> AsyncIterator[int]:
+            yield 1
+
+
 def test_expose_with_arguments() -> None:
     @expose(name="api_named", idempotent=True, threads=3)
     def whatever(x: int) -> int:
@@ -49,7 +91,13 @@ def test_expose_with_arguments() -> None:
 
     assert whatever(5) == 5
     spec = registered()["api_named"]
-    assert spec.describe() == {"name": "api_named", "idempotent": True, "kind": "threads", "threads": 3}
+    assert spec.describe() == {
+        "name": "api_named",
+        "idempotent": True,
+        "kind": "threads",
+        "threads": 3,
+        "stream": False,
+    }
 
 
 def test_async_function_kind() -> None:

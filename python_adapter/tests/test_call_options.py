@@ -33,7 +33,7 @@ def _messages_until_reply(worker: FakeParent, call_id: int) -> List[List[Any]]:
 
 
 def test_hello_announces_the_capabilities(worker: FakeParent) -> None:
-    assert worker.hello["capabilities"] == ["call_options", "started"]
+    assert worker.hello["capabilities"] == ["call_options", "started", "stream"]
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_without_ack_start_no_started_is_sent(worker: FakeParent) -> None:
 
 
 def test_unknown_option_keys_are_ignored(worker: FakeParent) -> None:
-    call_id = worker.call("echo", 1, options={"ack_start": True, "stream": {"credit": 4}})
+    call_id = worker.call("echo", 1, options={"ack_start": True, "a_future_key": {"credit": 4}})
     assert [m[0] for m in _messages_until_reply(worker, call_id)] == [MSG_STARTED, MSG_REPLY]
 
 

@@ -319,9 +319,8 @@ def test_module_launch(write_script: Callable[..., Path], tmp_path: Path) -> Non
         "my_worker_mod.py",
     )
     with FakeParent.spawn(module="my_worker_mod", cwd=tmp_path) as parent:
-        assert {"name": "where", "idempotent": True, "kind": "inline", "threads": 0} in parent.hello[
-            "functions"
-        ]
+        where = {"name": "where", "idempotent": True, "kind": "inline", "threads": 0, "stream": False}
+        assert where in parent.hello["functions"]
         assert parent.invoke("where") == "__main__"
     assert parent.proc.returncode == 0
 

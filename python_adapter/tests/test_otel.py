@@ -176,6 +176,30 @@ def global_api_span(_):
 
 
 @expose
+def stream_spans(n):
+    for i in range(n):  # a span per resumption: each runs in the stream's context
+        with TRACER.start_as_current_span("user.stream"):
+            pass
+        yield i
+
+
+@expose(threads=1)
+def stream_spans_threaded(n):
+    for i in range(n):
+        with TRACER.start_as_current_span("user.stream.threaded"):
+            pass
+        yield i
+
+
+@expose
+async def stream_spans_async(n):
+    for i in range(n):
+        with TRACER.start_as_current_span("user.stream.async"):
+            await asyncio.sleep(0)
+        yield i
+
+
+@expose
 def otel_state(_):
     return {
         "loaded": "opentelemetry" in sys.modules,
@@ -358,6 +382,9 @@ TRACED = {  # key -> trace id of its traceparent
     "not_sampled": "9" * 32,
     "unserializable": "a" * 32,
     "unknown": "b" * 32,
+    "stream": "c" * 32,
+    "stream_threaded": "d" * 32,
+    "stream_async": "f" * 32,
 }
 
 
@@ -426,6 +453,19 @@ def http_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpRun]:
         call("unknown", "no_such_function", None, traceparent=traceparent(TRACED["unknown"]))
         call("state", "otel_state")
         wait(*list(ids))
+
+        # Streams (their items: two each).
+        for key, fn in [
+            ("stream", "stream_spans"),
+            ("stream_threaded", "stream_spans_threaded"),
+            ("stream_async", "stream_spans_async"),
+        ]:
+            run.sent[key] = time.time_ns()
+            ids[key] = parent.stream(fn, 2, credit=8, traceparent=traceparent(TRACED[key]))
+            result = parent.stream_result(ids[key])
+            assert result.items == [0, 1], (key, result)
+            run.replies[key] = result.reply
+            run.received[key] = time.time_ns()
 
         # A running async call, cancelled.
         call("async_cancel", "async_wait", 30, traceparent=traceparent("5" * 32))
@@ -504,6 +544,9 @@ def test_the_worker_exports_no_span_per_call(http_run: HttpRun) -> None:
         "user.threaded",
         "user.captured",
         "user.global",
+        "user.stream",
+        "user.stream.threaded",
+        "user.stream.async",
     }, names
 
 
@@ -531,6 +574,28 @@ def test_user_spans_are_children_of_the_function_span(
     assert start_ns <= child["start"] <= child["end"] <= end_ns
     if user_span == "user.inline":
         assert child["attributes"] == {"user.value": reply.value}
+
+
+@pytest.mark.parametrize(
+    "key, user_span",
+    [
+        ("stream", "user.stream"),
+        ("stream_threaded", "user.stream.threaded"),
+        ("stream_async", "user.stream.async"),
+    ],
+)
+def test_spans_made_in_a_stream_are_children_of_its_span(
+    http_run: HttpRun, key: str, user_span: str
+) -> None:
+    reply = http_run.replies[key]
+    assert reply.ok and reply.value == 2
+    _assert_timed(reply, http_run.sent[key], http_run.received[key])
+    children = [s for s in http_run.collected.named(user_span) if s["trace_id"] == TRACED[key]]
+    assert len(children) == 2  # one per resumption: each ran in the stream's context
+    _, start_ns, end_ns = reply.span  # type: ignore[misc]
+    for child in children:
+        assert child["parent_span_id"] == span_id_hex(reply)
+        assert start_ns <= child["start"] <= child["end"] <= end_ns
 
 
 def test_tasks_created_by_an_async_function_see_its_span(http_run: HttpRun) -> None:

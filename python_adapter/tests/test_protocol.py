@@ -30,7 +30,9 @@ def test_hello_describes_the_worker(worker: FakeParent) -> None:
     assert hello["adapter"] == __version__
     assert isinstance(hello["python"], str) and hello["python"].count(".") == 2
     functions = {f["name"]: f for f in hello["functions"]}
-    assert functions["echo"] == {"name": "echo", "idempotent": False, "kind": "inline", "threads": 0}
+    assert functions["echo"] == {
+        "name": "echo", "idempotent": False, "kind": "inline", "threads": 0, "stream": False
+    }
     assert functions["predict"]["idempotent"] is True
     assert "_predict" not in functions
     assert functions["async_sleep"]["kind"] == "async"
@@ -39,8 +41,11 @@ def test_hello_describes_the_worker(worker: FakeParent) -> None:
         "idempotent": False,
         "kind": "threads",
         "threads": 4,
+        "stream": False,
     }
-    assert functions["health"] == {"name": "health", "idempotent": True, "kind": "inline", "threads": 0}
+    assert functions["health"] == {
+        "name": "health", "idempotent": True, "kind": "inline", "threads": 0, "stream": False
+    }
     assert not [name for name in functions if name.startswith("__pyvisor")], "internal hooks are not listed"
 
 
