@@ -65,6 +65,11 @@ fn affinity_runs_and_exits_cleanly() {
 }
 
 #[test]
+fn streaming_runs_and_exits_cleanly() {
+    run_example("streaming", "streaming example done");
+}
+
+#[test]
 fn quickstart_runs_and_exits_cleanly() {
     run_example("quickstart", "divide(1, 0) raised ZeroDivisionError");
 }

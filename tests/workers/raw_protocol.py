@@ -12,6 +12,9 @@ RAW_MODE selects the misbehaviour:
   ``call_options`` asking for ``ack_start``, write ``RAW_BEATS`` beats and the ``started`` in
   one write, append the payload to ``RAW_LOG`` (the call "ran") and exit at once: the
   acknowledgement is still unread in the socket when the process is gone.
+- ``stream_overrun``, ``stream_skip``, ``stream_bad_count``: announce the ``stream`` capability
+  and a generator ``gen``; on a stream call, send more items than the credit allows (then
+  wait), skip a sequence number, or end with a count that is not the items sent.
 """
 
 import os
@@ -71,13 +74,17 @@ def beats():
 
 
 def hello(functions):
+    streams = mode.startswith("stream_")
     send([0, {
         "protocol": config.protocol or 2,
         "pid": os.getpid(),
         "adapter": "raw",
         "python": "3",
-        "functions": [{"name": f, "idempotent": False, "kind": "inline", "threads": 0} for f in functions],
-        "capabilities": ["call_options", "started"] if mode == "started_then_exit" else [],
+        "functions": [
+            {"name": f, "idempotent": False, "kind": "inline", "threads": 0, "stream": streams and f == "gen"}
+            for f in functions
+        ],
+        "capabilities": ["call_options", "started"] if mode == "started_then_exit" else (["call_options", "stream"] if streams else []),
     }])
 
 
@@ -91,7 +98,7 @@ def flood():
 if mode == "bad_hello":
     send([0, {"protocol": config.protocol or 2, "pid": os.getpid(), "adapter": "raw", "python": "3", "functions": 5}])
     time.sleep(3600)
-hello(["echo"])
+hello(["echo", "gen"] if mode.startswith("stream_") else ["echo"])
 threading.Thread(target=flood if mode == "flood" else beats, daemon=True).start()
 
 batch = []
@@ -114,6 +121,19 @@ while True:
         os.write(fd, f"{msg[8]}\n".encode())
         os.close(fd)
         os._exit(0)
+    if mode.startswith("stream_") and msg[0] == 9 and "stream" in msg[7]:
+        call_id, attempt, credit = msg[1], msg[2], msg[7]["stream"]
+        if mode == "stream_overrun":
+            seqs = range(credit + 5)
+        elif mode == "stream_skip":
+            seqs = [0, 2]
+        else:
+            seqs = [0, 1]
+        for seq in seqs:
+            send([10, call_id, attempt, seq, seq])
+        if mode == "stream_bad_count":
+            send([2, call_id, attempt, True, None, 3])
+        continue
     if msg[0] != 1:
         continue
     call_id, attempt, function, payload = msg[1], msg[2], msg[3], msg[7]

@@ -8,5 +8,13 @@ def echo(x):
     return x
 
 
+@expose(idempotent=True)
+def repeat(args):
+    """``[item, n]``: yields ``item`` n times (the streaming scenario)."""
+    item, n = args
+    for _ in range(n):
+        yield item
+
+
 if __name__ == "__main__":
     run_worker()

@@ -35,6 +35,7 @@ fn the_suite_runs_and_prints_ratios() {
     for scenario in [
         "sequential p50 (1 worker, 1 caller, 100 B)",
         "pipelined throughput",
+        "streamed items",
         "throughput, 2 workers",
         "throughput, 4 workers",
         "payload 10 KiB",
@@ -51,7 +52,7 @@ fn the_suite_runs_and_prints_ratios() {
         assert!(line.contains('×') || scenario.contains("memory"), "no ratio on `{line}`");
     }
     let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("results written")).expect("JSON");
-    assert_eq!(results["rows"].as_array().map(Vec::len), Some(15));
+    assert_eq!(results["rows"].as_array().map(Vec::len), Some(16));
     assert!(std::fs::read_to_string(&plot).expect("plot written").contains("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
 }

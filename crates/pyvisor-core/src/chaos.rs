@@ -152,7 +152,7 @@ async fn call_on_slot(
         Ok(Ok(Ok(bytes))) => Ok(bytes),
         Ok(Ok(Err(Failure::Remote(e)))) => Err(CallError::from_remote(function, e, shared.functions().as_deref())),
         Ok(Ok(Err(Failure::Crashed(certificate)))) => {
-            Err(CallError::WorkerCrashed { function: function.to_string(), attempts: 1, certificate, started: true })
+            Err(CallError::WorkerCrashed { function: function.to_string(), attempts: 1, certificate, started: true, delivered: None })
         }
         Ok(Ok(Err(Failure::ShutDown))) | Ok(Err(_)) => Err(shared.closed_error()),
         Err(_) => Err(CallError::Timeout { function: function.to_string(), after: timeout, sent: true }),

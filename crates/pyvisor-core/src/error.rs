@@ -109,7 +109,7 @@ pub enum CallError {
         max_queue: usize,
     },
     /// The worker running the call died; the certificate says how.
-    #[error("the worker running `{function}` crashed (attempt {attempts}{}): {certificate}", if *.started { "" } else { "; the function had not started" })]
+    #[error("the worker running `{function}` crashed (attempt {attempts}{}{}): {certificate}", if *.started { "" } else { "; the function had not started" }, .delivered.map(|n| format!("; {n} stream items delivered")).unwrap_or_default())]
     WorkerCrashed {
         /// The function called.
         function: String,
@@ -123,6 +123,31 @@ pub enum CallError {
         /// to their end without an acknowledgement. Every other crash says `true` ("may have
         /// run"); see docs/idempotency.md.
         started: bool,
+        /// For a stream: the items its caller received before the crash (`None` for a call).
+        delivered: Option<u64>,
+    },
+    /// The worker running a stream that asked to be restarted after a crash
+    /// ([`crate::StreamOptions::restart_on_crash`]) died after `delivered` items: the stream
+    /// goes on, **from its first item again**, on another worker. Not the stream's end: the
+    /// items that follow may repeat the ones already received.
+    #[error("the worker streaming `{function}` crashed after {delivered} items; the stream restarts from its first item (attempt {attempt}): {certificate}")]
+    StreamRestarted {
+        /// The function streamed.
+        function: String,
+        /// Items received from the attempt that crashed.
+        delivered: u64,
+        /// The attempt that starts now.
+        attempt: u32,
+        /// How the worker died.
+        certificate: Arc<DeathCertificate>,
+    },
+    /// A stream of a function that is not a generator, or a call of one that is.
+    #[error("{}", if *.stream { format!("`{function}` is a generator function: stream it (Pool::stream)") } else { format!("`{function}` is not a generator function: call it (Pool::call), it cannot be streamed") })]
+    StreamMismatch {
+        /// The function.
+        function: String,
+        /// Whether the function is a generator (it streams).
+        stream: bool,
     },
     /// The worker that held this affinity key's state is gone (crashed, recycled, or removed
     /// with its pool): state kept in it (an open connection, a loaded document) must be rebuilt.
@@ -199,6 +224,8 @@ impl CallError {
             CallError::QueueTimeout { .. } => "queue_timeout",
             CallError::Overloaded { .. } => "overloaded",
             CallError::WorkerCrashed { .. } => "worker_crashed",
+            CallError::StreamRestarted { .. } => "stream_restarted",
+            CallError::StreamMismatch { .. } => "stream_mismatch",
             CallError::AffinityLost { .. } => "affinity_lost",
             CallError::PoisonRequest { .. } => "poison_request",
             CallError::Worker { .. } => "worker",
@@ -249,7 +276,10 @@ impl CallError {
     ///   again);
     ///   [`WorkerCrashed`](CallError::WorkerCrashed) always — the crash barrier has already
     ///   retried an idempotent call (up to `max_retries`) and refused to repeat a
-    ///   non-idempotent one, and middleware must not overrule it; `Timeout` with `sent: true`
+    ///   non-idempotent one, and middleware must not overrule it;
+    ///   [`StreamRestarted`](CallError::StreamRestarted) (not an end: the stream goes on);
+    ///   [`StreamMismatch`](CallError::StreamMismatch) (the same call fails the same way);
+    ///   `Timeout` with `sent: true`
     ///   (it may be running: cancel is cooperative); [`Python`](CallError::Python),
     ///   [`Deserialize`](CallError::Deserialize), [`BadResult`](CallError::BadResult) (it ran);
     ///   [`Worker`](CallError::Worker) (the worker failed with the call in hand);
@@ -272,6 +302,8 @@ impl CallError {
             CallError::Overloaded { .. } | CallError::QueueTimeout { .. } => true,
             CallError::Timeout { sent, .. } => !sent,
             CallError::WorkerCrashed { .. }
+            | CallError::StreamRestarted { .. }
+            | CallError::StreamMismatch { .. }
             | CallError::AffinityLost { .. }
             | CallError::IdempotencyKeyConflict { .. }
             | CallError::PoisonRequest { .. }
@@ -370,6 +402,10 @@ impl CallError {
                     functions.map(|f| f.iter().map(|f| f.name.clone()).collect()).unwrap_or_default()
                 }),
             },
+            RemoteErrorKind::StreamMismatch => {
+                let stream = functions.and_then(|f| f.iter().find(|f| f.name == function)).is_some_and(|f| f.stream);
+                CallError::StreamMismatch { function, stream }
+            }
             RemoteErrorKind::ReplyTooLarge | RemoteErrorKind::Unserializable => {
                 CallError::BadResult { function, message: format!("{}: {}", e.type_name, e.message) }
             }
@@ -412,8 +448,11 @@ mod tests {
             (CallError::Overloaded { pool: "p".into(), max_queue: 1 }, true),
             // Non-idempotent (failed at once) or idempotent with retries spent: the same error,
             // and never for middleware to repeat.
-            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert), started: true }, false),
-            (CallError::WorkerCrashed { function: f(), attempts: 3, certificate: Arc::clone(&cert), started: false }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert), started: true, delivered: None }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 3, certificate: Arc::clone(&cert), started: false, delivered: None }, false),
+            (CallError::WorkerCrashed { function: f(), attempts: 1, certificate: Arc::clone(&cert), started: true, delivered: Some(5) }, false),
+            (CallError::StreamRestarted { function: f(), delivered: 5, attempt: 2, certificate: Arc::clone(&cert) }, false),
+            (CallError::StreamMismatch { function: f(), stream: true }, false),
             (
                 CallError::PoisonRequest {
                     function: f(),
@@ -449,6 +488,6 @@ mod tests {
     fn every_variant_is_covered() {
         let kinds: HashSet<&str> = every_variant().iter().map(|(e, _)| e.kind()).collect();
         // `kind` is an exhaustive match: a new variant gets a new kind, and must be added above.
-        assert_eq!(kinds.len(), 16, "{kinds:?}");
+        assert_eq!(kinds.len(), 18, "{kinds:?}");
     }
 }

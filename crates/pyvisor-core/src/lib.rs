@@ -62,7 +62,7 @@ pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};
 pub use error::{AffinityLostReason, CallError, PythonError, StartError};
 pub use events::{EventHandler, PoolEvent, RecycleReason};
-pub use pool::{CallOptions, Function, Pool, PoolService};
+pub use pool::{CallOptions, Function, ItemStream, Pool, PoolService, StreamOptions, DEFAULT_STREAM_CREDIT};
 pub use shared::{KEPT_CERTIFICATES, STATUS_CERTIFICATES};
 pub use os::markers::{program_id, reap_orphans, run_id, set_child_subreaper};
 pub use python::{find_executable, Interpreter};

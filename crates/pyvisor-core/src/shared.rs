@@ -69,6 +69,8 @@ pub(crate) struct Resolved {
     pub table: TableId,
     /// Its `@expose(idempotent=...)` flag.
     pub idempotent: bool,
+    /// A generator function (called as a stream).
+    pub stream: bool,
 }
 
 /// Counters of a pool's fault handling.
@@ -160,7 +162,7 @@ impl PoolShared {
         let g = self.functions.read().ok()?;
         let (table, funcs) = g.as_ref()?;
         Some(match funcs.iter().find(|f| f.name == function) {
-            Some(f) => Ok(Resolved { table: *table, idempotent: f.idempotent }),
+            Some(f) => Ok(Resolved { table: *table, idempotent: f.idempotent, stream: f.stream }),
             None => Err(CallError::UnknownFunction {
                 function: function.to_string(),
                 available: funcs.iter().map(|f| f.name.clone()).collect(),

@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn what_is_kept_is_what_ran_or_may_have_run() {
         let cert = Arc::new(crate::barrier::testing::death(None, Some(libc::SIGKILL), &[(1, false)]));
-        let crash = |started| CallError::WorkerCrashed { function: "f".into(), attempts: 1, certificate: Arc::clone(&cert), started };
+        let crash = |started| CallError::WorkerCrashed { function: "f".into(), attempts: 1, certificate: Arc::clone(&cert), started, delivered: None };
         let python = CallError::Python {
             function: "f".into(),
             error: Box::new(PythonError { type_name: "ValueError".into(), message: "m".into(), traceback: None }),

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::pick::{hold_for, pick_alone, pick_normal, preferred, SlotTable};
 use super::slot::{CapacityBell, InFlight, Outcome, SlotClosed, WorkerSlot};
+use super::stream::{StreamEvent, StreamFlow};
 use crate::death::WorkerId;
 
 /// What kind of worker a call wants.
@@ -83,6 +84,21 @@ impl Reservation {
         trace_id: Option<String>,
     ) -> Result<(InFlight, oneshot::Receiver<Outcome>), SlotClosed> {
         let rx = self.slot.register(id, attempt, function, deadline, trace_id, self.alone_id != 0)?;
+        self.armed = false;
+        Ok((InFlight::new(Arc::clone(&self.slot), id), rx))
+    }
+
+    /// Register stream `id` on the reserved worker, under `flow`'s credit: its items and its
+    /// end arrive on the receiver. Fails as [`Self::register`] does.
+    pub(crate) fn register_stream(
+        mut self,
+        id: u64,
+        attempt: u32,
+        function: &Arc<str>,
+        deadline: Option<std::time::Instant>,
+        flow: Arc<StreamFlow>,
+    ) -> Result<(InFlight, tokio::sync::mpsc::UnboundedReceiver<StreamEvent>), SlotClosed> {
+        let rx = self.slot.register_stream(id, attempt, function, deadline, self.alone_id != 0, flow)?;
         self.armed = false;
         Ok((InFlight::new(Arc::clone(&self.slot), id), rx))
     }

@@ -14,6 +14,9 @@
 //!   says it started only if the acknowledgement was read, and that it did not start only if
 //!   the dead worker's socket was read to its end without one (else: unknown).
 //!
+//! - a stream's entry hands each item to its caller as it arrives, checked against the stream's
+//!   credit and sequence ([`super::stream`]), and its end (reply, crash, shutdown) after them.
+//!
 //! It does not choose slots ([`super::pick`]) nor make callers wait ([`super::queue`]); it
 //! rings the [`CapacityBell`] when capacity frees so that waiters are served.
 
@@ -25,9 +28,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::os::pidfd::Pidfd;
-use pyvisor_protocol::{encode_cancel, Beat, Capabilities, RemoteError, SpanTiming};
+use pyvisor_protocol::{encode_cancel, Beat, Capabilities};
 use tokio::sync::oneshot;
 
+pub(crate) use super::outcome::{Failure, Outcome};
+use super::stream::{StreamEvent, StreamFlow, StreamSink};
 use crate::death::{CallInFlight, DeathCertificate, WorkerId};
 use crate::io::writer::FrameWriter;
 use crate::status::WorkerState;
@@ -62,25 +67,6 @@ impl CapacityBell {
     }
 }
 
-/// Why a call ended without a reply value.
-#[derive(Debug, Clone)]
-pub(crate) enum Failure {
-    Remote(RemoteError),
-    Crashed(Arc<DeathCertificate>),
-    ShutDown,
-}
-
-/// What a waiting caller gets: the result, and the function's span timing when the worker
-/// reported one (a traced call that ran).
-#[derive(Debug)]
-pub(crate) struct Outcome {
-    pub(crate) result: Result<Bytes, Failure>,
-    pub(crate) span: Option<SpanTiming>,
-    /// For a crash: whether the function had started, when known (see [`StartAck`]); `None`
-    /// for replies and whenever it is not known.
-    pub(crate) started: Option<bool>,
-}
-
 /// Whether a call's start was acknowledged by its worker (`started`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StartAck {
@@ -102,7 +88,26 @@ struct Pending {
     start: StartAck,
     /// `None` once the caller gave up (abandoned): kept until the worker answers, because it
     /// still holds capacity and may still be running (harakiri, certificates).
-    tx: Option<oneshot::Sender<Outcome>>,
+    tx: Option<Answer>,
+}
+
+/// Where a call's answer goes.
+enum Answer {
+    /// A call: its one outcome.
+    Call(oneshot::Sender<Outcome>),
+    /// A stream: its items as they arrive, then its end.
+    Stream(StreamSink),
+}
+
+impl Answer {
+    fn send(self, outcome: Outcome) {
+        match self {
+            Answer::Call(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Answer::Stream(sink) => sink.end(outcome),
+        }
+    }
 }
 
 /// A call its caller gave up on that the worker may still be running (harakiri check).
@@ -364,6 +369,37 @@ impl WorkerSlot {
         alone: bool,
     ) -> Result<oneshot::Receiver<Outcome>, SlotClosed> {
         let (tx, rx) = oneshot::channel();
+        self.register_answer(id, attempt, function, deadline, trace_id, alone, Answer::Call(tx))?;
+        Ok(rx)
+    }
+
+    /// Register a stream on a reservation, under `flow`'s credit: its items and then its end
+    /// arrive on the receiver. Fails as [`Self::register`] does.
+    pub(crate) fn register_stream(
+        &self,
+        id: u64,
+        attempt: u32,
+        function: &Arc<str>,
+        deadline: Option<Instant>,
+        alone: bool,
+        flow: Arc<StreamFlow>,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<StreamEvent>, SlotClosed> {
+        let (sink, rx) = StreamSink::new(flow);
+        self.register_answer(id, attempt, function, deadline, None, alone, Answer::Stream(sink))?;
+        Ok(rx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register_answer(
+        &self,
+        id: u64,
+        attempt: u32,
+        function: &Arc<str>,
+        deadline: Option<Instant>,
+        trace_id: Option<String>,
+        alone: bool,
+        tx: Answer,
+    ) -> Result<(), SlotClosed> {
         let mut t = self.table.lock().map_err(|_| SlotClosed)?;
         if !t.open {
             return Err(SlotClosed);
@@ -381,7 +417,7 @@ impl WorkerSlot {
                 tx: Some(tx),
             },
         );
-        Ok(rx)
+        Ok(())
     }
 
     /// Attempt `attempt` of call `id` (registered, not yet written) asks its worker for a
@@ -406,15 +442,48 @@ impl WorkerSlot {
 
     /// Complete a call with a worker's reply. Returns false for a reply nobody held a place for
     /// (an older attempt, or an unknown id), which is dropped.
+    #[cfg(test)]
     pub(crate) fn complete(&self, id: u64, attempt: u32, outcome: Outcome) -> bool {
+        self.complete_reply(id, attempt, outcome).unwrap_or(false)
+    }
+
+    /// An item of stream `id`, attempt `attempt`, arrived: handed to its caller if it waits
+    /// (an item for an abandoned stream or an older attempt is dropped). An error names a
+    /// protocol violation: an item past the credit or out of sequence, or for a call that is
+    /// not a stream.
+    pub(crate) fn stream_item(&self, id: u64, attempt: u32, seq: u64, value: Bytes) -> Result<(), String> {
+        let Ok(mut t) = self.table.lock() else { return Ok(()) };
+        match t.calls.get_mut(&id) {
+            Some(p) if p.attempt == attempt => match &mut p.tx {
+                Some(Answer::Stream(sink)) => sink.item(seq, value),
+                Some(Answer::Call(_)) => Err(format!("a stream item for call {id}, which is not a stream")),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::complete`], checking a stream's end: the count its reply gives must be the
+    /// items received (an error names the violation; the caller is told of nothing then, the
+    /// worker's death ends the stream).
+    pub(crate) fn complete_reply(&self, id: u64, attempt: u32, outcome: Outcome) -> Result<bool, String> {
         let pending = {
-            let Ok(mut t) = self.table.lock() else { return false };
+            let Ok(mut t) = self.table.lock() else { return Ok(false) };
             match t.calls.get(&id) {
-                Some(p) if p.attempt == attempt => t.calls.remove(&id),
+                Some(p) if p.attempt == attempt => {
+                    if let (Some(Answer::Stream(sink)), Ok(count)) = (&p.tx, &outcome.result) {
+                        let said = rmp_serde::from_slice::<u64>(count).ok();
+                        if said != Some(sink.received()) {
+                            let said = said.map_or_else(|| "a value that is not a count".to_string(), |n| n.to_string());
+                            return Err(format!("stream {id} ended saying it sent {said} items; {} arrived", sink.received()));
+                        }
+                    }
+                    t.calls.remove(&id)
+                }
                 _ => None,
             }
         };
-        let Some(p) = pending else { return false };
+        let Some(p) = pending else { return Ok(false) };
         if p.alone {
             self.unhold_quiet(id);
         }
@@ -422,9 +491,9 @@ impl WorkerSlot {
         // Capacity first, then the caller: a caller that calls again at once finds room.
         self.release_units(1, true);
         if let Some(tx) = p.tx {
-            let _ = tx.send(outcome);
+            tx.send(outcome);
         }
-        true
+        Ok(true)
     }
 
     /// The caller gave up on a call (timeout, dropped future). It stays in the table, holding
@@ -520,7 +589,7 @@ impl WorkerSlot {
                     StartAck::Started => Some(true),
                     StartAck::Awaiting => read_to_end.then_some(false),
                 };
-                let _ = tx.send(Outcome { result: Err(failure.clone()), span: None, started });
+                tx.send(Outcome { result: Err(failure.clone()), span: None, started });
             }
         }
         told

@@ -36,7 +36,7 @@ use crate::clock::unix_ms;
 use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
 use crate::death::DeathCertificate;
 use crate::dispatch::affinity::Route;
-use crate::dispatch::{Failure, QueueExit, Reservation, SlotEnd, Want, WorkerSlot};
+use crate::dispatch::{Failure, Outcome, QueueExit, Reservation, SlotEnd, Want, WorkerSlot};
 use crate::error::{AffinityLostReason, CallError};
 use crate::events::PoolEvent;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
@@ -51,21 +51,21 @@ pub(crate) struct Known<'a> {
     pub resolved: Option<Resolved>,
 }
 
-/// A call past admission.
-struct Admitted<'a> {
-    function: &'a str,
-    called: Instant,
-    deadline: Option<Instant>,
-    id: u64,
-    idempotent: bool,
+/// A call (or a stream) past admission.
+pub(super) struct Admitted<'a> {
+    pub(super) function: &'a str,
+    pub(super) called: Instant,
+    pub(super) deadline: Option<Instant>,
+    pub(super) id: u64,
+    pub(super) idempotent: bool,
     /// It has an idempotency key: ask workers that can for a start acknowledgement.
     keyed: bool,
-    traceparent: Option<&'a str>,
-    tracestate: Option<&'a str>,
+    pub(super) traceparent: Option<&'a str>,
+    pub(super) tracestate: Option<&'a str>,
 }
 
 impl Admitted<'_> {
-    fn timeout(&self, sent: bool) -> CallError {
+    pub(super) fn timeout(&self, sent: bool) -> CallError {
         CallError::Timeout {
             function: self.function.to_string(),
             after: self.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(self.called)),
@@ -73,32 +73,34 @@ impl Admitted<'_> {
         }
     }
 
-    fn expired(&self) -> bool {
+    pub(super) fn expired(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }
 
-/// Check a call before it may wait for a worker.
-fn admit<'a>(
+/// Check a call (`stream`: a stream) before it may wait for a worker.
+pub(super) fn admit<'a>(
     shared: &'a PoolShared,
     function: &'a str,
     known: Option<Known<'_>>,
     payload: &'a [u8],
     opts: &'a CallOptions,
+    stream: bool,
 ) -> Result<Admitted<'a>, CallError> {
     let spec = &shared.spec;
     let called = Instant::now();
     let deadline = opts.deadline_from(called, spec.call_timeout);
     let mut exposed_idempotent = false;
+    let mut exposed_stream = false;
     match known.and_then(|k| k.resolved) {
         // Resolved by a typed handle against the table still in force: one atomic load.
-        Some(r) if r.table == shared.table_id() => exposed_idempotent = r.idempotent,
+        Some(r) if r.table == shared.table_id() => (exposed_idempotent, exposed_stream) = (r.idempotent, r.stream),
         // One look at the function table: the name must exist; its flag is the default
         // idempotency.
         _ => {
             if let Some(funcs) = shared.functions() {
                 match funcs.iter().find(|f| f.name == function) {
-                    Some(f) => exposed_idempotent = f.idempotent,
+                    Some(f) => (exposed_idempotent, exposed_stream) = (f.idempotent, f.stream),
                     None => {
                         return Err(CallError::UnknownFunction {
                             function: function.to_string(),
@@ -108,6 +110,10 @@ fn admit<'a>(
                 }
             }
         }
+    }
+    // Before any hello there is nothing to check against; a worker refuses a mismatch itself.
+    if exposed_stream != stream && shared.functions().is_some() {
+        return Err(CallError::StreamMismatch { function: function.to_string(), stream: exposed_stream });
     }
     let call = Admitted {
         function,
@@ -119,8 +125,8 @@ fn admit<'a>(
         traceparent: opts.traceparent_str(),
         tracestate: opts.tracestate_str(),
     };
-    // A keyed call may go as `call_options`, a few bytes longer.
-    let options = if call.keyed { CALL_OPTIONS_EXTRA } else { 0 };
+    // A keyed call or a stream may go as `call_options`, a few bytes longer.
+    let options = if call.keyed || stream { CALL_OPTIONS_EXTRA } else { 0 };
     let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + options + payload.len();
     if size > spec.max_frame {
         return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
@@ -139,7 +145,7 @@ fn admit<'a>(
 }
 
 impl<'a> Admitted<'a> {
-    fn header<'h>(&'h self, attempt: u32, traceparent: Option<&'h str>, tracestate: Option<&'h str>) -> CallHeader<'h> {
+    pub(super) fn header<'h>(&'h self, attempt: u32, traceparent: Option<&'h str>, tracestate: Option<&'h str>) -> CallHeader<'h> {
         CallHeader {
             id: self.id,
             attempt,
@@ -161,7 +167,7 @@ pub(crate) async fn run(
     trace: Option<&CallTrace>,
     attempts: &mut u32,
 ) -> Result<Bytes, CallError> {
-    let call = admit(shared, function, known, payload, opts)?;
+    let call = admit(shared, function, known, payload, opts, false)?;
     let spec = &shared.spec;
     if let Some(t) = trace {
         t.idempotent(call.idempotent);
@@ -232,6 +238,7 @@ pub(crate) async fn run(
                         attempts: attempt - 1,
                         certificate: Arc::clone(last),
                         started: started_any,
+                        delivered: None,
                     });
                 }
                 return Err(CallError::QueueTimeout { function: function.to_string(), waited: call.called.elapsed() });
@@ -287,23 +294,7 @@ pub(crate) async fn run(
         };
         in_flight.done();
         let Ok(outcome) = outcome else { return Err(shared.closed_error()) };
-        // The Python function's span, from the worker's timing (sampled traces only).
-        let sampled = attempt_trace.as_ref().map(AttemptTrace::context).filter(|c| c.is_sampled());
-        if let (Some(attempt_ctx), Some(timing)) = (sampled, outcome.span) {
-            crate::observe::function_span::record(FunctionSpan {
-                attempt: attempt_ctx,
-                timing,
-                function,
-                call_id: call.id,
-                attempt_no: attempt,
-                worker: &slot.id,
-                pid: slot.pid().unwrap_or(0),
-                error: match &outcome.result {
-                    Err(Failure::Remote(e)) => Some(e),
-                    _ => None,
-                },
-            });
-        }
+        record_function_span(attempt_trace.as_ref(), &outcome, function, call.id, attempt, &slot);
         let started = outcome.started;
         let certificate = match outcome.result {
             Ok(bytes) => return Ok(bytes),
@@ -355,10 +346,38 @@ pub(crate) async fn run(
                     attempts: attempt,
                     certificate,
                     started: started_any,
+                    delivered: None,
                 })
             }
             CrashVerdict::Poison => return Err(poisoned(shared, function, payload, trace, attempt, barrier.certificates())),
         }
+    }
+}
+
+/// The Python function's span, from the worker's timing in `outcome` (sampled traces only).
+pub(super) fn record_function_span(
+    attempt_trace: Option<&AttemptTrace>,
+    outcome: &Outcome,
+    function: &str,
+    call_id: u64,
+    attempt: u32,
+    slot: &WorkerSlot,
+) {
+    let sampled = attempt_trace.map(AttemptTrace::context).filter(|c| c.is_sampled());
+    if let (Some(attempt_ctx), Some(timing)) = (sampled, outcome.span) {
+        crate::observe::function_span::record(FunctionSpan {
+            attempt: attempt_ctx,
+            timing,
+            function,
+            call_id,
+            attempt_no: attempt,
+            worker: &slot.id,
+            pid: slot.pid().unwrap_or(0),
+            error: match &outcome.result {
+                Err(Failure::Remote(e)) => Some(e),
+                _ => None,
+            },
+        });
     }
 }
 
@@ -401,7 +420,7 @@ async fn affinity_lost(shared: &PoolShared, key: &str, slot: &WorkerSlot, deadli
 }
 
 /// Reserve a worker, with a queue-wait span only when the call has to wait.
-async fn acquire(
+pub(super) async fn acquire(
     shared: &PoolShared,
     want: Want,
     first: bool,
@@ -417,7 +436,7 @@ async fn acquire(
 }
 
 /// Quarantine a poison request's fingerprint and build its error.
-fn poisoned(
+pub(super) fn poisoned(
     shared: &PoolShared,
     function: &str,
     payload: &[u8],
@@ -469,14 +488,14 @@ mod tests {
         // Before any hello: nothing to check against, the call goes ahead as pool.call's does.
         assert_eq!(shared.table_id(), 0);
         assert!(shared.resolve("f").is_none());
-        assert!(admit(&shared, "f", None, b"", &opts).is_ok());
+        assert!(admit(&shared, "f", None, b"", &opts, false).is_ok());
 
         shared.set_functions(&[function("f", true), function("g", false)]);
         let resolved = shared.resolve("f").and_then(Result::ok).expect("f is exposed");
         assert!(resolved.idempotent && resolved.table == shared.table_id());
         assert!(matches!(shared.resolve("h"), Some(Err(CallError::UnknownFunction { .. }))));
         let known = Known { name: &name, resolved: Some(resolved) };
-        assert!(admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+        assert!(admit(&shared, "f", Some(known), b"", &opts, false).expect("admitted").idempotent);
 
         // The same table announced again (another worker's hello) keeps its id.
         shared.set_functions(&[function("f", true), function("g", false)]);
@@ -485,9 +504,9 @@ mod tests {
         // A different table: the old resolution is not trusted, the name is looked up again.
         shared.set_functions(&[function("f", false)]);
         assert_ne!(shared.table_id(), resolved.table);
-        assert!(!admit(&shared, "f", Some(known), b"", &opts).expect("admitted").idempotent);
+        assert!(!admit(&shared, "f", Some(known), b"", &opts, false).expect("admitted").idempotent);
         shared.set_functions(&[function("g", false)]);
-        let gone = admit(&shared, "f", Some(known), b"", &opts).err();
+        let gone = admit(&shared, "f", Some(known), b"", &opts, false).err();
         assert!(matches!(gone, Some(CallError::UnknownFunction { ref available, .. }) if available == &["g".to_string()]), "{gone:?}");
     }
 }

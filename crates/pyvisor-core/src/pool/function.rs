@@ -30,7 +30,7 @@ use crate::shared::Resolved;
 /// name up as [`Pool::call`] does, and fails with [`CallError::UnknownFunction`] if the name is
 /// gone.
 ///
-/// It is also a `tower::Service<I>` with `tower::load::Load`: see [`super::service`] and
+/// It is also a `tower::Service<I>` with `tower::load::Load`: see `pool::service` and
 /// `docs/typed_handles_and_tower.md`.
 ///
 /// ```no_run

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::call::Known;
 use super::options::CallOptions;
+use super::stream::{ItemStream, StreamOptions};
 use crate::death::DeathCertificate;
 use crate::dispatch::Dispatcher;
 use crate::error::{CallError, StartError};
@@ -224,6 +225,38 @@ impl Pool {
         let payload = encode(function, input)?;
         let reply = self.call_raw(function, &payload, opts).await?;
         decode(function, &reply)
+    }
+
+    /// Stream the items of the generator function `function` called with `input`, each
+    /// deserialized as `O`. Lazy: the call is sent on the first poll. See [`ItemStream`] and
+    /// docs/streaming.md.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::TryStreamExt;
+    /// use pyvisor_core::{Pool, PoolSpec};
+    /// let pool = Pool::start(PoolSpec::script("worker.py")).await?;
+    /// // def count(n): yield from range(n)
+    /// let items: Vec<u64> = pool.stream::<_, u64>("count", &10).try_collect().await?;
+    /// assert_eq!(items, (0..10).collect::<Vec<_>>());
+    /// # Ok(()) }
+    /// ```
+    pub fn stream<I, O>(&self, function: &str, input: &I) -> ItemStream<O>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        self.stream_with(function, input, StreamOptions::default())
+    }
+
+    /// [`Pool::stream`] with options: deadline, credit window, restart after a crash.
+    pub fn stream_with<I, O>(&self, function: &str, input: &I, opts: StreamOptions) -> ItemStream<O>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        let shared = Arc::clone(&self.inner().shared);
+        super::stream::start(self.clone(), shared, function, encode(function, input), opts)
     }
 
     /// The function table's entry for `function` (`None`: no worker has said `hello` yet).

@@ -11,6 +11,9 @@
 //!   barrier — with no actor on it;
 //! - [`keyed`]: the path of a call with an idempotency key — a kept outcome, the execution in
 //!   flight to join, or a new execution (single flight);
+//! - [`stream`]: the items of a generator function as a `futures::Stream` ([`ItemStream`],
+//!   [`StreamOptions`]): credit granted back as the caller reads, cancel on drop, the crash
+//!   barrier for streams;
 //! - [`traced`]: one call made and observed (its span and metrics), for the handle and the
 //!   keyed path.
 //!
@@ -23,9 +26,11 @@ pub(crate) mod keyed;
 pub(crate) mod options;
 pub(crate) mod readiness;
 pub(crate) mod service;
+pub(crate) mod stream;
 pub(crate) mod traced;
 
 pub use function::Function;
 pub use handle::Pool;
 pub use service::PoolService;
 pub use options::CallOptions;
+pub use stream::{ItemStream, StreamOptions, DEFAULT_STREAM_CREDIT};

@@ -368,7 +368,8 @@ impl Drop for WorkerActorState {
     }
 }
 
-/// Where a worker's messages go: replies straight to their callers, beats and pongs to the
+/// Where a worker's messages go: replies and stream items straight to their callers (an item
+/// or a stream's end that breaks its stream's rules is a protocol violation), beats and pongs to the
 /// slot, the first `hello` to the actor (another one is a protocol error: the function table
 /// is fixed by the first). A `refused` reply (the worker is going away and did not run the
 /// call) also stops routing to the worker. `Some`: stop reading.
@@ -384,7 +385,15 @@ fn deliver(
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
             }
-            slot.complete(r.id, r.attempt, Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span, started: None });
+            let outcome = Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span, started: None };
+            if let Err(violation) = slot.complete_reply(r.id, r.attempt, outcome) {
+                return Some(ReadEnd::Protocol(violation));
+            }
+        }
+        WorkerMessage::Item { id, attempt, seq, value } => {
+            if let Err(violation) = slot.stream_item(id, attempt, seq, value) {
+                return Some(ReadEnd::Protocol(violation));
+            }
         }
         WorkerMessage::Started { id, attempt } => slot.mark_started(id, attempt),
         WorkerMessage::Beat(b) => slot.record_beat(b),
