@@ -33,6 +33,9 @@ pub mod msg_type {
     pub const ITEM: u8 = 10;
     /// parent → worker, capability `stream`: more credit for a stream.
     pub const CREDIT: u8 = 11;
+    /// either direction, capability `oob` (not announced yet, issue 16): the next frame uses
+    /// the sealed memfds sent with this message.
+    pub const FDS: u8 = 12;
 }
 
 /// The capabilities a worker may announce in `hello` (`capabilities`, an array of str): new
@@ -305,6 +308,9 @@ pub enum WorkerMessage {
         /// Attempt number.
         attempt: u32,
     },
+    /// The next frame uses out-of-band buffers of these lengths, whose fds came with this
+    /// message (`docs/design/out_of_band_buffers.md`; not used by the parent yet).
+    Fds(Vec<u64>),
     /// One item of a stream (capability `stream`).
     Item {
         /// The stream's call id.
@@ -751,6 +757,18 @@ pub fn decode_worker_message(body: Bytes) -> Result<WorkerMessage, ProtocolError
             }
             let start = total - rd.len();
             Ok(WorkerMessage::Item { id, attempt, seq, value: body.slice(start..) })
+        }
+        t if t == u64::from(msg_type::FDS) => {
+            if len != 2 {
+                return Err(malformed(format!("fds has {len} elements, expected 2")));
+            }
+            let bad = |detail: String| ProtocolError::BadField { message: "fds", field: "lens", detail };
+            let n = rmp::decode::read_array_len(&mut rd).map_err(|e| bad(e.to_string()))? as usize;
+            if n == 0 || n > crate::MAX_FDS_PER_FRAME {
+                return Err(bad(format!("{n} buffers, 1 to {} allowed", crate::MAX_FDS_PER_FRAME)));
+            }
+            let lens = (0..n).map(|_| read_u64(&mut rd, "fds", "lens")).collect::<Result<Vec<u64>, _>>()?;
+            Ok(WorkerMessage::Fds(lens))
         }
         t if t == u64::from(msg_type::STARTED) => {
             if len != 3 {

@@ -390,6 +390,8 @@ fn deliver(
                 return Some(ReadEnd::Protocol(violation));
             }
         }
+        // Out-of-band buffers are not taken yet (issue 16): no worker may announce them.
+        WorkerMessage::Fds(_) => return Some(ReadEnd::Protocol("an fds message, but out-of-band buffers were not offered".into())),
         WorkerMessage::Item { id, attempt, seq, value } => {
             if let Err(violation) = slot.stream_item(id, attempt, seq, value) {
                 return Some(ReadEnd::Protocol(violation));

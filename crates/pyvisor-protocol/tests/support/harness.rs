@@ -258,6 +258,7 @@ pub fn encode_message(m: &WorkerMessage) -> Vec<u8> {
         WorkerMessage::Beat(b) => encode(&Value::Array(vec![4.into(), beat_value(b)])),
         WorkerMessage::Pong { nonce, beat } => encode(&Value::Array(vec![6.into(), (*nonce).into(), beat_value(beat)])),
         WorkerMessage::Started { id, attempt } => encode(&Value::Array(vec![8.into(), (*id).into(), (*attempt).into()])),
+        WorkerMessage::Fds(lens) => encode(&Value::Array(vec![12.into(), Value::Array(lens.iter().map(|l| (*l).into()).collect())])),
         WorkerMessage::Item { id, attempt, seq, value } => {
             // The value goes in as the worker's encoder wrote it: spliced, not re-encoded.
             let mut out = encode(&Value::Array(vec![10.into(), (*id).into(), (*attempt).into(), (*seq).into()]));
@@ -362,6 +363,7 @@ pub fn arb_message() -> impl Strategy<Value = WorkerMessage> {
         1 => arb_hello().prop_map(WorkerMessage::Hello),
         1 => (any::<u64>(), arb_beat()).prop_map(|(nonce, beat)| WorkerMessage::Pong { nonce, beat }),
         1 => (any::<u64>(), any::<u32>()).prop_map(|(id, attempt)| WorkerMessage::Started { id, attempt }),
+        1 => proptest::collection::vec(any::<u64>(), 1..=16).prop_map(WorkerMessage::Fds),
         1 => (any::<u64>(), any::<u32>(), any::<u64>(), arb_value())
             .prop_map(|(id, attempt, seq, v)| WorkerMessage::Item { id, attempt, seq, value: bytes::Bytes::from(encode(&v)) }),
     ]
@@ -590,6 +592,7 @@ pub fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("beat", encode_message(&WorkerMessage::Beat(sample_beat()))),
         ("pong", encode_message(&WorkerMessage::Pong { nonce: 5, beat: sample_beat() })),
         ("started", encode_message(&WorkerMessage::Started { id: u64::MAX, attempt: u32::MAX })),
+        ("fds", encode_message(&WorkerMessage::Fds(vec![4096, u64::MAX]))),
         ("item", encode_message(&WorkerMessage::Item { id: u64::MAX, attempt: u32::MAX, seq: u64::MAX, value: bytes::Bytes::from(encode(&s("v"))) })),
         ("reply-ok", encode_message(&ok)),
         ("reply-error-traced", encode_message(&traced)),

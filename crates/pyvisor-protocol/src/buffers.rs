@@ -1,0 +1,224 @@
+//! Out-of-band buffers on the wire (docs/design/out_of_band_buffers.md, issue 16): the `fds`
+//! message that announces the sealed memfds the next frame uses, and the references to them
+//! inside a MessagePack value (ext type [`EXT_BUFFER`], a 4-byte big-endian buffer index).
+//!
+//! Owns the byte format only: [`encode_fds`], the `fds` message's decoding (in
+//! [`crate::decode_worker_message`]), and [`inline_buffers`], which turns a value with
+//! references into the same value with the buffers' bytes in band (the one-copy path, for
+//! types that are not `SharedBytes`). Not the fds themselves (`pyvisor-core`'s `os::memfd`).
+
+use std::borrow::Cow;
+
+use crate::frame::LENGTH_PREFIX;
+
+/// MessagePack ext type of a reference to an out-of-band buffer.
+pub const EXT_BUFFER: i8 = 80;
+
+/// The most buffers (fds) one frame may use.
+pub const MAX_FDS_PER_FRAME: usize = 16;
+
+/// Encode an `fds` frame (`[12, [len_0, …]]`): the next frame uses these buffers, in order.
+/// Send it by one `sendmsg` carrying its fds.
+///
+/// ```
+/// let f = pyvisor_protocol::encode_fds(&[4096, 1 << 20]);
+/// let v: (u8, Vec<u64>) = rmp_serde::from_slice(&f[4..]).unwrap();
+/// assert_eq!(v, (12, vec![4096, 1 << 20]));
+/// ```
+pub fn encode_fds(lens: &[u64]) -> Vec<u8> {
+    let mut buf = vec![0; LENGTH_PREFIX];
+    let _ = rmp::encode::write_array_len(&mut buf, 2);
+    let _ = rmp::encode::write_uint(&mut buf, u64::from(crate::msg_type::FDS));
+    let _ = rmp::encode::write_array_len(&mut buf, lens.len() as u32);
+    for l in lens {
+        let _ = rmp::encode::write_uint(&mut buf, *l);
+    }
+    let len = (buf.len() - LENGTH_PREFIX) as u32;
+    buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// Write a reference to buffer `index` (an ext [`EXT_BUFFER`] of 4 bytes).
+pub fn write_buffer_ref(out: &mut Vec<u8>, index: u32) {
+    let _ = rmp::encode::write_ext_meta(out, 4, EXT_BUFFER);
+    out.extend_from_slice(&index.to_be_bytes());
+}
+
+/// A value whose buffer references cannot be resolved.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BufferRefError {
+    /// A reference names a buffer the frame does not have.
+    #[error("reference to buffer {index}, the frame has {count}")]
+    NoSuchBuffer {
+        /// The index referenced.
+        index: u32,
+        /// Buffers the frame has.
+        count: usize,
+    },
+    /// An ext of type 80 that is not a 4-byte reference.
+    #[error("a buffer reference of {0} bytes (4 expected)")]
+    BadReference(u32),
+    /// The value is not MessagePack (cut short, or a reserved byte).
+    #[error("not a MessagePack value: {0}")]
+    Malformed(&'static str),
+    /// A buffer too large for a MessagePack `bin` (over 4 GiB).
+    #[error("buffer {0} is too large to inline")]
+    TooLarge(u32),
+}
+
+/// `value` with every buffer reference replaced by the referenced bytes as a MessagePack `bin`
+/// (one copy of each). Borrowed back unchanged when it has no reference. Walks the value
+/// without recursion; every length is checked against what remains.
+///
+/// ```
+/// use pyvisor_protocol::{inline_buffers, write_buffer_ref};
+/// let mut value = vec![0x92, 0x01]; // [1, <buffer 0>]
+/// write_buffer_ref(&mut value, 0);
+/// let inlined = inline_buffers(&value, &[b"abc"]).unwrap();
+/// let v = rmpv::decode::read_value(&mut &inlined[..]).unwrap();
+/// assert_eq!(v, rmpv::Value::Array(vec![1.into(), rmpv::Value::Binary(b"abc".to_vec())]));
+/// ```
+pub fn inline_buffers<'v>(value: &'v [u8], buffers: &[&[u8]]) -> Result<Cow<'v, [u8]>, BufferRefError> {
+    let mut out: Option<Vec<u8>> = None;
+    // Bytes of `value` already copied to `out` (up to `copied`).
+    let mut copied = 0;
+    let mut pos = 0;
+    let mut pending: u64 = 1;
+    let cut = BufferRefError::Malformed("value cut short");
+    let take = |pos: &mut usize, n: usize| -> Result<u64, BufferRefError> {
+        let end = pos.checked_add(n).filter(|&e| e <= value.len()).ok_or(BufferRefError::Malformed("value cut short"))?;
+        let v = value[*pos..end].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        *pos = end;
+        Ok(v)
+    };
+    while pending > 0 {
+        pending -= 1;
+        let start = pos;
+        let marker = *value.get(pos).ok_or(cut.clone())?;
+        pos += 1;
+        use rmp::Marker as M;
+        let (elements, skip): (u64, u64) = match rmp::Marker::from_u8(marker) {
+            M::FixPos(_) | M::FixNeg(_) | M::Null | M::True | M::False => (0, 0),
+            M::U8 | M::I8 => (0, 1),
+            M::U16 | M::I16 => (0, 2),
+            M::U32 | M::I32 | M::F32 => (0, 4),
+            M::U64 | M::I64 | M::F64 => (0, 8),
+            M::FixStr(n) => (0, u64::from(n)),
+            M::Str8 | M::Bin8 => (0, take(&mut pos, 1)?),
+            M::Str16 | M::Bin16 => (0, take(&mut pos, 2)?),
+            M::Str32 | M::Bin32 => (0, take(&mut pos, 4)?),
+            M::FixExt4 => {
+                let ty = take(&mut pos, 1)? as u8 as i8;
+                if ty == EXT_BUFFER {
+                    let index = take(&mut pos, 4)? as u32;
+                    let data = *buffers.get(index as usize).ok_or(BufferRefError::NoSuchBuffer { index, count: buffers.len() })?;
+                    let len = u32::try_from(data.len()).map_err(|_| BufferRefError::TooLarge(index))?;
+                    let o = out.get_or_insert_with(|| Vec::with_capacity(value.len() + data.len() + 5));
+                    o.extend_from_slice(&value[copied..start]);
+                    let _ = rmp::encode::write_bin_len(o, len);
+                    o.extend_from_slice(data);
+                    copied = pos;
+                    continue;
+                }
+                (0, 4)
+            }
+            M::FixExt1 | M::FixExt2 | M::FixExt8 | M::FixExt16 => {
+                let n = match rmp::Marker::from_u8(marker) {
+                    M::FixExt1 => 1,
+                    M::FixExt2 => 2,
+                    M::FixExt8 => 8,
+                    _ => 16,
+                };
+                let ty = take(&mut pos, 1)? as u8 as i8;
+                if ty == EXT_BUFFER {
+                    return Err(BufferRefError::BadReference(n));
+                }
+                (0, u64::from(n))
+            }
+            M::Ext8 | M::Ext16 | M::Ext32 => {
+                let width = match rmp::Marker::from_u8(marker) {
+                    M::Ext8 => 1,
+                    M::Ext16 => 2,
+                    _ => 4,
+                };
+                let n = take(&mut pos, width)?;
+                let ty = take(&mut pos, 1)? as u8 as i8;
+                if ty == EXT_BUFFER {
+                    return Err(BufferRefError::BadReference(n as u32));
+                }
+                (0, n)
+            }
+            M::FixArray(n) => (u64::from(n), 0),
+            M::Array16 => (take(&mut pos, 2)?, 0),
+            M::Array32 => (take(&mut pos, 4)?, 0),
+            M::FixMap(n) => (2 * u64::from(n), 0),
+            M::Map16 => (2 * take(&mut pos, 2)?, 0),
+            M::Map32 => (2 * take(&mut pos, 4)?, 0),
+            M::Reserved => return Err(BufferRefError::Malformed("byte 0xc1")),
+        };
+        let skip = usize::try_from(skip).ok().filter(|&s| s <= value.len() - pos).ok_or(cut.clone())?;
+        pos += skip;
+        pending += elements;
+        // Every element takes at least one byte: a count beyond what remains is a lie.
+        if pending > (value.len() - pos) as u64 {
+            return Err(cut);
+        }
+    }
+    if pos != value.len() {
+        return Err(BufferRefError::Malformed("bytes after the value"));
+    }
+    Ok(match out {
+        None => Cow::Borrowed(value),
+        Some(mut o) => {
+            o.extend_from_slice(&value[copied..]);
+            Cow::Owned(o)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(v: &rmpv::Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).expect("encodes");
+        out
+    }
+
+    #[test]
+    fn references_become_bin_and_everything_else_is_kept() {
+        let big = vec![7u8; 70_000];
+        let small = b"xyz".to_vec();
+        let v = rmpv::Value::Map(vec![
+            ("a".into(), rmpv::Value::Ext(EXT_BUFFER, 1u32.to_be_bytes().to_vec())),
+            ("b".into(), rmpv::Value::Array(vec![1.into(), rmpv::Value::Ext(EXT_BUFFER, 0u32.to_be_bytes().to_vec()), "s".into()])),
+            ("c".into(), rmpv::Value::Ext(5, vec![1, 2, 3, 4])),
+            ("d".into(), rmpv::Value::Binary(vec![9; 300])),
+        ]);
+        let bytes = pack(&v);
+        let inlined = inline_buffers(&bytes, &[&small, &big]).expect("resolves");
+        let back = rmpv::decode::read_value(&mut &inlined[..]).expect("a value");
+        let expected = rmpv::Value::Map(vec![
+            ("a".into(), rmpv::Value::Binary(big.clone())),
+            ("b".into(), rmpv::Value::Array(vec![1.into(), rmpv::Value::Binary(small.clone()), "s".into()])),
+            ("c".into(), rmpv::Value::Ext(5, vec![1, 2, 3, 4])),
+            ("d".into(), rmpv::Value::Binary(vec![9; 300])),
+        ]);
+        assert_eq!(back, expected);
+        // No reference: the same bytes, not copied.
+        let plain = pack(&rmpv::Value::Array(vec![1.into(), "x".into()]));
+        assert!(matches!(inline_buffers(&plain, &[]), Ok(Cow::Borrowed(b)) if b == &plain[..]));
+    }
+
+    #[test]
+    fn bad_references_and_lying_values_are_errors() {
+        let r = |i: u32| pack(&rmpv::Value::Ext(EXT_BUFFER, i.to_be_bytes().to_vec()));
+        assert_eq!(inline_buffers(&r(2), &[b"a", b"b"]).err(), Some(BufferRefError::NoSuchBuffer { index: 2, count: 2 }));
+        assert_eq!(inline_buffers(&pack(&rmpv::Value::Ext(EXT_BUFFER, vec![0; 8])), &[b"a"]).err(), Some(BufferRefError::BadReference(8)));
+        assert!(matches!(inline_buffers(&pack(&rmpv::Value::Ext(EXT_BUFFER, vec![0; 3])), &[b"a"]), Err(BufferRefError::BadReference(3))));
+        for hostile in [vec![0xdd, 0xff, 0xff, 0xff, 0xff], vec![0xc6, 0xff, 0xff, 0xff, 0xff, 0], vec![0xc1], vec![0x92, 0x01], vec![0x01, 0x02]] {
+            assert!(inline_buffers(&hostile, &[b"a"]).is_err(), "{hostile:?}");
+        }
+    }
+}
