@@ -9,6 +9,7 @@ MessagePack. Nothing here goes through the protocol (not wired yet).
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import gc
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
 
-import msgpack
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from pyvisor_worker import _buffers
@@ -252,7 +253,7 @@ def test_a_writable_shared_mapping_prevents_sealing() -> None:
         writable.close()
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS_ALL)
         check_sealed(fd, 4096)
-        assert map_readonly(fd, 4) == b"LATE"
+        assert bytes(map_readonly(fd, 4)) == b"LATE"
     finally:
         os.close(fd)
 
@@ -370,7 +371,7 @@ def test_empty_mapping() -> None:
         view = map_readonly(fd, 0)
     finally:
         os.close(fd)
-    assert view.readonly and len(view) == 0 and view == b""
+    assert view.readonly and len(view) == 0 and bytes(view) == b""
     with pytest.raises(ValueError):
         map_readonly(-1, -1)
 
@@ -545,6 +546,38 @@ def test_send_with_fds_limits(pair: Tuple[socket.socket, socket.socket]) -> None
         send_with_fds(a, b"", [0])
 
 
+def test_kernel_facts_the_protocol_relies_on(pair: Tuple[socket.socket, socket.socket]) -> None:
+    """Not this module's behaviour but Linux's, pinned: why fds need their own message."""
+    a, b = pair
+    fd = seal_bytes(b"x")
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    buf = bytearray(64)
+    try:
+        # fds with no byte to carry them vanish silently (hence send_with_fds' ValueError).
+        assert a.sendmsg([b""], rights) == 0
+        a.send(b"z")
+        assert recv_with_fds(b, buf) == (1, [])
+        # A read stops after a segment that carries fds, not before: the fds of a later send
+        # arrive with the plain bytes sent before it, so a read cannot tell whose they are.
+        a.send(b"EEEE")
+        a.sendmsg([b"FFFF"], rights)
+        a.send(b"GGGG")
+        nbytes, got = recv_with_fds(b, buf)
+        for received in got:
+            os.close(received)
+        assert (bytes(buf[:nbytes]), len(got)) == (b"EEEEFFFF", 1)
+        assert recv_with_fds(b, buf) == (4, [])
+        # Without MSG_CMSG_CLOEXEC received fds would be inheritable (recv_with_fds asks for it).
+        a.sendmsg([b"x"], rights)
+        _, ancdata, _, _ = b.recvmsg_into([buf], socket.CMSG_SPACE(4))
+        plain = array.array("i")
+        plain.frombytes(ancdata[0][2])
+        assert not cloexec(plain[0])
+        os.close(plain[0])
+    finally:
+        os.close(fd)
+
+
 def test_truncated_ancillary_data_is_an_error_and_leaks_nothing(
     pair: Tuple[socket.socket, socket.socket],
 ) -> None:
@@ -559,7 +592,7 @@ def test_truncated_ancillary_data_is_an_error_and_leaks_nothing(
         assert open_fds() == before
         # Default room (16 fds) with 17 sent by a raw sendmsg: cut too.
         many = fds * 5 + fds[:2]
-        a.sendmsg([b"y"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _int_array(many))])
+        a.sendmsg([b"y"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", many))])
         with pytest.raises(BufferViolation, match="MSG_CTRUNC"):
             recv_with_fds(b, bytearray(8))
         assert open_fds() == before
@@ -584,12 +617,6 @@ def test_more_fds_than_allowed_is_an_error_and_leaks_nothing(
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def _int_array(values: List[int]) -> Any:
-    import array
-
-    return array.array("i", values)
 
 
 # -- no leaks -------------------------------------------------------------------------------
