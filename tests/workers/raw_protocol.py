@@ -15,6 +15,11 @@ RAW_MODE selects the misbehaviour:
 - ``stream_overrun``, ``stream_skip``, ``stream_bad_count``: announce the ``stream`` capability
   and a generator ``gen``; on a stream call, send more items than the credit allows (then
   wait), skip a sequence number, or end with a count that is not the items sent.
+- ``oob_*``: announce the ``oob`` capability and answer ``echo`` of an int ``n`` with ``n``
+  bytes in a memfd passed out of band (an ``fds`` message and its fd in one ``sendmsg``, then
+  the reply referencing buffer 0): ``oob_reply`` seals it properly; ``oob_unsealed`` does not
+  seal it; ``oob_short`` announces twice its length; ``oob_many`` passes 17 fds at once;
+  ``oob_unclaimed`` passes fds with plain replies and no ``fds`` message.
 """
 
 import os
@@ -23,6 +28,9 @@ import struct
 import sys
 import threading
 import time
+
+import array
+import fcntl
 
 import msgpack
 from pyvisor_worker._config import current_config
@@ -84,7 +92,7 @@ def hello(functions):
             {"name": f, "idempotent": False, "kind": "inline", "threads": 0, "stream": streams and f == "gen"}
             for f in functions
         ],
-        "capabilities": ["call_options", "started"] if mode == "started_then_exit" else (["call_options", "stream"] if streams else []),
+        "capabilities": ["call_options", "started"] if mode == "started_then_exit" else (["call_options", "stream"] if streams else (["oob"] if mode.startswith("oob_") and not os.environ.get("RAW_NO_OOB") else [])),
     }])
 
 
@@ -137,6 +145,25 @@ while True:
     if msg[0] != 1:
         continue
     call_id, attempt, function, payload = msg[1], msg[2], msg[3], msg[7]
+    if mode.startswith("oob_"):
+        n = int(payload)
+        fd = os.memfd_create("raw", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(fd, bytes(i % 251 for i in range(n)))
+        if mode != "oob_unsealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        ref = msgpack.ExtType(80, (0).to_bytes(4, "big"))
+        reply = msgpack.packb([2, call_id, attempt, True, None, ref], use_bin_type=True)
+        reply = struct.pack(">I", len(reply)) + reply
+        fds = [fd] * (17 if mode == "oob_many" else 1)
+        if mode == "oob_unclaimed":
+            data = reply
+        else:
+            announce = msgpack.packb([12, [2 * n if mode == "oob_short" else n]])
+            data = struct.pack(">I", len(announce)) + announce + reply
+        with lock:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        os.close(fd)
+        continue
     if mode == "batch_then_exit":
         batch.append((call_id, attempt, payload))
         if len(batch) == int(os.environ.get("RAW_BATCH", "100")):

@@ -48,6 +48,8 @@ pub mod capability {
     pub const STARTED: &str = "started";
     /// The worker runs generator functions as streams (`item`, `credit`, the `stream` option).
     pub const STREAM: &str = "stream";
+    /// The worker sends and takes out-of-band buffers (sealed memfds, the `fds` message).
+    pub const OOB: &str = "oob";
 }
 
 /// The set of capabilities a worker announced that this version knows, as bits (cheap to keep
@@ -69,6 +71,7 @@ impl Capabilities {
     const CALL_OPTIONS: u8 = 1;
     const STARTED: u8 = 2;
     const STREAM: u8 = 4;
+    const OOB: u8 = 8;
 
     /// The known capabilities among `names` (unknown names are ignored).
     pub fn from_names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
@@ -78,6 +81,7 @@ impl Capabilities {
                 capability::CALL_OPTIONS => bits |= Self::CALL_OPTIONS,
                 capability::STARTED => bits |= Self::STARTED,
                 capability::STREAM => bits |= Self::STREAM,
+                capability::OOB => bits |= Self::OOB,
                 _ => {}
             }
         }
@@ -89,7 +93,7 @@ impl Capabilities {
     }
     /// The set from [`Capabilities::bits`].
     pub fn from_bits(bits: u8) -> Self {
-        Capabilities(bits & (Self::CALL_OPTIONS | Self::STARTED | Self::STREAM))
+        Capabilities(bits & (Self::CALL_OPTIONS | Self::STARTED | Self::STREAM | Self::OOB))
     }
     /// The worker takes `call_options`.
     pub fn call_options(self) -> bool {
@@ -99,6 +103,10 @@ impl Capabilities {
     /// whether such a call started is known after its worker died.
     pub fn acks_start(self) -> bool {
         self.0 & (Self::CALL_OPTIONS | Self::STARTED) == Self::CALL_OPTIONS | Self::STARTED
+    }
+    /// The worker passes out-of-band buffers (`fds` messages with sealed memfds).
+    pub fn oob(self) -> bool {
+        self.0 & Self::OOB != 0
     }
     /// The worker takes `call_options` and runs generator functions as streams.
     pub fn streams(self) -> bool {

@@ -19,10 +19,7 @@ use std::sync::Arc;
 
 use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
-use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
-};
+use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 /// The most fds one message may carry (the `fds` message's bound).
 pub(crate) const MAX_FDS_PER_FRAME: usize = 16;
@@ -204,33 +201,58 @@ pub(crate) struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
-/// One `recvmsg` into `buf`, taking at most [`MAX_FDS_PER_FRAME`] fds (close-on-exec). Cut
-/// ancillary data (`MSG_CTRUNC`: fds were lost) or too many fds is an error, and every fd that
-/// did arrive is closed (they drop).
-pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Result<Received, BufferViolation>> {
-    // Room for one fd more than allowed, so that "too many" is told apart from "cut".
-    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME + 1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = loop {
-        match recvmsg(sock, &mut [io::IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC) {
-            Ok(m) => break m,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
+/// One `recvmsg` into `buf` (which need not be initialized: the reader's spare capacity),
+/// taking at most [`MAX_FDS_PER_FRAME`] fds (close-on-exec). Cut ancillary data (`MSG_CTRUNC`:
+/// fds were lost) or too many fds is an error, and every fd that did arrive is closed (they
+/// drop). Non-blocking sockets give `WouldBlock` as usual.
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<Result<Received, BufferViolation>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // Room for one fd more than allowed, so that "too many" is told apart from "cut"; u64s
+    // for the alignment a cmsghdr needs.
+    const SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME + 1));
+    let mut control = [0u64; SPACE.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (the caller's buffer, written by the kernel only) and
+        // at `control`, both live for the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     };
     let mut fds = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = m {
-            fds.extend(received);
+    // SAFETY: walking the control messages the kernel wrote, with the libc macros, within
+    // `msg_controllen`; each SCM_RIGHTS payload is an array of ints we now own.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if msg.flags.contains(ReturnFlags::CTRUNC) {
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Ok(Err(BufferViolation::Truncated));
     }
     if fds.len() > MAX_FDS_PER_FRAME {
         return Ok(Err(BufferViolation::TooMany { got: fds.len() }));
     }
-    Ok(Ok(Received { bytes: msg.bytes, fds }))
+    Ok(Ok(Received { bytes: n, fds }))
 }
 
 #[cfg(test)]
@@ -330,9 +352,11 @@ mod tests {
             let fds: Vec<BorrowedFd<'_>> = bufs.iter().map(SharedBytes::fd).collect();
             send_with_fds(a.as_fd(), b"frame", &fds).expect("sent");
             drop(bufs);
-            let mut buf = [0u8; 64];
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
             let got = recv_with_fds(b.as_fd(), &mut buf).expect("recvmsg").expect("within the rules");
-            assert_eq!(&buf[..got.bytes], b"frame");
+            // SAFETY: the kernel wrote the first `got.bytes` bytes.
+            let read: Vec<u8> = buf[..got.bytes].iter().map(|b| unsafe { b.assume_init() }).collect();
+            assert_eq!(read, b"frame");
             assert_eq!(got.fds.len(), 3);
             for (i, fd) in got.fds.into_iter().enumerate() {
                 let m = SharedBytes::from_fd(fd, 1000 + i + round, i).expect("a sealed memfd");
@@ -355,7 +379,7 @@ mod tests {
         let mut control = SendAncillaryBuffer::new(&mut space);
         assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
         sendmsg(a.as_fd(), &[io::IoSlice::new(b"f")], &mut control, SendFlags::empty()).expect("sent");
-        let mut buf = [0u8; 8];
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8];
         let got = recv_with_fds(b.as_fd(), &mut buf).expect("recvmsg");
         assert_eq!(got.err(), Some(BufferViolation::TooMany { got: MAX_FDS_PER_FRAME + 1 }));
         // Far more than the receiver has room for: cut (MSG_CTRUNC).

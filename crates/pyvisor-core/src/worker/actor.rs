@@ -25,7 +25,8 @@ use super::health::{judge, Limits, Observed, Overrun, Verdict};
 use crate::death::{DeathCause, DeathCertificate, WorkerId};
 use crate::dispatch::{Failure, Outcome, WorkerSlot};
 use crate::events::RecycleReason;
-use crate::io::reader::{read_frames, ReadEnd};
+use crate::io::reader::{fd_violation, read_frames, ReadEnd, ReceivedFds};
+use crate::os::memfd::SharedBytes;
 use crate::io::writer::FrameWriter;
 use crate::os::family::{Family, BURIAL_LIMIT};
 pub(crate) use crate::os::pidfd::ExitInfo;
@@ -377,11 +378,43 @@ fn deliver(
     slot: &WorkerSlot,
     shared: &PoolShared,
     actor: &ActorRef<WorkerMsg>,
-    hellos: &mut u32,
+    incoming: &mut Incoming,
     m: WorkerMessage,
+    fds: &ReceivedFds,
 ) -> Option<ReadEnd> {
+    // Buffers an `fds` message claimed belong to the message right after it.
+    let buffers = incoming.buffers.take();
+    if buffers.is_some() && !matches!(m, WorkerMessage::Reply(_) | WorkerMessage::Item { .. }) {
+        return Some(ReadEnd::Protocol("an fds message followed by a message that takes no buffers".into()));
+    }
     match m {
-        WorkerMessage::Reply(r) => {
+        WorkerMessage::Fds(lens) => {
+            if !slot.capabilities().oob() {
+                return Some(ReadEnd::Protocol("an fds message from a worker that did not announce `oob`".into()));
+            }
+            let Some(claimed) = fds.take(lens.len()) else {
+                return Some(ReadEnd::Protocol(format!("an fds message for {} buffers that did not come with them", lens.len())));
+            };
+            let mut mapped = Vec::with_capacity(lens.len());
+            for (index, (fd, len)) in claimed.into_iter().zip(lens).enumerate() {
+                let len = match usize::try_from(len) {
+                    Ok(l) if l <= shared.spec.max_frame.max(MAX_BUFFER_FLOOR) => l,
+                    _ => return Some(ReadEnd::Protocol(format!("buffer {index}: {len} bytes, over the buffer limit"))),
+                };
+                match SharedBytes::from_fd(fd, len, index) {
+                    Ok(b) => mapped.push(b),
+                    Err(v) => return Some(fd_violation(&v)),
+                }
+            }
+            incoming.buffers = Some(mapped);
+        }
+        WorkerMessage::Reply(mut r) => {
+            if let (Some(buffers), Ok(value)) = (&buffers, &r.outcome) {
+                match inline(value, buffers) {
+                    Ok(v) => r.outcome = Ok(v),
+                    Err(e) => return Some(ReadEnd::Protocol(format!("reply {}: {e}", r.id))),
+                }
+            }
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
             }
@@ -390,9 +423,13 @@ fn deliver(
                 return Some(ReadEnd::Protocol(violation));
             }
         }
-        // Out-of-band buffers are not taken yet (issue 16): no worker may announce them.
-        WorkerMessage::Fds(_) => return Some(ReadEnd::Protocol("an fds message, but out-of-band buffers were not offered".into())),
-        WorkerMessage::Item { id, attempt, seq, value } => {
+        WorkerMessage::Item { id, attempt, seq, mut value } => {
+            if let Some(buffers) = &buffers {
+                match inline(&value, buffers) {
+                    Ok(v) => value = v,
+                    Err(e) => return Some(ReadEnd::Protocol(format!("stream {id}, item {seq}: {e}"))),
+                }
+            }
             if let Err(violation) = slot.stream_item(id, attempt, seq, value) {
                 return Some(ReadEnd::Protocol(violation));
             }
@@ -404,8 +441,8 @@ fn deliver(
             slot.record_pong(nonce);
         }
         WorkerMessage::Hello(h) => {
-            *hellos += 1;
-            if *hellos > 1 {
+            incoming.hellos += 1;
+            if incoming.hellos > 1 {
                 return Some(ReadEnd::Protocol("a second hello (only the first one counts)".into()));
             }
             if actor.cast(WorkerMsg::Hello(h)).is_err() {
@@ -415,6 +452,28 @@ fn deliver(
         _ => {}
     }
     None
+}
+
+/// What the reader carries from one message to the next.
+#[derive(Default)]
+struct Incoming {
+    /// `hello`s seen (only the first counts).
+    hellos: u32,
+    /// Buffers claimed by an `fds` message, for the message after it.
+    buffers: Option<Vec<SharedBytes>>,
+}
+
+/// The least a buffer may be, whatever `max_frame` (until `max_buffer` exists, issue 16).
+const MAX_BUFFER_FLOOR: usize = 256 << 20;
+
+/// A value with its buffer references replaced by the buffers' bytes (one copy: the zero-copy
+/// path to `SharedBytes` is the next step of issue 16).
+fn inline(value: &bytes::Bytes, buffers: &[SharedBytes]) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
+    let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
+    Ok(match pyvisor_protocol::inline_buffers(value, &slices)? {
+        std::borrow::Cow::Borrowed(_) => value.clone(),
+        std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
+    })
 }
 
 impl Actor for WorkerActor {
@@ -516,8 +575,8 @@ impl Actor for WorkerActor {
         let (slot, shared, actor) = (Arc::clone(&st.slot), Arc::clone(&st.shared), myself.clone());
         let max_frame = spec.max_frame;
         st.reader = Some(tokio::spawn(async move {
-            let mut hellos = 0;
-            let end = read_frames(read, max_frame, |m| deliver(&slot, &shared, &actor, &mut hellos, m)).await;
+            let mut incoming = Incoming::default();
+            let end = read_frames(read, max_frame, |m, fds| deliver(&slot, &shared, &actor, &mut incoming, m, fds)).await;
             let eof = matches!(end, ReadEnd::Eof);
             let _ = actor.cast(WorkerMsg::ConnectionLost(end));
             eof
