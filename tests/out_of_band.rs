@@ -15,6 +15,10 @@ fn raw(mode: &str) -> pyvisor::PoolSpec {
     common::spec("raw_protocol.py").env("RAW_MODE", mode).workers(1).heartbeat_interval(Duration::from_millis(200))
 }
 
+/// The tests here count the process's memfds: one at a time (another test's buffers in flight
+/// would be counted too).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The parent's open fds that are memfds (what a leak of buffers would leave).
 fn open_memfds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
@@ -31,6 +35,7 @@ fn bytes_of(value: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_buffers_arrive_and_no_fd_is_left_behind() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let pool = Pool::start(raw("oob_reply")).await.expect("pool starts");
     let payload = |n: u32| rmp_serde::to_vec(&n).expect("encodes");
     for n in [0u32, 1, 70_000, 4 << 20] {
@@ -51,12 +56,14 @@ async fn sealed_buffers_arrive_and_no_fd_is_left_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_passes_a_bad_buffer_is_killed_with_a_certificate_saying_why() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let before = open_memfds();
     for (mode, says) in [
         ("oob_unsealed", "not sealed against WRITE"),
         ("oob_short", "the message references"),
         ("oob_many", "fds in one message"),
         ("oob_unclaimed", "not claimed by an fds message"),
+        ("oob_repeat", "referenced more than once"),
     ] {
         let pool = Pool::start(raw(mode)).await.expect("pool starts");
         let payload = rmp_serde::to_vec(&64u32).expect("encodes");
@@ -86,6 +93,7 @@ async fn a_worker_that_passes_a_bad_buffer_is_killed_with_a_certificate_saying_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fds_message_from_a_worker_that_did_not_announce_oob_is_a_protocol_error() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     // `oob_reply` without the capability: the same bytes from a worker that never said `oob`.
     let pool = Pool::start(raw("oob_reply").env("RAW_NO_OOB", "1")).await.expect("pool starts");
     match pool.call_raw("echo", &rmp_serde::to_vec(&8u32).expect("encodes"), CallOptions::new()).await {

@@ -139,6 +139,29 @@ async fn the_deadline_covers_the_whole_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_ends_a_stream_whose_slow_reader_never_empties_its_buffer() {
+    // A fast generator and a reader that works on each item: the buffer never runs dry, and
+    // the deadline must still end the stream.
+    let pool = pool().await;
+    let dir = scratch("slow-reader");
+    let done = dir.join("slow-reader.done");
+    let opts = StreamOptions::new().credit(8).timeout(Duration::from_millis(700));
+    let mut stream = pool.stream_with::<_, u64>("endless", &json!({"done": done}), opts);
+    let started = Instant::now();
+    let end = loop {
+        match tokio::time::timeout(GUARD, stream.next()).await.expect("no hang") {
+            Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Some(Err(e)) => break e,
+            None => panic!("an endless stream ended"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the deadline never ended the stream");
+    };
+    assert!(matches!(end, CallError::Timeout { sent: true, .. }), "{end:?}");
+    assert!(common::eventually(GUARD, || done.exists()).await, "the generator was closed at the deadline");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_mid_stream_ends_it_with_the_delivered_count_and_restarts_only_when_asked() {
     let pool = Pool::start(common::spec("streams.py").workers(2)).await.expect("pool starts");
     let args = json!({"n": 1000, "pause": 0.01});

@@ -158,7 +158,9 @@ def check_sealed(fd: int, length: int, index: int = 0) -> None:
 def map_readonly(fd: int, length: int) -> memoryview:
     """A read-only ``memoryview`` of the first ``length`` bytes of ``fd``, mapped, not copied.
 
-    ``mmap(PROT_READ, MAP_SHARED)``; writing through the view raises ``TypeError``. The fd may
+    ``mmap(PROT_READ, MAP_PRIVATE)`` (private, not shared: before Linux 6.7 a shared mapping of
+    a write-sealed memfd is refused even read-only; a private read-only mapping sees the same
+    pages); writing through the view raises ``TypeError``. The fd may
     be closed right after: the mapping does not need it. The mapping is unmapped when the last
     reference to it goes: the view, its slices, and anything that exported a buffer from them
     (a numpy array from :func:`as_numpy` holds its own). Nothing has to call ``mmap.close()``:
@@ -172,7 +174,7 @@ def map_readonly(fd: int, length: int) -> memoryview:
         raise ValueError(f"negative buffer length {length}")
     if length == 0:
         return memoryview(b"")
-    mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     # A PROT_READ mmap exports read-only buffers; the view keeps `mapped` alive.
     return memoryview(mapped)
 

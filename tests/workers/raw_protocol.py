@@ -19,7 +19,8 @@ RAW_MODE selects the misbehaviour:
   bytes in a memfd passed out of band (an ``fds`` message and its fd in one ``sendmsg``, then
   the reply referencing buffer 0): ``oob_reply`` seals it properly; ``oob_unsealed`` does not
   seal it; ``oob_short`` announces twice its length; ``oob_many`` passes 17 fds at once;
-  ``oob_unclaimed`` passes fds with plain replies and no ``fds`` message.
+  ``oob_unclaimed`` passes fds with plain replies and no ``fds`` message; ``oob_repeat``
+  references its one buffer a thousand times (asking the parent for a thousand copies).
 """
 
 import os
@@ -152,7 +153,8 @@ while True:
         if mode != "oob_unsealed":
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         ref = msgpack.ExtType(80, (0).to_bytes(4, "big"))
-        reply = msgpack.packb([2, call_id, attempt, True, None, ref], use_bin_type=True)
+        value = [ref] * 1000 if mode == "oob_repeat" else ref
+        reply = msgpack.packb([2, call_id, attempt, True, None, value], use_bin_type=True)
         reply = struct.pack(">I", len(reply)) + reply
         fds = [fd] * (17 if mode == "oob_many" else 1)
         if mode == "oob_unclaimed":

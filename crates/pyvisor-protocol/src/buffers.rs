@@ -64,11 +64,20 @@ pub enum BufferRefError {
     /// A buffer too large for a MessagePack `bin` (over 4 GiB).
     #[error("buffer {0} is too large to inline")]
     TooLarge(u32),
+    /// A buffer referenced twice: each is used exactly once (else 6 bytes of references could
+    /// ask for any number of copies).
+    #[error("buffer {0} referenced more than once")]
+    Repeated(u32),
+    /// A buffer the value never references.
+    #[error("buffer {0} is never referenced")]
+    Unused(u32),
 }
 
 /// `value` with every buffer reference replaced by the referenced bytes as a MessagePack `bin`
-/// (one copy of each). Borrowed back unchanged when it has no reference. Walks the value
-/// without recursion; every length is checked against what remains.
+/// (one copy of each). Every buffer must be referenced exactly once, so the result is at most
+/// `value` plus the buffers (and 5 bytes of header each). Borrowed back unchanged when there
+/// are no buffers. Walks the value without recursion; every length is checked against what
+/// remains.
 ///
 /// ```
 /// use pyvisor_protocol::{inline_buffers, write_buffer_ref};
@@ -79,93 +88,49 @@ pub enum BufferRefError {
 /// assert_eq!(v, rmpv::Value::Array(vec![1.into(), rmpv::Value::Binary(b"abc".to_vec())]));
 /// ```
 pub fn inline_buffers<'v>(value: &'v [u8], buffers: &[&[u8]]) -> Result<Cow<'v, [u8]>, BufferRefError> {
+    if buffers.is_empty() {
+        return Ok(Cow::Borrowed(value));
+    }
+    let mut used = vec![false; buffers.len()];
     let mut out: Option<Vec<u8>> = None;
-    // Bytes of `value` already copied to `out` (up to `copied`).
+    // Bytes of `value` already copied to `out`.
     let mut copied = 0;
-    let mut pos = 0;
+    let mut rd: &[u8] = value;
     let mut pending: u64 = 1;
-    let cut = BufferRefError::Malformed("value cut short");
-    let take = |pos: &mut usize, n: usize| -> Result<u64, BufferRefError> {
-        let end = pos.checked_add(n).filter(|&e| e <= value.len()).ok_or(BufferRefError::Malformed("value cut short"))?;
-        let v = value[*pos..end].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-        *pos = end;
-        Ok(v)
-    };
+    let cut = || BufferRefError::Malformed("value cut short");
     while pending > 0 {
         pending -= 1;
-        let start = pos;
-        let marker = *value.get(pos).ok_or(cut.clone())?;
-        pos += 1;
-        use rmp::Marker as M;
-        let (elements, skip): (u64, u64) = match rmp::Marker::from_u8(marker) {
-            M::FixPos(_) | M::FixNeg(_) | M::Null | M::True | M::False => (0, 0),
-            M::U8 | M::I8 => (0, 1),
-            M::U16 | M::I16 => (0, 2),
-            M::U32 | M::I32 | M::F32 => (0, 4),
-            M::U64 | M::I64 | M::F64 => (0, 8),
-            M::FixStr(n) => (0, u64::from(n)),
-            M::Str8 | M::Bin8 => (0, take(&mut pos, 1)?),
-            M::Str16 | M::Bin16 => (0, take(&mut pos, 2)?),
-            M::Str32 | M::Bin32 => (0, take(&mut pos, 4)?),
-            M::FixExt4 => {
-                let ty = take(&mut pos, 1)? as u8 as i8;
-                if ty == EXT_BUFFER {
-                    let index = take(&mut pos, 4)? as u32;
-                    let data = *buffers.get(index as usize).ok_or(BufferRefError::NoSuchBuffer { index, count: buffers.len() })?;
-                    let len = u32::try_from(data.len()).map_err(|_| BufferRefError::TooLarge(index))?;
-                    let o = out.get_or_insert_with(|| Vec::with_capacity(value.len() + data.len() + 5));
-                    o.extend_from_slice(&value[copied..start]);
-                    let _ = rmp::encode::write_bin_len(o, len);
-                    o.extend_from_slice(data);
-                    copied = pos;
-                    continue;
-                }
-                (0, 4)
+        let start = value.len() - rd.len();
+        let head = crate::walk::read_head(&mut rd).map_err(BufferRefError::Malformed)?;
+        let body = usize::try_from(head.body).ok().filter(|&n| n <= rd.len()).ok_or_else(cut)?;
+        if head.ext == Some(EXT_BUFFER) {
+            let index: [u8; 4] = rd.get(..4).filter(|_| body == 4).and_then(|b| b.try_into().ok()).ok_or(BufferRefError::BadReference(head.body as u32))?;
+            let index = u32::from_be_bytes(index);
+            let data = *buffers.get(index as usize).ok_or(BufferRefError::NoSuchBuffer { index, count: buffers.len() })?;
+            if std::mem::replace(&mut used[index as usize], true) {
+                return Err(BufferRefError::Repeated(index));
             }
-            M::FixExt1 | M::FixExt2 | M::FixExt8 | M::FixExt16 => {
-                let n = match rmp::Marker::from_u8(marker) {
-                    M::FixExt1 => 1,
-                    M::FixExt2 => 2,
-                    M::FixExt8 => 8,
-                    _ => 16,
-                };
-                let ty = take(&mut pos, 1)? as u8 as i8;
-                if ty == EXT_BUFFER {
-                    return Err(BufferRefError::BadReference(n));
-                }
-                (0, u64::from(n))
-            }
-            M::Ext8 | M::Ext16 | M::Ext32 => {
-                let width = match rmp::Marker::from_u8(marker) {
-                    M::Ext8 => 1,
-                    M::Ext16 => 2,
-                    _ => 4,
-                };
-                let n = take(&mut pos, width)?;
-                let ty = take(&mut pos, 1)? as u8 as i8;
-                if ty == EXT_BUFFER {
-                    return Err(BufferRefError::BadReference(n as u32));
-                }
-                (0, n)
-            }
-            M::FixArray(n) => (u64::from(n), 0),
-            M::Array16 => (take(&mut pos, 2)?, 0),
-            M::Array32 => (take(&mut pos, 4)?, 0),
-            M::FixMap(n) => (2 * u64::from(n), 0),
-            M::Map16 => (2 * take(&mut pos, 2)?, 0),
-            M::Map32 => (2 * take(&mut pos, 4)?, 0),
-            M::Reserved => return Err(BufferRefError::Malformed("byte 0xc1")),
-        };
-        let skip = usize::try_from(skip).ok().filter(|&s| s <= value.len() - pos).ok_or(cut.clone())?;
-        pos += skip;
-        pending += elements;
+            let len = u32::try_from(data.len()).map_err(|_| BufferRefError::TooLarge(index))?;
+            let o = out.get_or_insert_with(|| Vec::with_capacity(value.len() + data.len() + 5));
+            o.extend_from_slice(&value[copied..start]);
+            let _ = rmp::encode::write_bin_len(o, len);
+            o.extend_from_slice(data);
+            rd = &rd[4..];
+            copied = value.len() - rd.len();
+            continue;
+        }
+        rd = &rd[body..];
+        pending += head.elements;
         // Every element takes at least one byte: a count beyond what remains is a lie.
-        if pending > (value.len() - pos) as u64 {
-            return Err(cut);
+        if pending > rd.len() as u64 {
+            return Err(cut());
         }
     }
-    if pos != value.len() {
+    if !rd.is_empty() {
         return Err(BufferRefError::Malformed("bytes after the value"));
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        return Err(BufferRefError::Unused(unused as u32));
     }
     Ok(match out {
         None => Cow::Borrowed(value),
@@ -206,7 +171,7 @@ mod tests {
             ("d".into(), rmpv::Value::Binary(vec![9; 300])),
         ]);
         assert_eq!(back, expected);
-        // No reference: the same bytes, not copied.
+        // No buffers: the same bytes, not copied.
         let plain = pack(&rmpv::Value::Array(vec![1.into(), "x".into()]));
         assert!(matches!(inline_buffers(&plain, &[]), Ok(Cow::Borrowed(b)) if b == &plain[..]));
     }
@@ -214,6 +179,13 @@ mod tests {
     #[test]
     fn bad_references_and_lying_values_are_errors() {
         let r = |i: u32| pack(&rmpv::Value::Ext(EXT_BUFFER, i.to_be_bytes().to_vec()));
+        let refs = |ix: &[u32]| pack(&rmpv::Value::Array(ix.iter().map(|i| rmpv::Value::Ext(EXT_BUFFER, i.to_be_bytes().to_vec())).collect()));
+        // Each buffer exactly once: a repeat could ask for any number of copies.
+        assert_eq!(inline_buffers(&refs(&[0, 0, 0]), &[b"a"]).err(), Some(BufferRefError::Repeated(0)));
+        assert_eq!(inline_buffers(&refs(&[1]), &[b"a", b"b"]).err(), Some(BufferRefError::Unused(0)));
+        assert!(inline_buffers(&refs(&[1, 0]), &[b"a", b"b"]).is_ok());
+        let plain = pack(&rmpv::Value::Nil);
+        assert_eq!(inline_buffers(&plain, &[b"a"]).err(), Some(BufferRefError::Unused(0)));
         assert_eq!(inline_buffers(&r(2), &[b"a", b"b"]).err(), Some(BufferRefError::NoSuchBuffer { index: 2, count: 2 }));
         assert_eq!(inline_buffers(&pack(&rmpv::Value::Ext(EXT_BUFFER, vec![0; 8])), &[b"a"]).err(), Some(BufferRefError::BadReference(8)));
         assert!(matches!(inline_buffers(&pack(&rmpv::Value::Ext(EXT_BUFFER, vec![0; 3])), &[b"a"]), Err(BufferRefError::BadReference(3))));

@@ -36,6 +36,7 @@
 mod buffers;
 mod frame;
 mod message;
+mod walk;
 
 pub use buffers::{encode_fds, inline_buffers, write_buffer_ref, BufferRefError, EXT_BUFFER, MAX_FDS_PER_FRAME};
 pub use frame::{frame_codec, FrameCodec, FrameError, DEFAULT_MAX_FRAME, LENGTH_PREFIX, READ_CHUNK};

@@ -33,8 +33,8 @@ pub mod msg_type {
     pub const ITEM: u8 = 10;
     /// parent → worker, capability `stream`: more credit for a stream.
     pub const CREDIT: u8 = 11;
-    /// either direction, capability `oob` (not announced yet, issue 16): the next frame uses
-    /// the sealed memfds sent with this message.
+    /// either direction, capability `oob` (issue 16; the adapter does not announce it yet):
+    /// the next frame uses the sealed memfds sent with this message.
     pub const FDS: u8 = 12;
 }
 
@@ -317,7 +317,7 @@ pub enum WorkerMessage {
         attempt: u32,
     },
     /// The next frame uses out-of-band buffers of these lengths, whose fds came with this
-    /// message (`docs/design/out_of_band_buffers.md`; not used by the parent yet).
+    /// message (capability `oob`, `docs/design/out_of_band_buffers.md`).
     Fds(Vec<u64>),
     /// One item of a stream (capability `stream`).
     Item {
@@ -593,18 +593,6 @@ pub const MAX_MAP_DEPTH: usize = 32;
 /// 1 MiB (serde caps its preallocation there), and a frame nesting a thousand maps overflowed
 /// a 2 MiB thread stack in a debug build (rmp-serde recurses up to 1024 levels).
 fn check_map_value(mut rd: &[u8]) -> Result<(), String> {
-    use rmp::Marker as M;
-    fn take(rd: &mut &[u8], n: usize) -> Result<u64, String> {
-        let (head, rest) = rd.split_at_checked(n).ok_or("value cut short")?;
-        *rd = rest;
-        Ok(head.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
-    }
-    fn skip(rd: &mut &[u8], n: u64) -> Result<(), String> {
-        let n = usize::try_from(n).ok().filter(|&n| n <= rd.len());
-        let n = n.ok_or_else(|| format!("declares more bytes than the {} that remain", rd.len()))?;
-        *rd = &rd[n..];
-        Ok(())
-    }
     // Values still to read in each open container; level 0 holds the value itself.
     let mut remaining = [0u64; MAX_MAP_DEPTH + 1];
     remaining[0] = 1;
@@ -620,41 +608,17 @@ fn check_map_value(mut rd: &[u8]) -> Result<(), String> {
         }
         remaining[depth] -= 1;
         pending -= 1;
-        let marker = rmp::decode::read_marker(&mut rd).map_err(|_| "value cut short".to_string())?;
-        let (elements, bytes) = match marker {
-            M::FixPos(_) | M::FixNeg(_) | M::Null | M::True | M::False => (0, 0),
-            M::U8 | M::I8 => (0, 1),
-            M::U16 | M::I16 => (0, 2),
-            M::U32 | M::I32 | M::F32 => (0, 4),
-            M::U64 | M::I64 | M::F64 => (0, 8),
-            M::FixStr(n) => (0, u64::from(n)),
-            M::Str8 | M::Bin8 => (0, take(&mut rd, 1)?),
-            M::Str16 | M::Bin16 => (0, take(&mut rd, 2)?),
-            M::Str32 | M::Bin32 => (0, take(&mut rd, 4)?),
-            M::FixExt1 => (0, 2),
-            M::FixExt2 => (0, 3),
-            M::FixExt4 => (0, 5),
-            M::FixExt8 => (0, 9),
-            M::FixExt16 => (0, 17),
-            M::Ext8 => (0, take(&mut rd, 1)? + 1),
-            M::Ext16 => (0, take(&mut rd, 2)? + 1),
-            M::Ext32 => (0, take(&mut rd, 4)? + 1),
-            M::FixArray(n) => (u64::from(n), 0),
-            M::Array16 => (take(&mut rd, 2)?, 0),
-            M::Array32 => (take(&mut rd, 4)?, 0),
-            M::FixMap(n) => (2 * u64::from(n), 0),
-            M::Map16 => (2 * take(&mut rd, 2)?, 0),
-            M::Map32 => (2 * take(&mut rd, 4)?, 0),
-            M::Reserved => return Err("byte 0xc1 is not MessagePack".into()),
-        };
-        skip(&mut rd, bytes)?;
-        if elements > 0 {
+        let head = crate::walk::read_head(&mut rd)?;
+        let body = usize::try_from(head.body).ok().filter(|&n| n <= rd.len());
+        let body = body.ok_or_else(|| format!("declares more bytes than the {} that remain", rd.len()))?;
+        rd = &rd[body..];
+        if head.elements > 0 {
             if depth == MAX_MAP_DEPTH {
                 return Err(format!("nests deeper than {MAX_MAP_DEPTH} levels"));
             }
             depth += 1;
-            remaining[depth] = elements;
-            pending += elements;
+            remaining[depth] = head.elements;
+            pending += head.elements;
             if pending > rd.len() as u64 {
                 return Err(format!(
                     "declares {pending} more values than the {} bytes that remain can hold",

@@ -9,7 +9,8 @@
 //! error, every fd closed on every path).
 //!
 //! Does not own the protocol's `fds` message, (de)serialization, or when a buffer goes out of
-//! band: the call path does not use these yet (the next step of issue 16).
+//! band. The worker's reader uses [`recv_with_fds`], [`SharedBytes::from_fd`] and
+//! [`check_sealed`] today; making and sending buffers is the next step of issue 16.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::ffi::c_void;
@@ -17,7 +18,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
+use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, fstatfs, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
@@ -60,10 +61,18 @@ fn seal_names(s: SealFlags) -> String {
     }
 }
 
+/// `f_type` of shmem, where plain memfds live (a hugetlb memfd is sealable too, but maps in
+/// huge pages whose rounding a plain `munmap` would leak).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
 /// Check buffer `index` of a message before any use: a sealed memfd (WRITE, SHRINK and GROW)
-/// of at least `len` bytes.
+/// on shmem, of at least `len` bytes.
 pub(crate) fn check_sealed(fd: BorrowedFd<'_>, len: u64, index: usize) -> Result<(), BufferViolation> {
     let seals = fcntl_get_seals(fd).map_err(|e| BufferViolation::NotAMemfd { index, detail: e.to_string() })?;
+    let fs = fstatfs(fd).map_err(|e| BufferViolation::NotAMemfd { index, detail: e.to_string() })?;
+    if fs.f_type as i64 != TMPFS_MAGIC {
+        return Err(BufferViolation::NotAMemfd { index, detail: format!("on a file system of type {:#x}, not shmem", fs.f_type) });
+    }
     if !seals.contains(REQUIRED_SEALS) {
         return Err(BufferViolation::NotSealed { index, missing: seal_names(REQUIRED_SEALS.difference(seals)), has: seal_names(seals) });
     }
@@ -142,9 +151,11 @@ impl SharedBytes {
         let ptr = if len == 0 {
             std::ptr::NonNull::<u8>::dangling().as_ptr().cast()
         } else {
-            // SAFETY: a fresh read-only shared mapping of a sealed memfd at least `len` long:
-            // it aliases no Rust memory, and its pages cannot shrink away (SIGBUS) or change.
-            unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &fd, 0)? }
+            // SAFETY: a fresh read-only mapping of a sealed memfd at least `len` long: it
+            // aliases no Rust memory, and its pages cannot shrink away (SIGBUS) or change.
+            // Private, not shared: before Linux 6.7 a shared mapping of a write-sealed memfd
+            // is refused even read-only; a private read-only one sees the same pages.
+            unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::PRIVATE, &fd, 0)? }
         };
         Ok(SharedBytes { inner: Arc::new(Mapping { ptr, len, fd }) })
     }

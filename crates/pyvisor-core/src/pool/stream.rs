@@ -360,7 +360,10 @@ impl StreamCall {
                 }
             }
             let active = st.active.as_mut()?;
+            // The deadline first: a reader slower than its generator always finds an item
+            // waiting, and a timeout that polls the channel first would never fire.
             let event = match st.deadline {
+                Some(d) if Instant::now() >= d => None,
                 Some(d) => tokio::time::timeout_at(d, active.rx.recv()).await.ok(),
                 None => Some(active.rx.recv().await),
             };
@@ -393,8 +396,16 @@ impl StreamCall {
                     record_function_span(st.attempt_trace.as_ref(), &outcome, &self.function, st.id, active.attempt, &active.slot);
                     let certificate = match outcome.result {
                         Ok(_) => return None,
-                        // Going away, it did not run it: the same attempt, another worker.
-                        Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => continue,
+                        // Going away, it did not run it: the same attempt, another worker —
+                        // unless it sent items first (a worker that breaks the protocol): going
+                        // on elsewhere would repeat them silently.
+                        Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused && st.received == 0 => continue,
+                        Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => {
+                            return Some(Err(CallError::Worker {
+                                function: self.function.to_string(),
+                                message: format!("the worker refused the stream after sending {} items", st.received),
+                            }))
+                        }
                         Err(Failure::Remote(e)) => {
                             return Some(Err(CallError::from_remote(&self.function, e, self.shared.functions().as_deref())))
                         }
@@ -495,6 +506,14 @@ async fn begin(
             }
         };
         st.queued = true;
+        if st.deadline.is_some_and(|d| Instant::now() >= d) {
+            // Expired while queued: never sent (the reservation goes back as it drops).
+            return Err(CallError::Timeout {
+                function: function.to_string(),
+                after: st.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(st.called)),
+                sent: !st.barrier.certificates().is_empty(),
+            });
+        }
         let slot = Arc::clone(&reservation.slot);
         if !slot.capabilities().streams() {
             // Its adapter announced a generator but cannot stream it: not a stream here.

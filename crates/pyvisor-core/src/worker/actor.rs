@@ -395,6 +395,13 @@ fn deliver(
             let Some(claimed) = fds.take(lens.len()) else {
                 return Some(ReadEnd::Protocol(format!("an fds message for {} buffers that did not come with them", lens.len())));
             };
+            // One message's buffers together: at most the buffer limit (each is referenced
+            // exactly once, so this bounds what inlining them copies).
+            let limit = shared.spec.max_frame.max(MAX_BUFFER_FLOOR) as u64;
+            let total = lens.iter().fold(0u64, |t, l| t.saturating_add(*l));
+            if total > limit {
+                return Some(ReadEnd::Protocol(format!("an fds message for {total} bytes of buffers, over the {limit}-byte limit")));
+            }
             let mut mapped = Vec::with_capacity(lens.len());
             for (index, (fd, len)) in claimed.into_iter().zip(lens).enumerate() {
                 let len = match usize::try_from(len) {
@@ -463,7 +470,8 @@ struct Incoming {
     buffers: Option<Vec<SharedBytes>>,
 }
 
-/// The least a buffer may be, whatever `max_frame` (until `max_buffer` exists, issue 16).
+/// The most bytes of buffers one message may bring, unless `max_frame` is larger (until
+/// `max_buffer` exists, issue 16).
 const MAX_BUFFER_FLOOR: usize = 256 << 20;
 
 /// A value with its buffer references replaced by the buffers' bytes (one copy: the zero-copy
