@@ -19,11 +19,19 @@ fn raw(mode: &str) -> pyvisor::PoolSpec {
 /// would be counted too).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The parent's open fds that are memfds (what a leak of buffers would leave).
+/// The parent's open fds that are memfds the raw workers made (named `raw-MODE`): what a leak
+/// of buffers would leave.
 fn open_memfds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
-        d.filter_map(Result::ok).filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))).count()
+        d.filter_map(Result::ok).filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:raw-"))).count()
     })
+}
+
+/// Wait (a guard, not a timing claim) for the count to come back to `before`: a stopped
+/// worker's reader closes the fds it still held as it ends, a moment after the pool stops.
+async fn back_to(before: usize) -> usize {
+    common::eventually(Duration::from_secs(30), || open_memfds() <= before).await;
+    open_memfds()
 }
 
 fn bytes_of(value: &[u8]) -> Vec<u8> {
@@ -37,6 +45,8 @@ fn bytes_of(value: &[u8]) -> Vec<u8> {
 async fn sealed_buffers_arrive_and_no_fd_is_left_behind() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let pool = Pool::start(raw("oob_reply")).await.expect("pool starts");
+    // Earlier tests' stopped workers may still be closing theirs.
+    let _ = back_to(0).await;
     let payload = |n: u32| rmp_serde::to_vec(&n).expect("encodes");
     for n in [0u32, 1, 70_000, 4 << 20] {
         let reply = pool.call_raw("echo", &payload(n), CallOptions::new()).await.expect("a reply");
@@ -49,6 +59,7 @@ async fn sealed_buffers_arrive_and_no_fd_is_left_behind() {
         let reply = pool.call_raw("echo", &payload(100), CallOptions::new()).await.expect("a reply");
         assert_eq!(bytes_of(&reply).len(), 100);
     }
+    // Each buffer is closed before its reply reaches the caller: no wait needed here.
     assert_eq!(open_memfds(), before, "the parent keeps no fd of a buffer it has read");
     assert!(pool.death_certificates().is_empty());
     pool.shutdown().await;
@@ -88,7 +99,7 @@ async fn a_worker_that_passes_a_bad_buffer_is_killed_with_a_certificate_saying_w
         }
         pool.shutdown().await;
     }
-    assert_eq!(open_memfds(), before, "every fd the hostile workers passed was closed");
+    assert_eq!(back_to(before).await, before, "every fd the hostile workers passed was closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

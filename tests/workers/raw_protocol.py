@@ -148,7 +148,7 @@ while True:
     call_id, attempt, function, payload = msg[1], msg[2], msg[3], msg[7]
     if mode.startswith("oob_"):
         n = int(payload)
-        fd = os.memfd_create("raw", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create(f"raw-{mode}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(fd, bytes(i % 251 for i in range(n)))
         if mode != "oob_unsealed":
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)

@@ -383,7 +383,7 @@ fn deliver(
     fds: &ReceivedFds,
 ) -> Option<ReadEnd> {
     // Buffers an `fds` message claimed belong to the message right after it.
-    let buffers = incoming.buffers.take();
+    let mut buffers = incoming.buffers.take();
     if buffers.is_some() && !matches!(m, WorkerMessage::Reply(_) | WorkerMessage::Item { .. }) {
         return Some(ReadEnd::Protocol("an fds message followed by a message that takes no buffers".into()));
     }
@@ -416,11 +416,13 @@ fn deliver(
             incoming.buffers = Some(mapped);
         }
         WorkerMessage::Reply(mut r) => {
-            if let (Some(buffers), Ok(value)) = (&buffers, &r.outcome) {
-                match inline(value, buffers) {
+            if let (Some(buffers), Ok(value)) = (buffers.take(), &r.outcome) {
+                match inline(value, &buffers) {
                     Ok(v) => r.outcome = Ok(v),
                     Err(e) => return Some(ReadEnd::Protocol(format!("reply {}: {e}", r.id))),
                 }
+                // Unmapped and closed before the caller hears of the reply.
+                drop(buffers);
             }
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
@@ -431,11 +433,12 @@ fn deliver(
             }
         }
         WorkerMessage::Item { id, attempt, seq, mut value } => {
-            if let Some(buffers) = &buffers {
-                match inline(&value, buffers) {
+            if let Some(buffers) = buffers.take() {
+                match inline(&value, &buffers) {
                     Ok(v) => value = v,
                     Err(e) => return Some(ReadEnd::Protocol(format!("stream {id}, item {seq}: {e}"))),
                 }
+                drop(buffers);
             }
             if let Err(violation) = slot.stream_item(id, attempt, seq, value) {
                 return Some(ReadEnd::Protocol(violation));
