@@ -272,6 +272,18 @@ struct Admission {
     queued: bool,
 }
 
+impl Admission {
+    /// `Timeout` for this stream: the time from its first poll to its deadline; `sent`: it had
+    /// reached a worker.
+    fn timeout(&self, function: &str, sent: bool) -> CallError {
+        CallError::Timeout {
+            function: function.to_string(),
+            after: self.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(self.called)),
+            sent,
+        }
+    }
+}
+
 /// The attempt streaming now.
 struct Active {
     /// Dropped before the end: the stream is abandoned and `cancel` sent.
@@ -369,11 +381,7 @@ impl StreamCall {
             };
             let Some(event) = event else {
                 // The deadline covers the whole stream: cancelled as the attempt drops.
-                return Some(Err(CallError::Timeout {
-                    function: self.function.to_string(),
-                    after: st.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(st.called)),
-                    sent: true,
-                }));
+                return Some(Err(st.timeout(&self.function, true)));
             };
             match event {
                 Some(StreamEvent::Item(value)) => {
@@ -488,11 +496,7 @@ async fn begin(
                 let expired = st.deadline.is_some_and(|d| Instant::now() >= d);
                 let last = st.barrier.certificates().last();
                 return Err(match last {
-                    _ if expired => CallError::Timeout {
-                        function: function.to_string(),
-                        after: st.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(st.called)),
-                        sent: last.is_some(),
-                    },
+                    _ if expired => st.timeout(function, last.is_some()),
                     // Retries found no worker in time: report the crash.
                     Some(last) => CallError::WorkerCrashed {
                         function: function.to_string(),
@@ -508,11 +512,7 @@ async fn begin(
         st.queued = true;
         if st.deadline.is_some_and(|d| Instant::now() >= d) {
             // Expired while queued: never sent (the reservation goes back as it drops).
-            return Err(CallError::Timeout {
-                function: function.to_string(),
-                after: st.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(st.called)),
-                sent: !st.barrier.certificates().is_empty(),
-            });
+            return Err(st.timeout(function, !st.barrier.certificates().is_empty()));
         }
         let slot = Arc::clone(&reservation.slot);
         if !slot.capabilities().streams() {
