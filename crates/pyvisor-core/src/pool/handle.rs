@@ -151,6 +151,18 @@ impl Pool {
         }
     }
 
+    /// The pool this handle points at now, for a call: a pool whose router has stopped takes
+    /// no more calls. ractor reports a killed actor `Stopped` (and the supervisor starts the
+    /// replacement) a moment *before* it drops the actor's state, whose `Drop` closes the pool;
+    /// without this, a call in that moment would reach a worker being killed with its router.
+    fn inner_for_call(&self) -> Arc<PoolInner> {
+        let inner = self.inner();
+        if inner.router.get_status() == ractor::ActorStatus::Stopped && !inner.shared.is_closed() {
+            inner.shared.close();
+        }
+        inner
+    }
+
     /// A handle to the same pool that will follow its replacements ([`Pool::replace_with`]).
     pub(crate) fn following(&self) -> Pool {
         Pool::from_inner(self.inner(), true)
@@ -255,7 +267,7 @@ impl Pool {
         I: Serialize + ?Sized,
         O: DeserializeOwned,
     {
-        let shared = Arc::clone(&self.inner().shared);
+        let shared = Arc::clone(&self.inner_for_call().shared);
         super::stream::start(self.clone(), shared, function, encode(function, input), opts)
     }
 
@@ -301,7 +313,7 @@ impl Pool {
         payload: &[u8],
         opts: CallOptions,
     ) -> Result<Bytes, CallError> {
-        let mut inner = self.inner();
+        let mut inner = self.inner_for_call();
         if !self.cell.follows {
             return Self::call_on(&inner, function, known, payload, &opts, &mut 0).await;
         }
@@ -400,3 +412,42 @@ pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &[u8]) -> Resul
     rmp_serde::from_slice(reply).map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stands in for a router that ractor already reports `Stopped` while its state (whose
+    /// `Drop` closes the pool) is not dropped yet — the moment a killed router is in.
+    struct Gone;
+
+    impl Actor for Gone {
+        type Msg = RouterMsg;
+        type State = ();
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<RouterMsg>, _: ()) -> Result<(), ractor::ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// A call on a pool whose router has stopped is refused as shut down at once — it neither
+    /// waits in the queue nor reaches a worker being killed with the router — so that a handle
+    /// got by path goes on to the replacement (seen failing in CI without the check:
+    /// `a_typed_handle_by_path_follows_restarts_of_its_pool` got `WorkerCrashed`).
+    #[tokio::test]
+    async fn a_call_on_a_pool_whose_router_stopped_is_refused_as_shut_down() {
+        let (router, join) = Actor::spawn(None, Gone, ()).await.expect("spawn");
+        router.stop(None);
+        join.await.expect("stopped");
+        assert_eq!(router.get_status(), ractor::ActorStatus::Stopped);
+        // The pool itself was never closed, and it has no worker: without the check the call
+        // would wait in the queue for one (up to the queue timeout).
+        let spec = PoolSpec::script("never_started.py").queue_timeout(Duration::from_secs(60));
+        let shared = Arc::new(PoolShared::new(spec, "python3".into()));
+        let inner = Arc::new(PoolInner { shared: Arc::clone(&shared), router, join: Mutex::new(None) });
+        let pool = Pool::from_inner(inner, false);
+        let result = tokio::time::timeout(Duration::from_secs(10), pool.call::<_, u32>("pid", &())).await.expect("the call waited");
+        assert!(matches!(result, Err(CallError::ShutDown { .. })), "{result:?}");
+        assert!(shared.is_closed());
+    }
+}
