@@ -74,6 +74,16 @@ pub enum CallError {
         /// The limit.
         max: usize,
     },
+    /// An out-of-band buffer of the call's input is larger than the pool's `max_buffer`.
+    #[error("a buffer in the call to `{function}` is {size} bytes, over the pool's {max}-byte max_buffer (raise `BufferPolicy::max_buffer`)")]
+    BufferTooLarge {
+        /// The function called.
+        function: String,
+        /// The buffer's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The worker could not send the result back (too large, or not encodable).
     #[error("the worker could not return the result of `{function}`: {message}")]
     BadResult {
@@ -219,6 +229,7 @@ impl CallError {
             CallError::Serialize { .. } => "serialize",
             CallError::Deserialize { .. } => "deserialize",
             CallError::PayloadTooLarge { .. } => "payload_too_large",
+            CallError::BufferTooLarge { .. } => "buffer_too_large",
             CallError::BadResult { .. } => "bad_result",
             CallError::Timeout { .. } => "timeout",
             CallError::QueueTimeout { .. } => "queue_timeout",
@@ -285,8 +296,8 @@ impl CallError {
     ///   [`Worker`](CallError::Worker) (the worker failed with the call in hand);
     ///   [`PoisonRequest`](CallError::PoisonRequest) (quarantined: refused again until the
     ///   window ends); [`UnknownFunction`](CallError::UnknownFunction),
-    ///   [`Serialize`](CallError::Serialize), [`PayloadTooLarge`](CallError::PayloadTooLarge)
-    ///   (the same call fails the same way); [`ShutDown`](CallError::ShutDown) and
+    ///   [`Serialize`](CallError::Serialize), [`PayloadTooLarge`](CallError::PayloadTooLarge),
+    ///   [`BufferTooLarge`](CallError::BufferTooLarge) (the same call fails the same way); [`ShutDown`](CallError::ShutDown) and
     ///   [`PoolFailed`](CallError::PoolFailed) (the pool takes no calls; a call in flight when
     ///   it stopped may have run).
     ///
@@ -314,6 +325,7 @@ impl CallError {
             | CallError::UnknownFunction { .. }
             | CallError::Serialize { .. }
             | CallError::PayloadTooLarge { .. }
+            | CallError::BufferTooLarge { .. }
             | CallError::ShutDown { .. }
             | CallError::PoolFailed { .. } => false,
         }

@@ -30,6 +30,7 @@ compile_error!(
 
 mod backoff;
 mod barrier;
+mod buffers;
 mod chaos;
 mod clock;
 mod confine;
@@ -57,6 +58,7 @@ pub use observe::telemetry;
 pub use observe::prometheus as metrics;
 
 pub use backoff::{Backoff, Jitter};
+pub use buffers::{memfd_available, BufferPolicy, SharedBytes, DEFAULT_BUFFER_THRESHOLD, DEFAULT_MAX_BUFFER};
 pub use chaos::{Chaos, ChaosAction};
 pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};

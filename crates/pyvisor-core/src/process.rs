@@ -120,6 +120,9 @@ pub(crate) async fn spawn_worker(
         .env("PYVISOR_PROTOCOL", pyvisor_protocol::PROTOCOL_VERSION.to_string())
         .env("PYVISOR_MAX_FRAME", spec.max_frame.to_string())
         .env("PYVISOR_BEAT_INTERVAL_MS", spec.heartbeat_interval.as_millis().to_string())
+        .env("PYVISOR_OOB", if spec.buffers.out_of_band && crate::buffers::memfd_available() { "1" } else { "0" })
+        .env("PYVISOR_OOB_THRESHOLD", spec.buffers.threshold.to_string())
+        .env("PYVISOR_MAX_BUFFER", spec.buffers.max_buffer.to_string())
         .env("PYTHONUNBUFFERED", "1");
     // Workers export their spans where we export ours (the user's env wins).
     for (k, v) in crate::telemetry::worker_env() {

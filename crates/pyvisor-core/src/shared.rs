@@ -182,6 +182,12 @@ impl PoolShared {
         self.dispatch.close();
     }
 
+    /// Whether calls' buffers go out of band ([`crate::BufferPolicy`], and this system has
+    /// memfds); a worker that does not take them still gets them in band.
+    pub(crate) fn out_of_band(&self) -> bool {
+        self.spec.buffers.out_of_band && crate::buffers::memfd_available()
+    }
+
     /// Whether the pool stopped taking calls.
     pub(crate) fn is_closed(&self) -> bool {
         self.dispatch.is_closed()

@@ -85,6 +85,7 @@ pub struct PoolSpec {
     pub(crate) call_timeout: Option<Duration>,
     pub(crate) start_timeout: Duration,
     pub(crate) max_frame: usize,
+    pub(crate) buffers: crate::buffers::BufferPolicy,
     pub(crate) start_backoff: Backoff,
     pub(crate) max_start_failures: usize,
     pub(crate) start_failure_period: Duration,
@@ -277,6 +278,7 @@ impl PoolSpec {
             call_timeout: Some(Duration::from_secs(60)),
             start_timeout: Duration::from_secs(30),
             max_frame: pyvisor_protocol::DEFAULT_MAX_FRAME,
+            buffers: crate::buffers::BufferPolicy::default(),
             start_backoff: Backoff::default(),
             max_start_failures: 5,
             start_failure_period: Duration::from_secs(60),
@@ -401,6 +403,14 @@ impl PoolSpec {
     #[must_use]
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
+        self
+    }
+    /// How large byte values travel: out of band in sealed memfds (the default, where the
+    /// system has memfds) or in band; the workers' threshold for their results; the largest
+    /// buffer. See [`crate::BufferPolicy`] and docs/buffers.md.
+    #[must_use]
+    pub fn buffers(mut self, policy: crate::buffers::BufferPolicy) -> Self {
+        self.buffers = policy;
         self
     }
     /// Backoff between start failures. Default 100 ms × 2, cap 10 s, full jitter.
@@ -539,6 +549,7 @@ impl PoolSpec {
             call_timeout,
             start_timeout,
             max_frame,
+            buffers,
             start_backoff,
             max_start_failures,
             start_failure_period,
@@ -571,6 +582,7 @@ impl PoolSpec {
             && *call_timeout == other.call_timeout
             && *start_timeout == other.start_timeout
             && *max_frame == other.max_frame
+            && *buffers == other.buffers
             && *start_backoff == other.start_backoff
             && *max_start_failures == other.max_start_failures
             && *start_failure_period == other.start_failure_period
@@ -655,6 +667,7 @@ impl PoolSpec {
                 self.max_frame
             )));
         }
+        self.buffers.validate().map_err(StartError::InvalidSpec)?;
         if self.heartbeat_max_missed == 0 {
             return Err(StartError::InvalidSpec("heartbeat_max_missed must be at least 1".into()));
         }

@@ -15,10 +15,16 @@ use crate::death::DeathCertificate;
 pub(crate) const QUARANTINE_CAP: usize = 1024;
 
 /// A call's fingerprint: its function and payload, hashed (stable within one build).
-pub(crate) fn fingerprint(function: &str, payload: &[u8]) -> u64 {
+/// Out-of-band buffers count with their bytes (two calls that differ only in a buffer are
+/// different requests). Hashes every byte: paid when a quarantine
+/// is active, a call is quarantined or an idempotency key is checked.
+pub(crate) fn fingerprint(function: &str, payload: &[u8], buffers: &[crate::os::memfd::SharedBytes]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     function.hash(&mut h);
     payload.hash(&mut h);
+    for b in buffers {
+        b.as_slice().hash(&mut h);
+    }
     h.finish()
 }
 
@@ -87,23 +93,26 @@ mod tests {
 
     #[test]
     fn fingerprints_tell_function_and_payload_apart() {
-        assert_eq!(fingerprint("f", b"x"), fingerprint("f", b"x"));
-        assert_ne!(fingerprint("f", b"x"), fingerprint("g", b"x"));
-        assert_ne!(fingerprint("f", b"x"), fingerprint("f", b"y"));
-        assert_ne!(fingerprint("ab", b"c"), fingerprint("a", b"bc"));
+        assert_eq!(fingerprint("f", b"x", &[]), fingerprint("f", b"x", &[]));
+        assert_ne!(fingerprint("f", b"x", &[]), fingerprint("g", b"x", &[]));
+        assert_ne!(fingerprint("f", b"x", &[]), fingerprint("f", b"y", &[]));
+        assert_ne!(fingerprint("ab", b"c", &[]), fingerprint("a", b"bc", &[]));
+        let (x, y) = (crate::os::memfd::SharedBytes::from_slice(b"x").unwrap(), crate::os::memfd::SharedBytes::from_slice(b"y").unwrap());
+        assert_ne!(fingerprint("f", b"r", &[x.clone()]), fingerprint("f", b"r", &[y]));
+        assert_eq!(fingerprint("f", b"r", &[x.clone()]), fingerprint("f", b"r", &[crate::os::memfd::SharedBytes::from_slice(b"x").unwrap()]));
     }
 
     #[test]
     fn entries_are_refused_until_they_expire() {
         let (base, mut q) = (Instant::now(), Quarantine::new(8));
         let cert = Arc::new(death(None, Some(libc::SIGSEGV), &[(1, false)]));
-        q.insert(fingerprint("f", b"x"), base + secs(300), vec![Arc::clone(&cert)]);
-        let hit = q.get(fingerprint("f", b"x"), base + secs(10)).unwrap();
+        q.insert(fingerprint("f", b"x", &[]), base + secs(300), vec![Arc::clone(&cert)]);
+        let hit = q.get(fingerprint("f", b"x", &[]), base + secs(10)).unwrap();
         assert_eq!(hit.until, base + secs(300));
         assert!(Arc::ptr_eq(&hit.certificates[0], &cert));
-        assert!(q.get(fingerprint("f", b"y"), base + secs(10)).is_none());
+        assert!(q.get(fingerprint("f", b"y", &[]), base + secs(10)).is_none());
         assert_eq!(q.len(base + secs(299)), 1);
-        assert!(q.get(fingerprint("f", b"x"), base + secs(300)).is_none(), "expired at `until`");
+        assert!(q.get(fingerprint("f", b"x", &[]), base + secs(300)).is_none(), "expired at `until`");
         assert_eq!(q.len(base + secs(10)), 0, "the expired entry was dropped");
     }
 

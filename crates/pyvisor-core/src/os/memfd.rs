@@ -9,9 +9,7 @@
 //! error, every fd closed on every path).
 //!
 //! Does not own the protocol's `fds` message, (de)serialization, or when a buffer goes out of
-//! band. The worker's reader uses [`recv_with_fds`], [`SharedBytes::from_fd`] and
-//! [`check_sealed`] today; making and sending buffers is the next step of issue 16.
-#![cfg_attr(not(test), allow(dead_code))]
+//! band (see [`crate::buffers`]).
 
 use std::ffi::c_void;
 use std::io;
@@ -110,8 +108,23 @@ impl Drop for Mapping {
 
 /// Bytes in a sealed memfd, mapped read-only: cheap to clone (every clone shares the mapping),
 /// unmapped when the last clone drops. Nobody, this process included, can change them.
+///
+/// In a call's input it travels **out of band**: the worker receives the memfd itself (no copy
+/// through the socket) and maps it — a function exposed with `@expose(buffers="memoryview")`
+/// reads the very pages this value maps. A retried call sends the same memfd again. Serialized
+/// anywhere else (or to a pool set to in-band) it is plain MessagePack `bin`. See
+/// docs/buffers.md.
+///
+/// ```
+/// use pyvisor_core::SharedBytes;
+/// let image = SharedBytes::from_slice(&[7u8; 1 << 20])?; // one copy, into a sealed memfd
+/// let again = image.clone(); // no copy: the same mapping
+/// assert_eq!(again.len(), 1 << 20);
+/// assert_eq!(&image[..3], &[7, 7, 7]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone)]
-pub(crate) struct SharedBytes {
+pub struct SharedBytes {
     inner: Arc<Mapping>,
 }
 
@@ -122,8 +135,9 @@ impl std::fmt::Debug for SharedBytes {
 }
 
 impl SharedBytes {
-    /// Copy `data` once into a new sealed memfd and map it read-only.
-    pub(crate) fn from_slice(data: &[u8]) -> io::Result<Self> {
+    /// Copy `data` once into a new sealed memfd and map it read-only. Fails only when the
+    /// system refuses a memfd (no memory, too many open files, no `memfd_create`).
+    pub fn from_slice(data: &[u8]) -> io::Result<Self> {
         let fd = memfd_create("pyvisor-buffer", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         ftruncate(&fd, data.len() as u64)?;
         // Written with pwrite, not through a mapping: a writable shared mapping must be gone
@@ -161,14 +175,25 @@ impl SharedBytes {
     }
 
     /// The bytes.
-    pub(crate) fn as_slice(&self) -> &[u8] {
+    pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` is a live read-only mapping of `len` immutable bytes (or dangling with
         // `len` 0), kept alive by `self`.
         unsafe { std::slice::from_raw_parts(self.inner.ptr.cast::<u8>(), self.inner.len) }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// How many bytes.
+    pub fn len(&self) -> usize {
         self.inner.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// Whether `self` and `other` are the same mapping (clones of one value).
+    pub fn same_mapping(&self, other: &SharedBytes) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// The sealed memfd, to pass on.
@@ -177,8 +202,30 @@ impl SharedBytes {
     }
 }
 
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for SharedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for SharedBytes {}
+
 /// Send `data` with `fds` attached (`SCM_RIGHTS`) to its first bytes; the rest of `data` goes
 /// without them if the first write was partial. Blocking: for a blocking socket.
+#[cfg(test)]
 pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS_PER_FRAME {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} fds in one message, at most {MAX_FDS_PER_FRAME}", fds.len())));
@@ -203,6 +250,28 @@ pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd
         }
     }
     Ok(())
+}
+
+/// One non-blocking `sendmsg` of `parts` (vectored), with `fds` attached to its first byte
+/// when there are any. Returns the bytes sent (the fds went with the first of them, so a
+/// partial send's rest goes without); `WouldBlock` when the socket is full (nothing sent, no
+/// fd passed).
+pub(crate) fn try_send_vectored_with_fds(sock: BorrowedFd<'_>, parts: &[io::IoSlice<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    if fds.len() > MAX_FDS_PER_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} fds in one message, at most {MAX_FDS_PER_FRAME}", fds.len())));
+    }
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("the fds do not fit the ancillary buffer"));
+    }
+    loop {
+        match sendmsg(sock, parts, &mut control, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// What [`recv_with_fds`] got: bytes read into the buffer, and the fds that came with them.

@@ -39,6 +39,8 @@ use crate::dispatch::affinity::Route;
 use crate::dispatch::{Failure, Outcome, QueueExit, Reservation, SlotEnd, Want, WorkerSlot};
 use crate::error::{AffinityLostReason, CallError};
 use crate::events::PoolEvent;
+use crate::io::writer::{FrameWriter, WriteClosed};
+use crate::os::memfd::SharedBytes;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
 use crate::shared::{PoolShared, Resolved};
@@ -125,6 +127,11 @@ pub(super) fn admit<'a>(
         traceparent: opts.traceparent_str(),
         tracestate: opts.tracestate_str(),
     };
+    // `max_frame` bounds the frame without its out-of-band buffers; `max_buffer` each of them.
+    let max_buffer = spec.buffers.max_buffer;
+    if let Some(big) = opts.buffers().iter().find(|b| b.len() > max_buffer) {
+        return Err(CallError::BufferTooLarge { function: function.to_string(), size: big.len(), max: max_buffer });
+    }
     // A keyed call or a stream may go as `call_options`, a few bytes longer.
     let options = if call.keyed || stream { CALL_OPTIONS_EXTRA } else { 0 };
     let size = call_overhead(&call.header(1, call.traceparent, call.tracestate)) + options + payload.len();
@@ -132,7 +139,7 @@ pub(super) fn admit<'a>(
         return Err(CallError::PayloadTooLarge { function: function.to_string(), size, max: spec.max_frame });
     }
     if shared.quarantine.is_active() {
-        if let Some(q) = shared.quarantine.get(fingerprint(function, payload)) {
+        if let Some(q) = shared.quarantine.get(fingerprint(function, payload, opts.buffers())) {
             return Err(CallError::PoisonRequest {
                 function: function.to_string(),
                 certificates: q.certificates,
@@ -275,12 +282,13 @@ pub(crate) async fn run(
         if let Some(w) = slot.writer() {
             // A failed write means the worker is going down; its actor fails this call.
             let header = call.header(attempt, tp, ts);
-            let head = if ack_start {
-                encode_call_options_head(&header, WireCallOptions::ack_start(), payload.len())
-            } else {
-                encode_call_head(&header, payload.len())
-            };
-            let _ = w.send_parts(&head, payload);
+            let _ = send_call(&w, &slot, payload, opts.buffers(), |len| {
+                if ack_start {
+                    encode_call_options_head(&header, WireCallOptions::ack_start(), len)
+                } else {
+                    encode_call_head(&header, len)
+                }
+            });
         }
         let outcome = match call.deadline {
             Some(d) => tokio::time::timeout_at(d, rx).await.ok(),
@@ -349,7 +357,7 @@ pub(crate) async fn run(
                     delivered: None,
                 })
             }
-            CrashVerdict::Poison => return Err(poisoned(shared, function, payload, trace, attempt, barrier.certificates())),
+            CrashVerdict::Poison => return Err(poisoned(shared, function, (payload, opts.buffers()), trace, attempt, barrier.certificates())),
         }
     }
 }
@@ -435,18 +443,45 @@ pub(super) async fn acquire(
     shared.dispatch.acquire(want, first, shared.spec.max_queue, until).await
 }
 
+/// Write a call's frame: `head(len)` for a body of `len` bytes, then `payload`. Its
+/// out-of-band `buffers` go as fds (an `fds` message first) to a worker that takes them; to
+/// one that does not, inlined into the payload (one copy). A failed write means the worker is
+/// going down: its actor fails the call.
+pub(super) fn send_call(
+    w: &FrameWriter,
+    slot: &WorkerSlot,
+    payload: &[u8],
+    buffers: &[SharedBytes],
+    head: impl Fn(usize) -> Vec<u8>,
+) -> Result<(), WriteClosed> {
+    if buffers.is_empty() {
+        return w.send_parts(&head(payload.len()), payload);
+    }
+    if slot.capabilities().oob() {
+        let lens: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
+        return w.send_with_buffers(&pyvisor_protocol::encode_fds(&lens), buffers, &head(payload.len()), payload);
+    }
+    let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
+    match pyvisor_protocol::inline_buffers(payload, &slices) {
+        Ok(inlined) => w.send_parts(&head(inlined.len()), &inlined),
+        // Our own encoding references each buffer once: not reached; sent as is, the worker
+        // refuses it as a bad payload rather than the call hanging.
+        Err(_) => w.send_parts(&head(payload.len()), payload),
+    }
+}
+
 /// Quarantine a poison request's fingerprint and build its error.
 pub(super) fn poisoned(
     shared: &PoolShared,
     function: &str,
-    payload: &[u8],
+    (payload, buffers): (&[u8], &[SharedBytes]),
     trace: Option<&CallTrace>,
     attempt: u32,
     certificates: &[Arc<DeathCertificate>],
 ) -> CallError {
     let spec = &shared.spec;
     let until = std::time::Instant::now() + spec.quarantine_window;
-    shared.quarantine.insert(fingerprint(function, payload), until, certificates.to_vec());
+    shared.quarantine.insert(fingerprint(function, payload, buffers), until, certificates.to_vec());
     shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
     tracing::error!(pool = %shared.name, function, attempts = attempt, "poison request quarantined");
     if let Some(t) = trace {

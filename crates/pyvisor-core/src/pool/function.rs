@@ -15,6 +15,7 @@ use super::call::Known;
 use super::handle::Pool;
 use super::options::CallOptions;
 use super::readiness::Readiness;
+use crate::buffers::Payload;
 use crate::error::CallError;
 use crate::shared::Resolved;
 
@@ -67,8 +68,8 @@ impl Target {
     }
 
     /// Call with an encoded payload and decode the result.
-    pub(super) async fn call_encoded<O: DeserializeOwned>(&self, payload: &[u8], opts: CallOptions) -> Result<O, CallError> {
-        let reply = self.call_raw(payload, opts).await?;
+    pub(super) async fn call_encoded<O: DeserializeOwned>(&self, payload: Payload, opts: CallOptions) -> Result<O, CallError> {
+        let reply = self.call_raw(&payload.bytes, opts.with_buffers(payload.buffers)).await?;
         super::handle::decode(&self.name, &reply)
     }
 }
@@ -162,11 +163,11 @@ where
     /// [`Function::call`] with options.
     pub async fn call_with(&self, input: &I, opts: CallOptions) -> Result<O, CallError> {
         let payload = self.encode(input)?;
-        self.target.call_encoded(&payload, opts).await
+        self.target.call_encoded(payload, opts).await
     }
 
     /// Encode an input for this function.
-    pub(super) fn encode(&self, input: &I) -> Result<Vec<u8>, CallError> {
-        super::handle::encode(&self.target.name, input)
+    pub(super) fn encode(&self, input: &I) -> Result<Payload, CallError> {
+        super::handle::encode(&self.target.pool.shared(), &self.target.name, input)
     }
 }

@@ -24,6 +24,7 @@ use crate::death::DeathCertificate;
 use crate::dispatch::Dispatcher;
 use crate::error::{CallError, StartError};
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
+use crate::buffers::Payload;
 use crate::shared::{PoolShared, Resolved};
 use crate::spec::PoolSpec;
 use crate::status::PoolStatus;
@@ -234,8 +235,8 @@ impl Pool {
         I: Serialize + ?Sized,
         O: DeserializeOwned,
     {
-        let payload = encode(function, input)?;
-        let reply = self.call_raw(function, &payload, opts).await?;
+        let payload = encode(&self.inner().shared, function, input)?;
+        let reply = self.call_raw(function, &payload.bytes, opts.with_buffers(payload.buffers)).await?;
         decode(function, &reply)
     }
 
@@ -268,12 +269,21 @@ impl Pool {
         O: DeserializeOwned,
     {
         let shared = Arc::clone(&self.inner_for_call().shared);
-        super::stream::start(self.clone(), shared, function, encode(function, input), opts)
+        let (payload, opts) = match encode(&shared, function, input) {
+            Ok(p) => (Ok(p.bytes), opts.with_buffers(p.buffers)),
+            Err(e) => (Err(e), opts),
+        };
+        super::stream::start(self.clone(), shared, function, payload, opts)
     }
 
     /// The function table's entry for `function` (`None`: no worker has said `hello` yet).
     pub(super) fn resolve(&self, function: &str) -> Option<Result<Resolved, CallError>> {
         self.inner().shared.resolve(function)
+    }
+
+    /// The shared state of the pool this handle points at now.
+    pub(super) fn shared(&self) -> Arc<PoolShared> {
+        Arc::clone(&self.inner().shared)
     }
 
     /// The dispatcher and queue bound of the pool this handle points at now.
@@ -402,9 +412,11 @@ impl Pool {
     }
 }
 
-/// Encode `input` for a call to `function`.
-pub(super) fn encode<I: Serialize + ?Sized>(function: &str, input: &I) -> Result<Vec<u8>, CallError> {
-    rmp_serde::to_vec_named(input).map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })
+/// Encode `input` for a call to `function` on the pool of `shared`: its [`crate::SharedBytes`]
+/// become out-of-band buffers when the pool sends buffers out of band.
+pub(super) fn encode<I: Serialize + ?Sized>(shared: &PoolShared, function: &str, input: &I) -> Result<Payload, CallError> {
+    crate::buffers::encode(input, shared.out_of_band())
+        .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })
 }
 
 /// Decode the reply of a call to `function`.

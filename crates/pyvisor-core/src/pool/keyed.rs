@@ -34,7 +34,7 @@ pub(crate) async fn call(
     attempts: &mut u32,
 ) -> Result<Bytes, CallError> {
     let called = Instant::now();
-    let fp = fingerprint(function, payload);
+    let fp = fingerprint(function, payload, opts.buffers());
     let lookup = shared.idempotency.lookup(key, function, fp, std::time::Instant::now());
     let (mut rx, how, deadline) = match lookup {
         Err(conflict) => {

@@ -26,6 +26,8 @@ pub struct CallOptions {
     tracestate: Option<String>,
     affinity: Option<Arc<str>>,
     idempotency_key: Option<Arc<str>>,
+    /// The out-of-band buffers the payload references (set by the handle that encoded it).
+    buffers: Arc<[crate::os::memfd::SharedBytes]>,
 }
 
 impl CallOptions {
@@ -137,5 +139,12 @@ impl CallOptions {
     }
     pub(crate) fn affinity_arc(&self) -> Option<&Arc<str>> {
         self.affinity.as_ref()
+    }
+    pub(crate) fn with_buffers(mut self, buffers: Arc<[crate::os::memfd::SharedBytes]>) -> Self {
+        self.buffers = buffers;
+        self
+    }
+    pub(crate) fn buffers(&self) -> &[crate::os::memfd::SharedBytes] {
+        &self.buffers
     }
 }

@@ -65,7 +65,7 @@ where
     fn call(&mut self, input: I) -> Self::Future {
         let payload = self.encode(&input);
         let target = self.target.clone();
-        Box::pin(async move { target.call_encoded(&payload?, CallOptions::default()).await })
+        Box::pin(async move { target.call_encoded(payload?, CallOptions::default()).await })
     }
 }
 

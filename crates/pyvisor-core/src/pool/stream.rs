@@ -68,6 +68,11 @@ impl Default for StreamOptions {
 }
 
 impl StreamOptions {
+    pub(crate) fn with_buffers(mut self, buffers: std::sync::Arc<[crate::os::memfd::SharedBytes]>) -> Self {
+        self.call = self.call.with_buffers(buffers);
+        self
+    }
+
     /// The pool's defaults: the pool's call timeout for the whole stream, a window of
     /// [`DEFAULT_STREAM_CREDIT`] items, no restart after a crash that follows delivered items.
     #[must_use]
@@ -458,7 +463,7 @@ impl StreamCall {
                             return Some(Err(poisoned(
                                 &self.shared,
                                 &self.function,
-                                payload,
+                                (payload, self.opts.call.buffers()),
                                 st.trace.as_ref(),
                                 active.attempt,
                                 st.barrier.certificates(),
@@ -531,8 +536,7 @@ async fn begin(
         if let Some(w) = slot.writer() {
             // A failed write means the worker is going down; its actor ends this stream.
             let header = CallHeader { id: st.id, attempt, function, deadline_ms: st.deadline.map(unix_ms), traceparent: tp, tracestate: ts };
-            let head = encode_call_options_head(&header, WireCallOptions::stream(opts.credit), payload.len());
-            let _ = w.send_parts(&head, payload);
+            let _ = super::call::send_call(&w, &slot, payload, opts.call.buffers(), |len| encode_call_options_head(&header, WireCallOptions::stream(opts.credit), len));
         }
         st.active = Some(Active { in_flight, rx, slot, grants: Grants::default(), attempt });
         return Ok(());

@@ -395,18 +395,14 @@ fn deliver(
             let Some(claimed) = fds.take(lens.len()) else {
                 return Some(ReadEnd::Protocol(format!("an fds message for {} buffers that did not come with them", lens.len())));
             };
-            // One message's buffers together: at most the buffer limit (each is referenced
-            // exactly once, so this bounds what inlining them copies).
-            let limit = shared.spec.max_frame.max(MAX_BUFFER_FLOOR) as u64;
-            let total = lens.iter().fold(0u64, |t, l| t.saturating_add(*l));
-            if total > limit {
-                return Some(ReadEnd::Protocol(format!("an fds message for {total} bytes of buffers, over the {limit}-byte limit")));
-            }
+            // Each buffer at most `max_buffer` (and each is referenced exactly once, so this
+            // bounds what inlining them copies).
+            let limit = shared.spec.buffers.max_buffer;
             let mut mapped = Vec::with_capacity(lens.len());
             for (index, (fd, len)) in claimed.into_iter().zip(lens).enumerate() {
                 let len = match usize::try_from(len) {
-                    Ok(l) if l <= shared.spec.max_frame.max(MAX_BUFFER_FLOOR) => l,
-                    _ => return Some(ReadEnd::Protocol(format!("buffer {index}: {len} bytes, over the buffer limit"))),
+                    Ok(l) if l <= limit => l,
+                    _ => return Some(ReadEnd::Protocol(format!("buffer {index}: {len} bytes, over the pool's {limit}-byte max_buffer"))),
                 };
                 match SharedBytes::from_fd(fd, len, index) {
                     Ok(b) => mapped.push(b),
@@ -473,12 +469,8 @@ struct Incoming {
     buffers: Option<Vec<SharedBytes>>,
 }
 
-/// The most bytes of buffers one message may bring, unless `max_frame` is larger (until
-/// `max_buffer` exists, issue 16).
-const MAX_BUFFER_FLOOR: usize = 256 << 20;
-
-/// A value with its buffer references replaced by the buffers' bytes (one copy: the zero-copy
-/// path to `SharedBytes` is the next step of issue 16).
+/// A value with its buffer references replaced by the buffers' bytes (one copy, here in the
+/// reader; a zero-copy path to `SharedBytes` results is not built yet: docs/buffers.md).
 fn inline(value: &bytes::Bytes, buffers: &[SharedBytes]) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
     let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
     Ok(match pyvisor_protocol::inline_buffers(value, &slices)? {

@@ -1,0 +1,264 @@
+//! Out-of-band buffers in calls: when a byte value travels as a sealed memfd instead of inside
+//! the frame (docs/buffers.md; the wire format is in docs/protocol.md, "Out-of-band buffers").
+//!
+//! Owns the pool's [`BufferPolicy`] (out of band or in band, the worker's threshold for its
+//! results, the largest buffer), how a [`SharedBytes`] serializes (a reference to a buffer
+//! collected while a call's input is encoded, else plain `bin`) and deserializes, and the
+//! [`Payload`] a call carries to its writer: the encoded bytes and the buffers they reference.
+//! Not the memfds themselves ([`crate::os::memfd`]), not the byte format of references
+//! (`pyvisor_protocol::buffers`), not when a frame is written (the call path and the writer).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+use serde::ser::{Serialize, Serializer};
+
+pub use crate::os::memfd::SharedBytes;
+
+/// The default [`BufferPolicy::threshold`]: results of at least this many bytes leave the
+/// worker out of band. Measured (docs/benchmarks.md, "Out-of-band buffers"): below it the
+/// memfd's set-up costs more than the copies it saves.
+pub const DEFAULT_BUFFER_THRESHOLD: usize = 64 * 1024;
+
+/// The default [`BufferPolicy::max_buffer`]: 1 GiB.
+pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
+
+/// How a pool moves large byte values (a plain value: compare, copy, keep in a spec).
+///
+/// ```
+/// use pyvisor_core::{BufferPolicy, PoolSpec};
+/// let spec = PoolSpec::script("worker.py").buffers(BufferPolicy::default().max_buffer(256 << 20));
+/// let in_band = PoolSpec::script("worker.py").buffers(BufferPolicy::in_band());
+/// # let _ = (spec, in_band);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferPolicy {
+    pub(crate) out_of_band: bool,
+    pub(crate) threshold: usize,
+    pub(crate) max_buffer: usize,
+}
+
+impl Default for BufferPolicy {
+    fn default() -> Self {
+        BufferPolicy { out_of_band: true, threshold: DEFAULT_BUFFER_THRESHOLD, max_buffer: DEFAULT_MAX_BUFFER }
+    }
+}
+
+impl BufferPolicy {
+    /// Everything in band, as without memfds (the fallback; `max_frame` then bounds the whole
+    /// call, buffers included).
+    #[must_use]
+    pub fn in_band() -> Self {
+        BufferPolicy { out_of_band: false, ..Self::default() }
+    }
+    /// A worker's result (or stream item) of bytes, `bytearray`, `memoryview` or any buffer
+    /// (numpy arrays) of at least `bytes` leaves out of band. Default
+    /// [`DEFAULT_BUFFER_THRESHOLD`]. [`SharedBytes`] inputs always go out of band.
+    #[must_use]
+    pub fn threshold(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+    /// The largest single buffer, either direction (`max_frame` does not bound buffers). A
+    /// larger input fails with [`crate::CallError::BufferTooLarge`]; a worker that sends a
+    /// larger one is killed. Default [`DEFAULT_MAX_BUFFER`].
+    #[must_use]
+    pub fn max_buffer(mut self, bytes: usize) -> Self {
+        self.max_buffer = bytes;
+        self
+    }
+    /// Whether buffers travel out of band.
+    pub fn is_out_of_band(&self) -> bool {
+        self.out_of_band
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.threshold < 1024 {
+            return Err(format!("the buffer threshold must be at least 1 KiB, got {}", self.threshold));
+        }
+        if self.max_buffer == 0 || self.max_buffer > u32::MAX as usize {
+            return Err(format!("max_buffer must be between 1 byte and 4 GiB, got {}", self.max_buffer));
+        }
+        Ok(())
+    }
+}
+
+/// Whether this process can make sealed memfds (probed once). Without them every pool works
+/// in band.
+pub fn memfd_available() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| SharedBytes::from_slice(b"probe").is_ok())
+}
+
+/// An encoded call input and the buffers it references (index `i` = `buffers[i]`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Payload {
+    pub bytes: Vec<u8>,
+    pub buffers: Arc<[SharedBytes]>,
+}
+
+thread_local! {
+    /// The buffers of the input being encoded on this thread (`None`: not collecting, a
+    /// `SharedBytes` is plain `bin`).
+    static COLLECTING: RefCell<Option<Vec<SharedBytes>>> = const { RefCell::new(None) };
+}
+
+/// Encode `input` as a call's MessagePack payload; with `out_of_band`, every [`SharedBytes`]
+/// in it (up to the per-frame fd limit) becomes a reference to a buffer of the payload.
+pub(crate) fn encode<I: Serialize + ?Sized>(input: &I, out_of_band: bool) -> Result<Payload, rmp_serde::encode::Error> {
+    if !out_of_band {
+        return Ok(Payload { bytes: rmp_serde::to_vec_named(input)?, buffers: Arc::from(Vec::new()) });
+    }
+    let previous = COLLECTING.with(|c| c.replace(Some(Vec::new())));
+    let bytes = rmp_serde::to_vec_named(input);
+    let buffers = COLLECTING.with(|c| c.replace(previous)).unwrap_or_default();
+    Ok(Payload { bytes: bytes?, buffers: Arc::from(buffers) })
+}
+
+/// A buffer reference's ext payload as MessagePack wants it: `(type, bin)`.
+struct ExtRef(u32);
+
+impl Serialize for ExtRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        struct Bin<'a>(&'a [u8]);
+        impl Serialize for Bin<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&pyvisor_protocol::EXT_BUFFER)?;
+        t.serialize_element(&Bin(&self.0.to_be_bytes()))?;
+        t.end()
+    }
+}
+
+impl Serialize for SharedBytes {
+    /// A reference to an out-of-band buffer while a call's input is encoded for a pool that
+    /// sends buffers out of band; plain `bin` otherwise.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let index = COLLECTING.with(|c| {
+            let mut c = c.borrow_mut();
+            let list = c.as_mut()?;
+            if list.len() >= pyvisor_protocol::MAX_FDS_PER_FRAME {
+                return None;
+            }
+            list.push(self.clone());
+            Some(list.len() as u32 - 1)
+        });
+        match index {
+            Some(i) => s.serialize_newtype_struct(rmp_serde::MSGPACK_EXT_STRUCT_NAME, &ExtRef(i)),
+            None => s.serialize_bytes(self.as_slice()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedBytes {
+    /// From `bin` (one copy, into a new sealed memfd). A reply's out-of-band buffers reach the
+    /// decoder in band today (the reader copies them in once); taking the worker's memfd
+    /// without that copy is not built yet (docs/buffers.md).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SharedVisitor)
+    }
+}
+
+struct SharedVisitor;
+
+impl<'de> Visitor<'de> for SharedVisitor {
+    type Value = SharedBytes;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bytes or an out-of-band buffer")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<SharedBytes, E> {
+        SharedBytes::from_slice(v).map_err(|e| E::custom(format!("cannot make a memfd: {e}")))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SharedBytes, A::Error> {
+        // A MessagePack array of small integers also deserializes as bytes elsewhere; accept it.
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+        while let Some(b) = seq.next_element::<u8>()? {
+            v.push(b);
+        }
+        self.visit_bytes(&v)
+    }
+
+}
+
+/// Just enough of `serde_bytes` to read bytes back in tests.
+#[cfg(test)]
+mod serde_bytes_shim {
+    pub(super) struct ByteBuf(pub Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for ByteBuf {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = ByteBuf;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v.to_vec()))
+                }
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_bytes_are_references_while_collecting_and_bin_otherwise() {
+        let b = SharedBytes::from_slice(&[1, 2, 3]).expect("memfd");
+        let p = encode(&(5u8, &b, "x"), true).expect("encodes");
+        assert_eq!(p.buffers.len(), 1);
+        assert!(p.buffers[0].same_mapping(&b));
+        let mut expected = vec![0x93, 0x05];
+        pyvisor_protocol::write_buffer_ref(&mut expected, 0);
+        expected.extend_from_slice(&[0xa1, b'x']);
+        assert_eq!(p.bytes, expected);
+        let inline = encode(&(5u8, &b, "x"), false).expect("encodes");
+        assert!(inline.buffers.is_empty());
+        assert_eq!(inline.bytes, vec![0x93, 0x05, 0xc4, 3, 1, 2, 3, 0xa1, b'x']);
+        // Not collecting outside `encode`.
+        assert_eq!(rmp_serde::to_vec(&b).expect("encodes"), vec![0xc4, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn more_buffers_than_one_frame_may_carry_go_in_band() {
+        let many: Vec<SharedBytes> = (0..20u8).map(|i| SharedBytes::from_slice(&[i]).expect("memfd")).collect();
+        let p = encode(&many, true).expect("encodes");
+        assert_eq!(p.buffers.len(), pyvisor_protocol::MAX_FDS_PER_FRAME);
+        let inlined = pyvisor_protocol::inline_buffers(&p.bytes, &p.buffers.iter().map(|b| b.as_slice()).collect::<Vec<_>>()).expect("refs");
+        let back: Vec<serde_bytes_shim::ByteBuf> = rmp_serde::from_slice(&inlined).expect("decodes");
+        assert_eq!(back.iter().map(|b| b.0.clone()).collect::<Vec<_>>(), (0..20u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn shared_bytes_decode_from_bin_and_refuse_a_reference() {
+        let copied: SharedBytes = rmp_serde::from_slice(&[0xc4, 2, 7, 8]).expect("decodes");
+        assert_eq!(copied.as_slice(), &[7, 8]);
+        let mut value = Vec::new();
+        pyvisor_protocol::write_buffer_ref(&mut value, 0);
+        assert!(rmp_serde::from_slice::<SharedBytes>(&value).is_err());
+    }
+
+    #[test]
+    fn policies_are_checked() {
+        assert!(BufferPolicy::default().validate().is_ok());
+        assert!(BufferPolicy::default().threshold(10).validate().is_err());
+        assert!(BufferPolicy::default().max_buffer(0).validate().is_err());
+        assert!(!BufferPolicy::in_band().is_out_of_band());
+        assert!(memfd_available());
+    }
+}
