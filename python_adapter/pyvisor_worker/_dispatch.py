@@ -22,7 +22,7 @@ read the socket, manage the read buffer, run functions or decide when the worker
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._exits import protocol_error
 from ._framing import (
@@ -31,11 +31,13 @@ from ._framing import (
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
     MSG_CREDIT,
+    MSG_FDS,
     MSG_PING,
     MSG_PONG,
     MSG_SHUTDOWN,
     unpack_body,
 )
+from ._oob import Inbound, Owned
 from ._registry import FunctionSpec
 from ._replies import (
     Pack,
@@ -70,6 +72,7 @@ class Dispatcher:
         state: WorkerState,
         control: Control,
         max_frame: int,
+        inbound: Optional[Inbound] = None,
     ) -> None:
         #: Plain functions' routes (the main loop's table) and stream functions' routes.
         self._routes = {name: r for name, r in routes.items() if not r[0].stream}
@@ -81,13 +84,30 @@ class Dispatcher:
         self._calls = state.calls
         self._control = control
         self._max_frame = max_frame
+        #: Capability ``oob``: the received fds (None without it), and the buffers an ``fds``
+        #: message handed to the frame that comes next.
+        self._inbound = inbound
+        self._owned: Optional[Owned] = None
+        if inbound is not None:
+            inbound.set_routes(self._all_routes)
 
     def dispatch_frames(
-        self, buf: bytearray, view: memoryview, start: int, end: int, out: List[bytes], pack: Pack
+        self,
+        buf: bytearray,
+        view: memoryview,
+        start: int,
+        end: int,
+        out: List[bytes],
+        pack: Pack,
+        unpack_body: Callable[[Any], Any] = unpack_body,
     ) -> Tuple[int, int]:
         """Dispatch every complete frame in ``buf[start:end]``; immediate replies go to
         ``out``. Returns where the unconsumed bytes start and how many bytes the frame that
-        begins there needs in all (header included; 4 while even its header is incomplete)."""
+        begins there needs in all (header included; 4 while even its header is incomplete).
+
+        With ``oob``, it stops right after an ``fds`` message (whose frame
+        :meth:`dispatch_frames_oob` decodes next, with ``unpack_body`` resolving the
+        references); without, an ``fds`` message is a protocol error like any unknown one."""
         max_frame = self._max_frame
         routes = self._routes
         calls = self._calls
@@ -129,7 +149,8 @@ class Dispatcher:
                     continue
                 make = AckedCall if ack_start else Call
             else:
-                self._control_message(msg, out, pack)
+                if self._control_message(msg, out, pack):
+                    return start, 4  # an fds message: its frame is next (dispatch_frames_oob)
                 continue
             # Every field as docs/protocol.md types it. A decoded integer always fits in
             # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
@@ -166,6 +187,34 @@ class Dispatcher:
                 continue
             submit(call)
         return start, need
+
+    def dispatch_frames_oob(
+        self, buf: bytearray, view: memoryview, start: int, end: int, out: List[bytes], pack: Pack
+    ) -> Tuple[int, int]:
+        """:meth:`dispatch_frames` with capability ``oob``: the frame after an ``fds`` message
+        is decoded by its :class:`~._oob.Owned` (references → the buffers) and must be a call;
+        other frames go through the common path unchanged."""
+        max_frame = self._max_frame
+        dispatch = self.dispatch_frames
+        while True:
+            owned = self._owned
+            if owned is not None:
+                if end - start < 4:
+                    return start, 4
+                (n,) = _unpack_from(buf, start)
+                if n > max_frame:
+                    protocol_error(
+                        f"incoming frame of {n} bytes exceeds the maximum frame size of "
+                        f"{max_frame} bytes"
+                    )
+                stop = start + 4 + n
+                if stop > end:
+                    return start, 4 + n
+                self._owned = None
+                start, _ = dispatch(buf, view, start, stop, out, pack, owned.unpack)
+            start, need = dispatch(buf, view, start, end, out, pack)
+            if self._owned is None:
+                return start, need
 
     def _no_route(self, call_id: int, attempt: int, name: str, pack: Pack) -> bytes:
         """The reply to a plain call (or ``call_options`` without ``stream``) to a function
@@ -224,10 +273,15 @@ class Dispatcher:
             return
         submit(call)
 
-    def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
+    def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> bool:
+        """Act on a message other than a call; True for an ``fds`` message (capability
+        ``oob``): the buffers it claimed belong to the next frame."""
         kind = msg[0]
         if type(kind) is not int:
             protocol_error(f"unexpected message: {msg!r:.200}")
+        if kind == MSG_FDS and self._inbound is not None:
+            self._owned = self._inbound.claim(msg)
+            return True
         if kind == MSG_CREDIT and len(msg) >= 3:
             call_id = msg[1]
             n = msg[2]
@@ -270,3 +324,4 @@ class Dispatcher:
             protocol_error(f"a credit has {len(msg)} elements instead of 3")
         else:
             protocol_error(f"unexpected message: {msg!r:.200}")
+        return False

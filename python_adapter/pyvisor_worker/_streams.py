@@ -56,6 +56,7 @@ from ._framing import (
     MSG_ITEM,
     qualified_name,
 )
+from ._oob import Outbound, item_body
 from ._registry import invoke
 from ._replies import (
     FLUSH_BYTES,
@@ -87,6 +88,9 @@ if TYPE_CHECKING:
 
         def user_exit(self, exc: BaseException) -> NoReturn: ...
 
+        oob: Optional[Outbound]
+        oob_types: frozenset
+
 __all__ = ["StreamCall", "AckedStreamCall", "StreamRunner", "Flusher", "CANCELLED_TYPE"]
 
 #: The error type of a cancelled stream's reply (as for a cancelled call).
@@ -94,6 +98,10 @@ CANCELLED_TYPE = "asyncio.exceptions.CancelledError"
 
 _HEADER_PACK = HEADER.pack
 _time = time.time
+
+
+class _MaybeOutOfBand(Exception):
+    """A bytes-like item with ``oob`` on: taken off the common path (``item_body``)."""
 
 
 class StreamCall(Call):
@@ -283,6 +291,8 @@ class StreamRunner:
         pending = call._pending
         append = pending.append
         write_pending = self._writer.write_pending
+        oob = runner.oob
+        oob_types = runner.oob_types
         header = _HEADER_PACK
         call_id = call._call_id
         attempt = call._attempt
@@ -309,10 +319,21 @@ class StreamRunner:
                 except StopIteration:
                     break
                 try:
+                    if type(value) in oob_types:
+                        raise _MaybeOutOfBand
                     body = pack([MSG_ITEM, call_id, attempt, seq, value])
                 except Exception as e:
-                    failure = self._unserializable(call, seq, e, pack)
-                    break
+                    # bytes-like: out of band (None) or in band as bytes; else unencodable.
+                    try:
+                        body = item_body(oob, call, seq, value, pack, pending, e)
+                    except Exception as e2:
+                        failure = self._unserializable(call, seq, e2, pack)
+                        break
+                    if body is None:  # sent, after the pending items
+                        seq += 1
+                        budget -= 1
+                        size = 0
+                        continue
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)
@@ -361,6 +382,8 @@ class StreamRunner:
         pending = call._pending
         append = pending.append
         write_pending = self._writer.write_pending
+        oob = runner.oob
+        oob_types = runner.oob_types
         header = _HEADER_PACK
         call_id = call._call_id
         attempt = call._attempt
@@ -387,10 +410,21 @@ class StreamRunner:
                 except StopAsyncIteration:
                     break
                 try:
+                    if type(value) in oob_types:
+                        raise _MaybeOutOfBand
                     body = pack([MSG_ITEM, call_id, attempt, seq, value])
                 except Exception as e:
-                    failure = self._unserializable(call, seq, e, pack)
-                    break
+                    # bytes-like: out of band (None) or in band as bytes; else unencodable.
+                    try:
+                        body = item_body(oob, call, seq, value, pack, pending, e)
+                    except Exception as e2:
+                        failure = self._unserializable(call, seq, e2, pack)
+                        break
+                    if body is None:  # sent, after the pending items
+                        seq += 1
+                        budget -= 1
+                        size = 0
+                        continue
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)
