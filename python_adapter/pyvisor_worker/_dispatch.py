@@ -37,7 +37,7 @@ from ._framing import (
     MSG_SHUTDOWN,
     unpack_body,
 )
-from ._oob import Inbound, Owned
+from ._oob import Inbound, Owned, unpack_unannounced
 from ._registry import FunctionSpec
 from ._replies import (
     Pack,
@@ -196,6 +196,7 @@ class Dispatcher:
         other frames go through the common path unchanged."""
         max_frame = self._max_frame
         dispatch = self.dispatch_frames
+        unannounced = unpack_unannounced
         while True:
             owned = self._owned
             if owned is not None:
@@ -212,7 +213,7 @@ class Dispatcher:
                     return start, 4 + n
                 self._owned = None
                 start, _ = dispatch(buf, view, start, stop, out, pack, owned.unpack)
-            start, need = dispatch(buf, view, start, end, out, pack)
+            start, need = dispatch(buf, view, start, end, out, pack, unannounced)
             if self._owned is None:
                 return start, need
 

@@ -24,6 +24,7 @@ sends an fd.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence
@@ -221,6 +222,21 @@ class Owned:
                 _unmap(view)
             except Exception:  # pragma: no cover
                 pass
+
+
+def _unannounced(code: int, data: bytes) -> Any:
+    """The ext hook of frames no ``fds`` message announced: a buffer reference there is a
+    protocol error; other ext types decode as always (``msgpack.ExtType``)."""
+    if code == EXT_BUFFER:
+        protocol_error("a buffer reference in a frame not announced by an fds message")
+    return msgpack.ExtType(code, data)
+
+
+#: How a frame that no ``fds`` message announced is decoded with ``oob`` on (the hook runs only
+#: for ext values: a frame without any costs nothing more).
+unpack_unannounced: Callable[[Any], Any] = functools.partial(
+    msgpack.unpackb, raw=False, strict_map_key=False, ext_hook=_unannounced
+)
 
 
 class Inbound:

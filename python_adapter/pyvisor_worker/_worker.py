@@ -8,6 +8,9 @@ up (each module imports only modules listed before it):
 
 - ``_state``: the calls the worker holds and whether it admits new ones;
 - ``_exits``: how the process ends (``os._exit`` paths, death by SIGTERM);
+- ``_oob``: out-of-band buffers in the protocol (capability ``oob``: the fds received and the
+  ``fds`` messages that claim them; large bytes-like results sent in sealed memfds), on the
+  primitives of ``_buffers``;
 - ``_replies``: reply frames and the locked, batching writer;
 - ``_streams``: generator functions run as streams (credit, items, the stream flusher);
 - ``_executors``: inline, asyncio and thread-pool execution, and the one kind → executor map;
