@@ -16,8 +16,8 @@ This module owns the primitives of issue 16, each usable and tested alone:
   :func:`decode_ref` (ext type :data:`EXT_BUFFER`).
 
 It does not own the protocol: the ``oob`` capability, the ``fds`` message, which frame owns
-which fds, thresholds and limits (``max_buffer``, bytes in flight) and (de)serialization of
-values belong to the reader, the writer and ``_framing``, which do not use this module yet.
+which fds, thresholds and limits (``max_buffer``) and (de)serialization of values belong to
+``_oob`` (with the reader, the dispatcher and the writer), built on these primitives.
 Linux only (``memfd_create``, file seals).
 """
 

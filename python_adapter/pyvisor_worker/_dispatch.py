@@ -16,6 +16,13 @@ messages is type-checked as docs/protocol.md says; a mistyped field, a ``call`` 
 worker already holds, or anything else is a protocol error (the call never runs). Stream calls
 are handled off the main loop (``_stream_call``), so plain calls pay nothing for them.
 
+With capability ``oob`` (``_oob``), the reader calls :meth:`Dispatcher.dispatch_frames_oob`
+instead: an ``fds`` message claims the fds received so far (checked, mapped and closed by
+``_oob.Inbound``) and the frame right after it, which must be a ``call`` or ``call_options``,
+is decoded by ``_oob.Owned`` (each buffer referenced exactly once); a buffer reference in any
+other frame is a protocol error. The plain path (``dispatch_frames``) is unchanged: the
+decoder is a parameter, and an ``fds`` message only stops the loop.
+
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
 """

@@ -121,7 +121,8 @@ class Runner:
         self._writer.write(_HEADER_PACK(len(body)) + body)
 
     def execute(self, call: Call, pack: Pack) -> bytes:
-        """Run a plain function (inline or on its pool); returns the reply frame."""
+        """Run a plain function (inline or on its pool); returns the reply frame (``b""`` when
+        a bytes-like result was sent out of band already: capability ``oob``)."""
         if call._cancelled:
             return cancelled_frame(call, pack, self._max_frame)
         if call._ack_start:  # (true for a stream call too: a plain call pays nothing for it)

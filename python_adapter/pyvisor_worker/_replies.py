@@ -4,7 +4,11 @@ Owns the building of ``reply`` frames (``[2, id, attempt, ok, span, value_or_err
 every outcome: a result, a raised exception, a value that cannot be encoded or is too large,
 and the calls whose function never ran (unknown function, cancelled before it started,
 refused because the worker is shutting down). And :class:`Writer`: one lock around
-``sendall``, replies staged to go out with the next write, the ``served`` counter.
+``sendall``, replies staged to go out with the next write, the ``served`` counter, and
+``send_with_fds`` (capability ``oob``: an ``fds`` message and the frame that uses its fds, in
+one ``sendmsg`` after everything staged, with nothing between them). A result sent out of band
+(``_oob.Outbound``) is written at once by the thread that produced it; its frame is then
+``b""``, which the batching paths write as nothing.
 
 Does not decide when a function runs or which replies are staged (the inline executor's drain
 loop does, with the writer's fields under its lock), and never reads from the socket.

@@ -24,6 +24,10 @@ How a stream runs (on the thread or task its function's executor gives it):
   next waits for credit, or within about ``TICK``; items produced together go out together.
   Only the writer's lock holders remove from ``_pending`` (always from the front), only the
   driver appends: the items of a stream go out in order.
+- **Out of band** (capability ``oob``): a bytes-like item of at least the threshold is
+  written at once by the driver (``Writer.send_with_fds``: the stream's pending items first,
+  then the ``fds`` message and the item, under one lock), so the items stay in order; a
+  buffer-protocol item MessagePack cannot encode (a numpy array) goes as ``bytes``.
 - **End.** The reply is ``ok`` with the number of items sent; an ``exception`` error if the
   generator raised; ``unserializable``/``reply_too_large`` (instead of the item) if an item
   cannot be encoded or its frame exceeds the maximum frame size, and then the generator is

@@ -670,10 +670,13 @@ def test_call_options_with_buffers(oob: FakeParent) -> None:
 def test_no_fd_leaks_over_10000_calls(oob: FakeParent) -> None:
     pid = oob.pid
     data = pattern(THRESHOLD + 123)
-    # Warm up (threads, pools, imports), then count.
+    # Warm up (threads, pools, imports), then count once the worker is idle (a call's payload
+    # may be released a moment after its reply went out).
     oob.invoke("echo", OutOfBand(data))
     oob.invoke("view_echo", OutOfBand(data))
     oob.invoke("async_echo", OutOfBand(data))
+    oob.invoke("echo", 1)
+    time.sleep(0.2)
     before = open_fds(pid)
     mine_before = len(os.listdir("/proc/self/fd"))
     functions = ["echo", "view_echo", "echo", "async_echo"]
@@ -691,9 +694,9 @@ def test_no_fd_leaks_over_10000_calls(oob: FakeParent) -> None:
     assert oob.unclaimed_fds == 0
     # Every fd the worker received or made is closed (mappings released with their values).
     deadline = time.monotonic() + 5
-    while open_fds(pid) != before and time.monotonic() < deadline:
+    while open_fds(pid) > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert open_fds(pid) == before
+    assert open_fds(pid) <= before
     assert len(os.listdir("/proc/self/fd")) == mine_before
 
 
