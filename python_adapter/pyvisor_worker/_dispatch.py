@@ -16,12 +16,12 @@ messages is type-checked as docs/protocol.md says; a mistyped field, a ``call`` 
 worker already holds, or anything else is a protocol error (the call never runs). Stream calls
 are handled off the main loop (``_stream_call``), so plain calls pay nothing for them.
 
-With capability ``oob`` (``_oob``), the reader calls :meth:`Dispatcher.dispatch_frames_oob`
-instead: an ``fds`` message claims the fds received so far (checked, mapped and closed by
-``_oob.Inbound``) and the frame right after it, which must be a ``call`` or ``call_options``,
-is decoded by ``_oob.Owned`` (each buffer referenced exactly once); a buffer reference in any
-other frame is a protocol error. The plain path (``dispatch_frames``) is unchanged: the
-decoder is a parameter, and an ``fds`` message only stops the loop.
+With capability ``oob`` (``_oob``) the reader passes ``_oob.unpack_unannounced`` as the
+decoder (a buffer reference in a frame no ``fds`` message announced is a protocol error; it
+costs nothing for a frame without ext values); an ``fds`` message, once the frame after it is
+complete too, claims the oldest fds received (checked, mapped and closed by ``_oob.Inbound``)
+and that frame, which must be a ``call`` or ``call_options``, is decoded by ``_oob.Owned``
+(each buffer referenced exactly once). The per-call path is otherwise the same code.
 
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
@@ -44,7 +44,7 @@ from ._framing import (
     MSG_SHUTDOWN,
     unpack_body,
 )
-from ._oob import Inbound, Owned, unpack_unannounced
+from ._oob import Inbound
 from ._registry import FunctionSpec
 from ._replies import (
     Pack,
@@ -91,10 +91,8 @@ class Dispatcher:
         self._calls = state.calls
         self._control = control
         self._max_frame = max_frame
-        #: Capability ``oob``: the received fds (None without it), and the buffers an ``fds``
-        #: message handed to the frame that comes next.
+        #: Capability ``oob``: the received fds (None without it).
         self._inbound = inbound
-        self._owned: Optional[Owned] = None
         if inbound is not None:
             inbound.set_routes(self._all_routes)
 
@@ -112,9 +110,10 @@ class Dispatcher:
         ``out``. Returns where the unconsumed bytes start and how many bytes the frame that
         begins there needs in all (header included; 4 while even its header is incomplete).
 
-        With ``oob``, it stops right after an ``fds`` message (whose frame
-        :meth:`dispatch_frames_oob` decodes next, with ``unpack_body`` resolving the
-        references); without, an ``fds`` message is a protocol error like any unknown one."""
+        ``unpack_body`` decodes a frame body (with ``oob``: ``_oob.unpack_unannounced``, which
+        refuses buffer references; for the frame an ``fds`` message announced,
+        ``_oob.Owned.unpack``). Without ``oob`` an ``fds`` message is a protocol error like any
+        unknown message."""
         max_frame = self._max_frame
         routes = self._routes
         calls = self._calls
@@ -156,8 +155,12 @@ class Dispatcher:
                     continue
                 make = AckedCall if ack_start else Call
             else:
-                if self._control_message(msg, out, pack):
-                    return start, 4  # an fds message: its frame is next (dispatch_frames_oob)
+                if self._control_message(msg, out, pack):  # an fds message (oob)
+                    start, need = self._fds_message(
+                        msg, buf, view, start - 4 - n, start, end, out, pack
+                    )
+                    if need:
+                        return start, need
                 continue
             # Every field as docs/protocol.md types it. A decoded integer always fits in
             # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
@@ -195,34 +198,37 @@ class Dispatcher:
             submit(call)
         return start, need
 
-    def dispatch_frames_oob(
-        self, buf: bytearray, view: memoryview, start: int, end: int, out: List[bytes], pack: Pack
+    def _fds_message(
+        self,
+        msg: List[Any],
+        buf: bytearray,
+        view: memoryview,
+        begin: int,
+        start: int,
+        end: int,
+        out: List[bytes],
+        pack: Pack,
     ) -> Tuple[int, int]:
-        """:meth:`dispatch_frames` with capability ``oob``: the frame after an ``fds`` message
-        is decoded by its :class:`~._oob.Owned` (references → the buffers) and must be a call;
-        other frames go through the common path unchanged."""
-        max_frame = self._max_frame
-        dispatch = self.dispatch_frames
-        unannounced = unpack_unannounced
-        while True:
-            owned = self._owned
-            if owned is not None:
-                if end - start < 4:
-                    return start, 4
-                (n,) = _unpack_from(buf, start)
-                if n > max_frame:
-                    protocol_error(
-                        f"incoming frame of {n} bytes exceeds the maximum frame size of "
-                        f"{max_frame} bytes"
-                    )
-                stop = start + 4 + n
-                if stop > end:
-                    return start, 4 + n
-                self._owned = None
-                start, _ = dispatch(buf, view, start, stop, out, pack, owned.unpack)
-            start, need = dispatch(buf, view, start, end, out, pack, unannounced)
-            if self._owned is None:
-                return start, need
+        """An ``fds`` message (capability ``oob``) in ``buf[begin:start]``: once the frame after
+        it is complete too, claim its fds (checked, mapped, closed: ``_oob.Inbound``) and
+        dispatch that frame, decoded by ``_oob.Owned`` (it must be a call referencing each
+        buffer exactly once). Returns where dispatch goes on and 0; or, while that frame is
+        incomplete, ``begin`` and how many bytes both frames need (the ``fds`` message is read
+        again with them: no state outlives a read)."""
+        if end - start < 4:
+            return begin, start - begin + 4
+        (n,) = _unpack_from(buf, start)
+        if n > self._max_frame:
+            protocol_error(
+                f"incoming frame of {n} bytes exceeds the maximum frame size of "
+                f"{self._max_frame} bytes"
+            )
+        stop = start + 4 + n
+        if stop > end:
+            return begin, stop - begin
+        owned = self._inbound.claim(msg)  # type: ignore[union-attr]
+        self.dispatch_frames(buf, view, start, stop, out, pack, owned.unpack)
+        return stop, 0
 
     def _no_route(self, call_id: int, attempt: int, name: str, pack: Pack) -> bytes:
         """The reply to a plain call (or ``call_options`` without ``stream``) to a function
@@ -288,8 +294,8 @@ class Dispatcher:
         if type(kind) is not int:
             protocol_error(f"unexpected message: {msg!r:.200}")
         if kind == MSG_FDS and self._inbound is not None:
-            self._owned = self._inbound.claim(msg)
-            return True
+            self._inbound.check(msg)
+            return True  # (dispatch_frames hands it to _fds_message)
         if kind == MSG_CREDIT and len(msg) >= 3:
             call_id = msg[1]
             n = msg[2]

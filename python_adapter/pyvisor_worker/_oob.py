@@ -23,11 +23,13 @@ sends an fd.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import functools
 import os
+import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
@@ -39,7 +41,6 @@ from ._buffers import (
     decode_ref,
     encode_ref,
     map_readonly,
-    recv_with_fds,
     seal_bytes,
 )
 from ._exits import protocol_error
@@ -53,10 +54,6 @@ from ._framing import (
     MSG_REPLY,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    import socket
-
-    from ._registry import FunctionSpec
 
 __all__ = [
     "MAX_UNCLAIMED",
@@ -66,6 +63,9 @@ __all__ = [
     "Inbound",
     "Owned",
     "Outbound",
+    "BufferTooLarge",
+    "item_body",
+    "unpack_unannounced",
 ]
 
 #: Most received fds kept while no ``fds`` message has claimed them.
@@ -79,6 +79,11 @@ NO_TYPES: frozenset = frozenset()
 
 _HEADER_PACK = HEADER.pack
 _REF0 = encode_ref(0)
+#: Room for the most fds one read may bring (more: ``MSG_CTRUNC``, a protocol error).
+_ANCBUFSIZE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (an int: MsgFlag & int runs Python code)
+# Received fds are close-on-exec from the start (Linux).
+_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 
 
 def oob_supported() -> bool:
@@ -242,10 +247,10 @@ unpack_unannounced: Callable[[Any], Any] = functools.partial(
 class Inbound:
     """The fds the socket delivered, and the ``fds`` messages that claim them."""
 
-    __slots__ = ("_sock", "_fds", "_max_buffer", "_routes")
+    __slots__ = ("_recvmsg_into", "_fds", "_max_buffer", "_routes")
 
     def __init__(self, sock: socket.socket, max_buffer: int) -> None:
-        self._sock = sock
+        self._recvmsg_into = sock.recvmsg_into
         self._fds: Deque[int] = deque()
         self._max_buffer = max_buffer
         #: name → route (``route[0]`` the spec): set by the dispatcher.
@@ -259,22 +264,35 @@ class Inbound:
         with the bytes. More than :data:`~._buffers.MAX_FDS_PER_FRAME` in one read, cut
         ancillary data, or more than :data:`MAX_UNCLAIMED` unclaimed fds: protocol error.
         ``OSError`` propagates (the reader takes it for the parent gone)."""
-        try:
-            n, fds = recv_with_fds(self._sock, view, MAX_FDS_PER_FRAME)
-        except BufferViolation as e:
-            self.close_all()
-            protocol_error(str(e))
-        if fds:
-            queue = self._fds
-            queue.extend(fds)
-            if len(queue) > MAX_UNCLAIMED:
-                count = len(queue)
-                self.close_all()
-                protocol_error(
-                    f"{count} fds received and not claimed by an fds message (at most "
-                    f"{MAX_UNCLAIMED})"
-                )
+        # (``recv_with_fds``, inlined: a read that brings no fds costs one recvmsg and a test)
+        n, ancdata, flags, _ = self._recvmsg_into([view], _ANCBUFSIZE, _CMSG_CLOEXEC)
+        if ancdata or flags & _MSG_CTRUNC:
+            self._received(ancdata, flags)
         return n
+
+    def _received(self, ancdata: List[Tuple[int, int, bytes]], flags: int) -> None:
+        """Keep the fds a read brought (in arrival order), or end on a protocol error."""
+        fds: List[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                ints = array.array("i")
+                ints.frombytes(payload[: len(payload) - len(payload) % ints.itemsize])
+                fds.extend(ints)
+        queue = self._fds
+        queue.extend(fds)
+        if flags & _MSG_CTRUNC:
+            self.close_all()
+            protocol_error("ancillary data truncated (MSG_CTRUNC): fds lost")
+        if len(fds) > MAX_FDS_PER_FRAME:
+            self.close_all()
+            protocol_error(f"{len(fds)} fds in one message, at most {MAX_FDS_PER_FRAME}")
+        if len(queue) > MAX_UNCLAIMED:
+            count = len(queue)
+            self.close_all()
+            protocol_error(
+                f"{count} fds received and not claimed by an fds message (at most "
+                f"{MAX_UNCLAIMED})"
+            )
 
     @property
     def unclaimed(self) -> int:
@@ -285,9 +303,9 @@ class Inbound:
         self._fds.clear()
         _close_fds(fds)
 
-    def claim(self, msg: List[Any]) -> Owned:
-        """An ``fds`` message ``[12, [len_0, ...]]``: take, check, map and close the oldest
-        ``n`` fds; the mappings belong to the next frame."""
+    def check(self, msg: List[Any]) -> None:
+        """An ``fds`` message ``[12, [len_0, ...]]`` as soon as it is read: well-formed, each
+        length within ``max_buffer``, and its fds here (they come with its first bytes)."""
         lengths = msg[1] if len(msg) >= 2 else None
         if (
             type(lengths) is not list
@@ -308,6 +326,12 @@ class Inbound:
             have = len(queue)
             self.close_all()
             protocol_error(f"an fds message claims {len(lengths)} fds, {have} received")
+
+    def claim(self, msg: List[Any]) -> Owned:
+        """An ``fds`` message (passed :meth:`check`) whose frame has arrived: take, check, map
+        and close the oldest ``n`` fds; the mappings belong to that frame."""
+        lengths: List[int] = msg[1]
+        queue = self._fds
         fds = [queue.popleft() for _ in lengths]
         views: List[memoryview] = []
         try:
@@ -327,6 +351,10 @@ class Inbound:
 
 
 # ---------------------------------------------------------------------- writing
+
+
+class BufferTooLarge(ValueError):
+    """A stream item over ``PYVISOR_MAX_BUFFER`` (the stream ends ``reply_too_large``)."""
 
 
 class Outbound:
@@ -414,7 +442,7 @@ class Outbound:
         if nbytes < self.threshold:
             return False
         if nbytes > self.max_buffer:
-            raise ValueError(
+            raise BufferTooLarge(
                 f"{nbytes} bytes, over the maximum buffer size of {self.max_buffer} bytes"
             )
         try:

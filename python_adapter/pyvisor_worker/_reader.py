@@ -17,7 +17,7 @@ ends the wait.
 
 With capability ``oob`` the socket is read with ``recvmsg`` (``_oob.Inbound.recv_into``: the
 fds that come with the bytes are kept, in arrival order, for the ``fds`` messages that claim
-them) and frames go through ``Dispatcher.dispatch_frames_oob``; without it, ``recv_into`` and
+them) and frames are decoded with ``_oob.unpack_unannounced``; without it, ``recv_into`` and
 ``dispatch_frames`` as they always were.
 
 Does not interpret frames (``_dispatch``), run functions (``_executors``) or build replies; it
@@ -27,6 +27,7 @@ writes the immediate replies that dispatch hands back. EOF on the socket ends th
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -36,7 +37,7 @@ from ._dispatch import Dispatcher
 from ._exits import parent_gone
 from ._executors import TICK, InlineExecutor
 from ._framing import new_packer
-from ._oob import Inbound
+from ._oob import Inbound, unpack_unannounced
 from ._replies import Pack, Writer
 
 __all__ = ["Reader", "INITIAL_BUFFER"]
@@ -59,9 +60,11 @@ class Reader:
         if inbound is None:
             self._recv_into: Callable[[memoryview], int] = sock.recv_into
             self._dispatch = dispatcher.dispatch_frames
-        else:  # capability ``oob``: recvmsg keeps the fds; fds messages are understood
+        else:  # capability ``oob``: recvmsg keeps the fds; buffer references are checked
             self._recv_into = inbound.recv_into
-            self._dispatch = dispatcher.dispatch_frames_oob
+            self._dispatch = functools.partial(  # (C-level: no Python frame per read)
+                dispatcher.dispatch_frames, unpack_body=unpack_unannounced
+            )
         self._inline = inline
         self._write = writer.write
         self._try_flush = writer.try_flush

@@ -60,7 +60,7 @@ from ._framing import (
     MSG_ITEM,
     qualified_name,
 )
-from ._oob import Outbound, item_body
+from ._oob import BufferTooLarge, Outbound, item_body
 from ._registry import invoke
 from ._replies import (
     FLUSH_BYTES,
@@ -330,6 +330,9 @@ class StreamRunner:
                     # bytes-like: out of band (None) or in band as bytes; else unencodable.
                     try:
                         body = item_body(oob, call, seq, value, pack, pending, e)
+                    except BufferTooLarge as e2:
+                        failure = self._buffer_too_large(call, seq, e2, pack)
+                        break
                     except Exception as e2:
                         failure = self._unserializable(call, seq, e2, pack)
                         break
@@ -421,6 +424,9 @@ class StreamRunner:
                     # bytes-like: out of band (None) or in band as bytes; else unencodable.
                     try:
                         body = item_body(oob, call, seq, value, pack, pending, e)
+                    except BufferTooLarge as e2:
+                        failure = self._buffer_too_large(call, seq, e2, pack)
+                        break
                     except Exception as e2:
                         failure = self._unserializable(call, seq, e2, pack)
                         break
@@ -496,6 +502,14 @@ class StreamRunner:
         message = f"item {seq} of the stream {call._spec.name!r} cannot be encoded: {exc}"
         return functools.partial(
             self._error, call, KIND_UNSERIALIZABLE, qualified_name(type(exc)), message, pack
+        )
+
+    def _buffer_too_large(
+        self, call: StreamCall, seq: int, exc: Exception, pack: Pack
+    ) -> Callable[[Optional[List[int]]], bytes]:
+        message = f"item {seq} of the stream {call._spec.name!r} is {exc}"
+        return functools.partial(
+            self._error, call, KIND_REPLY_TOO_LARGE, "ValueError", message, pack
         )
 
     def _too_large(

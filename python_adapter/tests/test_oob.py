@@ -457,6 +457,11 @@ def test_a_result_over_max_buffer_is_too_large(spawn: SpawnFn) -> None:
     assert not reply.ok and reply.error["kind"] == "reply_too_large"
     assert "maximum buffer size" in reply.error["message"]
     assert parent.invoke("make", 100_000) == expected_make(100_000)
+    # A stream item too: the stream ends with the error, the items before it stand.
+    result = parent.stream_result(parent.stream("chunks", [100_001, 3], credit=8))
+    assert result.items == []
+    assert result.error["kind"] == "reply_too_large"
+    assert "item 0" in result.error["message"] and "maximum buffer size" in result.error["message"]
 
 
 @pytest.mark.parametrize("function", ["async_echo", "threaded_echo"])
