@@ -23,7 +23,7 @@ from pyvisor_worker import _buffers, as_numpy, expose
 from pyvisor_worker._buffers import recv_with_fds, seal_bytes, send_with_fds
 from pyvisor_worker._config import EXIT_PROTOCOL
 from pyvisor_worker._framing import MSG_CALL, MSG_CALL_OPTIONS, MSG_FDS, MSG_PING
-from pyvisor_worker.testing import FakeParent, OutOfBand, WorkerExited, ref
+from pyvisor_worker.testing import FakeParent, OutOfBand, WorkerExited, encode_frame, ref
 
 SpawnFn = Callable[..., FakeParent]
 
@@ -656,6 +656,27 @@ def test_an_extra_fd_is_kept_for_a_later_fds_message(oob: FakeParent) -> None:
     assert oob.reply_for(50).value == [b"second", b"first"]
     oob.send_with_fds([[MSG_FDS, [6]], call_message(51, "echo", ref(0))], [])
     assert oob.reply_for(51).value == b"second"
+
+
+@pytest.mark.parametrize("cut", [0, 3, 4, 1000, -1])
+def test_the_frame_after_fds_may_arrive_in_pieces(oob: FakeParent, cut: int) -> None:
+    """The fds message is read first, its frame (larger than the read buffer) in pieces
+    later: the fds wait, nothing is claimed twice, the call runs once."""
+    fd = FakeParent.memfd(b"late")
+    big = b"i" * MIB  # in band: longer than the worker's read buffer
+    data = encode_frame(call_message(60, "echo", [ref(0), big]))
+    try:
+        oob.send_with_fds([[MSG_FDS, [4]]], [fd])
+    finally:
+        os.close(fd)
+    cut = len(data) - 1 if cut < 0 else cut
+    time.sleep(0.05)
+    oob.send_raw(data[:cut])
+    time.sleep(0.05)
+    oob.send_raw(data[cut:])
+    reply = oob.reply_for(60)
+    assert reply.ok and reply.value == [b"late", big]
+    assert oob.invoke("echo", OutOfBand(b"next")) == b"next"
 
 
 def test_call_options_with_buffers(oob: FakeParent) -> None:
