@@ -178,7 +178,7 @@ def map_readonly(fd: int, length: int) -> memoryview:
     if length == 0:
         return memoryview(b"")
     if _TRACKFD:  # Python 3.13+: the mmap object keeps no duplicate of the fd
-        mapped = mmap.mmap(
+        mapped = mmap.mmap(  # type: ignore[call-arg,unused-ignore]
             fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, trackfd=False
         )
     else:  # (it holds a duplicate of the fd, closed when it is collected)

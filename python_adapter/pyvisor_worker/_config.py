@@ -20,7 +20,8 @@ __all__ = [
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 DEFAULT_BEAT_INTERVAL_MS = 1000
-#: Results (and stream items) of at least this many bytes go out of band (``PYVISOR_OOB_THRESHOLD``).
+#: Results (and stream items) of at least this many bytes go out of band
+#: (``PYVISOR_OOB_THRESHOLD``).
 DEFAULT_OOB_THRESHOLD = 64 * 1024
 #: The largest single out-of-band buffer accepted from (or sent to) the parent
 #: (``PYVISOR_MAX_BUFFER``).

@@ -29,7 +29,7 @@ import functools
 import os
 import socket
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
@@ -73,9 +73,9 @@ MAX_UNCLAIMED = 32
 #: The types whose top-level results the hot paths send to :class:`Outbound` (a cheap
 #: ``type(x) in`` test); other buffer-protocol objects (numpy arrays) get there when
 #: MessagePack cannot encode them.
-BUFFER_TYPES = frozenset((bytes, bytearray, memoryview))
+BUFFER_TYPES: FrozenSet[type] = frozenset((bytes, bytearray, memoryview))
 #: What the hot paths test when ``oob`` is off: nothing.
-NO_TYPES: frozenset = frozenset()
+NO_TYPES: FrozenSet[type] = frozenset()
 
 _HEADER_PACK = HEADER.pack
 _REF0 = encode_ref(0)

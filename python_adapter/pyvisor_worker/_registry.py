@@ -237,13 +237,13 @@ def expose(
     resumed while the parent holds as many items as it allowed). A cancelled stream's
     generator is closed (``GeneratorExit`` at its ``yield``: its ``finally`` blocks run).
     """
-    buffers = _check_buffers(buffers)  # at decoration time
+    mode = _check_buffers(buffers)  # at decoration time
     if fn is not None:
-        _register(fn, name, idempotent, threads, buffers)
+        _register(fn, name, idempotent, threads, mode)
         return fn
 
     def decorate(f: F) -> F:
-        _register(f, name, idempotent, threads, buffers)
+        _register(f, name, idempotent, threads, mode)
         return f
 
     return decorate

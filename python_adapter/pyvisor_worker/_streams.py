@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, FrozenSet, List, NoReturn, Optional, Set, Tuple
 
 from ._exits import guarded
 from ._framing import (
@@ -93,7 +93,7 @@ if TYPE_CHECKING:
         def user_exit(self, exc: BaseException) -> NoReturn: ...
 
         oob: Optional[Outbound]
-        oob_types: frozenset
+        oob_types: FrozenSet[type]
 
 __all__ = ["StreamCall", "AckedStreamCall", "StreamRunner", "Flusher", "CANCELLED_TYPE"]
 
@@ -329,18 +329,19 @@ class StreamRunner:
                 except Exception as e:
                     # bytes-like: out of band (None) or in band as bytes; else unencodable.
                     try:
-                        body = item_body(oob, call, seq, value, pack, pending, e)
+                        maybe = item_body(oob, call, seq, value, pack, pending, e)
                     except BufferTooLarge as e2:
                         failure = self._buffer_too_large(call, seq, e2, pack)
                         break
                     except Exception as e2:
                         failure = self._unserializable(call, seq, e2, pack)
                         break
-                    if body is None:  # sent, after the pending items
+                    if maybe is None:  # sent, after the pending items
                         seq += 1
                         budget -= 1
                         size = 0
                         continue
+                    body = maybe
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)
@@ -423,18 +424,19 @@ class StreamRunner:
                 except Exception as e:
                     # bytes-like: out of band (None) or in band as bytes; else unencodable.
                     try:
-                        body = item_body(oob, call, seq, value, pack, pending, e)
+                        maybe = item_body(oob, call, seq, value, pack, pending, e)
                     except BufferTooLarge as e2:
                         failure = self._buffer_too_large(call, seq, e2, pack)
                         break
                     except Exception as e2:
                         failure = self._unserializable(call, seq, e2, pack)
                         break
-                    if body is None:  # sent, after the pending items
+                    if maybe is None:  # sent, after the pending items
                         seq += 1
                         budget -= 1
                         size = 0
                         continue
+                    body = maybe
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)

@@ -139,14 +139,21 @@ def ref(index: int) -> Any:
 
 def _extract_buffers(value: Any, buffers: List[Any]) -> Any:
     """``value`` with every :class:`OutOfBand` replaced by a reference (its data appended to
-    ``buffers``)."""
+    ``buffers``, in the order MessagePack encodes them); containers without one are returned
+    as they are."""
     if isinstance(value, OutOfBand):
         buffers.append(value.data)
         return encode_ref(len(buffers) - 1)
     if isinstance(value, (list, tuple)):
-        return [_extract_buffers(v, buffers) for v in value]
+        before = len(buffers)
+        items = [_extract_buffers(v, buffers) for v in value]
+        return items if len(buffers) > before else value
     if isinstance(value, dict):
-        return {_extract_buffers(k, buffers): _extract_buffers(v, buffers) for k, v in value.items()}
+        before = len(buffers)
+        pairs = [
+            (_extract_buffers(k, buffers), _extract_buffers(v, buffers)) for k, v in value.items()
+        ]
+        return dict(pairs) if len(buffers) > before else value
     return value
 
 
@@ -676,7 +683,7 @@ class FakeParent:
         try:
             n, fds = recv_with_fds(self.sock, buf, MAX_FDS_PER_FRAME)
         except ConnectionResetError:
-            return b""
+            return memoryview(b"")
         self._fds.extend(fds)
         return memoryview(buf)[:n]
 
@@ -697,7 +704,7 @@ class FakeParent:
             self._claimed = None
             self._frame_buffers = 0
             if claimed is None:
-                msg = unpack_body(body, ext_hook=_no_reference)
+                msg = unpack_body(body, ext_hook=_no_reference)  # type: ignore[call-arg]
             else:
                 msg = self._resolve(body, claimed)
             if not isinstance(msg, list) or not msg:
@@ -749,7 +756,7 @@ class FakeParent:
             used[index] = True
             return buffers[index]
 
-        msg = unpack_body(body, ext_hook=hook)
+        msg = unpack_body(body, ext_hook=hook)  # type: ignore[call-arg]
         if not all(used):
             raise AssertionError(f"buffers not referenced by the frame after fds: {used}")
         if not isinstance(msg, list) or not msg or msg[0] not in (MSG_REPLY, MSG_ITEM):

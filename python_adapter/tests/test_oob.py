@@ -250,7 +250,7 @@ def test_oob_off_refuses_an_fds_message(spawn: SpawnFn) -> None:
     parent = spawn(WORKER, env={"PYVISOR_OOB": "0"})
     fd = FakeParent.memfd(b"x" * 100)
     try:
-        parent.send_with_fds([[MSG_FDS, [100]], [MSG_CALL, 1, 1, "echo", None, None, None, ref(0)]], [fd])
+        parent.send_with_fds([[MSG_FDS, [100]], call_message(1, "echo", ref(0))], [fd])
     finally:
         os.close(fd)
     assert parent.wait() == EXIT_PROTOCOL
@@ -383,12 +383,12 @@ def test_received_sealed_memfd_cannot_be_written() -> None:
 def test_expose_checks_buffers() -> None:
     with pytest.raises(TypeError, match="buffers"):
 
-        @expose(name="oob_bad_mode", buffers="numpy")  # type: ignore[arg-type]
+        @expose(name="oob_bad_mode", buffers="numpy")  # type: ignore[call-overload]
         def bad(x: Any) -> Any:
             return x
 
     with pytest.raises(TypeError, match='"bytes"'):
-        expose(name="oob_bad_mode2", buffers=None)  # type: ignore[arg-type]
+        expose(name="oob_bad_mode2", buffers=None)  # type: ignore[call-overload]
 
     @expose(name="oob_good_mode", buffers="memoryview")
     def good(x: Any) -> Any:
@@ -648,7 +648,9 @@ def test_an_extra_fd_is_kept_for_a_later_fds_message(oob: FakeParent) -> None:
     try:
         oob.send_with_fds([[MSG_PING, 7]], [first])
         assert oob.pong_for(7) is not None
-        oob.send_with_fds([[MSG_FDS, [5, 6]], call_message(50, "echo", [ref(1), ref(0)])], [second, second])
+        oob.send_with_fds(
+            [[MSG_FDS, [5, 6]], call_message(50, "echo", [ref(1), ref(0)])], [second, second]
+        )
     finally:
         os.close(first)
         os.close(second)
@@ -732,7 +734,7 @@ def test_mappings_are_released(oob: FakeParent) -> None:
 
     def memfd_mappings() -> int:
         with open(f"/proc/{pid}/maps") as maps:
-            return sum(1 for line in maps if "memfd:pyvisor-buffer" in line or "memfd:fake-parent" in line)
+            return sum(1 for line in maps if "memfd:pyvisor-buffer" in line)
 
     for function in ("describe", "view_probe", "view_echo", "echo"):
         oob.invoke(function, OutOfBand(data))
