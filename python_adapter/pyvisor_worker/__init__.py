@@ -11,9 +11,13 @@ through ``python -m pyvisor_worker SCRIPT`` and calls them over its own socket::
 
     if __name__ == "__main__":
         run_worker()
+
+Large byte strings may travel out of band, in sealed shared memory (capability ``oob``): see
+``@expose(buffers="memoryview")`` and :func:`as_numpy`.
 """
 
 from . import chaos
+from ._buffers import as_numpy
 from ._config import PROTOCOL_VERSION
 from ._context import Context
 from ._otel import tracer
@@ -27,6 +31,7 @@ __all__ = [
     "Context",
     "tracer",
     "chaos",
+    "as_numpy",
     "__version__",
     "PROTOCOL_VERSION",
 ]

@@ -16,8 +16,8 @@ This module owns the primitives of issue 16, each usable and tested alone:
   :func:`decode_ref` (ext type :data:`EXT_BUFFER`).
 
 It does not own the protocol: the ``oob`` capability, the ``fds`` message, which frame owns
-which fds, thresholds and limits (``max_buffer``, bytes in flight) and (de)serialization of
-values belong to the reader, the writer and ``_framing``, which do not use this module yet.
+which fds, thresholds and limits (``max_buffer``) and (de)serialization of values belong to
+``_oob`` (with the reader, the dispatcher and the writer), built on these primitives.
 Linux only (``memfd_create``, file seals).
 """
 
@@ -29,6 +29,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 from typing import TYPE_CHECKING, Any, List, Sequence, Tuple, Union
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
@@ -71,6 +72,8 @@ _SEAL_NAMES = (
     (fcntl.F_SEAL_WRITE, "WRITE"),
 )
 _MEMFD_NAME = "pyvisor-buffer"
+# mmap(trackfd=False), Python 3.13+: a mapping does not hold a duplicate of its fd.
+_TRACKFD = sys.version_info >= (3, 13)
 # Received fds are close-on-exec from the start where the kernel can do it (Linux: always).
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -174,13 +177,25 @@ def map_readonly(fd: int, length: int) -> memoryview:
         raise ValueError(f"negative buffer length {length}")
     if length == 0:
         return memoryview(b"")
-    mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    if _TRACKFD:  # Python 3.13+: the mmap object keeps no duplicate of the fd
+        mapped = mmap.mmap(  # type: ignore[call-arg,unused-ignore]
+            fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, trackfd=False
+        )
+    else:  # (it holds a duplicate of the fd, closed when it is collected)
+        mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     # A PROT_READ mmap exports read-only buffers; the view keeps `mapped` alive.
     return memoryview(mapped)
 
 
 def as_numpy(view: memoryview, dtype: Any = "uint8") -> numpy.ndarray:
     """A read-only numpy array over ``view``'s memory (zero-copy ``numpy.frombuffer``).
+
+    Public as ``pyvisor_worker.as_numpy``: in a function exposed with
+    ``@expose(buffers="memoryview")``, ``as_numpy(buf, "float32")`` reads a buffer the parent
+    sent out of band as an array without copying it (``dtype`` is anything
+    ``numpy.dtype`` accepts; the buffer's size must be a multiple of its item size). The
+    array is read-only (the memory is sealed shared memory: nobody can change it); use
+    ``.copy()`` for a writable one. Any bytes-like ``view`` works (``bytes`` too).
 
     The array keeps the mapping alive on its own: releasing ``view`` later does not pull the
     memory from under it. numpy is imported here, not when this module is.

@@ -20,6 +20,12 @@ __all__ = [
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 DEFAULT_BEAT_INTERVAL_MS = 1000
+#: Results (and stream items) of at least this many bytes go out of band
+#: (``PYVISOR_OOB_THRESHOLD``).
+DEFAULT_OOB_THRESHOLD = 64 * 1024
+#: The largest single out-of-band buffer accepted from (or sent to) the parent
+#: (``PYVISOR_MAX_BUFFER``).
+DEFAULT_MAX_BUFFER = 1 << 30
 
 #: Exit statuses (docs/protocol.md, "Exit statuses of the worker").
 EXIT_OK = 0
@@ -44,6 +50,11 @@ class WorkerConfig:
     max_frame: int
     beat_interval_ms: int
     run_id: str
+    #: ``PYVISOR_OOB`` is not ``0``: out-of-band buffers wanted (used only if memfd sealing
+    #: works here: see ``_oob.oob_supported``).
+    oob: bool = True
+    oob_threshold: int = DEFAULT_OOB_THRESHOLD
+    max_buffer: int = DEFAULT_MAX_BUFFER
 
 
 def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -57,6 +68,19 @@ def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
     if value <= 0:
         raise StartError(f"{key}={raw!r} must be positive")
     return value
+
+
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    """``0`` is off, ``1`` on, unset or empty the default; anything else is a bad start."""
+    raw = env.get(key)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip()
+    if value == "0":
+        return False
+    if value == "1":
+        return True
+    raise StartError(f"{key}={raw!r} must be 0 or 1")
 
 
 def load_config(env: Optional[Mapping[str, str]] = None) -> WorkerConfig:
@@ -89,6 +113,9 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         max_frame=_positive_int(env, "PYVISOR_MAX_FRAME", DEFAULT_MAX_FRAME),
         beat_interval_ms=_positive_int(env, "PYVISOR_BEAT_INTERVAL_MS", DEFAULT_BEAT_INTERVAL_MS),
         run_id=env.get("PYVISOR_RUN_ID", ""),
+        oob=_flag(env, "PYVISOR_OOB", True),
+        oob_threshold=_positive_int(env, "PYVISOR_OOB_THRESHOLD", DEFAULT_OOB_THRESHOLD),
+        max_buffer=_positive_int(env, "PYVISOR_MAX_BUFFER", DEFAULT_MAX_BUFFER),
     )
 
 

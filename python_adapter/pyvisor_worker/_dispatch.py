@@ -16,13 +16,20 @@ messages is type-checked as docs/protocol.md says; a mistyped field, a ``call`` 
 worker already holds, or anything else is a protocol error (the call never runs). Stream calls
 are handled off the main loop (``_stream_call``), so plain calls pay nothing for them.
 
+With capability ``oob`` (``_oob``) the reader passes ``_oob.unpack_unannounced`` as the
+decoder (a buffer reference in a frame no ``fds`` message announced is a protocol error; it
+costs nothing for a frame without ext values); an ``fds`` message, once the frame after it is
+complete too, claims the oldest fds received (checked, mapped and closed by ``_oob.Inbound``)
+and that frame, which must be a ``call`` or ``call_options``, is decoded by ``_oob.Owned``
+(each buffer referenced exactly once). The per-call path is otherwise the same code.
+
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._exits import protocol_error
 from ._framing import (
@@ -31,11 +38,13 @@ from ._framing import (
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
     MSG_CREDIT,
+    MSG_FDS,
     MSG_PING,
     MSG_PONG,
     MSG_SHUTDOWN,
     unpack_body,
 )
+from ._oob import Inbound
 from ._registry import FunctionSpec
 from ._replies import (
     Pack,
@@ -70,6 +79,7 @@ class Dispatcher:
         state: WorkerState,
         control: Control,
         max_frame: int,
+        inbound: Optional[Inbound] = None,
     ) -> None:
         #: Plain functions' routes (the main loop's table) and stream functions' routes.
         self._routes = {name: r for name, r in routes.items() if not r[0].stream}
@@ -81,13 +91,29 @@ class Dispatcher:
         self._calls = state.calls
         self._control = control
         self._max_frame = max_frame
+        #: Capability ``oob``: the received fds (None without it).
+        self._inbound = inbound
+        if inbound is not None:
+            inbound.set_routes(self._all_routes)
 
     def dispatch_frames(
-        self, buf: bytearray, view: memoryview, start: int, end: int, out: List[bytes], pack: Pack
+        self,
+        buf: bytearray,
+        view: memoryview,
+        start: int,
+        end: int,
+        out: List[bytes],
+        pack: Pack,
+        unpack_body: Callable[[Any], Any] = unpack_body,
     ) -> Tuple[int, int]:
         """Dispatch every complete frame in ``buf[start:end]``; immediate replies go to
         ``out``. Returns where the unconsumed bytes start and how many bytes the frame that
-        begins there needs in all (header included; 4 while even its header is incomplete)."""
+        begins there needs in all (header included; 4 while even its header is incomplete).
+
+        ``unpack_body`` decodes a frame body (with ``oob``: ``_oob.unpack_unannounced``, which
+        refuses buffer references; for the frame an ``fds`` message announced,
+        ``_oob.Owned.unpack``). Without ``oob`` an ``fds`` message is a protocol error like any
+        unknown message."""
         max_frame = self._max_frame
         routes = self._routes
         calls = self._calls
@@ -129,7 +155,12 @@ class Dispatcher:
                     continue
                 make = AckedCall if ack_start else Call
             else:
-                self._control_message(msg, out, pack)
+                if self._control_message(msg, out, pack):  # an fds message (oob)
+                    start, need = self._fds_message(
+                        msg, buf, view, start - 4 - n, start, end, out, pack
+                    )
+                    if need:
+                        return start, need
                 continue
             # Every field as docs/protocol.md types it. A decoded integer always fits in
             # 64 bits (MessagePack has none larger), so uint64 means ``>= 0``; ``type(x) is
@@ -166,6 +197,38 @@ class Dispatcher:
                 continue
             submit(call)
         return start, need
+
+    def _fds_message(
+        self,
+        msg: List[Any],
+        buf: bytearray,
+        view: memoryview,
+        begin: int,
+        start: int,
+        end: int,
+        out: List[bytes],
+        pack: Pack,
+    ) -> Tuple[int, int]:
+        """An ``fds`` message (capability ``oob``) in ``buf[begin:start]``: once the frame after
+        it is complete too, claim its fds (checked, mapped, closed: ``_oob.Inbound``) and
+        dispatch that frame, decoded by ``_oob.Owned`` (it must be a call referencing each
+        buffer exactly once). Returns where dispatch goes on and 0; or, while that frame is
+        incomplete, ``begin`` and how many bytes both frames need (the ``fds`` message is read
+        again with them: no state outlives a read)."""
+        if end - start < 4:
+            return begin, start - begin + 4
+        (n,) = _unpack_from(buf, start)
+        if n > self._max_frame:
+            protocol_error(
+                f"incoming frame of {n} bytes exceeds the maximum frame size of "
+                f"{self._max_frame} bytes"
+            )
+        stop = start + 4 + n
+        if stop > end:
+            return begin, stop - begin
+        owned = self._inbound.claim(msg)  # type: ignore[union-attr]
+        self.dispatch_frames(buf, view, start, stop, out, pack, owned.unpack)
+        return stop, 0
 
     def _no_route(self, call_id: int, attempt: int, name: str, pack: Pack) -> bytes:
         """The reply to a plain call (or ``call_options`` without ``stream``) to a function
@@ -224,10 +287,15 @@ class Dispatcher:
             return
         submit(call)
 
-    def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> None:
+    def _control_message(self, msg: List[Any], out: List[bytes], pack: Pack) -> bool:
+        """Act on a message other than a call; True for an ``fds`` message (capability
+        ``oob``): the buffers it claimed belong to the next frame."""
         kind = msg[0]
         if type(kind) is not int:
             protocol_error(f"unexpected message: {msg!r:.200}")
+        if kind == MSG_FDS and self._inbound is not None:
+            self._inbound.check(msg)
+            return True  # (dispatch_frames hands it to _fds_message)
         if kind == MSG_CREDIT and len(msg) >= 3:
             call_id = msg[1]
             n = msg[2]
@@ -270,3 +338,4 @@ class Dispatcher:
             protocol_error(f"a credit has {len(msg)} elements instead of 3")
         else:
             protocol_error(f"unexpected message: {msg!r:.200}")
+        return False

@@ -35,6 +35,7 @@ from . import _otel
 from ._config import EXIT_INTERNAL
 from ._exits import exit_status, guarded, hard_exit, parent_gone, say
 from ._framing import HEADER, MSG_REPLY, MSG_STARTED, new_packer
+from ._oob import BUFFER_TYPES, NO_TYPES, Outbound
 from ._registry import (
     ASYNC,
     CALL_CTX_ONLY,
@@ -95,10 +96,20 @@ class Runner:
     user code starts are its children.
     """
 
-    def __init__(self, max_frame: int, tracing: Optional[_otel.Tracing], writer: Writer) -> None:
+    def __init__(
+        self,
+        max_frame: int,
+        tracing: Optional[_otel.Tracing],
+        writer: Writer,
+        oob: Optional[Outbound] = None,
+    ) -> None:
         self._max_frame = max_frame
         self._tracing = tracing
         self._writer = writer
+        #: Out-of-band results (capability ``oob``), or None; ``oob_types`` the result types
+        #: that go to it before any encoding (none without it).
+        self.oob = oob
+        self.oob_types = NO_TYPES if oob is None else BUFFER_TYPES
         #: Runs a stream call (``StreamRunner.run``; set by :func:`make_executors`).
         self.run_stream: Callable[[Any, Pack], bytes] = _no_streams
 
@@ -110,7 +121,8 @@ class Runner:
         self._writer.write(_HEADER_PACK(len(body)) + body)
 
     def execute(self, call: Call, pack: Pack) -> bytes:
-        """Run a plain function (inline or on its pool); returns the reply frame."""
+        """Run a plain function (inline or on its pool); returns the reply frame (``b""`` when
+        a bytes-like result was sent out of band already: capability ``oob``)."""
         if call._cancelled:
             return cancelled_frame(call, pack, self._max_frame)
         if call._ack_start:  # (true for a stream call too: a plain call pays nothing for it)
@@ -148,14 +160,16 @@ class Runner:
             span = [span_id, start, _time_ns()]
             if token is not None:
                 tracing.exit(token)  # type: ignore[union-attr]
+        if type(result) in self.oob_types:  # maybe out of band (sent there, b"" returned)
+            return result_frame(call, result, pack, self._max_frame, span, self.oob)
         # (result_frame, inlined for the common case)
         try:
             body = pack([MSG_REPLY, call._call_id, call._attempt, True, span, result])
         except Exception:
-            return result_frame(call, result, pack, self._max_frame, span)
+            return result_frame(call, result, pack, self._max_frame, span, self.oob)
         n = len(body)
         if n > self._max_frame:
-            return result_frame(call, result, pack, self._max_frame, span)
+            return result_frame(call, result, pack, self._max_frame, span, self.oob)
         return _HEADER_PACK(n) + body
 
     def span_begin(self, call: Call) -> Tuple[int, Any, int]:
@@ -410,7 +424,7 @@ class AsyncExecutor(Executor):
                 data = exception_frame(call, e, pack, self._max_frame, span)
             else:
                 span = None if timing is None else runner.span_end(*timing)
-                data = result_frame(call, result, pack, self._max_frame, span)
+                data = result_frame(call, result, pack, self._max_frame, span, runner.oob)
         self._done(call, data)
 
     async def _run_stream(self, call: Call) -> None:  # a stream's task, on the loop thread

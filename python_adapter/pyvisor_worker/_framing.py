@@ -22,7 +22,9 @@ __all__ = [
     "MSG_CALL_OPTIONS",
     "MSG_ITEM",
     "MSG_CREDIT",
+    "MSG_FDS",
     "CAPABILITIES",
+    "CAP_OOB",
     "new_packer",
     "unpack_body",
     "frame",
@@ -49,10 +51,15 @@ MSG_CALL_OPTIONS = 9
 MSG_ITEM = 10
 #: parent → worker: ``[11, id, n]``: the stream may send ``n`` more items.
 MSG_CREDIT = 11
+#: either direction (capability ``oob``): ``[12, [len_0, ..., len_n-1]]``, written by one
+#: ``sendmsg`` carrying its n fds; the next frame references them (ext type 80).
+MSG_FDS = 12
 
 #: What ``hello`` announces (``capabilities``): the parent uses messages 8 to 11 only with a
 #: worker that announced them.
 CAPABILITIES = ("call_options", "started", "stream")
+#: Announced in addition when out-of-band buffers work and are wanted (``PYVISOR_OOB``).
+CAP_OOB = "oob"
 
 #: Error kinds of a reply.
 KIND_EXCEPTION = "exception"

@@ -15,6 +15,11 @@ sentinel. An inline stream (a plain generator) is such a call: while it waits fo
 serving thread stays in the drain, and the sentinel reads the ``credit`` or ``cancel`` that
 ends the wait.
 
+With capability ``oob`` the socket is read with ``recvmsg`` (``_oob.Inbound.recv_into``: the
+fds that come with the bytes are kept, in arrival order, for the ``fds`` messages that claim
+them) and frames are decoded with ``_oob.unpack_unannounced``; without it, ``recv_into`` and
+``dispatch_frames`` as they always were.
+
 Does not interpret frames (``_dispatch``), run functions (``_executors``) or build replies; it
 writes the immediate replies that dispatch hands back. EOF on the socket ends the process
 (status 0).
@@ -22,15 +27,17 @@ writes the immediate replies that dispatch hands back. EOF on the socket ends th
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
-from typing import List
+from typing import Callable, List, Optional
 
 from ._dispatch import Dispatcher
 from ._exits import parent_gone
 from ._executors import TICK, InlineExecutor
 from ._framing import new_packer
+from ._oob import Inbound, unpack_unannounced
 from ._replies import Pack, Writer
 
 __all__ = ["Reader", "INITIAL_BUFFER"]
@@ -43,10 +50,21 @@ _monotonic = time.monotonic
 
 class Reader:
     def __init__(
-        self, sock: socket.socket, dispatcher: Dispatcher, inline: InlineExecutor, writer: Writer
+        self,
+        sock: socket.socket,
+        dispatcher: Dispatcher,
+        inline: InlineExecutor,
+        writer: Writer,
+        inbound: Optional[Inbound] = None,
     ) -> None:
-        self._recv_into = sock.recv_into
-        self._dispatch = dispatcher.dispatch_frames
+        if inbound is None:
+            self._recv_into: Callable[[memoryview], int] = sock.recv_into
+            self._dispatch = dispatcher.dispatch_frames
+        else:  # capability ``oob``: recvmsg keeps the fds; buffer references are checked
+            self._recv_into = inbound.recv_into
+            self._dispatch = functools.partial(  # (C-level: no Python frame per read)
+                dispatcher.dispatch_frames, unpack_body=unpack_unannounced
+            )
         self._inline = inline
         self._write = writer.write
         self._try_flush = writer.try_flush

@@ -9,9 +9,9 @@ an async generator is of kind ``async``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Optional, TypeVar, overload
+from typing import Any, Callable, Dict, Literal, Optional, TypeVar, overload
 
-__all__ = ["FunctionSpec", "expose", "registered", "invoke", "RESERVED_NAMES"]
+__all__ = ["FunctionSpec", "expose", "registered", "invoke", "RESERVED_NAMES", "BUFFER_MODES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +27,9 @@ CALL_PAYLOAD_CTX_POS = 2  # fn(payload, ctx)   (ctx is positional-only)
 CALL_CTX_ONLY = 3  # fn(ctx=ctx)
 CALL_NOTHING = 4  # fn()
 
+#: What ``@expose(buffers=...)`` accepts: how the out-of-band buffers of a payload arrive.
+BUFFER_MODES = ("bytes", "memoryview")
+
 #: Names the adapter provides itself.
 RESERVED_NAMES = frozenset({"health", "__pyvisor_chaos_arm"})
 
@@ -34,7 +37,9 @@ RESERVED_NAMES = frozenset({"health", "__pyvisor_chaos_arm"})
 class FunctionSpec:
     """One exposed function and how to run it."""
 
-    __slots__ = ("name", "fn", "idempotent", "kind", "threads", "call_mode", "origin", "stream")
+    __slots__ = (
+        "name", "fn", "idempotent", "kind", "threads", "call_mode", "origin", "stream", "buffers"
+    )
 
     def __init__(
         self,
@@ -46,6 +51,7 @@ class FunctionSpec:
         call_mode: int,
         origin: tuple[str, str, int] | None,
         stream: bool = False,
+        buffers: str = "bytes",
     ) -> None:
         self.name = name
         self.fn = fn
@@ -56,6 +62,8 @@ class FunctionSpec:
         self.origin = origin
         #: A generator (or async generator) function: called as a stream.
         self.stream = stream
+        #: How out-of-band buffers in its payload arrive: ``"bytes"`` or ``"memoryview"``.
+        self.buffers = buffers
 
     def describe(self) -> Dict[str, Any]:
         """The entry of this function in ``hello.functions``."""
@@ -126,8 +134,21 @@ def _origin(fn: Callable[..., Any]) -> tuple[str, str, int] | None:
     return (getattr(fn, "__qualname__", ""), code.co_filename, code.co_firstlineno)
 
 
+def _check_buffers(buffers: Any) -> str:
+    if not isinstance(buffers, str) or buffers not in BUFFER_MODES:
+        raise TypeError(
+            f'@expose(buffers=...) must be "bytes" (the default: a copy) or "memoryview" '
+            f"(a read-only view of the shared memory, no copy), not {buffers!r}"
+        )
+    return buffers
+
+
 def _register(
-    fn: Callable[..., Any], name: Optional[str], idempotent: bool, threads: Optional[int]
+    fn: Callable[..., Any],
+    name: Optional[str],
+    idempotent: bool,
+    threads: Optional[int],
+    buffers: str = "bytes",
 ) -> None:
     if not callable(fn):
         raise TypeError(f"@expose needs a function, got {fn!r}")
@@ -157,6 +178,7 @@ def _register(
         call_mode=_call_mode(fn),
         origin=_origin(fn),
         stream=stream,
+        buffers=buffers,
     )
     previous = _registry.get(fname)
     if previous is not None:
@@ -173,7 +195,11 @@ def expose(fn: F) -> F: ...
 
 @overload
 def expose(
-    *, name: Optional[str] = None, idempotent: bool = False, threads: Optional[int] = None
+    *,
+    name: Optional[str] = None,
+    idempotent: bool = False,
+    threads: Optional[int] = None,
+    buffers: Literal["bytes", "memoryview"] = "bytes",
 ) -> Callable[[F], F]: ...
 
 
@@ -183,6 +209,7 @@ def expose(
     name: Optional[str] = None,
     idempotent: bool = False,
     threads: Optional[int] = None,
+    buffers: Literal["bytes", "memoryview"] = "bytes",
 ) -> Any:
     """Expose a function to the pyvisor parent.
 
@@ -193,6 +220,13 @@ def expose(
     - ``idempotent``: the parent may retry the call on another worker after a crash.
     - ``threads``: run a plain function on its own pool of that many threads instead of
       inline (not allowed for ``async def`` functions, which run on the worker's event loop).
+    - ``buffers``: how byte strings the parent sent **out of band** (large ``bytes`` passed in
+      sealed shared memory, capability ``oob``) arrive in the payload: ``"bytes"`` (the
+      default: copied out of the shared memory) or ``"memoryview"`` (a read-only
+      ``memoryview`` over the shared memory itself, no copy; wrap it without copying with
+      :func:`pyvisor_worker.as_numpy`; the memory is released once the view and everything
+      made from it are gone). Anything else raises ``TypeError``. Small byte strings, and all
+      of them when out-of-band buffers are off, arrive as ``bytes`` in either mode.
 
     The function receives the call's payload as its one positional argument, and a
     :class:`~pyvisor_worker.Context` as ``ctx`` if it declares a ``ctx`` parameter.
@@ -203,12 +237,13 @@ def expose(
     resumed while the parent holds as many items as it allowed). A cancelled stream's
     generator is closed (``GeneratorExit`` at its ``yield``: its ``finally`` blocks run).
     """
+    mode = _check_buffers(buffers)  # at decoration time
     if fn is not None:
-        _register(fn, name, idempotent, threads)
+        _register(fn, name, idempotent, threads, mode)
         return fn
 
     def decorate(f: F) -> F:
-        _register(f, name, idempotent, threads)
+        _register(f, name, idempotent, threads, mode)
         return f
 
     return decorate

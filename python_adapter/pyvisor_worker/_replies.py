@@ -4,7 +4,11 @@ Owns the building of ``reply`` frames (``[2, id, attempt, ok, span, value_or_err
 every outcome: a result, a raised exception, a value that cannot be encoded or is too large,
 and the calls whose function never ran (unknown function, cancelled before it started,
 refused because the worker is shutting down). And :class:`Writer`: one lock around
-``sendall``, replies staged to go out with the next write, the ``served`` counter.
+``sendall``, replies staged to go out with the next write, the ``served`` counter, and
+``send_with_fds`` (capability ``oob``: an ``fds`` message and the frame that uses its fds, in
+one ``sendmsg`` after everything staged, with nothing between them). A result sent out of band
+(``_oob.Outbound``) is written at once by the thread that produced it; its frame is then
+``b""``, which the batching paths write as nothing.
 
 Does not decide when a function runs or which replies are staged (the inline executor's drain
 loop does, with the writer's fields under its lock), and never reads from the socket.
@@ -19,11 +23,13 @@ not run** (type ``WorkerShuttingDown``), so the parent may send it to another wo
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import traceback
 from typing import Any, Callable, List, Optional, Sequence
 
+from ._buffers import send_with_fds as _send_with_fds
 from ._exits import parent_gone
 from ._framing import (
     HEADER,
@@ -38,6 +44,7 @@ from ._framing import (
     error_map,
     qualified_name,
 )
+from ._oob import BUFFER_TYPES, Outbound, buffer_bytes
 from ._state import Call
 
 __all__ = [
@@ -111,12 +118,29 @@ def error_frame(
 
 
 def result_frame(
-    call: Call, result: Any, pack: Pack, max_frame: int, span: Optional[List[int]] = None
+    call: Call,
+    result: Any,
+    pack: Pack,
+    max_frame: int,
+    span: Optional[List[int]] = None,
+    oob: Optional[Outbound] = None,
 ) -> bytes:
-    """The reply carrying ``result``, or an ``unserializable``/``reply_too_large`` error."""
+    """The reply carrying ``result``, or an ``unserializable``/``reply_too_large`` error.
+
+    With ``oob`` (capability on), a top-level bytes-like result of at least its threshold is
+    sent out of band at once (through the writer) and ``b""`` is returned: nothing is left to
+    write. A buffer-protocol result MessagePack cannot encode (a numpy array) travels as
+    ``bytes`` (in band, or out of band above the threshold)."""
+    if oob is not None and type(result) in BUFFER_TYPES:
+        return oob.reply(call, result, pack, span, result_frame, error_frame)
     try:
         body = pack([MSG_REPLY, call._call_id, call._attempt, True, span, result])
     except Exception as e:
+        view = buffer_bytes(result)
+        if view is not None:
+            if oob is not None:
+                return oob.reply(call, result, pack, span, result_frame, error_frame)
+            return result_frame(call, view.tobytes(), pack, max_frame, span)
         return error_frame(
             call._call_id,
             call._attempt,
@@ -240,11 +264,15 @@ class Writer:
     written. A failed write means the parent is gone: the process exits 0.
     """
 
-    __slots__ = ("lock", "sendall", "staged", "staged_bytes", "served")
+    __slots__ = ("lock", "sendall", "staged", "staged_bytes", "served", "_sock")
 
-    def __init__(self, sendall: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, sendall: Callable[[bytes], None], sock: Optional[socket.socket] = None
+    ) -> None:
         self.lock = threading.Lock()
         self.sendall = sendall
+        #: The socket, for :meth:`send_with_fds` (out-of-band buffers).
+        self._sock = sock
         self.staged: List[bytes] = []
         self.staged_bytes = 0
         self.served = 0
@@ -262,6 +290,34 @@ class Writer:
                 self.staged_bytes = 0
             try:
                 self.sendall(data)
+            except OSError:
+                parent_gone()
+
+    def send_with_fds(
+        self, data: bytes, fds: Sequence[int], pending: Optional[List[bytes]] = None
+    ) -> None:
+        """Write what is staged and ``pending`` (a stream's items, see :meth:`write_pending`),
+        then ``data`` by one ``sendmsg`` carrying ``fds`` (an ``fds`` message and the frame
+        that uses them), all under the lock: nothing else can come between. The fds stay
+        open (the caller closes its copies)."""
+        sock = self._sock
+        if sock is None:  # pragma: no cover - the worker always gives it
+            raise RuntimeError("this writer cannot send fds")
+        with self.lock:
+            parts: List[bytes] = []
+            if pending:
+                n = len(pending)
+                parts = pending[:n]
+                del pending[:n]
+            staged = self.staged
+            if staged:
+                parts[:0] = staged
+                staged.clear()
+                self.staged_bytes = 0
+            try:
+                if parts:
+                    self.sendall(b"".join(parts))
+                _send_with_fds(sock, data, fds)
             except OSError:
                 parent_gone()
 

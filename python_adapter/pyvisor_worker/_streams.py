@@ -24,6 +24,10 @@ How a stream runs (on the thread or task its function's executor gives it):
   next waits for credit, or within about ``TICK``; items produced together go out together.
   Only the writer's lock holders remove from ``_pending`` (always from the front), only the
   driver appends: the items of a stream go out in order.
+- **Out of band** (capability ``oob``): a bytes-like item of at least the threshold is
+  written at once by the driver (``Writer.send_with_fds``: the stream's pending items first,
+  then the ``fds`` message and the item, under one lock), so the items stay in order; a
+  buffer-protocol item MessagePack cannot encode (a numpy array) goes as ``bytes``.
 - **End.** The reply is ``ok`` with the number of items sent; an ``exception`` error if the
   generator raised; ``unserializable``/``reply_too_large`` (instead of the item) if an item
   cannot be encoded or its frame exceeds the maximum frame size, and then the generator is
@@ -45,7 +49,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, FrozenSet, List, NoReturn, Optional, Set, Tuple
 
 from ._exits import guarded
 from ._framing import (
@@ -56,6 +60,7 @@ from ._framing import (
     MSG_ITEM,
     qualified_name,
 )
+from ._oob import BufferTooLarge, Outbound, item_body
 from ._registry import invoke
 from ._replies import (
     FLUSH_BYTES,
@@ -87,6 +92,9 @@ if TYPE_CHECKING:
 
         def user_exit(self, exc: BaseException) -> NoReturn: ...
 
+        oob: Optional[Outbound]
+        oob_types: FrozenSet[type]
+
 __all__ = ["StreamCall", "AckedStreamCall", "StreamRunner", "Flusher", "CANCELLED_TYPE"]
 
 #: The error type of a cancelled stream's reply (as for a cancelled call).
@@ -94,6 +102,10 @@ CANCELLED_TYPE = "asyncio.exceptions.CancelledError"
 
 _HEADER_PACK = HEADER.pack
 _time = time.time
+
+
+class _MaybeOutOfBand(Exception):
+    """A bytes-like item with ``oob`` on: taken off the common path (``item_body``)."""
 
 
 class StreamCall(Call):
@@ -283,6 +295,8 @@ class StreamRunner:
         pending = call._pending
         append = pending.append
         write_pending = self._writer.write_pending
+        oob = runner.oob
+        oob_types = runner.oob_types
         header = _HEADER_PACK
         call_id = call._call_id
         attempt = call._attempt
@@ -309,10 +323,25 @@ class StreamRunner:
                 except StopIteration:
                     break
                 try:
+                    if type(value) in oob_types:
+                        raise _MaybeOutOfBand
                     body = pack([MSG_ITEM, call_id, attempt, seq, value])
                 except Exception as e:
-                    failure = self._unserializable(call, seq, e, pack)
-                    break
+                    # bytes-like: out of band (None) or in band as bytes; else unencodable.
+                    try:
+                        maybe = item_body(oob, call, seq, value, pack, pending, e)
+                    except BufferTooLarge as e2:
+                        failure = self._buffer_too_large(call, seq, e2, pack)
+                        break
+                    except Exception as e2:
+                        failure = self._unserializable(call, seq, e2, pack)
+                        break
+                    if maybe is None:  # sent, after the pending items
+                        seq += 1
+                        budget -= 1
+                        size = 0
+                        continue
+                    body = maybe
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)
@@ -361,6 +390,8 @@ class StreamRunner:
         pending = call._pending
         append = pending.append
         write_pending = self._writer.write_pending
+        oob = runner.oob
+        oob_types = runner.oob_types
         header = _HEADER_PACK
         call_id = call._call_id
         attempt = call._attempt
@@ -387,10 +418,25 @@ class StreamRunner:
                 except StopAsyncIteration:
                     break
                 try:
+                    if type(value) in oob_types:
+                        raise _MaybeOutOfBand
                     body = pack([MSG_ITEM, call_id, attempt, seq, value])
                 except Exception as e:
-                    failure = self._unserializable(call, seq, e, pack)
-                    break
+                    # bytes-like: out of band (None) or in band as bytes; else unencodable.
+                    try:
+                        maybe = item_body(oob, call, seq, value, pack, pending, e)
+                    except BufferTooLarge as e2:
+                        failure = self._buffer_too_large(call, seq, e2, pack)
+                        break
+                    except Exception as e2:
+                        failure = self._unserializable(call, seq, e2, pack)
+                        break
+                    if maybe is None:  # sent, after the pending items
+                        seq += 1
+                        budget -= 1
+                        size = 0
+                        continue
+                    body = maybe
                 n = len(body)
                 if n > max_frame:
                     failure = self._too_large(call, seq, n, pack)
@@ -458,6 +504,14 @@ class StreamRunner:
         message = f"item {seq} of the stream {call._spec.name!r} cannot be encoded: {exc}"
         return functools.partial(
             self._error, call, KIND_UNSERIALIZABLE, qualified_name(type(exc)), message, pack
+        )
+
+    def _buffer_too_large(
+        self, call: StreamCall, seq: int, exc: Exception, pack: Pack
+    ) -> Callable[[Optional[List[int]]], bytes]:
+        message = f"item {seq} of the stream {call._spec.name!r} is {exc}"
+        return functools.partial(
+            self._error, call, KIND_REPLY_TOO_LARGE, "ValueError", message, pack
         )
 
     def _too_large(

@@ -8,6 +8,9 @@ up (each module imports only modules listed before it):
 
 - ``_state``: the calls the worker holds and whether it admits new ones;
 - ``_exits``: how the process ends (``os._exit`` paths, death by SIGTERM);
+- ``_oob``: out-of-band buffers in the protocol (capability ``oob``: the fds received and the
+  ``fds`` messages that claim them; large bytes-like results sent in sealed memfds), on the
+  primitives of ``_buffers``;
 - ``_replies``: reply frames and the locked, batching writer;
 - ``_streams``: generator functions run as streams (credit, items, the stream flusher);
 - ``_executors``: inline, asyncio and thread-pool execution, and the one kind → executor map;
@@ -39,7 +42,8 @@ from ._control import SIGNALLED, Control
 from ._dispatch import Dispatcher, Route
 from ._executors import Executor, Runner, make_executors
 from ._exits import end_by_sigterm, flush_stdio, guarded, protocol_error, say
-from ._framing import CAPABILITIES, MSG_HELLO, frame, new_packer
+from ._framing import CAP_OOB, CAPABILITIES, MSG_HELLO, frame, new_packer
+from ._oob import Inbound, Outbound, oob_supported
 from ._reader import Reader
 from ._registry import CALL_NOTHING, CALL_PAYLOAD, INLINE, FunctionSpec, registered
 from ._replies import Writer
@@ -63,7 +67,14 @@ class Worker:
         self._max_frame = max_frame = config.max_frame
 
         self._state = state = WorkerState()
-        self._writer = writer = Writer(sock.sendall)
+        self._writer = writer = Writer(sock.sendall, sock)
+        # Out-of-band buffers (capability ``oob``): wanted (PYVISOR_OOB) and possible here.
+        self._oob = config.oob and oob_supported()
+        outbound: Optional[Outbound] = None
+        self._inbound: Optional[Inbound] = None
+        if self._oob:
+            outbound = Outbound(writer, config.oob_threshold, config.max_buffer, max_frame)
+            self._inbound = Inbound(sock, config.max_buffer)
         self._control = control = Control(
             writer, state, max_frame, config.beat_interval_ms / 1000.0
         )
@@ -81,7 +92,7 @@ class Worker:
         # callable (the parent's chaos API uses them) but are not the user's functions.
         self._names: List[str] = sorted(n for n in self._functions if not n.startswith("__pyvisor"))
 
-        runner = Runner(max_frame, tracing, writer)
+        runner = Runner(max_frame, tracing, writer, outbound)
         self._inline, self._executors = make_executors(
             self._functions, runner, writer, state, max_frame
         )
@@ -100,8 +111,10 @@ class Worker:
             name: (self._functions[name], executor.submit, executor)
             for name, executor in self._executors.items()
         }
-        dispatcher = Dispatcher(routes, self._names, self._state, self._control, self._max_frame)
-        reader = Reader(self._sock, dispatcher, self._inline, self._writer)
+        dispatcher = Dispatcher(
+            routes, self._names, self._state, self._control, self._max_frame, self._inbound
+        )
+        reader = Reader(self._sock, dispatcher, self._inline, self._writer, self._inbound)
 
         control = self._control
         control.install_signals()
@@ -112,7 +125,7 @@ class Worker:
             "adapter": __version__,
             "python": platform.python_version(),
             "functions": [self._functions[name].describe() for name in self._names],
-            "capabilities": list(CAPABILITIES),
+            "capabilities": list(CAPABILITIES) + ([CAP_OOB] if self._oob else []),
         }
         body = new_packer()([MSG_HELLO, hello])
         if len(body) > self._max_frame:

@@ -25,6 +25,25 @@ or, to control the credit yourself, :meth:`FakeParent.items_for` and :meth:`Fake
             parent.credit(call_id, 1)
             assert parent.items_for(call_id, 1) == [2]
 
+Out-of-band buffers (capability ``oob``): wrap a bytes-like value of a payload in
+:class:`OutOfBand` (anywhere: nested in lists and maps too) and the fake parent sends it as the
+parent does, in a sealed memfd announced by an ``fds`` message in the same ``sendmsg``; the
+payload carries a reference (ext type 80) in its place. Values the worker sends out of band
+come back resolved to ``bytes``; :attr:`Reply.buffers` / :attr:`Item.buffers` say how many
+buffers the message came with, and :attr:`FakeParent.fds_messages` lists every ``fds`` message
+received (its lengths)::
+
+    def test_big(tmp_path):
+        with FakeParent.spawn("worker.py") as parent:
+            assert "oob" in parent.hello["capabilities"]
+            call_id = parent.call("echo", {"image": OutOfBand(b"x" * (1 << 20))})
+            reply = parent.reply_for(call_id)
+            assert reply.ok and reply.buffers == 0   # (echo returned a dict, in band)
+
+For hostile tests, :meth:`FakeParent.memfd` makes a memfd (sealed or not, of any length) and
+:meth:`FakeParent.send_with_fds` sends any messages by one ``sendmsg`` with any fds (e.g.
+``[12, [len]]`` and a call referencing :func:`ref` ``(0)`` twice).
+
 The fake parent checks the worker's items as the parent does: an item beyond the credit
 granted, with a ``seq`` out of order, for a call that is not a stream or after the stream's
 reply raises ``AssertionError``.
@@ -36,6 +55,7 @@ worker's end of a socketpair in ``PYVISOR_FD``, its own process group, stdin fro
 
 from __future__ import annotations
 
+import array
 import os
 import select
 import signal
@@ -48,6 +68,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
+from ._buffers import (
+    EXT_BUFFER,
+    MAX_FDS_PER_FRAME,
+    check_sealed,
+    decode_ref,
+    encode_ref,
+    recv_with_fds,
+    seal_bytes,
+)
 from ._config import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from ._framing import (
     HEADER,
@@ -56,6 +85,7 @@ from ._framing import (
     MSG_CALL_OPTIONS,
     MSG_CANCEL,
     MSG_CREDIT,
+    MSG_FDS,
     MSG_HELLO,
     MSG_ITEM,
     MSG_PING,
@@ -76,11 +106,55 @@ __all__ = [
     "StreamResult",
     "WorkerExited",
     "encode_frame",
+    "OutOfBand",
+    "ref",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
 DEFAULT_TIMEOUT = 10.0
+
+
+class OutOfBand:
+    """A bytes-like value of a call's payload to send out of band (in a sealed memfd).
+
+    Put it anywhere in the payload given to :meth:`FakeParent.call` or
+    :meth:`FakeParent.stream`; the worker's function receives ``bytes`` (or a read-only
+    ``memoryview`` with ``@expose(buffers="memoryview")``).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"OutOfBand(<{memoryview(self.data).nbytes} bytes>)"
+
+
+def ref(index: int) -> Any:
+    """The MessagePack value (ext type 80) that references buffer ``index`` of its frame."""
+    return encode_ref(index)
+
+
+def _extract_buffers(value: Any, buffers: List[Any]) -> Any:
+    """``value`` with every :class:`OutOfBand` replaced by a reference (its data appended to
+    ``buffers``, in the order MessagePack encodes them); containers without one are returned
+    as they are."""
+    if isinstance(value, OutOfBand):
+        buffers.append(value.data)
+        return encode_ref(len(buffers) - 1)
+    if isinstance(value, (list, tuple)):
+        before = len(buffers)
+        items = [_extract_buffers(v, buffers) for v in value]
+        return items if len(buffers) > before else value
+    if isinstance(value, dict):
+        before = len(buffers)
+        pairs = [
+            (_extract_buffers(k, buffers), _extract_buffers(v, buffers)) for k, v in value.items()
+        ]
+        return dict(pairs) if len(buffers) > before else value
+    return value
 
 
 class WorkerExited(EOFError):
@@ -101,6 +175,8 @@ class Reply:
     ok: bool
     value: Any
     span: Optional[Tuple[int, int, int]] = None
+    #: How many buffers the reply came with out of band (its value references them).
+    buffers: int = 0
 
     @property
     def error(self) -> Dict[str, Any]:
@@ -133,6 +209,8 @@ class Item:
     seq: int
     value: Any
     received: float = 0.0
+    #: How many buffers the item came with out of band.
+    buffers: int = 0
 
 
 @dataclass
@@ -192,6 +270,11 @@ class FakeParent:
         self._streams: Dict[int, _Stream] = {}
         self._next_id = 1
         self._eof = False
+        #: The lengths of every ``fds`` message received, in order.
+        self.fds_messages: List[List[int]] = []
+        self._fds: Deque[int] = deque()  # received, not claimed yet
+        self._claimed: Optional[List[bytes]] = None  # the buffers of the next frame
+        self._frame_buffers = 0  # how many the frame just taken came with
         self._stdout: List[bytes] = []
         self._stderr: List[bytes] = []
         self._pumps = [
@@ -299,11 +382,55 @@ class FakeParent:
             call_id = self._next_id
         self._next_id = max(self._next_id, call_id + 1)
         head = [call_id, attempt, function, deadline_ms, traceparent, tracestate]
+        buffers: List[Any] = []
+        payload = _extract_buffers(payload, buffers)
         if options is None:
-            self.send([MSG_CALL, *head, payload])
+            message = [MSG_CALL, *head, payload]
         else:
-            self.send([MSG_CALL_OPTIONS, *head, options, payload])
+            message = [MSG_CALL_OPTIONS, *head, options, payload]
+        if not buffers:
+            self.send(message)
+            return call_id
+        if len(buffers) > MAX_FDS_PER_FRAME:
+            raise ValueError(f"{len(buffers)} buffers in one call, at most {MAX_FDS_PER_FRAME}")
+        fds = [seal_bytes(b) for b in buffers]
+        try:
+            lengths = [memoryview(b).nbytes for b in buffers]
+            self.send_with_fds([[MSG_FDS, lengths], message], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         return call_id
+
+    def send_with_fds(self, messages: List[Any], fds: List[int]) -> None:
+        """Encode ``messages`` and send their frames by one ``sendmsg`` carrying ``fds`` (kept
+        open: close them yourself). Anything goes, for hostile tests: an ``fds`` message with
+        wrong lengths, fds without one, more than 16 fds..."""
+        data = b"".join(frame(self._pack(m)) for m in messages)
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = self.sock.sendmsg([data], ancdata) if fds else 0
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    @staticmethod
+    def memfd(data: bytes, *, sealed: bool = True, size: Optional[int] = None) -> int:
+        """A memfd holding ``data`` (then grown or cut to ``size`` if given), sealed against
+        every change unless ``sealed=False``; the caller closes it."""
+        if sealed and size is None:
+            return seal_bytes(data)
+        fd = os.memfd_create("fake-parent", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(fd, data)
+        if size is not None:
+            os.ftruncate(fd, size)
+        if sealed:
+            import fcntl
+
+            fcntl.fcntl(
+                fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
+        return fd
 
     def stream(
         self,
@@ -462,10 +589,7 @@ class FakeParent:
             ready, _, _ = select.select([self.sock], [], [], 0)
             if not ready:
                 break
-            try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionResetError:
-                data = b""
+            data = self._recv_chunk()
             if not data:
                 self._eof = True
             self._buf += data
@@ -494,7 +618,9 @@ class FakeParent:
             raise AssertionError(f"item {seq} of stream {call_id} exceeds the credit granted")
         stream.credit -= 1
         stream.received += 1
-        stream.items.append(Item(call_id, attempt, seq, value, time.monotonic()))
+        stream.items.append(
+            Item(call_id, attempt, seq, value, time.monotonic(), self._frame_buffers)
+        )
 
     def pong_for(self, nonce: Any, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
         """Wait for the pong answering ``nonce``; returns its beat map."""
@@ -534,7 +660,7 @@ class FakeParent:
                         Beat(time.monotonic(), b["seq"], b["rss"], b["in_progress"], b["served"], b)
                     )
                 elif msg[0] == MSG_REPLY:
-                    self._replies[msg[1]] = _reply(msg)
+                    self._replies[msg[1]] = _reply(msg, self._frame_buffers)
                     stream = self._streams.get(msg[1])
                     if stream is not None:
                         stream.ended = True
@@ -546,28 +672,102 @@ class FakeParent:
                 raise TimeoutError(f"no message from the worker in {timeout:.1f} s{self._stderr_tail()}")
             ready, _, _ = select.select([self.sock], [], [], remaining)
             if ready:
-                try:
-                    data = self.sock.recv(1 << 20)
-                except ConnectionResetError:
-                    data = b""
+                data = self._recv_chunk()
                 if not data:
                     self._eof = True
                 self._buf += data
 
+    def _recv_chunk(self) -> memoryview:
+        """One ``recvmsg``: the bytes, with the fds that came with them kept in order."""
+        buf = bytearray(1 << 20)
+        try:
+            n, fds = recv_with_fds(self.sock, buf, MAX_FDS_PER_FRAME)
+        except ConnectionResetError:
+            return memoryview(b"")
+        self._fds.extend(fds)
+        return memoryview(buf)[:n]
+
     def _take_frame(self) -> Optional[List[Any]]:
-        if len(self._buf) < 4:
-            return None
-        (n,) = HEADER.unpack_from(self._buf, 0)
-        if n > self.max_frame:
-            raise AssertionError(f"the worker sent a frame of {n} bytes (max {self.max_frame})")
-        if len(self._buf) < 4 + n:
-            return None
-        body = bytes(self._buf[4 : 4 + n])
-        del self._buf[: 4 + n]
-        msg = unpack_body(body)
-        if not isinstance(msg, list) or not msg:
-            raise AssertionError(f"the worker sent a malformed message: {msg!r}")
+        while True:
+            if len(self._buf) < 4:
+                return None
+            (n,) = HEADER.unpack_from(self._buf, 0)
+            if n > self.max_frame:
+                raise AssertionError(
+                    f"the worker sent a frame of {n} bytes (max {self.max_frame})"
+                )
+            if len(self._buf) < 4 + n:
+                return None
+            body = bytes(self._buf[4 : 4 + n])
+            del self._buf[: 4 + n]
+            claimed = self._claimed
+            self._claimed = None
+            self._frame_buffers = 0
+            if claimed is None:
+                msg = unpack_body(body, ext_hook=_no_reference)  # type: ignore[call-arg]
+            else:
+                msg = self._resolve(body, claimed)
+            if not isinstance(msg, list) or not msg:
+                raise AssertionError(f"the worker sent a malformed message: {msg!r}")
+            if msg[0] == MSG_FDS:
+                if "oob" not in self.hello.get("capabilities", ()):
+                    raise AssertionError("an fds message from a worker that did not announce oob")
+                self._claimed = self._claim(msg)
+                continue
+            return msg
+
+    def _claim(self, msg: List[Any]) -> List[bytes]:
+        """An ``fds`` message: take, check and read the oldest fds, as the parent does."""
+        if len(msg) != 2 or type(msg[1]) is not list or not 1 <= len(msg[1]) <= MAX_FDS_PER_FRAME:
+            raise AssertionError(f"malformed fds message: {msg!r:.200}")
+        lengths = msg[1]
+        if len(self._fds) < len(lengths):
+            raise AssertionError(
+                f"an fds message claims {len(lengths)} fds, {len(self._fds)} received"
+            )
+        self.fds_messages.append(list(lengths))
+        fds = [self._fds.popleft() for _ in lengths]
+        try:
+            out = []
+            for i, (fd, n) in enumerate(zip(fds, lengths)):
+                check_sealed(fd, n, i)
+                data = os.pread(fd, n, 0) if n else b""
+                while len(data) < n:  # (a large pread may come back short)
+                    data += os.pread(fd, n - len(data), len(data))
+                out.append(data)
+            return out
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _resolve(self, body: bytes, buffers: List[bytes]) -> Any:
+        """Decode the frame after an ``fds`` message: each reference becomes its bytes; every
+        buffer must be referenced exactly once."""
+        used = [False] * len(buffers)
+
+        def hook(code: int, data: bytes) -> Any:
+            if code != EXT_BUFFER:
+                return _ext(code, data)
+            index = decode_ref(code, data)
+            if index >= len(buffers):
+                raise AssertionError(f"buffer reference {index} out of range ({len(buffers)})")
+            if used[index]:
+                raise AssertionError(f"buffer {index} referenced more than once")
+            used[index] = True
+            return buffers[index]
+
+        msg = unpack_body(body, ext_hook=hook)  # type: ignore[call-arg]
+        if not all(used):
+            raise AssertionError(f"buffers not referenced by the frame after fds: {used}")
+        if not isinstance(msg, list) or not msg or msg[0] not in (MSG_REPLY, MSG_ITEM):
+            raise AssertionError(f"an fds message followed by {msg!r:.200}")
+        self._frame_buffers = len(buffers)
         return msg
+
+    @property
+    def unclaimed_fds(self) -> int:
+        """Fds received from the worker that no ``fds`` message claimed (yet)."""
+        return len(self._fds)
 
     # ------------------------------------------------------------------ process
 
@@ -631,7 +831,19 @@ class FakeParent:
         return f"the worker closed its socket (exit status {status}){self._stderr_tail()}"
 
 
-def _reply(msg: List[Any]) -> Reply:
+def _ext(code: int, data: bytes) -> Any:
+    import msgpack  # type: ignore[import-untyped,unused-ignore]
+
+    return msgpack.ExtType(code, data)
+
+
+def _no_reference(code: int, data: bytes) -> Any:
+    if code == EXT_BUFFER:
+        raise AssertionError("a buffer reference in a frame not announced by an fds message")
+    return _ext(code, data)
+
+
+def _reply(msg: List[Any], buffers: int = 0) -> Reply:
     if len(msg) != 6:
         raise AssertionError(f"a reply has {len(msg)} elements instead of 6: {msg!r:.300}")
     span = msg[4]
@@ -642,7 +854,7 @@ def _reply(msg: List[Any]) -> Reply:
         if type(span_id) is not int or type(start_ns) is not int or type(end_ns) is not int:
             raise AssertionError(f"malformed span in a reply: {span!r:.300}")
         span = (span_id, start_ns, end_ns)
-    return Reply(msg[1], msg[2], msg[3], msg[5], span)
+    return Reply(msg[1], msg[2], msg[3], msg[5], span, buffers)
 
 
 def _pump(stream: Any, sink: List[bytes]) -> None:

@@ -30,6 +30,7 @@ def test_public_names() -> None:
         "chaos",
         "__version__",
         "PROTOCOL_VERSION",
+        "as_numpy",
     }
 
 

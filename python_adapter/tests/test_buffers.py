@@ -4,7 +4,7 @@ Sealed memfds round-trip any bytes-like value and cannot be changed by anyone af
 ``check_sealed`` rejects every fd that is not such a memfd (or is too short); fds cross a
 socketpair exactly once, with their bytes, and a cut or oversized set of fds is an error that
 leaks nothing; mappings live exactly as long as what uses them; buffer references survive
-MessagePack. Nothing here goes through the protocol (not wired yet).
+MessagePack. Nothing here goes through the protocol (that is test_oob.py).
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ def _messages_until_reply(worker: FakeParent, call_id: int) -> List[List[Any]]:
 
 
 def test_hello_announces_the_capabilities(worker: FakeParent) -> None:
-    assert worker.hello["capabilities"] == ["call_options", "started", "stream"]
+    from pyvisor_worker._oob import oob_supported
+
+    expected = ["call_options", "started", "stream"] + (["oob"] if oob_supported() else [])
+    assert worker.hello["capabilities"] == expected
 
 
 @pytest.mark.parametrize(

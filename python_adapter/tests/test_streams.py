@@ -528,7 +528,8 @@ def test_a_mistyped_credit_is_a_protocol_error(spawn: SpawnFn, message: Any) -> 
 
 
 def test_an_item_over_the_maximum_frame_size(spawn: SpawnFn, tmp_path: Path) -> None:
-    parent = spawn(STREAMS, max_frame=65536)
+    # In band (with out-of-band buffers this item would travel in a memfd: test_oob.py).
+    parent = spawn(STREAMS, max_frame=65536, env={"PYVISOR_OOB": "0"})
     path = tmp_path / "log"
     args = {"what": "big", "size": 70_000, "path": str(path)}
     result = parent.stream_result(parent.stream("bad_items", args, credit=10))
