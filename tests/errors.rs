@@ -80,7 +80,10 @@ async fn call_errors_are_typed_and_informative() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_payloads_are_refused_both_ways() {
-    let pool = Pool::start(common::spec("basic.py").workers(1).max_frame(64 * 1024)).await.expect("pool starts");
+    // In band: `max_frame` bounds everything (out of band it bounds frames without their
+    // buffers: see tests/out_of_band.rs and the end of this test).
+    let in_band = pyvisor::BufferPolicy::in_band();
+    let pool = Pool::start(common::spec("basic.py").workers(1).max_frame(64 * 1024).buffers(in_band)).await.expect("pool starts");
     let big = vec![7u8; 100 * 1024];
     match pool.call::<_, ()>("echo", &serde_bytes_like(&big)).await {
         Err(CallError::PayloadTooLarge { size, max, .. }) => assert!(size > max && max == 64 * 1024),
@@ -92,6 +95,13 @@ async fn oversized_payloads_are_refused_both_ways() {
     }
     let ok: rmpv::Value = pool.call("big", &1000).await.expect("a reply under the limit");
     assert_eq!(ok.as_slice().map(<[u8]>::len), Some(1000));
+    pool.shutdown().await;
+    // Out of band (here from 64 KiB), the same result leaves the worker in a sealed memfd,
+    // whatever `max_frame`.
+    let oob = pyvisor::BufferPolicy::default().threshold(64 * 1024);
+    let pool = Pool::start(common::spec("basic.py").workers(1).max_frame(64 * 1024).buffers(oob)).await.expect("pool starts");
+    let big: rmpv::Value = pool.call("big", &(200 * 1024)).await.expect("out of band");
+    assert_eq!(big.as_slice().map(<[u8]>::len), Some(200 * 1024));
     pool.shutdown().await;
 }
 

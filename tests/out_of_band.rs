@@ -120,8 +120,11 @@ async fn an_fds_message_from_a_worker_that_did_not_announce_oob_is_a_protocol_er
     pool.shutdown().await;
 }
 
+/// Out of band from 64 KiB (the default threshold is larger: these tests are about the path).
+const THRESHOLD: usize = 64 << 10;
+
 fn buffers_pool() -> pyvisor::PoolSpec {
-    common::spec("buffers.py").workers(1)
+    common::spec("buffers.py").workers(1).buffers(BufferPolicy::default().threshold(THRESHOLD))
 }
 
 /// The parent's open memfds made by `SharedBytes` or by the adapter (both `pyvisor-buffer`).
@@ -161,8 +164,12 @@ async fn shared_bytes_reach_python_as_bytes_or_a_read_only_view_and_large_result
         assert_eq!(by_default, in_band, "{n} bytes: a function that did not opt in gets the same `bytes`");
         assert_eq!(by_default[0], Value::from("bytes"));
         let view = summary(&pool, "view_digest", &shared).await;
-        assert_eq!(view[0], Value::from("memoryview"), "{n} bytes: out of band, a view over the mapping");
-        assert_eq!(view[3], Value::Boolean(true), "read-only");
+        if n >= THRESHOLD {
+            assert_eq!(view[0], Value::from("memoryview"), "{n} bytes: out of band, a view over the mapping");
+            assert_eq!(view[3], Value::Boolean(true), "read-only");
+        } else {
+            assert_eq!(view[0], Value::from("bytes"), "{n} bytes: under the threshold, in band");
+        }
         assert_eq!(view[1..3], in_band[1..3]);
         // A result of the same size: every byte read, a new buffer back (out of band from the
         // threshold on), decoded as `SharedBytes` here.
@@ -200,7 +207,7 @@ async fn an_in_band_pool_gives_the_same_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_buffer_bounds_each_buffer_both_ways() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let pool = Pool::start(buffers_pool().buffers(BufferPolicy::default().max_buffer(1 << 20))).await.expect("pool starts");
+    let pool = Pool::start(buffers_pool().buffers(BufferPolicy::default().threshold(THRESHOLD).max_buffer(1 << 20))).await.expect("pool starts");
     let big = SharedBytes::from_slice(&pattern(2 << 20, 0)).expect("a memfd");
     match pool.call::<_, Value>("digest", &big).await {
         Err(CallError::BufferTooLarge { size, max, .. }) => assert_eq!((size, max), (2 << 20, 1 << 20)),

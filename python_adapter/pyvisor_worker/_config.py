@@ -22,7 +22,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 DEFAULT_BEAT_INTERVAL_MS = 1000
 #: Results (and stream items) of at least this many bytes go out of band
 #: (``PYVISOR_OOB_THRESHOLD``).
-DEFAULT_OOB_THRESHOLD = 64 * 1024
+DEFAULT_OOB_THRESHOLD = 4 * 1024 * 1024
 #: The largest single out-of-band buffer accepted from (or sent to) the parent
 #: (``PYVISOR_MAX_BUFFER``).
 DEFAULT_MAX_BUFFER = 1 << 30

@@ -29,7 +29,20 @@ SpawnFn = Callable[..., FakeParent]
 
 KIB = 1024
 MIB = 1024 * KIB
-THRESHOLD = 64 * KIB  # the default PYVISOR_OOB_THRESHOLD
+THRESHOLD = 64 * KIB  # PYVISOR_OOB_THRESHOLD in these tests (the default is larger)
+
+
+@pytest.fixture
+def spawn(spawn: SpawnFn) -> SpawnFn:
+    """conftest's ``spawn`` with ``PYVISOR_OOB_THRESHOLD`` at :data:`THRESHOLD` unless the
+    test sets it (these tests are about the out-of-band path, not the default's size)."""
+
+    def spawn_at_threshold(*args: Any, env: Optional[dict] = None, **kwargs: Any) -> FakeParent:
+        merged = {"PYVISOR_OOB_THRESHOLD": str(THRESHOLD)}
+        merged.update(env or {})
+        return spawn(*args, env=merged, **kwargs)
+
+    return spawn_at_threshold
 
 WORKER = '''
 import asyncio

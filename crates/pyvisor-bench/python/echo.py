@@ -16,5 +16,14 @@ def repeat(args):
         yield item
 
 
+@expose(buffers="memoryview")
+def mirror(data):
+    """The buffers scenario: every byte read, a new buffer of the same size back (numpy,
+    imported here so that the other scenarios' workers do not load it)."""
+    import numpy as np
+
+    return np.frombuffer(data, np.uint8) + 1
+
+
 if __name__ == "__main__":
     run_worker()

@@ -104,6 +104,16 @@ impl Floor {
     }
 }
 
+impl Floor {
+    /// One raw frame out (`data`), one back into `back` (resized to its length): for the
+    /// buffers floor (`python/floor_buffers.py`), no MessagePack.
+    pub fn raw_roundtrip(&mut self, data: &[u8], back: &mut Vec<u8>) -> std::io::Result<()> {
+        self.sock.write_all(&(data.len() as u32).to_be_bytes())?;
+        self.sock.write_all(data)?;
+        read_frame(&mut self.sock, back)
+    }
+}
+
 impl Drop for Floor {
     fn drop(&mut self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);

@@ -42,8 +42,8 @@ struct Args {
     /// Where to write the latency-vs-concurrency plot (SVG).
     #[arg(long, default_value = "target/bench/latency.svg")]
     plot: PathBuf,
-    /// Run only these scenarios (repeatable; default: all): sequential, scaling, payloads,
-    /// curve, tracing, start, recovery, memory.
+    /// Run only these scenarios (repeatable; default: all): sequential, streaming, scaling,
+    /// payloads, buffers, curve, tracing, start, recovery, memory.
     #[arg(long, value_parser = SCENARIOS)]
     only: Vec<String>,
     /// (internal) run one side of the tracing scenario in this process: `off`, `on` (workers
@@ -65,7 +65,7 @@ struct Args {
 /// Calls a tracing child makes before it measures.
 const TRACING_WARMUP: usize = 200;
 
-const SCENARIOS: [&str; 9] = ["sequential", "streaming", "scaling", "payloads", "curve", "tracing", "start", "recovery", "memory"];
+const SCENARIOS: [&str; 10] = ["sequential", "streaming", "scaling", "payloads", "buffers", "curve", "tracing", "start", "recovery", "memory"];
 
 fn python_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
@@ -180,6 +180,122 @@ async fn pyvisor_concurrent(pool: &Pool, payload: &[u8], n: usize, callers: usiz
         }
     }
     (start.elapsed(), h)
+}
+
+/// A reply's `bin`, seen without copying it: its length and first byte.
+struct Seen(usize, u8);
+
+impl<'de> serde::Deserialize<'de> for Seen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Seen;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Seen, E> {
+                Ok(Seen(v.len(), v.first().copied().unwrap_or(0)))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Seen, E> {
+                Ok(Seen(v.len(), v.first().copied().unwrap_or(0)))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// Large buffers: the function reads every byte and returns a new buffer of the same size.
+/// The raw socket floor (`python/floor_buffers.py`, no MessagePack) against pyvisor with a
+/// prebuilt `SharedBytes` input, with a `Vec<u8>` copied into a `SharedBytes` per call, and
+/// (64 KiB) with the pool in band; at 256 MiB also against a single-threaded `memcpy` of the
+/// same size. Medians of per-call times.
+async fn buffers_scenario(python: &Path, quick: bool, rounds: usize, rows: &mut Vec<Row>) {
+    let mut floor = match Floor::start(python, &python_dir().join("floor_buffers.py"), &[]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("warning: buffers scenario skipped: cannot start its floor: {e}");
+            return;
+        }
+    };
+    // Everything from 64 KiB out of band: the measurement the default threshold comes from.
+    let spec = echo_spec(python, 1, 4).name("bench-buffers").buffers(pyvisor_core::BufferPolicy::default().threshold(64 << 10));
+    let oob = Pool::start(spec.clone()).await.expect("pool starts");
+    let default = Pool::start(echo_spec(python, 1, 4).name("bench-default")).await.expect("pool starts");
+    let in_band = Pool::start(spec.name("bench-in-band").max_frame(64 << 20).buffers(pyvisor_core::BufferPolicy::in_band())).await.expect("pool starts");
+    let sizes: &[(&str, usize, usize)] = if quick {
+        &[("64 KiB", 64 << 10, 50), ("1 MiB", 1 << 20, 10), ("16 MiB", 16 << 20, 2), ("256 MiB", 256 << 20, 1)]
+    } else {
+        &[("64 KiB", 64 << 10, 1000), ("1 MiB", 1 << 20, 200), ("4 MiB", 4 << 20, 50), ("16 MiB", 16 << 20, 20), ("256 MiB", 256 << 20, 3)]
+    };
+    let mut back = Vec::new();
+    for &(label, size, n) in sizes {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let shared = pyvisor_core::SharedBytes::from_slice(&data).expect("a memfd");
+        let call = |pool: &Pool, input: pyvisor_core::SharedBytes| {
+            let pool = pool.clone();
+            async move {
+                let t = Instant::now();
+                let seen: Seen = pool.call("mirror", &input).await.expect("mirror");
+                assert_eq!((seen.0, seen.1), (size, 1), "the new buffer");
+                t.elapsed().as_secs_f64()
+            }
+        };
+        // Warm both sides up (page faults of first use, numpy's import).
+        floor.raw_roundtrip(&data, &mut back).expect("floor");
+        let _ = call(&oob, shared.clone()).await;
+        let (mut f, mut p, mut v, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            eprintln!("round {}/{rounds}: buffers {label}", r + 1);
+            for _ in 0..n {
+                let t = Instant::now();
+                floor.raw_roundtrip(&data, &mut back).expect("floor");
+                f.push(t.elapsed().as_secs_f64());
+                assert_eq!(back.len(), size);
+                p.push(call(&oob, shared.clone()).await);
+                // A Vec<u8> input: one copy into a fresh SharedBytes, counted in the call.
+                let t = Instant::now();
+                let copied = pyvisor_core::SharedBytes::from_slice(&data).expect("a memfd");
+                v.push(t.elapsed().as_secs_f64() + call(&oob, copied).await);
+                if size <= 64 << 10 {
+                    d.push(call(&default, shared.clone()).await);
+                }
+                if size <= 16 << 20 {
+                    b.push(call(&in_band, shared.clone()).await);
+                }
+            }
+        }
+        let us = 1e6;
+        let (f, p, v) = (median(&mut f) * us, median(&mut p) * us, median(&mut v) * us);
+        let target = if size >= 16 << 20 { Some(("≤ 0.25×", p <= 0.25 * f)) } else { None };
+        rows.push(row(&format!("buffer {label}: SharedBytes in, new buffer out, per call"), "µs", f, p, target));
+        rows.push(row(&format!("buffer {label}: Vec<u8> in (one copy), new buffer out, per call"), "µs", f, v, None));
+        if !b.is_empty() {
+            let b = median(&mut b) * us;
+            rows.push(row(&format!("buffer {label}: out of band (pyvisor) vs in band (floor column)"), "µs", b, p, None));
+            if !d.is_empty() {
+                let d = median(&mut d) * us;
+                let name = format!("buffer {label}: default pool (threshold {} KiB) vs in band (floor column)", pyvisor_core::DEFAULT_BUFFER_THRESHOLD >> 10);
+                rows.push(row(&name, "µs", b, d, Some(("≤ 1.05×", d <= 1.05 * b))));
+            }
+        }
+        if size == 256 << 20 {
+            // A single-threaded memcpy of the same size, into memory already faulted in.
+            let mut dst = vec![1u8; size];
+            let mut m = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                dst.copy_from_slice(&data);
+                m.push(t.elapsed().as_secs_f64());
+                std::hint::black_box(&dst);
+            }
+            let mb = |secs: f64| size as f64 / secs / 1e6;
+            let (memcpy, eff) = (mb(median(&mut m)), mb(p / us));
+            rows.push(row("buffer 256 MiB: effective rate vs single-threaded memcpy (floor column)", "MB/s", memcpy, eff, Some(("≥ 0.25×", eff >= 0.25 * memcpy))));
+        }
+    }
+    oob.shutdown().await;
+    default.shutdown().await;
+    in_band.shutdown().await;
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -516,6 +632,10 @@ async fn run(args: Args) -> ExitCode {
                 rows.push(row(&format!("sequential p50, payload {label}"), "µs", a, b, Some(("≤ 1.3×", b <= 1.3 * a))));
             }
         }
+    }
+
+    if want("buffers") {
+        buffers_scenario(&python, quick, rounds, &mut rows).await;
     }
 
     // Latency vs concurrency (the plot).

@@ -16,10 +16,11 @@ use serde::ser::{Serialize, Serializer};
 
 pub use crate::os::memfd::SharedBytes;
 
-/// The default [`BufferPolicy::threshold`]: results of at least this many bytes leave the
-/// worker out of band. Measured (docs/benchmarks.md, "Out-of-band buffers"): below it the
-/// memfd's set-up costs more than the copies it saves.
-pub const DEFAULT_BUFFER_THRESHOLD: usize = 64 * 1024;
+/// The default [`BufferPolicy::threshold`]: values of at least this many bytes travel out of
+/// band. Measured (docs/benchmarks.md, "Out-of-band buffers"): a round trip of a buffer out and
+/// a new one back costs the same both ways at 4 MiB, 1.2× more out of band at 1 MiB and 1.7×
+/// at 64 KiB (the memfd's set-up and page faults), 0.4× at 16 MiB.
+pub const DEFAULT_BUFFER_THRESHOLD: usize = 4 << 20;
 
 /// The default [`BufferPolicy::max_buffer`]: 1 GiB.
 pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
@@ -52,9 +53,10 @@ impl BufferPolicy {
     pub fn in_band() -> Self {
         BufferPolicy { out_of_band: false, ..Self::default() }
     }
-    /// A worker's result (or stream item) of bytes, `bytearray`, `memoryview` or any buffer
-    /// (numpy arrays) of at least `bytes` leaves out of band. Default
-    /// [`DEFAULT_BUFFER_THRESHOLD`]. [`SharedBytes`] inputs always go out of band.
+    /// Values of at least `bytes` travel out of band: a [`SharedBytes`] in a call's input, and
+    /// a worker's result (or stream item) of bytes, `bytearray`, `memoryview` or any buffer
+    /// (numpy arrays). Smaller ones travel in band (below it the memfd's set-up costs more
+    /// than the copies it saves). Default [`DEFAULT_BUFFER_THRESHOLD`].
     #[must_use]
     pub fn threshold(mut self, bytes: usize) -> Self {
         self.threshold = bytes;
@@ -80,6 +82,9 @@ impl BufferPolicy {
         if self.max_buffer == 0 || self.max_buffer > u32::MAX as usize {
             return Err(format!("max_buffer must be between 1 byte and 4 GiB, got {}", self.max_buffer));
         }
+        if self.out_of_band && self.threshold > self.max_buffer {
+            return Err(format!("the buffer threshold ({}) must not exceed max_buffer ({})", self.threshold, self.max_buffer));
+        }
         Ok(())
     }
 }
@@ -101,18 +106,19 @@ pub(crate) struct Payload {
 thread_local! {
     /// The buffers of the input being encoded on this thread (`None`: not collecting, a
     /// `SharedBytes` is plain `bin`).
-    static COLLECTING: RefCell<Option<Vec<SharedBytes>>> = const { RefCell::new(None) };
+    static COLLECTING: RefCell<Option<(usize, Vec<SharedBytes>)>> = const { RefCell::new(None) };
 }
 
-/// Encode `input` as a call's MessagePack payload; with `out_of_band`, every [`SharedBytes`]
-/// in it (up to the per-frame fd limit) becomes a reference to a buffer of the payload.
-pub(crate) fn encode<I: Serialize + ?Sized>(input: &I, out_of_band: bool) -> Result<Payload, rmp_serde::encode::Error> {
-    if !out_of_band {
+/// Encode `input` as a call's MessagePack payload; with `out_of_band: Some(threshold)`, every
+/// [`SharedBytes`] in it of at least `threshold` bytes (up to the per-frame fd limit) becomes a
+/// reference to a buffer of the payload.
+pub(crate) fn encode<I: Serialize + ?Sized>(input: &I, out_of_band: Option<usize>) -> Result<Payload, rmp_serde::encode::Error> {
+    let Some(threshold) = out_of_band else {
         return Ok(Payload { bytes: rmp_serde::to_vec_named(input)?, buffers: Arc::from(Vec::new()) });
-    }
-    let previous = COLLECTING.with(|c| c.replace(Some(Vec::new())));
+    };
+    let previous = COLLECTING.with(|c| c.replace(Some((threshold, Vec::new()))));
     let bytes = rmp_serde::to_vec_named(input);
-    let buffers = COLLECTING.with(|c| c.replace(previous)).unwrap_or_default();
+    let buffers = COLLECTING.with(|c| c.replace(previous)).map(|(_, b)| b).unwrap_or_default();
     Ok(Payload { bytes: bytes?, buffers: Arc::from(buffers) })
 }
 
@@ -137,12 +143,13 @@ impl Serialize for ExtRef {
 
 impl Serialize for SharedBytes {
     /// A reference to an out-of-band buffer while a call's input is encoded for a pool that
-    /// sends buffers out of band; plain `bin` otherwise.
+    /// sends buffers out of band and it is at least the pool's threshold; plain `bin`
+    /// otherwise.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let index = COLLECTING.with(|c| {
             let mut c = c.borrow_mut();
-            let list = c.as_mut()?;
-            if list.len() >= pyvisor_protocol::MAX_FDS_PER_FRAME {
+            let (threshold, list) = c.as_mut()?;
+            if self.len() < *threshold || list.len() >= pyvisor_protocol::MAX_FDS_PER_FRAME {
                 return None;
             }
             list.push(self.clone());
@@ -220,16 +227,18 @@ mod tests {
     #[test]
     fn shared_bytes_are_references_while_collecting_and_bin_otherwise() {
         let b = SharedBytes::from_slice(&[1, 2, 3]).expect("memfd");
-        let p = encode(&(5u8, &b, "x"), true).expect("encodes");
+        let p = encode(&(5u8, &b, "x"), Some(1)).expect("encodes");
         assert_eq!(p.buffers.len(), 1);
         assert!(p.buffers[0].same_mapping(&b));
         let mut expected = vec![0x93, 0x05];
         pyvisor_protocol::write_buffer_ref(&mut expected, 0);
         expected.extend_from_slice(&[0xa1, b'x']);
         assert_eq!(p.bytes, expected);
-        let inline = encode(&(5u8, &b, "x"), false).expect("encodes");
+        let inline = encode(&(5u8, &b, "x"), None).expect("encodes");
         assert!(inline.buffers.is_empty());
         assert_eq!(inline.bytes, vec![0x93, 0x05, 0xc4, 3, 1, 2, 3, 0xa1, b'x']);
+        // Under the threshold: in band.
+        assert!(encode(&(5u8, &b, "x"), Some(4)).expect("encodes").buffers.is_empty());
         // Not collecting outside `encode`.
         assert_eq!(rmp_serde::to_vec(&b).expect("encodes"), vec![0xc4, 3, 1, 2, 3]);
     }
@@ -237,7 +246,7 @@ mod tests {
     #[test]
     fn more_buffers_than_one_frame_may_carry_go_in_band() {
         let many: Vec<SharedBytes> = (0..20u8).map(|i| SharedBytes::from_slice(&[i]).expect("memfd")).collect();
-        let p = encode(&many, true).expect("encodes");
+        let p = encode(&many, Some(1)).expect("encodes");
         assert_eq!(p.buffers.len(), pyvisor_protocol::MAX_FDS_PER_FRAME);
         let inlined = pyvisor_protocol::inline_buffers(&p.bytes, &p.buffers.iter().map(|b| b.as_slice()).collect::<Vec<_>>()).expect("refs");
         let back: Vec<serde_bytes_shim::ByteBuf> = rmp_serde::from_slice(&inlined).expect("decodes");
@@ -258,6 +267,8 @@ mod tests {
         assert!(BufferPolicy::default().validate().is_ok());
         assert!(BufferPolicy::default().threshold(10).validate().is_err());
         assert!(BufferPolicy::default().max_buffer(0).validate().is_err());
+        assert!(BufferPolicy::default().max_buffer(1 << 20).validate().is_err(), "threshold over max_buffer");
+        assert!(BufferPolicy::default().threshold(64 << 10).max_buffer(1 << 20).validate().is_ok());
         assert!(!BufferPolicy::in_band().is_out_of_band());
         assert!(memfd_available());
     }

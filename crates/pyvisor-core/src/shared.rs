@@ -188,6 +188,11 @@ impl PoolShared {
         self.spec.buffers.out_of_band && crate::buffers::memfd_available()
     }
 
+    /// The size from which a call's `SharedBytes` go out of band (`None`: in band).
+    pub(crate) fn buffer_threshold(&self) -> Option<usize> {
+        self.out_of_band().then_some(self.spec.buffers.threshold)
+    }
+
     /// Whether the pool stopped taking calls.
     pub(crate) fn is_closed(&self) -> bool {
         self.dispatch.is_closed()

@@ -169,7 +169,9 @@ impl SharedBytes {
             // aliases no Rust memory, and its pages cannot shrink away (SIGBUS) or change.
             // Private, not shared: before Linux 6.7 a shared mapping of a write-sealed memfd
             // is refused even read-only; a private read-only one sees the same pages.
-            unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::PRIVATE, &fd, 0)? }
+            // Populated: page tables filled in one call rather than a fault per few pages (the
+            // bytes are about to be read).
+            unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::PRIVATE | MapFlags::POPULATE, &fd, 0)? }
         };
         Ok(SharedBytes { inner: Arc::new(Mapping { ptr, len, fd }) })
     }

@@ -415,7 +415,7 @@ impl Pool {
 /// Encode `input` for a call to `function` on the pool of `shared`: its [`crate::SharedBytes`]
 /// become out-of-band buffers when the pool sends buffers out of band.
 pub(super) fn encode<I: Serialize + ?Sized>(shared: &PoolShared, function: &str, input: &I) -> Result<Payload, CallError> {
-    crate::buffers::encode(input, shared.out_of_band())
+    crate::buffers::encode(input, shared.buffer_threshold())
         .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })
 }
 
