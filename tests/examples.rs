@@ -69,6 +69,13 @@ fn streaming_runs_and_exits_cleanly() {
     run_example("streaming", "streaming example done");
 }
 
+/// 100 MiB of float64 summed in Python over the parent's pages: the example asserts the sum,
+/// `np.shares_memory` and that the worker's `RssAnon` grew by less than 10 MiB.
+#[test]
+fn numpy_buffers_runs_and_exits_cleanly() {
+    run_example("numpy_buffers", "numpy example done");
+}
+
 #[test]
 fn quickstart_runs_and_exits_cleanly() {
     run_example("quickstart", "divide(1, 0) raised ZeroDivisionError");

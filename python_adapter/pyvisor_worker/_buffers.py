@@ -1,4 +1,4 @@
-"""Out-of-band buffers: sealed memfds and fd passing (docs/design/out_of_band_buffers.md).
+"""Out-of-band buffers: sealed memfds and fd passing (docs/buffers.md and docs/protocol.md).
 
 This module owns the primitives of issue 16, each usable and tested alone:
 

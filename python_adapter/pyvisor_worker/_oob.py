@@ -1,4 +1,4 @@
-"""Out-of-band buffers in the protocol (capability ``oob``, docs/design/out_of_band_buffers.md).
+"""Out-of-band buffers in the protocol (capability ``oob``, docs/buffers.md and docs/protocol.md).
 
 Owns what the protocol adds on top of the ``_buffers`` primitives:
 

@@ -47,12 +47,16 @@ fn the_suite_runs_and_prints_ratios() {
         "cold start",
         "recovery",
         "memory per idle worker",
+        "buffer 64 KiB: SharedBytes in",
+        "buffer 64 KiB: default pool",
+        "buffer 16 MiB: Vec<u8> in",
+        "buffer 256 MiB: effective rate",
     ] {
         let line = stdout.lines().find(|l| l.contains(scenario)).unwrap_or_else(|| panic!("no `{scenario}` in\n{stdout}"));
         assert!(line.contains('×') || scenario.contains("memory"), "no ratio on `{line}`");
     }
     let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("results written")).expect("JSON");
-    assert_eq!(results["rows"].as_array().map(Vec::len), Some(16));
+    assert_eq!(results["rows"].as_array().map(Vec::len), Some(29));
     assert!(std::fs::read_to_string(&plot).expect("plot written").contains("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,4 +1,4 @@
-//! Out-of-band buffers on the wire (docs/design/out_of_band_buffers.md, issue 16): the `fds`
+//! Out-of-band buffers on the wire (docs/buffers.md and docs/protocol.md, issue 16): the `fds`
 //! message that announces the sealed memfds the next frame uses, and the references to them
 //! inside a MessagePack value (ext type [`EXT_BUFFER`], a 4-byte big-endian buffer index).
 //!

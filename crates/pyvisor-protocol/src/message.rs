@@ -317,7 +317,7 @@ pub enum WorkerMessage {
         attempt: u32,
     },
     /// The next frame uses out-of-band buffers of these lengths, whose fds came with this
-    /// message (capability `oob`, `docs/design/out_of_band_buffers.md`).
+    /// message (capability `oob`, `docs/buffers.md and docs/protocol.md`).
     Fds(Vec<u64>),
     /// One item of a stream (capability `stream`).
     Item {

@@ -1,5 +1,5 @@
 //! Sealed memfds: the buffers that will travel out of band between the parent and its workers
-//! (docs/design/out_of_band_buffers.md, issue 16).
+//! (docs/buffers.md and docs/protocol.md, issue 16).
 //!
 //! Owns making a sealed memfd from bytes ([`SharedBytes::from_slice`]), checking one that a
 //! worker sent before any use ([`check_sealed`]: its size covers the referenced length, it is

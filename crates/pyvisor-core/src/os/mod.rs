@@ -8,7 +8,7 @@
 //! - [`markers`]: the run and family markers, the start-up sweep of earlier runs' orphans, the
 //!   exit hook and the child-subreaper setting;
 //! - [`family`]: a worker's leader, its process group and its escapees, and their burial;
-//! - [`memfd`]: sealed memfds (the out-of-band buffers of docs/design/out_of_band_buffers.md),
+//! - [`memfd`]: sealed memfds (the out-of-band buffers of docs/buffers.md and docs/protocol.md),
 //!   their checks, read-only mappings and passing over a Unix socket.
 //!
 //! It does not spawn (see [`crate::process`]) and does not decide when a worker ends (see
