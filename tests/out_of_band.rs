@@ -332,3 +332,38 @@ async fn a_retried_idempotent_call_reuses_the_same_memfd() {
     }
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_in_flight_are_capped_per_pool_and_calls_past_the_cap_wait_in_the_queue() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let policy = BufferPolicy::default().threshold(THRESHOLD).max_bytes_in_flight(1 << 20);
+    // Two workers: the second is free all along, so only the cap makes a call wait.
+    let pool = Pool::start(buffers_pool().buffers(policy).workers(2)).await.expect("pool starts");
+    let (a, b) = (SharedBytes::from_slice(&pattern(800 << 10, 1)).unwrap(), SharedBytes::from_slice(&pattern(800 << 10, 2)).unwrap());
+    // 800 KiB held for 3 s: another 800 KiB does not fit the 1 MiB cap.
+    let holder = {
+        let (pool, a) = (pool.clone(), a.clone());
+        tokio::spawn(async move { pool.call::<_, u64>("hold", &(&a, 3.0)).await })
+    };
+    assert!(common::eventually(Duration::from_secs(30), || pool.in_flight() == 1).await);
+    match pool.call_with::<_, Value>("digest", &b, CallOptions::new().timeout(Duration::from_millis(300))).await {
+        Err(CallError::Timeout { sent: false, .. }) => {}
+        other => panic!("expected an unsent Timeout past the cap, got {other:?}"),
+    }
+    // A call without buffers is not held back; nor one under the threshold (in band).
+    let _: u64 = pool.call("open_fds", &()).await.expect("no buffers: runs");
+    let small = SharedBytes::from_slice(&pattern(1000, 3)).unwrap();
+    let _ = summary(&pool, "digest", &small).await;
+    // One that may wait (the queue timeout, 10 s) runs once the holder gives its room back.
+    let waiter = {
+        let (pool, b) = (pool.clone(), b.clone());
+        tokio::spawn(async move { summary(&pool, "digest", &b).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!holder.is_finished(), "the holder holds its room for 3 s");
+    assert!(!waiter.is_finished(), "waits while the holder holds its room");
+    assert_eq!(pool.in_flight(), 1, "not sent meanwhile");
+    assert_eq!(holder.await.expect("joined").expect("the holder's call"), 800 << 10);
+    assert_eq!(waiter.await.expect("joined")[1], Value::from(800u64 << 10));
+    pool.shutdown().await;
+}

@@ -177,6 +177,11 @@ try:
     import pyvisor_worker as p
     r["adapter"] = p.__version__
     r["protocol"] = p.PROTOCOL_VERSION
+    try:
+        from pyvisor_worker._oob import oob_supported
+        r["oob"] = oob_supported()
+    except ImportError:
+        pass
 except Exception as e:
     r["adapter_error"] = repr(e)
 print(json.dumps(r))
@@ -230,6 +235,15 @@ async fn doctor(interpreter: Interpreter, script: Option<PathBuf>) -> ExitCode {
                 );
             } else {
                 println!("ok   protocol {}", pyvisor_core::protocol::PROTOCOL_VERSION);
+            }
+            // Out-of-band buffers need sealed memfds on both sides; without them the same API
+            // works in band (docs/buffers.md).
+            let worker_oob = info.get("oob").and_then(serde_json::Value::as_bool);
+            match (pyvisor_core::memfd_available(), worker_oob) {
+                (true, Some(true)) => println!("ok   buffers: out of band (sealed memfds on both sides; BufferPolicy::in_band() turns it off)"),
+                (true, None) => println!("note buffers: in band (this pyvisor_worker predates out-of-band buffers; reinstall it for them)"),
+                (true, Some(false)) => println!("note buffers: in band (the worker's Python cannot make sealed memfds: old kernel or seccomp); max_frame bounds whole calls"),
+                (false, _) => println!("note buffers: in band (this process cannot make sealed memfds: old kernel or seccomp); max_frame bounds whole calls"),
             }
         }
         (_, err) => {

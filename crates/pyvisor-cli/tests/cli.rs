@@ -169,6 +169,7 @@ fn doctor_checks_the_installation_and_says_what_to_fix() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("ok   pyvisor_worker") && text.contains("exposes:") && text.contains("echo"), "{text}");
+    assert!(text.contains("ok   buffers: out of band"), "this machine has memfds: {text}");
 
     let out = run(pyvisor().args(["--python", "/nonexistent/python3", "doctor"]));
     assert_eq!(out.status.code(), Some(1));

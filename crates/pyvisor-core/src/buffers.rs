@@ -38,11 +38,20 @@ pub struct BufferPolicy {
     pub(crate) out_of_band: bool,
     pub(crate) threshold: usize,
     pub(crate) max_buffer: usize,
+    pub(crate) max_bytes_in_flight: usize,
 }
+
+/// The default [`BufferPolicy::max_bytes_in_flight`]: 4 GiB.
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: usize = 4 << 30;
 
 impl Default for BufferPolicy {
     fn default() -> Self {
-        BufferPolicy { out_of_band: true, threshold: DEFAULT_BUFFER_THRESHOLD, max_buffer: DEFAULT_MAX_BUFFER }
+        BufferPolicy {
+            out_of_band: true,
+            threshold: DEFAULT_BUFFER_THRESHOLD,
+            max_buffer: DEFAULT_MAX_BUFFER,
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
+        }
     }
 }
 
@@ -70,6 +79,15 @@ impl BufferPolicy {
         self.max_buffer = bytes;
         self
     }
+    /// The most bytes of call inputs' out-of-band buffers in flight at once in the pool (from
+    /// admission to the call's outcome, retries included). A call past it waits, as in the
+    /// queue, up to the queue timeout (`QueueTimeout`) or its deadline; a call larger than the
+    /// whole cap waits until nothing else holds any. Default [`DEFAULT_MAX_BYTES_IN_FLIGHT`].
+    #[must_use]
+    pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
+        self.max_bytes_in_flight = bytes;
+        self
+    }
     /// Whether buffers travel out of band.
     pub fn is_out_of_band(&self) -> bool {
         self.out_of_band
@@ -81,6 +99,9 @@ impl BufferPolicy {
         }
         if self.max_buffer == 0 || self.max_buffer > u32::MAX as usize {
             return Err(format!("max_buffer must be between 1 byte and 4 GiB, got {}", self.max_buffer));
+        }
+        if self.max_bytes_in_flight < 1024 {
+            return Err(format!("max_bytes_in_flight must be at least 1 KiB, got {}", self.max_bytes_in_flight));
         }
         if self.out_of_band && self.threshold > self.max_buffer {
             return Err(format!("the buffer threshold ({}) must not exceed max_buffer ({})", self.threshold, self.max_buffer));
@@ -94,6 +115,42 @@ impl BufferPolicy {
 pub fn memfd_available() -> bool {
     static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PROBE.get_or_init(|| SharedBytes::from_slice(b"probe").is_ok())
+}
+
+/// The pool's budget of out-of-band bytes in flight (`BufferPolicy::max_bytes_in_flight`), in
+/// KiB permits.
+#[derive(Debug)]
+pub(crate) struct BufferBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+impl BufferBudget {
+    pub(crate) fn new(policy: &BufferPolicy) -> Self {
+        let total = u32::try_from(policy.max_bytes_in_flight.div_ceil(1024)).unwrap_or(u32::MAX).max(1);
+        BufferBudget { permits: Arc::new(tokio::sync::Semaphore::new(total as usize)), total }
+    }
+
+    /// Take room for `buffers` (nothing for none), waiting until `until`; `None` when the time
+    /// ran out. The room is given back when the permit drops.
+    pub(crate) async fn acquire(&self, buffers: &[SharedBytes], until: tokio::time::Instant) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        let bytes: usize = buffers.iter().map(SharedBytes::len).sum();
+        if bytes == 0 {
+            return Some(None);
+        }
+        let need = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(self.total);
+        match tokio::time::timeout_at(until, Arc::clone(&self.permits).acquire_many_owned(need)).await {
+            Ok(Ok(p)) => Some(Some(p)),
+            // Never closed; and a timeout is a timeout.
+            _ => None,
+        }
+    }
+
+    /// KiB of room left (for tests and status).
+    #[cfg(test)]
+    pub(crate) fn available_kib(&self) -> usize {
+        self.permits.available_permits()
+    }
 }
 
 /// An encoded call input and the buffers it references (index `i` = `buffers[i]`).
@@ -260,6 +317,23 @@ mod tests {
         let mut value = Vec::new();
         pyvisor_protocol::write_buffer_ref(&mut value, 0);
         assert!(rmp_serde::from_slice::<SharedBytes>(&value).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_budget_makes_calls_wait_and_gives_room_back() {
+        let budget = BufferBudget::new(&BufferPolicy::default().max_bytes_in_flight(100 * 1024));
+        let big = SharedBytes::from_slice(&[0; 60 * 1024]).expect("memfd");
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let first = budget.acquire(std::slice::from_ref(&big), soon()).await.expect("room").expect("a permit");
+        assert_eq!(budget.available_kib(), 40);
+        assert!(budget.acquire(std::slice::from_ref(&big), soon()).await.is_none(), "no room: waited, then gave up");
+        assert!(budget.acquire(&[], soon()).await.expect("nothing to hold").is_none());
+        drop(first);
+        let huge = SharedBytes::from_slice(&vec![0; 300 * 1024]).expect("memfd");
+        let all = budget.acquire(std::slice::from_ref(&huge), soon()).await.expect("the whole budget").expect("a permit");
+        assert_eq!(budget.available_kib(), 0);
+        drop(all);
+        assert_eq!(budget.available_kib(), 100);
     }
 
     #[test]

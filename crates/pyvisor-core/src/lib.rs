@@ -58,7 +58,7 @@ pub use observe::telemetry;
 pub use observe::prometheus as metrics;
 
 pub use backoff::{Backoff, Jitter};
-pub use buffers::{memfd_available, BufferPolicy, SharedBytes, DEFAULT_BUFFER_THRESHOLD, DEFAULT_MAX_BUFFER};
+pub use buffers::{memfd_available, BufferPolicy, SharedBytes, DEFAULT_BUFFER_THRESHOLD, DEFAULT_MAX_BUFFER, DEFAULT_MAX_BYTES_IN_FLIGHT};
 pub use chaos::{Chaos, ChaosAction};
 pub use confine::{ConfineError, Confinement, Limit, Principal, Resource};
 pub use death::{is_fault_signal, signal_name, CallInFlight, DeathCause, DeathCertificate, WorkerId};

@@ -44,6 +44,8 @@ pub(crate) struct PoolShared {
     pub(crate) affinity: Mutex<AffinityTable>,
     /// Calls with an idempotency key: executions in flight, kept outcomes.
     pub(crate) idempotency: Idempotency,
+    /// Out-of-band bytes in flight ([`crate::BufferPolicy::max_bytes_in_flight`]).
+    pub(crate) buffer_budget: crate::buffers::BufferBudget,
 }
 
 /// Death certificates a pool keeps for [`crate::Pool::death_certificates`].
@@ -115,6 +117,7 @@ impl SharedQuarantine {
 impl PoolShared {
     pub(crate) fn new(spec: PoolSpec, python: PathBuf) -> Self {
         let idempotency = Idempotency::new(spec.idempotency);
+        let buffer_budget = crate::buffers::BufferBudget::new(&spec.buffers);
         PoolShared {
             name: Arc::from(spec.name.as_str()),
             affinity: Mutex::new(AffinityTable::new(spec.affinity_max_keys, spec.affinity_idle)),
@@ -131,6 +134,7 @@ impl PoolShared {
             deaths: Mutex::new(VecDeque::new()),
             members: RwLock::new(Vec::new()),
             idempotency,
+            buffer_budget,
         }
     }
 

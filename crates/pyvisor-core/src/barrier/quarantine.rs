@@ -98,8 +98,8 @@ mod tests {
         assert_ne!(fingerprint("f", b"x", &[]), fingerprint("f", b"y", &[]));
         assert_ne!(fingerprint("ab", b"c", &[]), fingerprint("a", b"bc", &[]));
         let (x, y) = (crate::os::memfd::SharedBytes::from_slice(b"x").unwrap(), crate::os::memfd::SharedBytes::from_slice(b"y").unwrap());
-        assert_ne!(fingerprint("f", b"r", &[x.clone()]), fingerprint("f", b"r", &[y]));
-        assert_eq!(fingerprint("f", b"r", &[x.clone()]), fingerprint("f", b"r", &[crate::os::memfd::SharedBytes::from_slice(b"x").unwrap()]));
+        assert_ne!(fingerprint("f", b"r", std::slice::from_ref(&x)), fingerprint("f", b"r", &[y]));
+        assert_eq!(fingerprint("f", b"r", std::slice::from_ref(&x)), fingerprint("f", b"r", &[crate::os::memfd::SharedBytes::from_slice(b"x").unwrap()]));
     }
 
     #[test]

@@ -193,6 +193,17 @@ pub(crate) async fn run(
         let q = call.called + spec.queue_timeout;
         call.deadline.map_or(q, |d| d.min(q))
     };
+    // Out-of-band bytes in flight are capped per pool: past the cap a call waits here, as in
+    // the queue, and holds its room until its outcome (retries included).
+    let _room = if opts.buffers().is_empty() {
+        None
+    } else {
+        match shared.buffer_budget.acquire(opts.buffers(), queue_until).await {
+            Some(room) => room,
+            None if call.expired() => return Err(call.timeout(false)),
+            None => return Err(CallError::QueueTimeout { function: function.to_string(), waited: call.called.elapsed() }),
+        }
+    };
     let key = opts.affinity_arc();
     loop {
         let attempt = barrier.attempt();
@@ -282,7 +293,7 @@ pub(crate) async fn run(
         if let Some(w) = slot.writer() {
             // A failed write means the worker is going down; its actor fails this call.
             let header = call.header(attempt, tp, ts);
-            let _ = send_call(&w, &slot, payload, opts.buffers(), |len| {
+            let _ = send_call(w, &slot, payload, opts.buffers(), |len| {
                 if ack_start {
                     encode_call_options_head(&header, WireCallOptions::ack_start(), len)
                 } else {

@@ -536,7 +536,7 @@ async fn begin(
         if let Some(w) = slot.writer() {
             // A failed write means the worker is going down; its actor ends this stream.
             let header = CallHeader { id: st.id, attempt, function, deadline_ms: st.deadline.map(unix_ms), traceparent: tp, tracestate: ts };
-            let _ = super::call::send_call(&w, &slot, payload, opts.call.buffers(), |len| encode_call_options_head(&header, WireCallOptions::stream(opts.credit), len));
+            let _ = super::call::send_call(w, &slot, payload, opts.call.buffers(), |len| encode_call_options_head(&header, WireCallOptions::stream(opts.credit), len));
         }
         st.active = Some(Active { in_flight, rx, slot, grants: Grants::default(), attempt });
         return Ok(());
