@@ -23,12 +23,18 @@ fn raw(mode: &str) -> pyvisor::PoolSpec {
 /// would be counted too).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The parent's open fds that are memfds named `name…`.
+fn open_memfds_named(name: &str) -> usize {
+    let prefix = format!("/memfd:{name}");
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
+        d.filter_map(Result::ok).filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&prefix))).count()
+    })
+}
+
 /// The parent's open fds that are memfds the raw workers made (named `raw-MODE`): what a leak
 /// of buffers would leave.
 fn open_memfds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
-        d.filter_map(Result::ok).filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:raw-"))).count()
-    })
+    open_memfds_named("raw-")
 }
 
 /// Wait (a guard, not a timing claim) for the count to come back to `before`: a stopped
@@ -129,9 +135,7 @@ fn buffers_pool() -> pyvisor::PoolSpec {
 
 /// The parent's open memfds made by `SharedBytes` or by the adapter (both `pyvisor-buffer`).
 fn open_buffers() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| {
-        d.filter_map(Result::ok).filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:pyvisor-buffer"))).count()
-    })
+    open_memfds_named("pyvisor-buffer")
 }
 
 async fn buffers_back_to(before: usize) -> usize {

@@ -26,6 +26,9 @@ DEFAULT_OOB_THRESHOLD = 4 * 1024 * 1024
 #: The largest single out-of-band buffer accepted from (or sent to) the parent
 #: (``PYVISOR_MAX_BUFFER``).
 DEFAULT_MAX_BUFFER = 1 << 30
+#: How long an ``fds`` message waits for its datagram on the side channel
+#: (``PYVISOR_FDS_TIMEOUT_MS``); past it: protocol error.
+DEFAULT_FDS_TIMEOUT_MS = 10_000
 
 #: Exit statuses (docs/protocol.md, "Exit statuses of the worker").
 EXIT_OK = 0
@@ -55,6 +58,12 @@ class WorkerConfig:
     oob: bool = True
     oob_threshold: int = DEFAULT_OOB_THRESHOLD
     max_buffer: int = DEFAULT_MAX_BUFFER
+    #: ``PYVISOR_FDS_FD``: the worker's end of the parent's ``SOCK_DGRAM`` socketpair that
+    #: carries the fds of the parent's ``fds`` messages (the side channel); ``None`` when
+    #: unset (the worker cannot receive fds: no ``oob``).
+    fds_fd: Optional[int] = None
+    #: ``PYVISOR_FDS_TIMEOUT_MS``: how long an ``fds`` message waits for its datagram.
+    fds_timeout_ms: int = DEFAULT_FDS_TIMEOUT_MS
 
 
 def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -101,6 +110,17 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         raise StartError(f"PYVISOR_FD={fd} is not an open file descriptor ({e.strerror})") from None
     if not stat.S_ISSOCK(mode):
         raise StartError(f"PYVISOR_FD={fd} is not a socket")
+    fds_fd: Optional[int] = None
+    raw_fds_fd = env.get("PYVISOR_FDS_FD")
+    if raw_fds_fd is not None and raw_fds_fd.strip() != "":
+        try:
+            fds_fd = int(raw_fds_fd)
+        except ValueError:
+            raise StartError(
+                f"PYVISOR_FDS_FD={raw_fds_fd!r} is not a file descriptor number"
+            ) from None
+        if fds_fd < 0:
+            raise StartError(f"PYVISOR_FDS_FD={raw_fds_fd!r} is not a file descriptor number")
     raw_protocol = env.get("PYVISOR_PROTOCOL")
     try:
         protocol = int(raw_protocol) if raw_protocol else None
@@ -116,6 +136,8 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         oob=_flag(env, "PYVISOR_OOB", True),
         oob_threshold=_positive_int(env, "PYVISOR_OOB_THRESHOLD", DEFAULT_OOB_THRESHOLD),
         max_buffer=_positive_int(env, "PYVISOR_MAX_BUFFER", DEFAULT_MAX_BUFFER),
+        fds_fd=fds_fd,
+        fds_timeout_ms=_positive_int(env, "PYVISOR_FDS_TIMEOUT_MS", DEFAULT_FDS_TIMEOUT_MS),
     )
 
 
@@ -125,14 +147,15 @@ _current: Optional[WorkerConfig] = None
 def current_config() -> WorkerConfig:
     """This process's start configuration, read once from the environment.
 
-    ``PYVISOR_FD`` is then removed from ``os.environ`` so that processes started by user code do
-    not inherit a descriptor number that means nothing to them (the descriptor itself is made
-    close-on-exec by the worker).
+    ``PYVISOR_FD`` and ``PYVISOR_FDS_FD`` are then removed from ``os.environ`` so that processes
+    started by user code do not inherit descriptor numbers that mean nothing to them (the
+    descriptors themselves are made close-on-exec by the worker).
     """
     global _current
     if _current is None:
         _current = load_config()
         os.environ.pop("PYVISOR_FD", None)
+        os.environ.pop("PYVISOR_FDS_FD", None)
     return _current
 
 

@@ -19,9 +19,11 @@ are handled off the main loop (``_stream_call``), so plain calls pay nothing for
 With capability ``oob`` (``_oob``) the reader passes ``_oob.unpack_unannounced`` as the
 decoder (a buffer reference in a frame no ``fds`` message announced is a protocol error; it
 costs nothing for a frame without ext values); an ``fds`` message, once the frame after it is
-complete too, claims the oldest fds received (checked, mapped and closed by ``_oob.Inbound``)
-and that frame, which must be a ``call`` or ``call_options``, is decoded by ``_oob.Owned``
-(each buffer referenced exactly once). The per-call path is otherwise the same code.
+complete too, receives its fds: the next datagram of the side channel (``PYVISOR_FDS_FD``),
+one blocking ``recvmsg`` bounded by ``PYVISOR_FDS_TIMEOUT_MS``, its fds checked, mapped and
+closed by ``_oob.Inbound``; that frame, which must be a ``call`` or ``call_options``, is
+decoded by ``_oob.Owned`` (each buffer referenced exactly once). The per-call path is
+otherwise the same code: the main socket carries no fds from the parent.
 
 Immediate replies are appended to the caller's ``out`` list, which the reader writes. Does not
 read the socket, manage the read buffer, run functions or decide when the worker ends.
@@ -91,7 +93,7 @@ class Dispatcher:
         self._calls = state.calls
         self._control = control
         self._max_frame = max_frame
-        #: Capability ``oob``: the received fds (None without it).
+        #: Capability ``oob``: the side channel's fds (None without it).
         self._inbound = inbound
         if inbound is not None:
             inbound.set_routes(self._all_routes)
@@ -210,11 +212,12 @@ class Dispatcher:
         pack: Pack,
     ) -> Tuple[int, int]:
         """An ``fds`` message (capability ``oob``) in ``buf[begin:start]``: once the frame after
-        it is complete too, claim its fds (checked, mapped, closed: ``_oob.Inbound``) and
-        dispatch that frame, decoded by ``_oob.Owned`` (it must be a call referencing each
-        buffer exactly once). Returns where dispatch goes on and 0; or, while that frame is
-        incomplete, ``begin`` and how many bytes both frames need (the ``fds`` message is read
-        again with them: no state outlives a read)."""
+        it is complete too, claim its fds (its side-channel datagram, received, checked,
+        mapped and closed by ``_oob.Inbound``) and dispatch that frame, decoded by
+        ``_oob.Owned`` (it must be a call referencing each buffer exactly once). Returns where
+        dispatch goes on and 0; or, while that frame is incomplete, ``begin`` and how many
+        bytes both frames need (the ``fds`` message is read again with them: no state outlives
+        a read; its datagram is received only once the frame is complete)."""
         if end - start < 4:
             return begin, start - begin + 4
         (n,) = _unpack_from(buf, start)

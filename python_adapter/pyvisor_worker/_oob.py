@@ -3,21 +3,28 @@
 Owns what the protocol adds on top of the ``_buffers`` primitives:
 
 - :func:`oob_supported`: the probe, once at start, that memfd sealing works here;
-- :class:`Inbound` (the reading side): the fds received with the socket's bytes, kept in
-  arrival order (at most :data:`MAX_UNCLAIMED`); an ``fds`` message claims the oldest ``n``,
-  checks (:func:`~._buffers.check_sealed`) and maps (:func:`~._buffers.map_readonly`) each,
-  closes them at once, and hands the mappings to the **next frame** (:class:`Owned`), which
-  must be a ``call`` or ``call_options`` referencing each exactly once (ext type 80). A
-  reference decodes to ``bytes`` (copied, then unmapped), or to a read-only ``memoryview``
-  over the mapping for a function exposed with ``@expose(buffers="memoryview")``. Every
-  violation is a protocol error (the worker exits with status 3);
-- :class:`Outbound` (the writing side): a result or stream item that is a bytes-like value of
-  at least ``PYVISOR_OOB_THRESHOLD`` bytes is written once into a sealed memfd, announced by
-  an ``fds`` message sent with its fd in one ``sendmsg`` immediately followed by the frame
-  whose value references it; smaller ones (and every buffer when ``oob`` is off) go in band
-  as ``bytes``.
+- :class:`Inbound` (the reading side): the parent's fds do not come on the main socket but on
+  a **side channel**, the worker's end of a ``SOCK_DGRAM`` socketpair (``PYVISOR_FDS_FD``):
+  for each ``fds`` message the parent first sends one datagram (1 byte, ``0``) carrying that
+  message's ``n`` fds, datagrams in the order of the ``fds`` messages. So the main socket is
+  read with plain ``recv_into`` whether ``oob`` is on or not (a ``recvmsg`` per read would
+  cost every call). An ``fds`` message, once the frame after it is complete, receives its
+  datagram (:meth:`Inbound.claim`: one ``recvmsg``, waiting at most
+  ``PYVISOR_FDS_TIMEOUT_MS``), checks (:func:`~._buffers.check_sealed`) and maps
+  (:func:`~._buffers.map_readonly`) each fd, closes them at once, and hands the mappings to
+  that **next frame** (:class:`Owned`), which must be a ``call`` or ``call_options``
+  referencing each exactly once (ext type 80). A reference decodes to ``bytes`` (copied, then
+  unmapped), or to a read-only ``memoryview`` over the mapping for a function exposed with
+  ``@expose(buffers="memoryview")``. Every violation (no datagram in time, a datagram with
+  more than :data:`~._buffers.MAX_FDS_PER_FRAME` fds or cut ancillary data, a count other
+  than the message's) is a protocol error (the worker exits with status 3);
+- :class:`Outbound` (the writing side, unchanged by the side channel): a result or stream item
+  that is a bytes-like value of at least ``PYVISOR_OOB_THRESHOLD`` bytes is written once into
+  a sealed memfd, announced by an ``fds`` message sent with its fd on the **main** socket in
+  one ``sendmsg`` immediately followed by the frame whose value references it; smaller ones
+  (and every buffer when ``oob`` is off) go in band as ``bytes``.
 
-Without the capability none of this runs: the reader keeps ``recv_into`` and the writer never
+Without the capability none of this runs: the side channel is never read and the writer never
 sends an fd.
 """
 
@@ -28,8 +35,7 @@ import fcntl
 import functools
 import os
 import socket
-from collections import deque
-from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
@@ -56,7 +62,7 @@ from ._framing import (
 
 
 __all__ = [
-    "MAX_UNCLAIMED",
+    "ANCBUFSIZE",
     "BUFFER_TYPES",
     "oob_supported",
     "buffer_bytes",
@@ -68,8 +74,6 @@ __all__ = [
     "unpack_unannounced",
 ]
 
-#: Most received fds kept while no ``fds`` message has claimed them.
-MAX_UNCLAIMED = 32
 #: The types whose top-level results the hot paths send to :class:`Outbound` (a cheap
 #: ``type(x) in`` test); other buffer-protocol objects (numpy arrays) get there when
 #: MessagePack cannot encode them.
@@ -79,9 +83,10 @@ NO_TYPES: FrozenSet[type] = frozenset()
 
 _HEADER_PACK = HEADER.pack
 _REF0 = encode_ref(0)
-#: Room for the most fds one read may bring (more: ``MSG_CTRUNC``, a protocol error).
-_ANCBUFSIZE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (an int: MsgFlag & int runs Python code)
+#: Room for one fd more than a datagram may bring (17: more than 16 is seen and refused; more
+#: than 17 sets ``MSG_CTRUNC``, refused too).
+ANCBUFSIZE = socket.CMSG_SPACE((MAX_FDS_PER_FRAME + 1) * array.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Received fds are close-on-exec from the start (Linux).
 _CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 
@@ -245,94 +250,76 @@ unpack_unannounced: Callable[[Any], Any] = functools.partial(
 
 
 class Inbound:
-    """The fds the socket delivered, and the ``fds`` messages that claim them."""
+    """The side channel's datagrams, and the ``fds`` messages that claim them (see the
+    module). Used only by the thread holding the reader's lock."""
 
-    __slots__ = ("_recvmsg_into", "_fds", "_max_buffer", "_routes")
+    __slots__ = ("_recvmsg", "_max_buffer", "_routes", "_timeout_s")
 
-    def __init__(self, sock: socket.socket, max_buffer: int) -> None:
-        self._recvmsg_into = sock.recvmsg_into
-        self._fds: Deque[int] = deque()
+    def __init__(self, side: socket.socket, max_buffer: int, timeout_s: float) -> None:
+        side.settimeout(timeout_s)  # recvmsg waits at most that long
+        self._recvmsg = side.recvmsg
         self._max_buffer = max_buffer
+        self._timeout_s = timeout_s
         #: name → route (``route[0]`` the spec): set by the dispatcher.
         self._routes: Dict[str, Any] = {}
 
     def set_routes(self, routes: Dict[str, Any]) -> None:
         self._routes = routes
 
-    def recv_into(self, view: memoryview) -> int:
-        """The reader's ``recv_into`` with oob on: one ``recvmsg`` keeping the fds that came
-        with the bytes. More than :data:`~._buffers.MAX_FDS_PER_FRAME` in one read, cut
-        ancillary data, or more than :data:`MAX_UNCLAIMED` unclaimed fds: protocol error.
-        ``OSError`` propagates (the reader takes it for the parent gone)."""
-        # (``recv_with_fds``, inlined: a read that brings no fds costs one recvmsg and a test)
-        n, ancdata, flags, _ = self._recvmsg_into([view], _ANCBUFSIZE, _CMSG_CLOEXEC)
-        if ancdata or flags & _MSG_CTRUNC:
-            self._received(ancdata, flags)
-        return n
-
-    def _received(self, ancdata: List[Tuple[int, int, bytes]], flags: int) -> None:
-        """Keep the fds a read brought (in arrival order), or end on a protocol error."""
-        fds: List[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                ints = array.array("i")
-                ints.frombytes(payload[: len(payload) - len(payload) % ints.itemsize])
-                fds.extend(ints)
-        queue = self._fds
-        queue.extend(fds)
-        if flags & _MSG_CTRUNC:
-            self.close_all()
-            protocol_error("ancillary data truncated (MSG_CTRUNC): fds lost")
-        if len(fds) > MAX_FDS_PER_FRAME:
-            self.close_all()
-            protocol_error(f"{len(fds)} fds in one message, at most {MAX_FDS_PER_FRAME}")
-        if len(queue) > MAX_UNCLAIMED:
-            count = len(queue)
-            self.close_all()
-            protocol_error(
-                f"{count} fds received and not claimed by an fds message (at most "
-                f"{MAX_UNCLAIMED})"
-            )
-
-    @property
-    def unclaimed(self) -> int:
-        return len(self._fds)
-
-    def close_all(self) -> None:
-        fds = list(self._fds)
-        self._fds.clear()
-        _close_fds(fds)
-
     def check(self, msg: List[Any]) -> None:
-        """An ``fds`` message ``[12, [len_0, ...]]`` as soon as it is read: well-formed, each
-        length within ``max_buffer``, and its fds here (they come with its first bytes)."""
+        """An ``fds`` message ``[12, [len_0, ...]]`` as soon as it is read: well-formed, and
+        each length within ``max_buffer``."""
         lengths = msg[1] if len(msg) >= 2 else None
         if (
             type(lengths) is not list
             or not 1 <= len(lengths) <= MAX_FDS_PER_FRAME
             or any(type(n) is not int or n < 0 for n in lengths)
         ):
-            self.close_all()
             protocol_error(f"malformed fds message: {msg!r:.200}")
         for i, n in enumerate(lengths):
             if n > self._max_buffer:
-                self.close_all()
                 protocol_error(
                     f"buffer {i}: {n} bytes, over the maximum buffer size of "
                     f"{self._max_buffer} bytes"
                 )
-        queue = self._fds
-        if len(queue) < len(lengths):
-            have = len(queue)
-            self.close_all()
-            protocol_error(f"an fds message claims {len(lengths)} fds, {have} received")
+
+    def _receive(self, count: int) -> List[int]:
+        """The next datagram of the side channel: its fds, exactly ``count`` of them, or a
+        protocol error (every fd it brought closed first)."""
+        try:
+            _, ancdata, flags, _ = self._recvmsg(1, ANCBUFSIZE, _CMSG_CLOEXEC)
+        except socket.timeout:
+            protocol_error(
+                f"an fds message whose fds did not arrive (no datagram on the side channel "
+                f"within {self._timeout_s:g} s)"
+            )
+        except OSError as e:
+            protocol_error(f"an fds message whose fds did not arrive ({e})")
+        fds: List[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                ints = array.array("i")
+                ints.frombytes(payload[: len(payload) - len(payload) % ints.itemsize])
+                fds.extend(ints)
+        if flags & _MSG_CTRUNC:
+            _close_fds(fds)
+            protocol_error(
+                f"ancillary data truncated (MSG_CTRUNC): more than {MAX_FDS_PER_FRAME + 1} fds "
+                f"in one datagram, at most {MAX_FDS_PER_FRAME}"
+            )
+        if len(fds) > MAX_FDS_PER_FRAME:
+            _close_fds(fds)
+            protocol_error(f"{len(fds)} fds in one datagram, at most {MAX_FDS_PER_FRAME}")
+        if len(fds) != count:
+            _close_fds(fds)
+            protocol_error(f"an fds message claims {count} fds, its datagram brought {len(fds)}")
+        return fds
 
     def claim(self, msg: List[Any]) -> Owned:
-        """An ``fds`` message (passed :meth:`check`) whose frame has arrived: take, check, map
-        and close the oldest ``n`` fds; the mappings belong to that frame."""
+        """An ``fds`` message (passed :meth:`check`) whose frame has arrived: receive its
+        datagram, check, map and close its fds; the mappings belong to that frame."""
         lengths: List[int] = msg[1]
-        queue = self._fds
-        fds = [queue.popleft() for _ in lengths]
+        fds = self._receive(len(lengths))
         views: List[memoryview] = []
         try:
             for i, (fd, n) in enumerate(zip(fds, lengths)):
@@ -340,7 +327,6 @@ class Inbound:
                 views.append(map_readonly(fd, n))
         except (BufferViolation, OSError, ValueError) as e:
             _close_fds(fds)
-            self.close_all()
             for view in views:
                 _unmap(view)
             if isinstance(e, BufferViolation):

@@ -15,10 +15,10 @@ sentinel. An inline stream (a plain generator) is such a call: while it waits fo
 serving thread stays in the drain, and the sentinel reads the ``credit`` or ``cancel`` that
 ends the wait.
 
-With capability ``oob`` the socket is read with ``recvmsg`` (``_oob.Inbound.recv_into``: the
-fds that come with the bytes are kept, in arrival order, for the ``fds`` messages that claim
-them) and frames are decoded with ``_oob.unpack_unannounced``; without it, ``recv_into`` and
-``dispatch_frames`` as they always were.
+The socket is always read with plain ``recv_into``: with capability ``oob`` the parent's fds
+come on a side channel (``_oob.Inbound``, read by ``_dispatch`` when an ``fds`` message is
+dispatched), so the only difference is that frames are decoded with
+``_oob.unpack_unannounced`` (which refuses a buffer reference no ``fds`` message announced).
 
 Does not interpret frames (``_dispatch``), run functions (``_executors``) or build replies; it
 writes the immediate replies that dispatch hands back. EOF on the socket ends the process
@@ -57,11 +57,10 @@ class Reader:
         writer: Writer,
         inbound: Optional[Inbound] = None,
     ) -> None:
+        self._recv_into: Callable[[memoryview], int] = sock.recv_into
         if inbound is None:
-            self._recv_into: Callable[[memoryview], int] = sock.recv_into
             self._dispatch = dispatcher.dispatch_frames
-        else:  # capability ``oob``: recvmsg keeps the fds; buffer references are checked
-            self._recv_into = inbound.recv_into
+        else:  # capability ``oob``: buffer references are checked
             self._dispatch = functools.partial(  # (C-level: no Python frame per read)
                 dispatcher.dispatch_frames, unpack_body=unpack_unannounced
             )

@@ -8,9 +8,9 @@ up (each module imports only modules listed before it):
 
 - ``_state``: the calls the worker holds and whether it admits new ones;
 - ``_exits``: how the process ends (``os._exit`` paths, death by SIGTERM);
-- ``_oob``: out-of-band buffers in the protocol (capability ``oob``: the fds received and the
-  ``fds`` messages that claim them; large bytes-like results sent in sealed memfds), on the
-  primitives of ``_buffers``;
+- ``_oob``: out-of-band buffers in the protocol (capability ``oob``: the fds received on the
+  side channel, ``PYVISOR_FDS_FD``, and the ``fds`` messages that claim them; large
+  bytes-like results sent in sealed memfds), on the primitives of ``_buffers``;
 - ``_replies``: reply frames and the locked, batching writer;
 - ``_streams``: generator functions run as streams (credit, items, the stream flusher);
 - ``_executors``: inline, asyncio and thread-pool execution, and the one kind → executor map;
@@ -68,13 +68,17 @@ class Worker:
 
         self._state = state = WorkerState()
         self._writer = writer = Writer(sock.sendall, sock)
-        # Out-of-band buffers (capability ``oob``): wanted (PYVISOR_OOB) and possible here.
-        self._oob = config.oob and oob_supported()
+        # The side channel of the parent's fds (PYVISOR_FDS_FD), if it passed a datagram socket.
+        self._side = side = _side_channel(config.fds_fd)
+        # Out-of-band buffers (capability ``oob``): wanted (PYVISOR_OOB), possible here, and a
+        # side channel to receive the parent's fds on.
+        self._oob = config.oob and side is not None and oob_supported()
         outbound: Optional[Outbound] = None
         self._inbound: Optional[Inbound] = None
         if self._oob:
+            assert side is not None
             outbound = Outbound(writer, config.oob_threshold, config.max_buffer, max_frame)
-            self._inbound = Inbound(sock, config.max_buffer)
+            self._inbound = Inbound(side, config.max_buffer, config.fds_timeout_ms / 1000.0)
         self._control = control = Control(
             writer, state, max_frame, config.beat_interval_ms / 1000.0
         )
@@ -149,6 +153,23 @@ class Worker:
             executor.stop()
         flush_stdio()
         return outcome
+
+
+def _side_channel(fd: Optional[int]) -> Optional[socket.socket]:
+    """The socket of ``PYVISOR_FDS_FD`` (made close-on-exec), or ``None`` when there is none
+    or it is not a datagram socket (then the worker does not announce ``oob``)."""
+    if fd is None:
+        return None
+    try:
+        side = socket.socket(fileno=fd)
+    except OSError:  # not open, not a socket
+        return None
+    if side.family != socket.AF_UNIX or side.type != socket.SOCK_DGRAM:
+        side.detach()  # not ours to close
+        return None
+    os.set_inheritable(fd, False)  # user subprocesses must not hold it open
+    side.setblocking(True)
+    return side
 
 
 _started = False

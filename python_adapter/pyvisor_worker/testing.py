@@ -27,8 +27,9 @@ or, to control the credit yourself, :meth:`FakeParent.items_for` and :meth:`Fake
 
 Out-of-band buffers (capability ``oob``): wrap a bytes-like value of a payload in
 :class:`OutOfBand` (anywhere: nested in lists and maps too) and the fake parent sends it as the
-parent does, in a sealed memfd announced by an ``fds`` message in the same ``sendmsg``; the
-payload carries a reference (ext type 80) in its place. Values the worker sends out of band
+parent does, in a sealed memfd sent on the side channel (``PYVISOR_FDS_FD``, one datagram
+per ``fds`` message) and announced by an ``fds`` message on the main socket; the payload
+carries a reference (ext type 80) in its place. Values the worker sends out of band
 come back resolved to ``bytes``; :attr:`Reply.buffers` / :attr:`Item.buffers` say how many
 buffers the message came with, and :attr:`FakeParent.fds_messages` lists every ``fds`` message
 received (its lengths)::
@@ -41,15 +42,18 @@ received (its lengths)::
             assert reply.ok and reply.buffers == 0   # (echo returned a dict, in band)
 
 For hostile tests, :meth:`FakeParent.memfd` makes a memfd (sealed or not, of any length) and
-:meth:`FakeParent.send_with_fds` sends any messages by one ``sendmsg`` with any fds (e.g.
-``[12, [len]]`` and a call referencing :func:`ref` ``(0)`` twice).
+:meth:`FakeParent.send_with_fds` sends any fds as one side datagram and then any messages on the
+main socket (e.g. ``[12, [len]]`` and a call referencing :func:`ref` ``(0)`` twice, or an
+``fds`` message whose count differs from the datagram's; with no fds, no datagram at all), and
+:meth:`FakeParent.send_fds` a datagram alone.
 
 The fake parent checks the worker's items as the parent does: an item beyond the credit
 granted, with a ``seq`` out of order, for a call that is not a stream or after the stream's
 reply raises ``AssertionError``.
 
 It starts the worker exactly as the parent does (``python -m pyvisor_worker SCRIPT`` with the
-worker's end of a socketpair in ``PYVISOR_FD``, its own process group, stdin from
+worker's end of a socketpair in ``PYVISOR_FD`` and of a datagram socketpair in
+``PYVISOR_FDS_FD``, its own process group, stdin from
 ``/dev/null``, stdout/stderr as pipes) and speaks the protocol of docs/protocol.md.
 """
 
@@ -255,9 +259,12 @@ class FakeParent:
         proc: "subprocess.Popen[bytes]",
         sock: socket.socket,
         max_frame: int = DEFAULT_MAX_FRAME,
+        side: Optional[socket.socket] = None,
     ) -> None:
         self.proc = proc
         self.sock = sock
+        #: The parent's end of the side channel (``SOCK_DGRAM``): fds for the worker.
+        self.side = side
         self.max_frame = max_frame
         #: The worker's hello map (empty until it arrived; see ``spawn(wait_hello=...)``).
         self.hello: Dict[str, Any] = {}
@@ -317,11 +324,14 @@ class FakeParent:
             raise ValueError("give exactly one of script or module")
         target = ["--module", module] if module is not None else [os.fspath(script)]  # type: ignore[arg-type]
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_side, child_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         child_fd = child_sock.fileno()
+        child_side_fd = child_side.fileno()
         full_env = dict(os.environ)
         full_env.update(
             {
                 "PYVISOR_FD": str(child_fd),
+                "PYVISOR_FDS_FD": str(child_side_fd),
                 "PYVISOR_WORKER_ID": worker_id,
                 "PYVISOR_PROTOCOL": str(PROTOCOL_VERSION),
                 "PYVISOR_MAX_FRAME": str(max_frame),
@@ -337,15 +347,20 @@ class FakeParent:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(child_fd,),
+                pass_fds=(child_fd, child_side_fd),
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_kill_with_parent if parent_death_signal else None,
             )
+        except BaseException:
+            parent_sock.close()
+            parent_side.close()
+            raise
         finally:
             child_sock.close()
-        parent = cls(proc, parent_sock, max_frame)
+            child_side.close()
+        parent = cls(proc, parent_sock, max_frame, parent_side)
         if wait_hello:
             msg = parent._next_message(timeout)
             if msg[0] != MSG_HELLO:
@@ -403,14 +418,24 @@ class FakeParent:
         return call_id
 
     def send_with_fds(self, messages: List[Any], fds: List[int]) -> None:
-        """Encode ``messages`` and send their frames by one ``sendmsg`` carrying ``fds`` (kept
-        open: close them yourself). Anything goes, for hostile tests: an ``fds`` message with
-        wrong lengths, fds without one, more than 16 fds..."""
+        """Send ``fds`` (kept open: close them yourself) as one datagram on the side channel
+        (unless there are none: then no datagram), then ``messages``' frames on the main
+        socket, as the parent sends an ``fds`` message and its call. Anything goes, for
+        hostile tests: an ``fds`` message with wrong lengths, a datagram whose count differs
+        from the message's, an ``fds`` message with no datagram, more than 16 fds..."""
+        if fds:
+            self.send_fds(fds)
         data = b"".join(frame(self._pack(m)) for m in messages)
-        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = self.sock.sendmsg([data], ancdata) if fds else 0
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        if data:
+            self.sock.sendall(data)
+
+    def send_fds(self, fds: List[int]) -> None:
+        """Send one datagram on the side channel: 1 byte (``0``) with ``fds`` (any number,
+        none included) as ``SCM_RIGHTS``; the fds stay open here."""
+        if self.side is None:
+            raise RuntimeError("this FakeParent has no side channel")
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.side.sendmsg([b"\0"], ancdata)
 
     @staticmethod
     def memfd(data: bytes, *, sealed: bool = True, size: Optional[int] = None) -> int:
@@ -800,6 +825,8 @@ class FakeParent:
         """Close the socket (the worker sees EOF and exits); SIGKILL its group if it lingers."""
         try:
             self.sock.close()
+            if self.side is not None:
+                self.side.close()
         finally:
             try:
                 return self.wait(timeout)

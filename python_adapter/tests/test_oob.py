@@ -4,12 +4,14 @@ Large bytes travel in sealed memfds both ways (the FakeParent sends ``OutOfBand`
 parent does, and resolves the worker's references); a function gets ``bytes`` by default or a
 read-only ``memoryview`` over the shared memory with ``@expose(buffers="memoryview")``; large
 results and stream items go out of band above ``PYVISOR_OOB_THRESHOLD``, in band below it and
-with ``PYVISOR_OOB=0``; every violation by a hostile parent is a protocol error (status 3);
-no fd leaks over 10,000 calls.
+with ``PYVISOR_OOB=0``; the parent's fds come on the side channel (``PYVISOR_FDS_FD``, one
+datagram per ``fds`` message), never on the main socket; every violation by a hostile parent
+is a protocol error (status 3); no fd leaks over 10,000 calls.
 """
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import socket
@@ -616,9 +618,20 @@ def test_hostile_fds_followed_by_something_else(oob: FakeParent) -> None:
     expect_protocol_error(oob, "not a call")
 
 
-def test_hostile_fds_message_without_fds(oob: FakeParent) -> None:
-    oob.send([MSG_FDS, [10]])
-    expect_protocol_error(oob, "1 fds, 0 received")
+def test_hostile_fds_message_without_a_datagram(spawn: SpawnFn, tmp_path: Path) -> None:
+    """An fds message whose datagram never comes: the worker waits PYVISOR_FDS_TIMEOUT_MS for
+    it, then ends on a protocol error (the call never runs)."""
+    marker = tmp_path / "ran"
+    parent = spawn(WORKER, env={"PYVISOR_FDS_TIMEOUT_MS": "500"})
+    began = time.monotonic()
+    parent.send_with_fds([[MSG_FDS, [10]], call_message(1, "marker", [str(marker), ref(0)])], [])
+    expect_protocol_error(parent, "an fds message whose fds did not arrive", marker)
+    assert time.monotonic() - began >= 0.4
+
+
+def test_pyvisor_fds_timeout_ms_must_be_positive(spawn: SpawnFn) -> None:
+    with pytest.raises(WorkerExited, match="exit status 2"):
+        spawn(WORKER, env={"PYVISOR_FDS_TIMEOUT_MS": "0"})
 
 
 @pytest.mark.parametrize("lengths", [[], list(range(17)), [-1], ["x"], None])
@@ -634,43 +647,135 @@ def test_hostile_buffer_over_max_buffer(spawn: SpawnFn) -> None:
     expect_protocol_error(parent, "over the maximum buffer size")
 
 
-def test_hostile_too_many_fds_in_one_message(oob: FakeParent) -> None:
+@pytest.mark.parametrize("count", [17, 20], ids=["17", "MSG_CTRUNC"])
+def test_hostile_too_many_fds_in_one_datagram(oob: FakeParent, count: int) -> None:
+    # 17 fit the worker's ancillary buffer and are counted; more are cut (MSG_CTRUNC).
     fd = FakeParent.memfd(b"x")
     try:
-        oob.send_with_fds([[MSG_PING, 1]], [fd] * 17)
-    finally:
-        os.close(fd)
-    expect_protocol_error(oob, "MSG_CTRUNC")
-
-
-def test_hostile_too_many_unclaimed_fds(oob: FakeParent) -> None:
-    fd = FakeParent.memfd(b"x")
-    try:
-        for nonce in range(3):  # 48 fds that no fds message claims
-            oob.send_with_fds([[MSG_PING, nonce]], [fd] * 16)
-    finally:
-        os.close(fd)
-    expect_protocol_error(oob, "not claimed by an fds message")
-
-
-def test_an_extra_fd_is_kept_for_a_later_fds_message(oob: FakeParent) -> None:
-    """Fds that arrive before their fds message (here: with the previous frame) are kept in
-    arrival order; an fds message claims the oldest."""
-    first = FakeParent.memfd(b"first")
-    second = FakeParent.memfd(b"second")
-    try:
-        oob.send_with_fds([[MSG_PING, 7]], [first])
-        assert oob.pong_for(7) is not None
         oob.send_with_fds(
-            [[MSG_FDS, [5, 6]], call_message(50, "echo", [ref(1), ref(0)])], [second, second]
+            [[MSG_FDS, [1] * 16], call_message(1, "echo", [ref(i) for i in range(16)])],
+            [fd] * count,
+        )
+    finally:
+        os.close(fd)
+    expect_protocol_error(oob, "at most 16")
+
+
+@pytest.mark.parametrize("sent", [0, 1, 3])
+def test_hostile_datagram_count_differs_from_the_fds_message(oob: FakeParent, sent: int) -> None:
+    fd = FakeParent.memfd(b"xy")
+    try:
+        if sent == 0:  # an empty datagram (no fds at all)
+            oob.send_fds([])
+        oob.send_with_fds(
+            [[MSG_FDS, [2, 2]], call_message(1, "echo", [ref(0), ref(1)])], [fd] * sent
+        )
+    finally:
+        os.close(fd)
+    expect_protocol_error(oob, f"an fds message claims 2 fds, its datagram brought {sent}")
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "sent, words",
+    [(3, "its datagram brought 3"), (17, "17 fds in one datagram"), (20, "MSG_CTRUNC")],
+)
+def test_a_refused_datagram_leaves_no_fd_open(
+    monkeypatch: pytest.MonkeyPatch, sent: int, words: str
+) -> None:
+    """In process: every fd of a refused datagram is closed before the protocol error."""
+    from pyvisor_worker import _oob
+
+    def raise_instead(message: str) -> None:
+        raise _ProtocolError(message)
+
+    monkeypatch.setattr(_oob, "protocol_error", raise_instead)
+    parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fd = seal_bytes(b"x" * 100)
+    try:
+        inbound = _oob.Inbound(worker, 1 << 20, 1.0)
+        before = len(os.listdir("/proc/self/fd"))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * sent))]
+        parent.sendmsg([b"\0"], rights)
+        with pytest.raises(_ProtocolError, match=words):
+            inbound.claim([MSG_FDS, [100]])
+        assert len(os.listdir("/proc/self/fd")) == before
+        # And one that matches is taken, mapped and closed too (Python < 3.13: the mapping
+        # holds a duplicate until it is released).
+        parent.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        owned = inbound.claim([MSG_FDS, [100]])
+        owned.release()
+        assert len(os.listdir("/proc/self/fd")) == before
+        # No datagram: the wait is bounded.
+        began = time.monotonic()
+        with pytest.raises(_ProtocolError, match="did not arrive"):
+            inbound.claim([MSG_FDS, [100]])
+        assert 0.9 <= time.monotonic() - began < 5
+    finally:
+        os.close(fd)
+        parent.close()
+        worker.close()
+
+
+def test_datagrams_are_claimed_in_order(oob: FakeParent) -> None:
+    """Datagrams sent ahead of their fds messages wait in the side channel; each fds message
+    takes the next one."""
+    first = FakeParent.memfd(b"first")
+    second = FakeParent.memfd(b"second!")
+    try:
+        oob.send_fds([first])
+        oob.send_fds([second, first])
+        assert oob.invoke("echo", 1) == 1  # the datagrams wait: main goes on
+        oob.send_with_fds([[MSG_FDS, [5]], call_message(50, "echo", ref(0))], [])
+        oob.send_with_fds(
+            [[MSG_FDS, [7, 5]], call_message(51, "echo", [ref(1), ref(0)])], []
         )
     finally:
         os.close(first)
         os.close(second)
-    # Claimed: first (the oldest) and second; the extra duplicate of second stays unclaimed.
-    assert oob.reply_for(50).value == [b"second", b"first"]
-    oob.send_with_fds([[MSG_FDS, [6]], call_message(51, "echo", ref(0))], [])
-    assert oob.reply_for(51).value == b"second"
+    assert oob.reply_for(50).value == b"first"
+    assert oob.reply_for(51).value == [b"first", b"second!"]
+    assert oob.invoke("echo", OutOfBand(b"next")) == b"next"
+
+
+def test_fds_on_the_main_socket_are_not_received(oob: FakeParent) -> None:
+    """The worker reads the main socket with plain recv_into: fds sent there are dropped by
+    the kernel (never installed in the worker), and the bytes are read as usual."""
+    pid = oob.pid
+    oob.invoke("echo", 1)
+    time.sleep(0.2)
+    before = open_fds(pid)
+    fd = FakeParent.memfd(b"x")
+    try:
+        data = encode_frame([MSG_PING, 3])
+        oob.sock.sendmsg(
+            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 16))]
+        )
+    finally:
+        os.close(fd)
+    assert oob.pong_for(3) is not None
+    assert oob.invoke("echo", OutOfBand(b"abc")) == b"abc"
+    assert open_fds(pid) <= before
+
+
+def test_no_side_channel_means_no_oob(spawn: SpawnFn) -> None:
+    """Without PYVISOR_FDS_FD (or with one that is not a datagram socket) the worker cannot
+    receive fds, so it does not announce oob, and it works in band."""
+    parent = spawn(WORKER, env={"PYVISOR_FDS_FD": ""})
+    assert "oob" not in parent.hello["capabilities"]
+    assert parent.invoke("make", 1000) == expected_make(1000)
+    parent.close()
+    # Not a socket (the worker's stdout, a pipe): no side channel either.
+    parent = spawn(WORKER, env={"PYVISOR_FDS_FD": "1"})
+    assert "oob" not in parent.hello["capabilities"]
+    reply = parent.reply_for(parent.call("make", 1 * MIB))
+    assert reply.ok and reply.buffers == 0 and reply.value == expected_make(1 * MIB)
+    # A number that is not a descriptor number at all is a bad start.
+    with pytest.raises(WorkerExited, match="exit status 2"):
+        spawn(WORKER, env={"PYVISOR_FDS_FD": "x"})
 
 
 @pytest.mark.parametrize("cut", [0, 3, 4, 1000, -1])

@@ -43,6 +43,8 @@ pub(crate) struct Spawned {
     pub leader: Arc<Pidfd>,
     pub pid: u32,
     pub socket: StdUnixStream,
+    /// The fd channel for out-of-band buffers (`None`: the pool sends everything in band).
+    pub fd_channel: Option<std::os::unix::net::UnixDatagram>,
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
     pub family: String,
@@ -98,6 +100,17 @@ pub(crate) async fn spawn_worker(
     let (parent_end, child_end) = StdUnixStream::pair()?;
     let child_fd: OwnedFd = child_end.into();
     let raw_child_fd = child_fd.as_raw_fd();
+    // Out-of-band buffers' fds go to the worker on a datagram socketpair of their own, so that
+    // it reads its stream with a plain `recv` (docs/protocol.md, "Out-of-band buffers").
+    let oob = spec.buffers.out_of_band && crate::buffers::memfd_available();
+    let (fd_channel, child_channel) = match oob {
+        true => {
+            let (ours, theirs) = std::os::unix::net::UnixDatagram::pair()?;
+            (Some(ours), Some(OwnedFd::from(theirs)))
+        }
+        false => (None, None),
+    };
+    let raw_child_channel = child_channel.as_ref().map(|c| c.as_raw_fd());
 
     markers::prepare_program();
     let family = markers::new_family();
@@ -120,7 +133,7 @@ pub(crate) async fn spawn_worker(
         .env("PYVISOR_PROTOCOL", pyvisor_protocol::PROTOCOL_VERSION.to_string())
         .env("PYVISOR_MAX_FRAME", spec.max_frame.to_string())
         .env("PYVISOR_BEAT_INTERVAL_MS", spec.heartbeat_interval.as_millis().to_string())
-        .env("PYVISOR_OOB", if spec.buffers.out_of_band && crate::buffers::memfd_available() { "1" } else { "0" })
+        .env("PYVISOR_OOB", if oob { "1" } else { "0" })
         .env("PYVISOR_OOB_THRESHOLD", spec.buffers.threshold.to_string())
         .env("PYVISOR_MAX_BUFFER", spec.buffers.max_buffer.to_string())
         .env("PYTHONUNBUFFERED", "1");
@@ -139,6 +152,9 @@ pub(crate) async fn spawn_worker(
     }
     // The markers come last: the spec's `env` cannot remove a worker from its family (and the
     // confinement's environment lists never drop `PYVISOR_*`).
+    if let Some(fd) = raw_child_channel {
+        cmd.env("PYVISOR_FDS_FD", fd.to_string());
+    }
     cmd.env(RUN_VAR, markers::run_id()).env(PROGRAM_VAR, markers::program_id()).env(FAMILY_VAR, &family);
     crate::confine::filter_env(&spec.confine, &mut cmd);
     let confine = spec.confine.prepare().map_err(std::io::Error::other)?;
@@ -164,6 +180,11 @@ pub(crate) async fn spawn_worker(
             if libc::fcntl(raw_child_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(fd) = raw_child_channel {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -180,7 +201,8 @@ pub(crate) async fn spawn_worker(
     // The child has its copy now; close ours so EOF means the worker is gone.
     drop(child_fd);
     let pid = leader.pid();
-    Ok(Spawned { leader: Arc::new(leader), pid, socket: parent_end, stdout, stderr, family })
+    drop(child_channel);
+    Ok(Spawned { leader: Arc::new(leader), pid, socket: parent_end, fd_channel, stdout, stderr, family })
 }
 
 /// The last lines a worker wrote to stderr, and — while a hang is being diagnosed — the lines

@@ -4,20 +4,20 @@
 //! short lock. Only when the socket buffer is full does the rest go to a pending buffer that a
 //! flusher task drains when the socket is writable — so under load many frames leave in one
 //! write, order is kept, and a caller's future being dropped can never leave half a frame.
-//! Out-of-band buffers: a frame may carry sealed memfds, passed with `SCM_RIGHTS` on the
-//! `sendmsg` that writes its first byte — at once, or by the flusher when it reaches that
-//! byte (the buffers are kept alive until then).
+//! Out-of-band buffers: their fds go first, as one datagram on the worker's **fd channel** (a
+//! datagram socketpair beside the stream), then the `fds` message and its frame on the stream,
+//! both under the same lock — so datagrams and `fds` messages are in the same order, and the
+//! worker reads its stream with a plain `recv` (no `recvmsg` on the call path).
 //! Owns no protocol knowledge: it moves bytes (and fds).
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use crate::os::memfd::{try_send_vectored_with_fds, SharedBytes};
@@ -26,42 +26,40 @@ use crate::os::memfd::{try_send_vectored_with_fds, SharedBytes};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WriteClosed;
 
-struct Inner {
-    pending: BytesMut,
-    /// Fds to attach to the pending byte at this offset (offsets ascending, relative to the
-    /// start of `pending`).
-    marks: VecDeque<(usize, Vec<SharedBytes>)>,
-    closed: bool,
+/// What became of a frame with buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BuffersSent {
+    /// Its fds went on the fd channel and the frame is queued.
+    OutOfBand,
+    /// Nothing was written: the fd channel is absent or full (the worker has not read it);
+    /// the caller sends the frame with its buffers in band instead.
+    NoRoom,
 }
 
-impl Inner {
-    fn advance(&mut self, n: usize) {
-        self.pending.advance(n);
-        for (at, _) in self.marks.iter_mut() {
-            *at -= n;
-        }
-    }
-
-    fn clear(&mut self) {
-        self.pending.clear();
-        self.marks.clear();
-    }
+struct Inner {
+    pending: BytesMut,
+    closed: bool,
 }
 
 /// Shared writer of one worker's socket.
 pub(crate) struct FrameWriter {
     stream: Arc<OwnedWriteHalf>,
+    /// The worker's fd channel (a non-blocking datagram socket), when it takes buffers.
+    fd_channel: Option<UnixDatagram>,
     inner: Mutex<Inner>,
     wake: Notify,
     flusher_running: AtomicBool,
 }
 
 impl FrameWriter {
-    /// Wrap a write half and start its flusher task.
-    pub(crate) fn start(stream: OwnedWriteHalf) -> Arc<Self> {
+    /// Wrap a write half (and the fd channel, for a worker that takes out-of-band buffers) and
+    /// start its flusher task.
+    pub(crate) fn start(stream: OwnedWriteHalf, fd_channel: Option<UnixDatagram>) -> Arc<Self> {
+        let fd_channel = fd_channel.filter(|c| c.set_nonblocking(true).is_ok());
         let w = Arc::new(FrameWriter {
             stream: Arc::new(stream),
-            inner: Mutex::new(Inner { pending: BytesMut::new(), marks: VecDeque::new(), closed: false }),
+            fd_channel,
+            inner: Mutex::new(Inner { pending: BytesMut::new(), closed: false }),
             wake: Notify::new(),
             flusher_running: AtomicBool::new(true),
         });
@@ -77,76 +75,55 @@ impl FrameWriter {
     /// Queue one frame given as two parts (a head and an already-encoded payload), written with
     /// one vectored write so that the payload is not copied unless the socket is full.
     pub(crate) fn send_parts(&self, head: &[u8], body: &[u8]) -> Result<(), WriteClosed> {
-        let mut g = self.inner.lock().map_err(|_| WriteClosed)?;
+        let g = self.inner.lock().map_err(|_| WriteClosed)?;
         if g.closed {
             return Err(WriteClosed);
         }
+        self.queue(g, &[head, body])
+    }
+
+    /// Queue one frame that uses out-of-band `buffers`: their fds as one datagram on the fd
+    /// channel, then `fds_frame` (the `fds` message that announces them), `head` and `body` on
+    /// the stream, nothing between. [`BuffersSent::NoRoom`] (nothing written) when the fd
+    /// channel cannot take the datagram now.
+    pub(crate) fn send_with_buffers(&self, fds_frame: &[u8], buffers: &[SharedBytes], head: &[u8], body: &[u8]) -> Result<BuffersSent, WriteClosed> {
+        let g = self.inner.lock().map_err(|_| WriteClosed)?;
+        if g.closed {
+            return Err(WriteClosed);
+        }
+        let Some(channel) = &self.fd_channel else { return Ok(BuffersSent::NoRoom) };
+        let fds: Vec<BorrowedFd<'_>> = buffers.iter().map(SharedBytes::fd).collect();
+        match try_send_vectored_with_fds(channel.as_fd(), &[IoSlice::new(&[0])], &fds) {
+            Ok(1) => {}
+            // Full (the worker has not read its datagrams), or gone: in band instead (a gone
+            // worker's stream write fails next, and its actor fails the call).
+            _ => return Ok(BuffersSent::NoRoom),
+        }
+        self.queue(g, &[fds_frame, head, body]).map(|()| BuffersSent::OutOfBand)
+    }
+
+    /// Write `parts` (one frame) at once if nothing is pending and the socket takes it, else
+    /// queue what is left for the flusher. Called with the lock held.
+    fn queue(&self, mut g: std::sync::MutexGuard<'_, Inner>, parts: &[&[u8]]) -> Result<(), WriteClosed> {
         if !g.pending.is_empty() {
-            g.pending.extend_from_slice(head);
-            g.pending.extend_from_slice(body);
+            for p in parts {
+                g.pending.extend_from_slice(p);
+            }
             return Ok(());
         }
-        let total = head.len() + body.len();
-        match self.stream.try_write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)]) {
-            Ok(n) if n == total => Ok(()),
-            Ok(n) => {
-                if n < head.len() {
-                    g.pending.extend_from_slice(&head[n..]);
-                    g.pending.extend_from_slice(body);
-                } else {
-                    g.pending.extend_from_slice(&body[n - head.len()..]);
-                }
-                drop(g);
-                self.wake.notify_one();
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                g.pending.extend_from_slice(head);
-                g.pending.extend_from_slice(body);
-                drop(g);
-                self.wake.notify_one();
-                Ok(())
-            }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let sent = match self.stream.try_write_vectored(&slices) {
+            Ok(n) if n == total => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(_) => {
                 g.closed = true;
                 drop(g);
                 self.wake.notify_one();
-                Err(WriteClosed)
+                return Err(WriteClosed);
             }
-        }
-    }
-
-    /// Queue one frame that uses out-of-band `buffers`: `fds_frame` (the `fds` message that
-    /// announces them) goes with their fds attached, then `head` and `body`, nothing between.
-    pub(crate) fn send_with_buffers(&self, fds_frame: &[u8], buffers: &[SharedBytes], head: &[u8], body: &[u8]) -> Result<(), WriteClosed> {
-        let mut g = self.inner.lock().map_err(|_| WriteClosed)?;
-        if g.closed {
-            return Err(WriteClosed);
-        }
-        let parts = [fds_frame, head, body];
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut sent = 0;
-        if g.pending.is_empty() {
-            let fds: Vec<BorrowedFd<'_>> = buffers.iter().map(SharedBytes::fd).collect();
-            let slices = parts.map(IoSlice::new);
-            let sock = self.stream.as_ref().as_ref();
-            match sock.try_io(Interest::WRITABLE, || try_send_vectored_with_fds(sock.as_fd(), &slices, &fds)) {
-                Ok(n) if n == total => return Ok(()),
-                Ok(n) => sent = n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    g.closed = true;
-                    drop(g);
-                    self.wake.notify_one();
-                    return Err(WriteClosed);
-                }
-            }
-        }
-        if sent == 0 {
-            // The fds go with this frame's first byte, whenever the flusher reaches it.
-            let at = g.pending.len();
-            g.marks.push_back((at, buffers.to_vec()));
-        }
+        };
         let mut skip = sent;
         for p in parts {
             let s = skip.min(p.len());
@@ -162,7 +139,7 @@ impl FrameWriter {
     pub(crate) fn close(&self) {
         if let Ok(mut g) = self.inner.lock() {
             g.closed = true;
-            g.clear();
+            g.pending.clear();
         }
         self.wake.notify_one();
     }
@@ -201,32 +178,12 @@ async fn flush_loop(w: Arc<FrameWriter>) {
             if g.closed || g.pending.is_empty() {
                 continue;
             }
-            let written = match g.marks.front() {
-                // The next byte carries fds: one sendmsg with them, up to the next such byte.
-                Some((0, buffers)) => {
-                    let end = g.marks.get(1).map_or(g.pending.len(), |(at, _)| *at);
-                    let fds: Vec<BorrowedFd<'_>> = buffers.iter().map(SharedBytes::fd).collect();
-                    let sock = w.stream.as_ref().as_ref();
-                    let slice = [IoSlice::new(&g.pending[..end])];
-                    let r = sock.try_io(Interest::WRITABLE, || try_send_vectored_with_fds(sock.as_fd(), &slice, &fds));
-                    drop(fds);
-                    if matches!(r, Ok(n) if n > 0) {
-                        g.marks.pop_front();
-                    }
-                    r
-                }
-                Some((at, _)) => {
-                    let at = *at;
-                    w.stream.try_write(&g.pending[..at])
-                }
-                None => w.stream.try_write(&g.pending),
-            };
-            match written {
-                Ok(n) => g.advance(n),
+            match w.stream.try_write(&g.pending) {
+                Ok(n) => g.pending.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     g.closed = true;
-                    g.clear();
+                    g.pending.clear();
                 }
             }
         }
@@ -242,7 +199,7 @@ mod tests {
     async fn large_writes_keep_order_and_close_stops_the_flusher() {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let (_ra, wa) = a.into_split();
-        let w = FrameWriter::start(wa);
+        let w = FrameWriter::start(wa, None);
         // Far more than a socket buffer: most of it goes through the flusher.
         let frames: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 64 * 1024]).collect();
         for (i, f) in frames.iter().enumerate() {
@@ -270,56 +227,54 @@ mod tests {
         panic!("flusher did not stop");
     }
 
-    /// Frames with buffers, written at once and behind a full socket (by the flusher): each
-    /// frame's fds arrive with its first byte — never earlier, never with another frame.
-    /// (Two threads: the test reads blocking while the flusher writes.)
+    /// Frames with buffers, written at once and behind a full stream: each frame's fds are
+    /// one datagram on the fd channel, in the order of the frames; a full fd channel writes
+    /// nothing and says so.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fds_arrive_with_the_first_byte_of_their_frame_also_through_the_flusher() {
+    async fn fds_go_as_datagrams_in_frame_order_and_a_full_channel_writes_nothing() {
         use crate::os::memfd::recv_with_fds;
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
         let (_ra, wa) = a.into_split();
-        let w = FrameWriter::start(wa);
-        // Frame i: a 1-byte marker `i` then filler; odd frames carry a buffer holding `i`.
+        let w = FrameWriter::start(wa, Some(ours));
         let filler = vec![0xEEu8; 100 * 1024];
-        let mut buffers = Vec::new();
         for i in 0..40u8 {
             if i % 2 == 1 {
                 let buf = SharedBytes::from_slice(&[i; 10]).unwrap();
-                w.send_with_buffers(&[i], std::slice::from_ref(&buf), b"", &filler).unwrap();
-                buffers.push(buf);
+                assert_eq!(w.send_with_buffers(&[i], std::slice::from_ref(&buf), b"", &filler).unwrap(), BuffersSent::OutOfBand);
             } else {
                 w.send_parts(&[i], &filler).unwrap();
             }
         }
-        drop(buffers); // the writer keeps what it has not sent yet
-        let b = b.into_std().unwrap();
-        b.set_nonblocking(false).unwrap();
-        let frame = 1 + filler.len();
-        let total = 40 * frame;
-        let mut got = 0usize;
-        let mut seen = Vec::new();
-        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
-        while got < total {
-            let r = recv_with_fds(std::os::fd::AsFd::as_fd(&b), &mut buf).unwrap().unwrap();
-            if !r.fds.is_empty() {
-                // Linux ends a read after the segment that carries fds (not before): the read
-                // that brings them holds the first byte of their frame (frames are longer than
-                // a read here, so exactly one frame starts in it).
-                let start = got.div_ceil(frame) * frame;
-                assert!(start < got + r.bytes, "fds arrived in a read that holds no frame's first byte");
-                let k = start / frame;
-                // SAFETY: recvmsg wrote the first `r.bytes` bytes.
-                let marker = unsafe { buf[start - got].assume_init() };
-                assert_eq!(marker as usize, k);
-                assert_eq!(k % 2, 1, "fds with a frame that has none");
-                for fd in r.fds {
-                    let m = SharedBytes::from_fd(fd, 10, 0).unwrap();
-                    assert_eq!(m.as_slice(), &[marker; 10]);
-                    seen.push(marker);
-                }
-            }
-            got += r.bytes;
+        // The stream: every frame, in order (most of it through the flusher).
+        let mut b = b;
+        let mut got = vec![0u8; 40 * (1 + filler.len())];
+        tokio::io::AsyncReadExt::read_exact(&mut b, &mut got).await.unwrap();
+        for (i, frame) in got.chunks(1 + filler.len()).enumerate() {
+            assert_eq!(frame[0] as usize, i, "frame {i} in order");
         }
-        assert_eq!(seen, (0..40u8).filter(|i| i % 2 == 1).collect::<Vec<_>>());
+        // The fd channel: one datagram per frame with buffers, in the same order.
+        let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 4];
+        for i in (0..40u8).filter(|i| i % 2 == 1) {
+            let r = recv_with_fds(theirs.as_fd(), &mut one).unwrap().unwrap();
+            assert_eq!((r.bytes, r.fds.len()), (1, 1));
+            let m = SharedBytes::from_fd(r.fds.into_iter().next().unwrap(), 10, 0).unwrap();
+            assert_eq!(m.as_slice(), &[i; 10]);
+        }
+        // A channel nobody reads fills up: then nothing is written (the caller goes in band).
+        let buf = SharedBytes::from_slice(b"x").unwrap();
+        let mut outcome = BuffersSent::OutOfBand;
+        for _ in 0..100_000 {
+            outcome = w.send_with_buffers(b"F", std::slice::from_ref(&buf), b"H", b"B").unwrap();
+            if outcome == BuffersSent::NoRoom {
+                break;
+            }
+        }
+        assert_eq!(outcome, BuffersSent::NoRoom);
+        // Without a channel: no room at all.
+        let (c, _d) = tokio::net::UnixStream::pair().unwrap();
+        let (_rc, wc) = c.into_split();
+        let none = FrameWriter::start(wc, None);
+        assert_eq!(none.send_with_buffers(b"F", std::slice::from_ref(&buf), b"H", b"B").unwrap(), BuffersSent::NoRoom);
     }
 }

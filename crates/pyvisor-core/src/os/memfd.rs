@@ -229,21 +229,7 @@ impl Eq for SharedBytes {}
 /// without them if the first write was partial. Blocking: for a blocking socket.
 #[cfg(test)]
 pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    if fds.len() > MAX_FDS_PER_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} fds in one message, at most {MAX_FDS_PER_FRAME}", fds.len())));
-    }
-    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("the fds do not fit the ancillary buffer"));
-    }
-    let mut sent = loop {
-        match sendmsg(sock, &[io::IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let mut sent = sendmsg_with_fds(sock, &[io::IoSlice::new(data)], fds, SendFlags::NOSIGNAL)?;
     while sent < data.len() {
         match rustix::net::send(sock, &data[sent..], SendFlags::NOSIGNAL) {
             Ok(n) => sent += n,
@@ -259,6 +245,12 @@ pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd
 /// partial send's rest goes without); `WouldBlock` when the socket is full (nothing sent, no
 /// fd passed).
 pub(crate) fn try_send_vectored_with_fds(sock: BorrowedFd<'_>, parts: &[io::IoSlice<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    sendmsg_with_fds(sock, parts, fds, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+}
+
+/// One `sendmsg` (retried on `EINTR`) of `parts` with `fds` as `SCM_RIGHTS` (at most
+/// [`MAX_FDS_PER_FRAME`]).
+fn sendmsg_with_fds(sock: BorrowedFd<'_>, parts: &[io::IoSlice<'_>], fds: &[BorrowedFd<'_>], flags: SendFlags) -> io::Result<usize> {
     if fds.len() > MAX_FDS_PER_FRAME {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} fds in one message, at most {MAX_FDS_PER_FRAME}", fds.len())));
     }
@@ -268,7 +260,7 @@ pub(crate) fn try_send_vectored_with_fds(sock: BorrowedFd<'_>, parts: &[io::IoSl
         return Err(io::Error::other("the fds do not fit the ancillary buffer"));
     }
     loop {
-        match sendmsg(sock, parts, &mut control, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+        match sendmsg(sock, parts, &mut control, flags) {
             Ok(n) => return Ok(n),
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),

@@ -39,7 +39,7 @@ use crate::dispatch::affinity::Route;
 use crate::dispatch::{Failure, Outcome, QueueExit, Reservation, SlotEnd, Want, WorkerSlot};
 use crate::error::{AffinityLostReason, CallError};
 use crate::events::PoolEvent;
-use crate::io::writer::{FrameWriter, WriteClosed};
+use crate::io::writer::{BuffersSent, FrameWriter, WriteClosed};
 use crate::os::memfd::SharedBytes;
 use crate::observe::call_trace::{AttemptTrace, CallTrace};
 use crate::observe::function_span::FunctionSpan;
@@ -455,9 +455,9 @@ pub(super) async fn acquire(
 }
 
 /// Write a call's frame: `head(len)` for a body of `len` bytes, then `payload`. Its
-/// out-of-band `buffers` go as fds (an `fds` message first) to a worker that takes them; to
-/// one that does not, inlined into the payload (one copy). A failed write means the worker is
-/// going down: its actor fails the call.
+/// out-of-band `buffers` go as fds (on the fd channel, then an `fds` message) to a worker that
+/// takes them; to one that does not, or whose fd channel is full, inlined into the payload
+/// (one copy). A failed write means the worker is going down: its actor fails the call.
 pub(super) fn send_call(
     w: &FrameWriter,
     slot: &WorkerSlot,
@@ -470,7 +470,9 @@ pub(super) fn send_call(
     }
     if slot.capabilities().oob() {
         let lens: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
-        return w.send_with_buffers(&pyvisor_protocol::encode_fds(&lens), buffers, &head(payload.len()), payload);
+        if w.send_with_buffers(&pyvisor_protocol::encode_fds(&lens), buffers, &head(payload.len()), payload)? == BuffersSent::OutOfBand {
+            return Ok(());
+        }
     }
     let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
     match pyvisor_protocol::inline_buffers(payload, &slices) {

@@ -563,6 +563,7 @@ impl Actor for WorkerActor {
         }));
 
         let socket = spawned.socket;
+        let fd_channel = spawned.fd_channel;
         let stream = socket
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(socket));
@@ -574,7 +575,7 @@ impl Actor for WorkerActor {
             }
         };
         let (read, write) = stream.into_split();
-        st.slot.set_writer(FrameWriter::start(write));
+        st.slot.set_writer(FrameWriter::start(write, fd_channel));
         let (slot, shared, actor) = (Arc::clone(&st.slot), Arc::clone(&st.shared), myself.clone());
         let max_frame = spec.max_frame;
         st.reader = Some(tokio::spawn(async move {
