@@ -157,7 +157,15 @@ impl BufferBudget {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Payload {
     pub bytes: Vec<u8>,
-    pub buffers: Arc<[SharedBytes]>,
+    /// `None` for none (a plain call allocates nothing for it).
+    pub buffers: Option<Arc<[SharedBytes]>>,
+}
+
+impl Payload {
+    #[cfg(test)]
+    fn list(&self) -> &[SharedBytes] {
+        self.buffers.as_deref().unwrap_or(&[])
+    }
 }
 
 thread_local! {
@@ -171,12 +179,12 @@ thread_local! {
 /// reference to a buffer of the payload.
 pub(crate) fn encode<I: Serialize + ?Sized>(input: &I, out_of_band: Option<usize>) -> Result<Payload, rmp_serde::encode::Error> {
     let Some(threshold) = out_of_band else {
-        return Ok(Payload { bytes: rmp_serde::to_vec_named(input)?, buffers: Arc::from(Vec::new()) });
+        return Ok(Payload { bytes: rmp_serde::to_vec_named(input)?, buffers: None });
     };
     let previous = COLLECTING.with(|c| c.replace(Some((threshold, Vec::new()))));
     let bytes = rmp_serde::to_vec_named(input);
     let buffers = COLLECTING.with(|c| c.replace(previous)).map(|(_, b)| b).unwrap_or_default();
-    Ok(Payload { bytes: bytes?, buffers: Arc::from(buffers) })
+    Ok(Payload { bytes: bytes?, buffers: (!buffers.is_empty()).then(|| Arc::from(buffers)) })
 }
 
 /// A buffer reference's ext payload as MessagePack wants it: `(type, bin)`.
@@ -283,35 +291,38 @@ mod tests {
 
     #[test]
     fn shared_bytes_are_references_while_collecting_and_bin_otherwise() {
+        let _turn = crate::os::memfd::tests::counting();
         let b = SharedBytes::from_slice(&[1, 2, 3]).expect("memfd");
         let p = encode(&(5u8, &b, "x"), Some(1)).expect("encodes");
-        assert_eq!(p.buffers.len(), 1);
-        assert!(p.buffers[0].same_mapping(&b));
+        assert_eq!(p.list().len(), 1);
+        assert!(p.list()[0].same_mapping(&b));
         let mut expected = vec![0x93, 0x05];
         pyvisor_protocol::write_buffer_ref(&mut expected, 0);
         expected.extend_from_slice(&[0xa1, b'x']);
         assert_eq!(p.bytes, expected);
         let inline = encode(&(5u8, &b, "x"), None).expect("encodes");
-        assert!(inline.buffers.is_empty());
+        assert!(inline.list().is_empty());
         assert_eq!(inline.bytes, vec![0x93, 0x05, 0xc4, 3, 1, 2, 3, 0xa1, b'x']);
         // Under the threshold: in band.
-        assert!(encode(&(5u8, &b, "x"), Some(4)).expect("encodes").buffers.is_empty());
+        assert!(encode(&(5u8, &b, "x"), Some(4)).expect("encodes").list().is_empty());
         // Not collecting outside `encode`.
         assert_eq!(rmp_serde::to_vec(&b).expect("encodes"), vec![0xc4, 3, 1, 2, 3]);
     }
 
     #[test]
     fn more_buffers_than_one_frame_may_carry_go_in_band() {
+        let _turn = crate::os::memfd::tests::counting();
         let many: Vec<SharedBytes> = (0..20u8).map(|i| SharedBytes::from_slice(&[i]).expect("memfd")).collect();
         let p = encode(&many, Some(1)).expect("encodes");
-        assert_eq!(p.buffers.len(), pyvisor_protocol::MAX_FDS_PER_FRAME);
-        let inlined = pyvisor_protocol::inline_buffers(&p.bytes, &p.buffers.iter().map(|b| b.as_slice()).collect::<Vec<_>>()).expect("refs");
+        assert_eq!(p.list().len(), pyvisor_protocol::MAX_FDS_PER_FRAME);
+        let inlined = pyvisor_protocol::inline_buffers(&p.bytes, &p.list().iter().map(|b| b.as_slice()).collect::<Vec<_>>()).expect("refs");
         let back: Vec<serde_bytes_shim::ByteBuf> = rmp_serde::from_slice(&inlined).expect("decodes");
         assert_eq!(back.iter().map(|b| b.0.clone()).collect::<Vec<_>>(), (0..20u8).map(|i| vec![i]).collect::<Vec<_>>());
     }
 
     #[test]
     fn shared_bytes_decode_from_bin_and_refuse_a_reference() {
+        let _turn = crate::os::memfd::tests::counting();
         let copied: SharedBytes = rmp_serde::from_slice(&[0xc4, 2, 7, 8]).expect("decodes");
         assert_eq!(copied.as_slice(), &[7, 8]);
         let mut value = Vec::new();
@@ -319,8 +330,11 @@ mod tests {
         assert!(rmp_serde::from_slice::<SharedBytes>(&value).is_err());
     }
 
+    // The guard only orders this test against the fd-counting ones (no task waits on it).
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn the_budget_makes_calls_wait_and_gives_room_back() {
+        let _turn = crate::os::memfd::tests::counting();
         let budget = BufferBudget::new(&BufferPolicy::default().max_bytes_in_flight(100 * 1024));
         let big = SharedBytes::from_slice(&[0; 60 * 1024]).expect("memfd");
         let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(50);
@@ -338,6 +352,7 @@ mod tests {
 
     #[test]
     fn policies_are_checked() {
+        let _turn = crate::os::memfd::tests::counting();
         assert!(BufferPolicy::default().validate().is_ok());
         assert!(BufferPolicy::default().threshold(10).validate().is_err());
         assert!(BufferPolicy::default().max_buffer(0).validate().is_err());

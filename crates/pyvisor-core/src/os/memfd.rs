@@ -330,7 +330,7 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [std::mem::MaybeUnin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
@@ -348,7 +348,9 @@ mod tests {
 
     static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    fn counting() -> std::sync::MutexGuard<'static, ()> {
+    /// Tests that count this process's fds take turns with every test that makes memfds
+    /// (the crate's unit tests run in one process, in parallel).
+    pub(crate) fn counting() -> std::sync::MutexGuard<'static, ()> {
         COUNTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

@@ -27,7 +27,8 @@ pub struct CallOptions {
     affinity: Option<Arc<str>>,
     idempotency_key: Option<Arc<str>>,
     /// The out-of-band buffers the payload references (set by the handle that encoded it).
-    buffers: Arc<[crate::os::memfd::SharedBytes]>,
+    /// (`None` for none: a plain call allocates nothing for it).
+    buffers: Option<Arc<[crate::os::memfd::SharedBytes]>>,
 }
 
 impl CallOptions {
@@ -140,11 +141,11 @@ impl CallOptions {
     pub(crate) fn affinity_arc(&self) -> Option<&Arc<str>> {
         self.affinity.as_ref()
     }
-    pub(crate) fn with_buffers(mut self, buffers: Arc<[crate::os::memfd::SharedBytes]>) -> Self {
+    pub(crate) fn with_buffers(mut self, buffers: Option<Arc<[crate::os::memfd::SharedBytes]>>) -> Self {
         self.buffers = buffers;
         self
     }
     pub(crate) fn buffers(&self) -> &[crate::os::memfd::SharedBytes] {
-        &self.buffers
+        self.buffers.as_deref().unwrap_or(&[])
     }
 }

@@ -68,7 +68,7 @@ impl Default for StreamOptions {
 }
 
 impl StreamOptions {
-    pub(crate) fn with_buffers(mut self, buffers: std::sync::Arc<[crate::os::memfd::SharedBytes]>) -> Self {
+    pub(crate) fn with_buffers(mut self, buffers: Option<std::sync::Arc<[crate::os::memfd::SharedBytes]>>) -> Self {
         self.call = self.call.with_buffers(buffers);
         self
     }
