@@ -304,16 +304,7 @@ class Writer:
         if sock is None:  # pragma: no cover - the worker always gives it
             raise RuntimeError("this writer cannot send fds")
         with self.lock:
-            parts: List[bytes] = []
-            if pending:
-                n = len(pending)
-                parts = pending[:n]
-                del pending[:n]
-            staged = self.staged
-            if staged:
-                parts[:0] = staged
-                staged.clear()
-                self.staged_bytes = 0
+            parts = self._take(pending if pending is not None else [])
             try:
                 if parts:
                     self.sendall(b"".join(parts))
@@ -326,20 +317,26 @@ class Writer:
         items, which its driver appends without the lock. Only lock holders remove from
         ``pending``, from the front: frames appended meanwhile stay for the next write."""
         with self.lock:
-            n = len(pending)
-            if not n:
+            if not pending:
                 return
-            parts = pending[:n]
-            del pending[:n]
-            staged = self.staged
-            if staged:
-                parts[:0] = staged
-                staged.clear()
-                self.staged_bytes = 0
+            parts = self._take(pending)
             try:
                 self.sendall(b"".join(parts))
             except OSError:
                 parent_gone()
+
+    def _take(self, pending: List[bytes]) -> List[bytes]:
+        """(Under the lock.) What is staged, then the frames now in ``pending`` (removed from
+        its front: frames appended meanwhile stay); staged is emptied."""
+        n = len(pending)
+        parts = pending[:n]
+        del pending[:n]
+        staged = self.staged
+        if staged:
+            parts[:0] = staged
+            staged.clear()
+            self.staged_bytes = 0
+        return parts
 
     def stage_pending(self, pending: List[bytes]) -> None:
         """Move the frames in ``pending`` to the staged ones (they go out with the next
