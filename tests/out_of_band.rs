@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use pyvisor::{BufferPolicy, CallError, CallOptions, DeathCause, Pool, SharedBytes};
@@ -179,6 +180,11 @@ async fn shared_bytes_reach_python_as_bytes_or_a_read_only_view_and_large_result
         // threshold on), decoded as `SharedBytes` here.
         let back: SharedBytes = pool.call("mirror", &shared).await.expect("a reply");
         assert_eq!(back.len(), n);
+        if n >= THRESHOLD {
+            // Out of band: the worker's own sealed memfd, taken as it is (not a copy).
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", back.as_fd().as_raw_fd())).expect("an fd");
+            assert!(link.to_string_lossy().starts_with("/memfd:pyvisor-buffer-python"), "{n} bytes: {link:?}");
+        }
         assert!(back.iter().zip(&data).all(|(b, d)| *b == d.wrapping_add(1)), "{n} bytes: every byte");
         let made: Value = pool.call("make", &(n as u64)).await.expect("a reply");
         assert_eq!(made, Value::Binary(pattern(n, 0)));

@@ -71,7 +71,7 @@ _SEAL_NAMES = (
     (fcntl.F_SEAL_GROW, "GROW"),
     (fcntl.F_SEAL_WRITE, "WRITE"),
 )
-_MEMFD_NAME = "pyvisor-buffer"
+_MEMFD_NAME = "pyvisor-buffer-python"
 # mmap(trackfd=False), Python 3.13+: a mapping does not hold a duplicate of its fd.
 _TRACKFD = sys.version_info >= (3, 13)
 # Received fds are close-on-exec from the start where the kernel can do it (Linux: always).

@@ -17,9 +17,10 @@ use serde::ser::{Serialize, Serializer};
 pub use crate::os::memfd::SharedBytes;
 
 /// The default [`BufferPolicy::threshold`]: values of at least this many bytes travel out of
-/// band. Measured (docs/benchmarks.md, "Out-of-band buffers"): a round trip of a buffer out and
-/// a new one back costs the same both ways at 4 MiB, 1.2× more out of band at 1 MiB and 1.7×
-/// at 64 KiB (the memfd's set-up and page faults), 0.4× at 16 MiB.
+/// band. Measured (docs/benchmarks.md, "Out-of-band buffers"; the result taken as
+/// `SharedBytes`): a round trip of a buffer out and a new one back costs 0.8× of in band at
+/// 4 MiB, about the same at 1 MiB, 1.6× at 64 KiB (the memfd's set-up and page faults), 0.3× at
+/// 16 MiB. 4 MiB keeps every size under it on the path it has always taken.
 pub const DEFAULT_BUFFER_THRESHOLD: usize = 4 << 20;
 
 /// The default [`BufferPolicy::max_buffer`]: 1 GiB.
@@ -168,6 +169,85 @@ impl Payload {
     }
 }
 
+/// A worker's reply value and the out-of-band buffers it references (index `i` =
+/// `buffers[i]`; the reader checked that each is referenced exactly once). Cheap to clone: the
+/// buffers are shared mappings of the worker's sealed memfds, never copied by the reader.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub(crate) value: bytes::Bytes,
+    /// `None` for none (a reply in band allocates nothing for it).
+    pub(crate) buffers: Option<Arc<[SharedBytes]>>,
+}
+
+impl Reply {
+    /// A reply without buffers.
+    #[cfg(test)]
+    pub(crate) fn in_band(value: bytes::Bytes) -> Self {
+        Reply { value, buffers: None }
+    }
+
+    /// The reply as self-contained MessagePack: each buffer's bytes copied in as `bin` (what
+    /// the raw API and the tower service return).
+    pub(crate) fn into_bytes(self) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
+        let Some(buffers) = self.buffers else { return Ok(self.value) };
+        let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
+        Ok(match pyvisor_protocol::inline_buffers(&self.value, &slices)? {
+            std::borrow::Cow::Borrowed(_) => self.value.clone(),
+            std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
+        })
+    }
+
+    /// Decode as `O`. A [`SharedBytes`] in `O` takes its buffer as it is (no copy); when some
+    /// buffer is decoded as another type (`Vec<u8>`, `serde_bytes::ByteBuf`, a dynamic value)
+    /// the value is decoded again with the buffers' bytes copied in, so every type reads what it
+    /// would have read in band.
+    pub(crate) fn decode<O: serde::de::DeserializeOwned>(&self) -> Result<O, String> {
+        let Some(buffers) = &self.buffers else {
+            return rmp_serde::from_slice(&self.value).map_err(|e| e.to_string());
+        };
+        let resolving = Resolving { buffers: Arc::clone(buffers), taken: vec![false; buffers.len()] };
+        let previous = RESOLVING.with(|r| r.replace(Some(resolving)));
+        let first = rmp_serde::from_slice::<O>(&self.value);
+        let resolved = RESOLVING.with(|r| r.replace(previous));
+        if let (Ok(v), Some(r)) = (first, resolved) {
+            if r.taken.iter().all(|t| *t) {
+                return Ok(v);
+            }
+        }
+        let inlined = self.clone().into_bytes().map_err(|e| e.to_string())?;
+        rmp_serde::from_slice(&inlined).map_err(|e| e.to_string())
+    }
+}
+
+/// The buffers of the reply being decoded on this thread, and which a [`SharedBytes`] took.
+struct Resolving {
+    buffers: Arc<[SharedBytes]>,
+    taken: Vec<bool>,
+}
+
+thread_local! {
+    /// The reply being decoded on this thread (`None`: a buffer reference is refused).
+    static RESOLVING: RefCell<Option<Resolving>> = const { RefCell::new(None) };
+}
+
+/// The buffer a reference names in the reply being decoded, once (a second claim, or no reply
+/// being decoded, is an error: the caller then decodes the value inlined).
+fn take_buffer(tag: i8, index: &[u8]) -> Result<SharedBytes, String> {
+    if tag != pyvisor_protocol::EXT_BUFFER {
+        return Err(format!("an ext value of type {tag} is not bytes"));
+    }
+    let index = <[u8; 4]>::try_from(index).map(u32::from_be_bytes).map_err(|_| "a malformed buffer reference".to_string())?;
+    RESOLVING.with(|r| {
+        let mut r = r.borrow_mut();
+        let r = r.as_mut().ok_or("a buffer reference outside a reply")?;
+        let taken = r.taken.get_mut(index as usize).ok_or("a reference to a buffer the reply does not have")?;
+        if std::mem::replace(taken, true) {
+            return Err("a buffer referenced twice".to_string());
+        }
+        Ok(r.buffers[index as usize].clone())
+    })
+}
+
 thread_local! {
     /// The buffers of the input being encoded on this thread (`None`: not collecting, a
     /// `SharedBytes` is plain `bin`).
@@ -228,9 +308,8 @@ impl Serialize for SharedBytes {
 }
 
 impl<'de> Deserialize<'de> for SharedBytes {
-    /// From `bin` (one copy, into a new sealed memfd). A reply's out-of-band buffers reach the
-    /// decoder in band today (the reader copies them in once); taking the worker's memfd
-    /// without that copy is not built yet (docs/buffers.md).
+    /// From a reply's out-of-band buffer: that buffer, as the worker sealed it (no copy); from
+    /// `bin`: one copy, into a new sealed memfd.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(SharedVisitor)
     }
@@ -249,6 +328,12 @@ impl<'de> Visitor<'de> for SharedVisitor {
         SharedBytes::from_slice(v).map_err(|e| E::custom(format!("cannot make a memfd: {e}")))
     }
 
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<SharedBytes, D::Error> {
+        // An ext value (rmp-serde hands it over as a newtype of `(type, data)`).
+        let (tag, index): (i8, ExtData) = Deserialize::deserialize(d)?;
+        take_buffer(tag, &index.0).map_err(serde::de::Error::custom)
+    }
+
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SharedBytes, A::Error> {
         // A MessagePack array of small integers also deserializes as bytes elsewhere; accept it.
         let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
@@ -258,6 +343,28 @@ impl<'de> Visitor<'de> for SharedVisitor {
         self.visit_bytes(&v)
     }
 
+}
+
+/// An ext value's data (at most a few bytes: a reference is 4).
+struct ExtData(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ExtData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ExtData;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an ext value's data")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ExtData, E> {
+                if v.len() > 16 {
+                    return Err(E::custom("an ext value longer than a buffer reference"));
+                }
+                Ok(ExtData(v.to_vec()))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
 }
 
 /// Just enough of `serde_bytes` to read bytes back in tests.
@@ -328,6 +435,51 @@ mod tests {
         let mut value = Vec::new();
         pyvisor_protocol::write_buffer_ref(&mut value, 0);
         assert!(rmp_serde::from_slice::<SharedBytes>(&value).is_err());
+    }
+
+    /// A reply `[1, <buffer 0>, <buffer 1>]` with two mapped buffers.
+    fn reply_with_two() -> (Reply, SharedBytes, SharedBytes) {
+        let (a, b) = (SharedBytes::from_slice(b"first").expect("memfd"), SharedBytes::from_slice(b"second").expect("memfd"));
+        let mut value = vec![0x93, 0x01];
+        pyvisor_protocol::write_buffer_ref(&mut value, 0);
+        pyvisor_protocol::write_buffer_ref(&mut value, 1);
+        let reply = Reply { value: bytes::Bytes::from(value), buffers: Some(Arc::from(vec![a.clone(), b.clone()])) };
+        (reply, a, b)
+    }
+
+    #[test]
+    fn a_reply_decoded_into_shared_bytes_takes_its_buffers_without_a_copy() {
+        let _turn = crate::os::memfd::tests::counting();
+        let (reply, a, b) = reply_with_two();
+        let (n, x, y): (u8, SharedBytes, SharedBytes) = reply.decode().expect("decodes");
+        assert_eq!(n, 1);
+        assert!(x.same_mapping(&a) && y.same_mapping(&b), "the worker's mappings, not copies");
+        // Decoded again (an idempotency key's kept reply): the same mappings again.
+        let (_, x2, _): (u8, SharedBytes, SharedBytes) = reply.decode().expect("decodes again");
+        assert!(x2.same_mapping(&a));
+    }
+
+    #[test]
+    fn a_reply_decoded_into_other_types_reads_its_buffers_as_bytes() {
+        let _turn = crate::os::memfd::tests::counting();
+        let (reply, a, _) = reply_with_two();
+        let (_, x, y): (u8, serde_bytes_shim::ByteBuf, serde_bytes_shim::ByteBuf) = reply.decode().expect("decodes");
+        assert_eq!((x.0.as_slice(), y.0.as_slice()), (&b"first"[..], &b"second"[..]));
+        // One of each: the SharedBytes is then a copy (the value is decoded inlined).
+        let (_, x, y): (u8, SharedBytes, serde_bytes_shim::ByteBuf) = reply.decode().expect("decodes");
+        assert_eq!((x.as_slice(), y.0.as_slice()), (&b"first"[..], &b"second"[..]));
+        assert!(!x.same_mapping(&a));
+        // A type that skips a value: every buffer must be taken by a SharedBytes, else inlined.
+        let (_, x, _): (u8, SharedBytes, serde::de::IgnoredAny) = reply.decode().expect("decodes");
+        assert_eq!(x.as_slice(), b"first");
+        // A dynamic value sees `bin`, as in band (never the reference's ext).
+        let v: rmpv::Value = reply.decode().expect("decodes");
+        assert_eq!(v, rmpv::Value::Array(vec![1.into(), rmpv::Value::Binary(b"first".to_vec()), rmpv::Value::Binary(b"second".to_vec())]));
+        // What the raw API returns: self-contained MessagePack.
+        let raw = reply.clone().into_bytes().expect("inlines");
+        assert_eq!(rmpv::decode::read_value(&mut &raw[..]).expect("a value"), v);
+        // The wrong type is still an error.
+        assert!(reply.decode::<(u8, u8, u8)>().is_err());
     }
 
     // The guard only orders this test against the fd-counting ones (no task waits on it).

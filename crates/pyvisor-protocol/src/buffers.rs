@@ -91,10 +91,49 @@ pub fn inline_buffers<'v>(value: &'v [u8], buffers: &[&[u8]]) -> Result<Cow<'v, 
     if buffers.is_empty() {
         return Ok(Cow::Borrowed(value));
     }
-    let mut used = vec![false; buffers.len()];
     let mut out: Option<Vec<u8>> = None;
     // Bytes of `value` already copied to `out`.
     let mut copied = 0;
+    walk_refs(value, buffers.len(), |start, end, index| {
+        let data = buffers[index as usize];
+        let len = u32::try_from(data.len()).map_err(|_| BufferRefError::TooLarge(index))?;
+        let o = out.get_or_insert_with(|| Vec::with_capacity(value.len() + data.len() + 5));
+        o.extend_from_slice(&value[copied..start]);
+        let _ = rmp::encode::write_bin_len(o, len);
+        o.extend_from_slice(data);
+        copied = end;
+        Ok(())
+    })?;
+    Ok(match out {
+        None => Cow::Borrowed(value),
+        Some(mut o) => {
+            o.extend_from_slice(&value[copied..]);
+            Cow::Owned(o)
+        }
+    })
+}
+
+/// Check that `value` is one MessagePack value whose buffer references name each of `count`
+/// buffers exactly once, without copying anything: what a reader checks before it hands a
+/// value and its buffers on (the same rules as [`inline_buffers`]).
+///
+/// ```
+/// use pyvisor_protocol::{check_buffer_refs, write_buffer_ref, BufferRefError};
+/// let mut value = vec![0x92, 0x01]; // [1, <buffer 0>]
+/// write_buffer_ref(&mut value, 0);
+/// assert_eq!(check_buffer_refs(&value, 1), Ok(()));
+/// assert_eq!(check_buffer_refs(&value, 2), Err(BufferRefError::Unused(1)));
+/// ```
+pub fn check_buffer_refs(value: &[u8], count: usize) -> Result<(), BufferRefError> {
+    walk_refs(value, count, |_, _, _| Ok(()))
+}
+
+/// Walk the one value in `value` (no recursion; every length checked against what remains),
+/// calling `on_ref(start, end, index)` for each buffer reference in order (`value[start..end]`
+/// is the reference, whichever ext form carries it); each of `count`
+/// buffers must be referenced exactly once.
+fn walk_refs(value: &[u8], count: usize, mut on_ref: impl FnMut(usize, usize, u32) -> Result<(), BufferRefError>) -> Result<(), BufferRefError> {
+    let mut used = vec![false; count];
     let mut rd: &[u8] = value;
     let mut pending: u64 = 1;
     let cut = || BufferRefError::Malformed("value cut short");
@@ -106,17 +145,12 @@ pub fn inline_buffers<'v>(value: &'v [u8], buffers: &[&[u8]]) -> Result<Cow<'v, 
         if head.ext == Some(EXT_BUFFER) {
             let index: [u8; 4] = rd.get(..4).filter(|_| body == 4).and_then(|b| b.try_into().ok()).ok_or(BufferRefError::BadReference(head.body as u32))?;
             let index = u32::from_be_bytes(index);
-            let data = *buffers.get(index as usize).ok_or(BufferRefError::NoSuchBuffer { index, count: buffers.len() })?;
-            if std::mem::replace(&mut used[index as usize], true) {
+            let slot = used.get_mut(index as usize).ok_or(BufferRefError::NoSuchBuffer { index, count })?;
+            if std::mem::replace(slot, true) {
                 return Err(BufferRefError::Repeated(index));
             }
-            let len = u32::try_from(data.len()).map_err(|_| BufferRefError::TooLarge(index))?;
-            let o = out.get_or_insert_with(|| Vec::with_capacity(value.len() + data.len() + 5));
-            o.extend_from_slice(&value[copied..start]);
-            let _ = rmp::encode::write_bin_len(o, len);
-            o.extend_from_slice(data);
             rd = &rd[4..];
-            copied = value.len() - rd.len();
+            on_ref(start, value.len() - rd.len(), index)?;
             continue;
         }
         rd = &rd[body..];
@@ -132,13 +166,7 @@ pub fn inline_buffers<'v>(value: &'v [u8], buffers: &[&[u8]]) -> Result<Cow<'v, 
     if let Some(unused) = used.iter().position(|u| !u) {
         return Err(BufferRefError::Unused(unused as u32));
     }
-    Ok(match out {
-        None => Cow::Borrowed(value),
-        Some(mut o) => {
-            o.extend_from_slice(&value[copied..]);
-            Cow::Owned(o)
-        }
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -191,6 +219,16 @@ mod tests {
         assert!(matches!(inline_buffers(&pack(&rmpv::Value::Ext(EXT_BUFFER, vec![0; 3])), &[b"a"]), Err(BufferRefError::BadReference(3))));
         for hostile in [vec![0xdd, 0xff, 0xff, 0xff, 0xff], vec![0xc6, 0xff, 0xff, 0xff, 0xff, 0], vec![0xc1], vec![0x92, 0x01], vec![0x01, 0x02]] {
             assert!(inline_buffers(&hostile, &[b"a"]).is_err(), "{hostile:?}");
+            assert!(check_buffer_refs(&hostile, 1).is_err(), "{hostile:?}");
         }
+        // The check says what inlining would.
+        for (value, count) in [(refs(&[0, 0]), 1), (refs(&[1]), 2), (refs(&[1, 0]), 2), (r(2), 2), (plain.clone(), 1), (plain.clone(), 0)] {
+            let bufs: Vec<&[u8]> = (0..count).map(|_| &b"z"[..]).collect();
+            assert_eq!(check_buffer_refs(&value, count), inline_buffers(&value, &bufs).map(|_| ()), "{value:?}");
+        }
+        // A reference in the long ext form (`ext 8`, 7 bytes) is resolved as well.
+        let long = [0x92, 0x01, 0xc7, 0x04, EXT_BUFFER as u8, 0, 0, 0, 0];
+        let inlined = inline_buffers(&long, &[b"ab"]).expect("resolves");
+        assert_eq!(&inlined[..], &[0x92, 0x01, 0xc4, 0x02, b'a', b'b']);
     }
 }

@@ -38,7 +38,7 @@ mod frame;
 mod message;
 mod walk;
 
-pub use buffers::{encode_fds, inline_buffers, write_buffer_ref, BufferRefError, EXT_BUFFER, MAX_FDS_PER_FRAME};
+pub use buffers::{check_buffer_refs, encode_fds, inline_buffers, write_buffer_ref, BufferRefError, EXT_BUFFER, MAX_FDS_PER_FRAME};
 pub use frame::{frame_codec, FrameCodec, FrameError, DEFAULT_MAX_FRAME, LENGTH_PREFIX, READ_CHUNK};
 pub use message::*;
 

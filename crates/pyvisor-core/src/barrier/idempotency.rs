@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
+use crate::buffers::Reply;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -23,7 +23,7 @@ use crate::error::CallError;
 use crate::spec::IdempotencyPolicy;
 
 /// The outcome of one keyed execution, as every caller of the key gets it.
-pub(crate) type Shared = Result<Bytes, CallError>;
+pub(crate) type Shared = Result<Reply, CallError>;
 
 /// What an execution in flight ends with: its outcome and the attempts it made.
 pub(crate) type Ended = (Shared, u32);
@@ -53,7 +53,7 @@ fn outcome_size(outcome: &Shared) -> usize {
     const OVERHEAD: usize = 128;
     OVERHEAD
         + match outcome {
-            Ok(b) => b.len(),
+            Ok(r) => r.value.len() + r.buffers.as_deref().map_or(0, |b| b.iter().map(crate::os::memfd::SharedBytes::len).sum()),
             Err(CallError::Python { error, .. }) => {
                 error.type_name.len() + error.message.len() + error.traceback.as_ref().map_or(0, String::len)
             }
@@ -280,7 +280,7 @@ mod tests {
     }
 
     fn value(n: usize) -> Shared {
-        Ok(Bytes::from(vec![7u8; n]))
+        Ok(Reply::in_band(bytes::Bytes::from(vec![7u8; n])))
     }
 
     /// Whether `k` has a kept outcome at `now` (looked at without starting anything: a
@@ -306,7 +306,7 @@ mod tests {
         let _ = tx.send_replace(Some((value(3), 1)));
         i.finish(&key("k"), Some(&value(3)), t0);
         for rx in &mut waiters {
-            assert_eq!(rx.borrow().as_ref().unwrap().0.as_ref().unwrap().len(), 3);
+            assert_eq!(rx.borrow().as_ref().unwrap().0.as_ref().unwrap().value.len(), 3);
         }
         assert_eq!(i.in_flight_len(), 0);
         assert!(is_hit(&i, "k", t0));

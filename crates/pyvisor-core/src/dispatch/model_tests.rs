@@ -236,7 +236,7 @@ impl<'d> World<'d> {
     fn reply(&mut self, i: usize) {
         let (id, attempt) = (self.calls[i].id, self.calls[i].barrier.attempt());
         let State::Running { slot, rx, .. } = &mut self.calls[i].state else { return };
-        assert!(slot.complete(id, attempt, Outcome { result: Ok(bytes::Bytes::new()), span: None, started: None }));
+        assert!(slot.complete(id, attempt, Outcome { result: Ok(crate::buffers::Reply::in_band(bytes::Bytes::new())), span: None, started: None }));
         let got = rx.try_recv().expect("the reply reaches its caller");
         assert!(got.result.is_ok());
         if let State::Running { in_flight, .. } = &mut self.calls[i].state {
@@ -373,7 +373,7 @@ impl<'d> World<'d> {
             Op::AnswerAbandoned { pick } => {
                 if !self.abandoned.is_empty() {
                     let (slot, id, attempt) = self.abandoned.remove(pick % self.abandoned.len());
-                    assert!(slot.complete(id, attempt, Outcome { result: Ok(bytes::Bytes::new()), span: None, started: None }));
+                    assert!(slot.complete(id, attempt, Outcome { result: Ok(crate::buffers::Reply::in_band(bytes::Bytes::new())), span: None, started: None }));
                 }
             }
             Op::Crash { worker, fault } => {
@@ -425,7 +425,7 @@ impl<'d> World<'d> {
             }
             if abandoned {
                 let (slot, id, attempt) = self.abandoned.remove(0);
-                assert!(slot.complete(id, attempt, Outcome { result: Ok(bytes::Bytes::new()), span: None, started: None }));
+                assert!(slot.complete(id, attempt, Outcome { result: Ok(crate::buffers::Reply::in_band(bytes::Bytes::new())), span: None, started: None }));
             }
             self.poll();
             self.check();

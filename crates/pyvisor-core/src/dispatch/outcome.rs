@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use crate::buffers::Reply;
 use pyvisor_protocol::{RemoteError, SpanTiming};
 
 use crate::death::DeathCertificate;
@@ -21,7 +21,7 @@ pub(crate) enum Failure {
 /// reported one (a traced call that ran).
 #[derive(Debug)]
 pub(crate) struct Outcome {
-    pub(crate) result: Result<Bytes, Failure>,
+    pub(crate) result: Result<Reply, Failure>,
     pub(crate) span: Option<SpanTiming>,
     /// For a crash: whether the function had started, when known (the start acknowledgement,
     /// `super::slot`); `None`

@@ -472,7 +472,7 @@ impl WorkerSlot {
             match t.calls.get(&id) {
                 Some(p) if p.attempt == attempt => {
                     if let (Some(Answer::Stream(sink)), Ok(count)) = (&p.tx, &outcome.result) {
-                        let said = rmp_serde::from_slice::<u64>(count).ok();
+                        let said = rmp_serde::from_slice::<u64>(&count.value).ok();
                         if said != Some(sink.received()) {
                             let said = said.map_or_else(|| "a value that is not a count".to_string(), |n| n.to_string());
                             return Err(format!("stream {id} ended saying it sent {said} items; {} arrived", sink.received()));

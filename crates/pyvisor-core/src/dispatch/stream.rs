@@ -221,7 +221,7 @@ mod tests {
     fn the_end_follows_the_items() {
         let (mut sink, mut rx) = StreamSink::new(StreamFlow::new(2));
         sink.item(0, value(0)).expect("credit");
-        sink.end(Outcome { result: Ok(value(1)), span: None, started: None });
+        sink.end(Outcome { result: Ok(crate::buffers::Reply::in_band(value(1))), span: None, started: None });
         assert!(matches!(rx.try_recv(), Ok(StreamEvent::Item(_))));
         assert!(matches!(rx.try_recv(), Ok(StreamEvent::End(_))));
     }

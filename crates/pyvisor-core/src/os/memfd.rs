@@ -217,6 +217,24 @@ impl AsRef<[u8]> for SharedBytes {
     }
 }
 
+/// The sealed memfd behind the bytes (to hand to another process, or to look at: `fstat`,
+/// `F_GET_SEALS`). A buffer a worker returned is the worker's own memfd (named
+/// `pyvisor-buffer-python`), taken as it is.
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use pyvisor_core::SharedBytes;
+/// let b = SharedBytes::from_slice(b"abc")?;
+/// let file = std::fs::File::from(b.as_fd().try_clone_to_owned()?);
+/// assert_eq!(file.metadata()?.len(), 3);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl AsFd for SharedBytes {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.fd.as_fd()
+    }
+}
+
 impl PartialEq for SharedBytes {
     fn eq(&self, other: &Self) -> bool {
         self.as_slice() == other.as_slice()

@@ -23,7 +23,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pyvisor_protocol::{
     call_overhead, encode_call_head, encode_call_options_head, CallHeader, RemoteErrorKind, WireCallOptions,
     CALL_OPTIONS_EXTRA,
@@ -31,6 +30,7 @@ use pyvisor_protocol::{
 use tokio::time::Instant;
 
 use super::options::CallOptions;
+use crate::buffers::Reply;
 use crate::barrier::quarantine::fingerprint;
 use crate::clock::unix_ms;
 use crate::barrier::retry::{CallBarrier, CrashVerdict, RetryPolicy};
@@ -173,7 +173,7 @@ pub(crate) async fn run(
     opts: &CallOptions,
     trace: Option<&CallTrace>,
     attempts: &mut u32,
-) -> Result<Bytes, CallError> {
+) -> Result<Reply, CallError> {
     let call = admit(shared, function, known, payload, opts, false)?;
     let spec = &shared.spec;
     if let Some(t) = trace {
@@ -316,7 +316,7 @@ pub(crate) async fn run(
         record_function_span(attempt_trace.as_ref(), &outcome, function, call.id, attempt, &slot);
         let started = outcome.started;
         let certificate = match outcome.result {
-            Ok(bytes) => return Ok(bytes),
+            Ok(reply) => return Ok(reply),
             // The worker was going away and did not run it: same attempt, another worker —
             // unless the call is keyed: its worker (and the key's state) is going.
             Err(Failure::Remote(e)) if e.kind == RemoteErrorKind::Refused => match key {

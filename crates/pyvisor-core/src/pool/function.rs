@@ -15,7 +15,7 @@ use super::call::Known;
 use super::handle::Pool;
 use super::options::CallOptions;
 use super::readiness::Readiness;
-use crate::buffers::Payload;
+use crate::buffers::{Payload, Reply};
 use crate::error::CallError;
 use crate::shared::Resolved;
 
@@ -61,15 +61,21 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// Call with an encoded payload; the encoded result.
-    pub(super) async fn call_raw(&self, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
+    /// Call with an encoded payload; the reply as the worker sent it.
+    async fn call_reply(&self, payload: &[u8], opts: CallOptions) -> Result<Reply, CallError> {
         let known = Known { name: &self.name, resolved: self.resolved };
         self.pool.call_known(&self.name, Some(known), payload, opts).await
     }
 
+    /// Call with an encoded payload; the encoded result (its buffers copied in).
+    pub(super) async fn call_raw(&self, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
+        let reply = self.call_reply(payload, opts).await?;
+        super::handle::in_band(&self.name, reply)
+    }
+
     /// Call with an encoded payload and decode the result.
     pub(super) async fn call_encoded<O: DeserializeOwned>(&self, payload: Payload, opts: CallOptions) -> Result<O, CallError> {
-        let reply = self.call_raw(&payload.bytes, opts.with_buffers(payload.buffers)).await?;
+        let reply = self.call_reply(&payload.bytes, opts.with_buffers(payload.buffers)).await?;
         super::handle::decode(&self.name, &reply)
     }
 }

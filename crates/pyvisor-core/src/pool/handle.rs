@@ -24,7 +24,7 @@ use crate::death::DeathCertificate;
 use crate::dispatch::Dispatcher;
 use crate::error::{CallError, StartError};
 use crate::router::{PoolRouter, RouterArgs, RouterMsg};
-use crate::buffers::Payload;
+use crate::buffers::{Payload, Reply};
 use crate::shared::{PoolShared, Resolved};
 use crate::spec::PoolSpec;
 use crate::status::PoolStatus;
@@ -236,7 +236,7 @@ impl Pool {
         O: DeserializeOwned,
     {
         let payload = encode(&self.inner().shared, function, input)?;
-        let reply = self.call_raw(function, &payload.bytes, opts.with_buffers(payload.buffers)).await?;
+        let reply = self.call_known(function, None, &payload.bytes, opts.with_buffers(payload.buffers)).await?;
         decode(function, &reply)
     }
 
@@ -312,7 +312,8 @@ impl Pool {
 
     /// Call with an already-encoded MessagePack payload; returns the encoded result.
     pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, CallError> {
-        self.call_known(function, None, payload, opts).await
+        let reply = self.call_known(function, None, payload, opts).await?;
+        in_band(function, reply)
     }
 
     /// [`Pool::call_raw`] for a name resolved beforehand by a typed handle (`known`), or not.
@@ -322,7 +323,7 @@ impl Pool {
         known: Option<Known<'_>>,
         payload: &[u8],
         opts: CallOptions,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<Reply, CallError> {
         let mut inner = self.inner_for_call();
         if !self.cell.follows {
             return Self::call_on(&inner, function, known, payload, &opts, &mut 0).await;
@@ -359,7 +360,7 @@ impl Pool {
         payload: &[u8],
         opts: &CallOptions,
         attempts: &mut u32,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<Reply, CallError> {
         if let Some(key) = opts.key() {
             return super::keyed::call(&inner.shared, key, function, payload, opts, attempts).await;
         }
@@ -419,9 +420,16 @@ pub(super) fn encode<I: Serialize + ?Sized>(shared: &PoolShared, function: &str,
         .map_err(|e| CallError::Serialize { function: function.to_string(), detail: e.to_string() })
 }
 
-/// Decode the reply of a call to `function`.
-pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &[u8]) -> Result<O, CallError> {
-    rmp_serde::from_slice(reply).map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+/// Decode the reply of a call to `function` (its out-of-band buffers taken as they are by the
+/// `SharedBytes` in `O`).
+pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &Reply) -> Result<O, CallError> {
+    reply.decode().map_err(|detail| CallError::Deserialize { function: function.to_string(), detail })
+}
+
+/// The reply of a call to `function` as self-contained MessagePack (its buffers copied in), for
+/// the raw API.
+pub(super) fn in_band(function: &str, reply: Reply) -> Result<Bytes, CallError> {
+    reply.into_bytes().map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
 }
 
 

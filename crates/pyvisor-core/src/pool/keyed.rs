@@ -13,10 +13,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::options::CallOptions;
+use crate::buffers::Reply;
 use crate::barrier::idempotency::{Ended, Lookup, Shared};
 use crate::barrier::quarantine::fingerprint;
 use crate::error::CallError;
@@ -32,7 +32,7 @@ pub(crate) async fn call(
     payload: &[u8],
     opts: &CallOptions,
     attempts: &mut u32,
-) -> Result<Bytes, CallError> {
+) -> Result<Reply, CallError> {
     let called = Instant::now();
     let fp = fingerprint(function, payload, opts.buffers());
     let lookup = shared.idempotency.lookup(key, function, fp, std::time::Instant::now());

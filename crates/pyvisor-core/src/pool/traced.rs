@@ -4,11 +4,11 @@
 //! Shared by the handle (every call) and the keyed path (an execution); it owns neither the
 //! call path nor the handle, and imports neither of them but `call`.
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::call::Known;
 use super::options::CallOptions;
+use crate::buffers::Reply;
 use crate::error::CallError;
 use crate::observe::call_trace::CallTrace;
 use crate::shared::PoolShared;
@@ -23,7 +23,7 @@ pub(crate) async fn traced_call(
     opts: &CallOptions,
     attempts: &mut u32,
     idempotency: Option<(&str, &'static str)>,
-) -> Result<Bytes, CallError> {
+) -> Result<Reply, CallError> {
     let started = Instant::now();
     let trace = CallTrace::start(&shared.name, function, opts.traceparent_str(), opts.tracestate_str());
     if let (Some(t), Some((key, how))) = (&trace, idempotency) {

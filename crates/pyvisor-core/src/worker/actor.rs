@@ -26,6 +26,7 @@ use crate::death::{DeathCause, DeathCertificate, WorkerId};
 use crate::dispatch::{Failure, Outcome, WorkerSlot};
 use crate::events::RecycleReason;
 use crate::io::reader::{fd_violation, read_frames, ReadEnd, ReceivedFds};
+use crate::buffers::Reply;
 use crate::os::memfd::SharedBytes;
 use crate::io::writer::FrameWriter;
 use crate::os::family::{Family, BURIAL_LIMIT};
@@ -411,19 +412,21 @@ fn deliver(
             }
             incoming.buffers = Some(mapped);
         }
-        WorkerMessage::Reply(mut r) => {
+        WorkerMessage::Reply(r) => {
+            // The reply's buffers go to the caller as they are (mapped, not copied), once the
+            // value is known to reference each exactly once.
+            let mut attached = None;
             if let (Some(buffers), Ok(value)) = (buffers.take(), &r.outcome) {
-                match inline(value, &buffers) {
-                    Ok(v) => r.outcome = Ok(v),
-                    Err(e) => return Some(ReadEnd::Protocol(format!("reply {}: {e}", r.id))),
+                if let Err(e) = pyvisor_protocol::check_buffer_refs(value, buffers.len()) {
+                    return Some(ReadEnd::Protocol(format!("reply {}: {e}", r.id)));
                 }
-                // Unmapped and closed before the caller hears of the reply.
-                drop(buffers);
+                attached = Some(Arc::from(buffers));
             }
             if matches!(&r.outcome, Err(e) if e.kind == RemoteErrorKind::Refused) && slot.stop_routing() {
                 shared.dispatch.remove(slot.id);
             }
-            let outcome = Outcome { result: r.outcome.map_err(Failure::Remote), span: r.span, started: None };
+            let result = r.outcome.map(|value| Reply { value, buffers: attached }).map_err(Failure::Remote);
+            let outcome = Outcome { result, span: r.span, started: None };
             if let Err(violation) = slot.complete_reply(r.id, r.attempt, outcome) {
                 return Some(ReadEnd::Protocol(violation));
             }
@@ -469,8 +472,8 @@ struct Incoming {
     buffers: Option<Vec<SharedBytes>>,
 }
 
-/// A value with its buffer references replaced by the buffers' bytes (one copy, here in the
-/// reader; a zero-copy path to `SharedBytes` results is not built yet: docs/buffers.md).
+/// A stream item with its buffer references replaced by the buffers' bytes (one copy, here in
+/// the reader; items do not carry mapped buffers to the caller yet: docs/buffers.md).
 fn inline(value: &bytes::Bytes, buffers: &[SharedBytes]) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
     let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
     Ok(match pyvisor_protocol::inline_buffers(value, &slices)? {
