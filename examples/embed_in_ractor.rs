@@ -21,6 +21,10 @@ enum AppMsg {
     Predict(f64, RpcReplyPort<Result<f64, String>>),
 }
 
+// With pyvisor's `cluster` feature ractor has no blanket `Message` impl: this gives one then
+// (and nothing otherwise; docs/cluster.md).
+pyvisor::local_message!(AppMsg);
+
 fn tree_spec() -> SupervisorSpec {
     let script = format!("{}/examples/workers/quickstart.py", env!("CARGO_MANIFEST_DIR"));
     SupervisorSpec::new("models", Strategy::OneForOne)

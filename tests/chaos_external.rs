@@ -137,7 +137,7 @@ impl Monkey {
     }
 
     fn finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, |t| t.is_finished())
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     fn join(mut self) -> Kills {
@@ -227,7 +227,7 @@ async fn caller(pool: Pool, c: u64, retries: Retries, stop: Arc<AtomicBool>) -> 
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let input = Input { n: c * 1_000_000 + i };
             let opts = match retries {
                 Retries::Plenty => CallOptions::new().no_timeout(),

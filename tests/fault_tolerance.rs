@@ -49,7 +49,7 @@ async fn chaos_random_kills_under_load_lose_nothing_and_repeat_nothing() {
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let id = c * 1_000_000 + i;
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         // Idempotent: comes back right, or — only after every one of its
                         // max_retries + 1 attempts met an external kill — as WorkerCrashed.
                         match pool.call::<_, u64>("echo", &id).await {

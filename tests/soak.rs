@@ -565,7 +565,7 @@ async fn one_call(pool: &Pool, kind: Kind, c: u64, i: u64, rng: &mut XorShift, r
             }
         }
         Kind::Late => {
-            let function = if i % 2 == 0 { "nap" } else { "async_nap" };
+            let function = if i.is_multiple_of(2) { "nap" } else { "async_nap" };
             let started = Instant::now();
             match pool.call_with::<_, u64>(function, &LATE_SLEEP_MS, CallOptions::new().timeout(LATE_TIMEOUT)).await {
                 // The deadline is the caller's: it must be kept even while the worker is killed,
@@ -785,7 +785,7 @@ async fn soak_mixed_calls_recycling_and_kills_leak_nothing() {
     let settle_started = Instant::now();
     while settle_started.elapsed() < Duration::from_secs(60) {
         let Some(u) = settled_usage(&pool, Duration::from_secs(60) - settle_started.elapsed().min(Duration::from_secs(60))).await else { break };
-        let better = end.map_or(true, |e| (u.fds, u.threads, u.rss_kib) < (e.fds, e.threads, e.rss_kib));
+        let better = end.is_none_or(|e| (u.fds, u.threads, u.rss_kib) < (e.fds, e.threads, e.rss_kib));
         if better {
             end = Some(u);
         }

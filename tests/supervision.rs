@@ -22,6 +22,8 @@ enum ProbeMsg {
     Block,
 }
 
+pyvisor::local_message!(ProbeMsg);
+
 impl Actor for Probe {
     type Msg = ProbeMsg;
     type State = (String, Log);

@@ -39,6 +39,8 @@ mod dispatch;
 mod error;
 mod events;
 mod io;
+#[doc(hidden)]
+pub mod message;
 mod observe;
 mod os;
 mod pool;

@@ -34,6 +34,9 @@ pub(crate) enum RouterMsg {
     Shutdown(RpcReplyPort<()>),
 }
 
+// Local only: never sent to another node.
+crate::local_message!(RouterMsg);
+
 /// The error a router fails with when its pool fails: escalates to its supervisor.
 #[derive(Debug)]
 pub struct PoolFailure(pub Arc<StartError>);

@@ -42,6 +42,9 @@ pub(crate) enum SupervisorMsg {
     Reconfigure(Box<SupervisorSpec>, RpcReplyPort<()>),
 }
 
+// Local only: never sent to another node.
+crate::local_message!(SupervisorMsg);
+
 pub(crate) struct SupervisorActor;
 
 pub(crate) struct SupArgs {

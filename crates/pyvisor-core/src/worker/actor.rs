@@ -72,6 +72,9 @@ pub(crate) enum WorkerMsg {
     Drain,
 }
 
+// Local only: never sent to another node.
+crate::local_message!(WorkerMsg);
+
 pub(crate) struct WorkerActor;
 
 pub(crate) struct WorkerArgs {

@@ -1,0 +1,29 @@
+//! What can go wrong in multi-node mode ([`ClusterError`]). Owns nothing else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a node could not start, connect or serve.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A setting is wrong (name, cookie, address): fix the configuration.
+    #[error("invalid cluster configuration: {0}")]
+    InvalidConfig(String),
+    /// The node could not listen on its address (taken, or not this machine's).
+    #[error("cannot listen on {addr}: {detail}")]
+    Bind { addr: SocketAddr, detail: String },
+    /// No connection to the peer (nothing listening, unreachable).
+    #[error("cannot connect to {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    /// The peer closed the session before it was ready: most often another cookie (the
+    /// cookies must match), else a node that went away or a duplicate connection.
+    #[error("the node at {addr} refused the session (check that both nodes have the same cookie)")]
+    Refused { addr: SocketAddr },
+    /// The session was not ready in time.
+    #[error("the session with {addr} was not ready within {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    /// This node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+}

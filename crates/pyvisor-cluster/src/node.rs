@@ -1,0 +1,282 @@
+//! One pyvisor node of a cluster: a `ractor_cluster` node server listening on an address, the
+//! cookie every peer must prove it knows, connecting to peers, and what the node knows of them
+//! (sessions opened, authenticated, ready, closed — as [`NodeEvent`]s and a table of peers).
+//!
+//! Owns the node server actor and its event subscription. Not what runs on the nodes (pools
+//! are served and called elsewhere), not liveness (ractor_cluster times nothing out: a node
+//! heartbeat of our own sits above this), not reconnecting.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::error::ClusterError;
+
+/// How to run a node: its name (unique in the cluster), where it listens, its cookie.
+///
+/// ```
+/// use pyvisor_cluster::NodeConfig;
+/// let config = NodeConfig::new("a", "127.0.0.1:7400".parse()?, "s3cret")?;
+/// assert_eq!(config.full_name(), "a@127.0.0.1");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct NodeConfig {
+    name: String,
+    listen: SocketAddr,
+    cookie: String,
+    max_frame: u64,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the cookie.
+        f.debug_struct("NodeConfig").field("name", &self.name).field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+impl NodeConfig {
+    /// A node named `name` listening on `listen`, proving `cookie` to its peers (a shared
+    /// secret: peers with another cookie are refused). The name must be non-empty without `@`,
+    /// the cookie non-empty.
+    pub fn new(name: &str, listen: SocketAddr, cookie: &str) -> Result<Self, ClusterError> {
+        if name.is_empty() || name.contains('@') || name.chars().any(char::is_whitespace) {
+            return Err(ClusterError::InvalidConfig(format!("a node name must be non-empty, without `@` or spaces, got {name:?}")));
+        }
+        if cookie.is_empty() {
+            return Err(ClusterError::InvalidConfig("the cookie must not be empty".into()));
+        }
+        if listen.port() == 0 {
+            // ractor_cluster does not report the port the system picks.
+            return Err(ClusterError::InvalidConfig("the listen port must be given (0 is not supported)".into()));
+        }
+        Ok(NodeConfig { name: name.to_string(), listen, cookie: cookie.to_string(), max_frame: ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE })
+    }
+
+    /// Read the cookie from a file (its first line, without surrounding whitespace), as
+    /// `pyvisor node --cookie-file` does: a cookie never appears on a command line.
+    pub fn cookie_from_file(path: &std::path::Path) -> Result<String, ClusterError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClusterError::InvalidConfig(format!("cannot read the cookie file {}: {e}", path.display())))?;
+        let cookie = text.lines().next().unwrap_or("").trim().to_string();
+        if cookie.is_empty() {
+            return Err(ClusterError::InvalidConfig(format!("the cookie file {} is empty", path.display())));
+        }
+        Ok(cookie)
+    }
+
+    /// The largest message a peer may send this node (default 16 MiB, ractor_cluster's): a
+    /// larger one closes that peer's connection.
+    #[must_use]
+    pub fn max_frame(mut self, bytes: u64) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// The node's name in the cluster: `name@listen-ip`.
+    pub fn full_name(&self) -> String {
+        format!("{}@{}", self.name, self.listen.ip())
+    }
+}
+
+/// What happened to one of the node's sessions with a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A connection is up, not yet authenticated.
+    Opened { peer_addr: String, inbound: bool },
+    /// The peer proved the cookie (and the session won the election between duplicate
+    /// connections).
+    Authenticated { peer: String, peer_addr: String, inbound: bool },
+    /// The peer's actors and process groups are known here: the session is usable.
+    Ready { peer: String, peer_addr: String, inbound: bool },
+    /// The session ended (closed, failed authentication, lost an election, or was stopped).
+    /// `peer` is `None` when it never said its name.
+    Disconnected { peer: Option<String>, peer_addr: String, inbound: bool },
+}
+
+/// A peer this node has a ready session with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its name (`name@ip`).
+    pub name: String,
+    /// The address of its end of the session.
+    pub addr: String,
+    /// Whether it dialed this node.
+    pub inbound: bool,
+}
+
+/// A running node (cheap to clone: every clone is the same node).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use pyvisor_cluster::{Node, NodeConfig};
+/// let node = Node::start(NodeConfig::new("a", "127.0.0.1:7400".parse()?, "s3cret")?).await?;
+/// let peer = node.connect("127.0.0.1:7401", Duration::from_secs(5)).await?;
+/// println!("connected to {}", peer.name);
+/// node.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    name: String,
+    listen: SocketAddr,
+    server: ActorRef<NodeServerMessage>,
+    events: broadcast::Sender<NodeEvent>,
+    peers: Arc<Mutex<HashMap<String, Peer>>>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        // The last handle gone: the node goes too (its sessions with it).
+        self.server.stop(None);
+    }
+}
+
+impl Node {
+    /// Start the node: listen on the configured address and accept peers that prove the
+    /// cookie. Fails if the address cannot be bound.
+    pub async fn start(config: NodeConfig) -> Result<Node, ClusterError> {
+        let hostname = config.listen.ip().to_string();
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.cookie.clone(),
+            config.name.clone(),
+            hostname,
+            None,
+            // Isolated: peers are the ones we dial or that dial us; a transitive node would
+            // dial its peers' peers in the clear whatever our encryption.
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip())
+        .with_max_inbound_frame_size(config.max_frame);
+        let (server, join) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
+        let (events, _) = broadcast::channel(1024);
+        let peers = Arc::new(Mutex::new(HashMap::new()));
+        let forward = Forward { events: events.clone(), peers: Arc::clone(&peers) };
+        server
+            .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
+            .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
+        // The listener bound its socket in the server's start (a taken port fails the spawn).
+        Ok(Node {
+            inner: Arc::new(NodeInner { name: config.full_name(), listen: config.listen, server, events, peers, join: Mutex::new(Some(join)) }),
+        })
+    }
+
+    /// This node's name (`name@ip`).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Where it listens.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.inner.listen
+    }
+
+    /// Events of this node's sessions from now on.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The peers this node has a ready session with, by name.
+    pub fn peers(&self) -> Vec<Peer> {
+        let mut v: Vec<Peer> = self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Connect to the node listening at `addr` and wait (up to `timeout`) until the session is
+    /// ready. A peer with another cookie closes the session: [`ClusterError::Refused`].
+    pub async fn connect(&self, addr: impl ToSocketAddrs, timeout: Duration) -> Result<Peer, ClusterError> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| ClusterError::InvalidConfig(format!("not an address: {e}")))?
+            .next()
+            .ok_or_else(|| ClusterError::InvalidConfig("the address resolves to nothing".into()))?;
+        // Listen before dialing: the session's events may come before the dial returns.
+        let mut rx = self.events();
+        ractor_cluster::client_connect(&self.inner.server, addr)
+            .await
+            .map_err(|e| ClusterError::Connect { addr, detail: format!("{e:?}") })?;
+        let wanted = addr.to_string();
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(NodeEvent::Ready { peer, peer_addr, inbound: false }) if peer_addr == wanted => {
+                        return Ok(Peer { name: peer, addr: peer_addr, inbound: false });
+                    }
+                    Ok(NodeEvent::Disconnected { peer_addr, inbound: false, .. }) if peer_addr == wanted => {
+                        return Err(ClusterError::Refused { addr });
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(ClusterError::Stopped),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| ClusterError::ConnectTimeout { addr, after: timeout })?
+    }
+
+    /// Stop the node: its sessions close (peers see this node disconnect).
+    pub async fn shutdown(&self) {
+        self.inner.server.stop(None);
+        let join = self.inner.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(join) = join {
+            let _ = join.await;
+        }
+    }
+}
+
+/// The node server's event subscription: keeps the peer table and passes events on.
+struct Forward {
+    events: broadcast::Sender<NodeEvent>,
+    peers: Arc<Mutex<HashMap<String, Peer>>>,
+}
+
+fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
+    ses.peer_name.as_ref().map(|n| n.name.clone())
+}
+
+impl NodeEventSubscription for Forward {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        let _ = self.events.send(NodeEvent::Opened { peer_addr: ses.peer_addr, inbound: ses.is_server });
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let peer = peer_name(&ses);
+        if let (Some(name), Ok(mut peers)) = (&peer, self.peers.lock()) {
+            // Only the session that was the peer's (a losing duplicate leaves it in place).
+            if peers.get(name).is_some_and(|p| p.addr == ses.peer_addr) {
+                peers.remove(name);
+            }
+        }
+        let _ = self.events.send(NodeEvent::Disconnected { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
+    }
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        if let Some(peer) = peer_name(&ses) {
+            let _ = self.events.send(NodeEvent::Authenticated { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
+        }
+    }
+
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        let Some(peer) = peer_name(&ses) else { return };
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.insert(peer.clone(), Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server });
+        }
+        let _ = self.events.send(NodeEvent::Ready { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
+    }
+}
