@@ -14,7 +14,11 @@ use tokio::sync::mpsc;
 type Log = Arc<Mutex<Vec<String>>>;
 type Refs = Arc<Mutex<HashMap<String, ActorRef<ProbeMsg>>>>;
 
-/// A user actor that logs its starts and stops and fails, exits or blocks on request.
+/// A user actor that logs its starts and stops and fails, exits or blocks on request. It puts
+/// itself in the test's table of refs *before* it logs its start, so a test that saw the start
+/// in the log sends to this actor, never to the one before it. (A `Fail` sent to the previous
+/// probe in that window is the likely cause of a CI run where the escalation never came; it did
+/// not reproduce in isolated loaded runs.)
 struct Probe;
 enum ProbeMsg {
     Fail,
@@ -27,10 +31,11 @@ pyvisor::local_message!(ProbeMsg);
 impl Actor for Probe {
     type Msg = ProbeMsg;
     type State = (String, Log);
-    type Arguments = (String, Log);
-    async fn pre_start(&self, _: ActorRef<ProbeMsg>, args: (String, Log)) -> Result<Self::State, ActorProcessingErr> {
-        args.1.lock().unwrap().push(format!("start {}", args.0));
-        Ok(args)
+    type Arguments = (String, Log, Refs);
+    async fn pre_start(&self, myself: ActorRef<ProbeMsg>, (name, log, refs): (String, Log, Refs)) -> Result<Self::State, ActorProcessingErr> {
+        refs.lock().unwrap().insert(name.clone(), myself);
+        log.lock().unwrap().push(format!("start {name}"));
+        Ok((name, log))
     }
     async fn handle(&self, myself: ActorRef<ProbeMsg>, msg: ProbeMsg, _: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
@@ -56,8 +61,7 @@ fn probe(name: &str, log: &Log, refs: &Refs) -> ChildSpec {
     ChildSpec::actor(name.clone(), move |sup| {
         let (name, log, refs) = (name.clone(), log.clone(), refs.clone());
         Box::pin(async move {
-            let (a, _) = Actor::spawn_linked(None, Probe, (name.clone(), log), sup).await.map_err(|e| e.to_string())?;
-            refs.lock().unwrap().insert(name, a.clone());
+            let (a, _) = Actor::spawn_linked(None, Probe, (name, log, refs), sup).await.map_err(|e| e.to_string())?;
             Ok(a.get_cell())
         })
     })
@@ -427,8 +431,7 @@ async fn the_supervisor_answers_while_a_child_restarts_slowly() {
                 if starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
                     gate.acquire().await.map_err(|e| e.to_string())?.forget();
                 }
-                let (a, _) = Actor::spawn_linked(None, Probe, ("slow".to_string(), log), sup).await.map_err(|e| e.to_string())?;
-                refs.lock().unwrap().insert("slow".into(), a.clone());
+                let (a, _) = Actor::spawn_linked(None, Probe, ("slow".to_string(), log, refs), sup).await.map_err(|e| e.to_string())?;
                 Ok(a.get_cell())
             })
         })

@@ -23,6 +23,9 @@ pub enum ClusterError {
     /// The session was not ready in time.
     #[error("the session with {addr} was not ready within {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
+    /// A pool could not be served.
+    #[error("cannot serve pool `{pool}`: {detail}")]
+    Serve { pool: String, detail: String },
     /// This node has stopped.
     #[error("the node has stopped")]
     Stopped,

@@ -1,8 +1,11 @@
 //! pyvisor's multi-node mode, built on `ractor_cluster` (docs/cluster.md).
 //!
-//! Status: the node layer — a [`Node`] listens, proves and checks a cookie, connects to peers
-//! and reports its sessions ([`NodeEvent`], [`Node::peers`]). Serving pools to the cluster,
-//! `RemotePool`, the node heartbeat and the crash barrier across nodes are not built yet.
+//! Status: a [`Node`] listens, proves and checks a cookie, connects to peers and reports its
+//! sessions ([`NodeEvent`], [`Node::peers`]); it serves local pools to the cluster
+//! ([`Node::serve`]) and [`RemotePool`] calls them on any connected node (local first), retrying
+//! an idempotent call whose node was lost and failing any other with
+//! [`RemoteCallError::NodeLost`]. The node heartbeat, taint windows for nodes, TLS and the CLI
+//! are not built yet (docs/cluster.md).
 //!
 //! Enabling this crate turns on ractor's `cluster` feature for the whole program, which removes
 //! ractor's blanket `Message` impl: every actor message type of the program needs
@@ -10,6 +13,12 @@
 
 mod error;
 mod node;
+mod remote;
+mod serve;
+mod wire;
 
 pub use error::ClusterError;
 pub use node::{Node, NodeConfig, NodeEvent, Peer};
+pub use remote::{RemoteCallError, RemoteCallOptions, RemotePool};
+pub use serve::Served;
+pub use wire::PoolMemberMsg;

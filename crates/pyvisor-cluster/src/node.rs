@@ -110,6 +110,9 @@ pub struct Peer {
     pub addr: String,
     /// Whether it dialed this node.
     pub inbound: bool,
+    /// ractor_cluster's id of the session (the `node` of its actors' ids; a new one on every
+    /// connection).
+    pub node_id: u64,
 }
 
 /// A running node (cheap to clone: every clone is the same node).
@@ -217,7 +220,8 @@ impl Node {
             loop {
                 match rx.recv().await {
                     Ok(NodeEvent::Ready { peer, peer_addr, inbound: false }) if peer_addr == wanted => {
-                        return Ok(Peer { name: peer, addr: peer_addr, inbound: false });
+                        let known = self.inner.peers.lock().ok().and_then(|p| p.get(&peer).cloned());
+                        return known.ok_or(ClusterError::Refused { addr });
                     }
                     Ok(NodeEvent::Disconnected { peer_addr, inbound: false, .. }) if peer_addr == wanted => {
                         return Err(ClusterError::Refused { addr });
@@ -228,6 +232,19 @@ impl Node {
             }
         };
         tokio::time::timeout(timeout, wait).await.map_err(|_| ClusterError::ConnectTimeout { addr, after: timeout })?
+    }
+
+    /// The name of the peer whose session has ractor_cluster id `node_id`.
+    pub(crate) fn peer_by_node_id(&self, node_id: u64) -> Option<String> {
+        let peers = self.inner.peers.lock().ok()?;
+        peers.values().find(|p| p.node_id == node_id).map(|p| p.name.clone())
+    }
+
+    /// Serve `pool` to the cluster under its name: nodes connected to this one (and this one)
+    /// can call it with a [`crate::RemotePool`] of that name. Served until the returned handle
+    /// drops.
+    pub async fn serve(&self, pool: pyvisor_core::Pool) -> Result<crate::Served, ClusterError> {
+        crate::serve::serve(pool).await
     }
 
     /// Stop the node: its sessions close (peers see this node disconnect).
@@ -275,7 +292,8 @@ impl NodeEventSubscription for Forward {
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
         let Some(peer) = peer_name(&ses) else { return };
         if let Ok(mut peers) = self.peers.lock() {
-            peers.insert(peer.clone(), Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server });
+            let entry = Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server, node_id: ses.node_id };
+            peers.insert(peer.clone(), entry);
         }
         let _ = self.events.send(NodeEvent::Ready { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
     }

@@ -396,8 +396,10 @@ where
     start_export::<S>(config, base)
 }
 
-/// Without the `otlp` feature: say that nothing is exported, once per set-up.
+/// Without the `otlp` feature: say that nothing is exported, once per set-up. (`S` unused: the
+/// same signature as the exporting variant.)
 #[cfg(not(feature = "otlp"))]
+#[allow(clippy::extra_unused_type_parameters)]
 fn start_export<S>(_config: &TelemetryConfig, base: &str) -> (Option<tracing_subscriber::layer::Identity>, TelemetryGuard)
 where
     S: tracing::Subscriber,

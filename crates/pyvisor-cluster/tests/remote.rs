@@ -1,0 +1,204 @@
+//! Pools across nodes, with separate OS processes over real TCP on 127.0.0.1: node A (this
+//! test) calls pool `work` served by nodes B and C (`pyvisor-cluster-node` processes, real
+//! Python workers: tests/workers/cluster.py). Calls reach both; SIGKILL of B's process under
+//! load (16 callers) loses no idempotent result and runs no non-idempotent call twice (the
+//! side-effect log), the load goes on on C; B restarted joins A again and is used again.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyvisor_cluster::{Node, NodeConfig, RemoteCallError, RemoteCallOptions, RemotePool};
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test` (it creates .venv), or set PYVISOR_PYTHON");
+    venv
+}
+
+struct NodeProcess {
+    child: Child,
+    /// Reaped already: its pid may be someone else's now, never signal it.
+    reaped: bool,
+}
+
+impl NodeProcess {
+    /// Start node `name` serving pool `work`, joined to `join`; returns once it says `ready`.
+    fn start(name: &str, listen: SocketAddr, cookie: &std::path::Path, join: &[SocketAddr], side_log: &std::path::Path) -> Self {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers/cluster.py");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pyvisor-cluster-node"));
+        cmd.args(["--name", name, "--listen", &listen.to_string()])
+            .arg("--cookie-file")
+            .arg(cookie)
+            .arg("--pool")
+            .arg(format!("work={}", script.display()))
+            .args(["--workers", "2"])
+            .arg("--python")
+            .arg(python())
+            .arg("--env")
+            .arg(format!("SIDE_LOG={}", side_log.display()))
+            .stdout(Stdio::piped());
+        for j in join {
+            cmd.args(["--join", &j.to_string()]);
+        }
+        let mut child = cmd.spawn().expect("node process starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("a line");
+        assert!(line.starts_with("ready "), "node {name} said {line:?}");
+        NodeProcess { child, reaped: false }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // SIGTERM: the node stops its pools (their workers exit on socket EOF anyway).
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+async fn eventually(guard: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + guard;
+    while tokio::time::Instant::now() < until {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
+    let dir = std::env::temp_dir().join(format!("pyvisor-cluster-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cookie = dir.join("cookie");
+    std::fs::write(&cookie, "s3cret\n").expect("cookie");
+    let side_log = dir.join("side.log");
+    std::fs::write(&side_log, "").expect("log");
+
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    let (b_addr, c_addr) = (free_addr(), free_addr());
+    let mut b = NodeProcess::start("b", b_addr, &cookie, &[a.listen_addr()], &side_log);
+    let c = NodeProcess::start("c", c_addr, &cookie, &[a.listen_addr()], &side_log);
+    let work = Arc::new(RemotePool::new(&a, "work"));
+    assert!(
+        eventually(Duration::from_secs(20), || work.members() == vec!["b@127.0.0.1".to_string(), "c@127.0.0.1".to_string()]).await,
+        "members: {:?}",
+        work.members()
+    );
+
+    // Calls from A run on B and C.
+    let idem = || RemoteCallOptions::default().idempotent(true).timeout(Duration::from_secs(20));
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20u64 {
+        let (node, x): (String, u64) = work.call_with("where", &i, idem()).await.expect("a call");
+        assert_eq!(x, i);
+        seen.insert(node);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["b".to_string(), "c".to_string()]);
+
+    // 16 callers; B is killed (SIGKILL) while they run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let after_kill_on_c = Arc::new(AtomicU64::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for caller in 0..16u64 {
+        let (work, stop, killed, after) = (Arc::clone(&work), Arc::clone(&stop), Arc::clone(&killed), Arc::clone(&after_kill_on_c));
+        callers.push(tokio::spawn(async move {
+            let mut outcomes: Vec<(String, Result<String, RemoteCallError>)> = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let x = caller * 1_000_000 + n;
+                // Idempotent: must always succeed, whatever happens to B.
+                let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), idem()).await;
+                let (node, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
+                assert_eq!(back, x);
+                if killed.load(Ordering::Relaxed) && node == "c" {
+                    after.fetch_add(1, Ordering::Relaxed);
+                }
+                // Not idempotent: at most once.
+                let token = format!("t{caller}-{n}");
+                let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(Duration::from_secs(20))).await;
+                outcomes.push((token, r));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b_pid = b.pid();
+    b.kill();
+    killed.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for c in callers {
+        outcomes.extend(c.await.expect("caller"));
+    }
+    assert!(after_kill_on_c.load(Ordering::Relaxed) > 0, "the load went on on C");
+    let log = std::fs::read_to_string(&side_log).expect("log");
+    let mut runs: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for line in log.lines() {
+        if let Some((_, token)) = line.split_once(' ') {
+            *runs.entry(token).or_default() += 1;
+        }
+    }
+    let mut lost = 0;
+    for (token, r) in &outcomes {
+        let n = runs.get(token.as_str()).copied().unwrap_or(0);
+        assert!(n <= 1, "{token} ran {n} times");
+        match r {
+            Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
+            Err(RemoteCallError::NodeLost { node, .. }) => {
+                assert_eq!(node, "b@127.0.0.1", "{token}");
+                lost += 1;
+            }
+            Err(e) => panic!("{token}: {e}"),
+        }
+    }
+    eprintln!("{} non-idempotent calls, {lost} lost with node b (pid {b_pid})", outcomes.len());
+    // 16 callers spend most of their time in `record`: some were running on B when it died.
+    assert!(lost > 0, "no non-idempotent call was in flight on B when it was killed");
+    assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
+
+    // B restarted joins A again and is used again.
+    let _b = NodeProcess::start("b", b_addr, &cookie, &[a.listen_addr()], &side_log);
+    assert!(eventually(Duration::from_secs(20), || work.members().len() == 2).await, "{:?}", work.members());
+    let mut again = std::collections::BTreeSet::new();
+    for i in 0..20u64 {
+        let (node, _): (String, u64) = work.call_with("where", &i, idem()).await.expect("a call");
+        again.insert(node);
+    }
+    assert!(again.contains("b"), "B is used again: {again:?}");
+    drop(c);
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
