@@ -4,20 +4,23 @@
 //! sessions ([`NodeEvent`], [`Node::peers`]); it serves local pools to the cluster
 //! ([`Node::serve`]) and [`RemotePool`] calls them on any connected node (local first), retrying
 //! an idempotent call whose node was lost and failing any other with
-//! [`RemoteCallError::NodeLost`]. The node heartbeat, taint windows for nodes, TLS and the CLI
-//! are not built yet (docs/cluster.md).
+//! [`RemoteCallError::NodeLost`]. A node heartbeat of our own ([`HeartbeatPolicy`]) stops the
+//! session of a peer that stops answering (SIGSTOP, a frozen machine), which ends its calls the
+//! same way. Taint windows for nodes, TLS and the CLI are not built yet (docs/cluster.md).
 //!
 //! Enabling this crate turns on ractor's `cluster` feature for the whole program, which removes
 //! ractor's blanket `Message` impl: every actor message type of the program needs
 //! `impl ractor::Message for MyMsg {}` (pyvisor's own types have theirs).
 
 mod error;
+mod heartbeat;
 mod node;
 mod remote;
 mod serve;
 mod wire;
 
 pub use error::ClusterError;
+pub use heartbeat::{HeartbeatPolicy, NodeBeatMsg};
 pub use node::{Node, NodeConfig, NodeEvent, Peer};
 pub use remote::{RemoteCallError, RemoteCallOptions, RemotePool};
 pub use serve::Served;

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
+use crate::heartbeat::{self, Beat, HeartbeatPolicy, Misses, NodeBeatMsg};
 
 /// How to run a node: its name (unique in the cluster), where it listens, its cookie.
 ///
@@ -33,6 +34,7 @@ pub struct NodeConfig {
     listen: SocketAddr,
     cookie: String,
     max_frame: u64,
+    heartbeat: HeartbeatPolicy,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -57,7 +59,13 @@ impl NodeConfig {
             // ractor_cluster does not report the port the system picks.
             return Err(ClusterError::InvalidConfig("the listen port must be given (0 is not supported)".into()));
         }
-        Ok(NodeConfig { name: name.to_string(), listen, cookie: cookie.to_string(), max_frame: ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE })
+        Ok(NodeConfig {
+            name: name.to_string(),
+            listen,
+            cookie: cookie.to_string(),
+            max_frame: ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+            heartbeat: HeartbeatPolicy::default(),
+        })
     }
 
     /// Read the cookie from a file (its first line, without surrounding whitespace), as
@@ -80,6 +88,15 @@ impl NodeConfig {
         self
     }
 
+    /// How peers are watched: a peer that misses this many pings in a row has its session
+    /// stopped, which ends its calls in flight as a lost node (default: every 500 ms, 4
+    /// misses). See [`HeartbeatPolicy`].
+    #[must_use]
+    pub fn heartbeat(mut self, policy: HeartbeatPolicy) -> Self {
+        self.heartbeat = policy;
+        self
+    }
+
     /// The node's name in the cluster: `name@listen-ip`.
     pub fn full_name(&self) -> String {
         format!("{}@{}", self.name, self.listen.ip())
@@ -99,6 +116,9 @@ pub enum NodeEvent {
     /// The session ended (closed, failed authentication, lost an election, or was stopped).
     /// `peer` is `None` when it never said its name.
     Disconnected { peer: Option<String>, peer_addr: String, inbound: bool },
+    /// The peer missed `missed` heartbeats in a row: its session is being stopped (a
+    /// `Disconnected` follows).
+    Silent { peer: String, missed: u32 },
 }
 
 /// A peer this node has a ready session with.
@@ -139,14 +159,21 @@ struct NodeInner {
     events: broadcast::Sender<NodeEvent>,
     peers: Arc<Mutex<HashMap<String, Peer>>>,
     join: Mutex<Option<JoinHandle<()>>>,
+    beat: ActorRef<NodeBeatMsg>,
+    monitor: JoinHandle<()>,
 }
 
 impl Drop for NodeInner {
     fn drop(&mut self) {
         // The last handle gone: the node goes too (its sessions with it).
+        self.monitor.abort();
+        self.beat.stop(None);
         self.server.stop(None);
     }
 }
+
+/// Sessions by ractor_cluster node id: what the heartbeat stops.
+type Sessions = Arc<Mutex<HashMap<u64, ActorRef<NodeSessionMessage>>>>;
 
 impl Node {
     /// Start the node: listen on the configured address and accept peers that prove the
@@ -170,13 +197,28 @@ impl Node {
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
         let (events, _) = broadcast::channel(1024);
         let peers = Arc::new(Mutex::new(HashMap::new()));
-        let forward = Forward { events: events.clone(), peers: Arc::clone(&peers) };
+        let sessions: Sessions = Arc::default();
+        let forward = Forward { events: events.clone(), peers: Arc::clone(&peers), sessions: Arc::clone(&sessions) };
         server
             .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
         // The listener bound its socket in the server's start (a taken port fails the spawn).
+        let (beat, _) = Actor::spawn(None, Beat, ())
+            .await
+            .map_err(|e| ClusterError::Bind { addr: config.listen, detail: format!("the heartbeat actor: {e}") })?;
+        ractor::pg::join(heartbeat::GROUP.to_string(), vec![beat.get_cell()]);
+        let monitor = tokio::spawn(watch(config.heartbeat, sessions, Arc::clone(&peers), events.clone()));
         Ok(Node {
-            inner: Arc::new(NodeInner { name: config.full_name(), listen: config.listen, server, events, peers, join: Mutex::new(Some(join)) }),
+            inner: Arc::new(NodeInner {
+                name: config.full_name(),
+                listen: config.listen,
+                server,
+                events,
+                peers,
+                join: Mutex::new(Some(join)),
+                beat,
+                monitor,
+            }),
         })
     }
 
@@ -249,6 +291,8 @@ impl Node {
 
     /// Stop the node: its sessions close (peers see this node disconnect).
     pub async fn shutdown(&self) {
+        self.inner.monitor.abort();
+        self.inner.beat.stop(None);
         self.inner.server.stop(None);
         let join = self.inner.join.lock().ok().and_then(|mut j| j.take());
         if let Some(join) = join {
@@ -257,10 +301,40 @@ impl Node {
     }
 }
 
-/// The node server's event subscription: keeps the peer table and passes events on.
+/// The heartbeat monitor: every interval, ping each peer's beat actor; stop the session of a
+/// peer that missed `policy.misses` in a row.
+async fn watch(policy: HeartbeatPolicy, sessions: Sessions, peers: Arc<Mutex<HashMap<String, Peer>>>, events: broadcast::Sender<NodeEvent>) {
+    let mut misses = Misses::default();
+    let mut seq = 0u64;
+    loop {
+        tokio::time::sleep(policy.interval).await;
+        seq += 1;
+        // Only this node's sessions (other nodes in the same process share ractor's registry).
+        let ours: Vec<u64> = sessions.lock().map(|s| s.keys().copied().collect()).unwrap_or_default();
+        let round: Vec<(u64, bool)> = heartbeat::ping_round(seq, policy.interval).await.into_iter().filter(|(n, _)| ours.contains(n)).collect();
+        misses.retain(&ours);
+        for (node, answered) in round {
+            if !misses.record(node, answered, policy.misses) {
+                continue;
+            }
+            let session = sessions.lock().ok().and_then(|s| s.get(&node).cloned());
+            let name = peers.lock().ok().and_then(|p| p.values().find(|p| p.node_id == node).map(|p| p.name.clone()));
+            let peer = name.unwrap_or_else(|| format!("node#{node}"));
+            tracing::warn!(%peer, missed = policy.misses, "a peer stopped answering the heartbeat: its session is stopped");
+            let _ = events.send(NodeEvent::Silent { peer, missed: policy.misses });
+            if let Some(session) = session {
+                session.stop(Some("pyvisor: no heartbeat".into()));
+            }
+        }
+    }
+}
+
+/// The node server's event subscription: keeps the peer and session tables and passes events
+/// on.
 struct Forward {
     events: broadcast::Sender<NodeEvent>,
     peers: Arc<Mutex<HashMap<String, Peer>>>,
+    sessions: Sessions,
 }
 
 fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
@@ -273,6 +347,9 @@ impl NodeEventSubscription for Forward {
     }
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.remove(&ses.node_id);
+        }
         let peer = peer_name(&ses);
         if let (Some(name), Ok(mut peers)) = (&peer, self.peers.lock()) {
             // Only the session that was the peer's (a losing duplicate leaves it in place).
@@ -291,6 +368,9 @@ impl NodeEventSubscription for Forward {
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
         let Some(peer) = peer_name(&ses) else { return };
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(ses.node_id, ses.actor.clone());
+        }
         if let Ok(mut peers) = self.peers.lock() {
             let entry = Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server, node_id: ses.node_id };
             peers.insert(peer.clone(), entry);

@@ -3,31 +3,16 @@
 //! stopped node disappears from its peer's table. (Several nodes in one process: enough for
 //! sessions and cookies; what runs on nodes is tested with separate processes.)
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::free_addr;
 use pyvisor_cluster::{ClusterError, Node, NodeConfig, NodeEvent};
-
-/// A port free on 127.0.0.1 a moment ago (the node binds it right after).
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 async fn node(name: &str, cookie: &str) -> Node {
     Node::start(NodeConfig::new(name, free_addr(), cookie).expect("config")).await.expect("node starts")
-}
-
-/// Wait (a guard, not a timing claim) until `f` holds.
-async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < until {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +25,7 @@ async fn nodes_with_the_same_cookie_connect_and_another_cookie_is_refused() {
     let peer = a.connect(b.listen_addr(), guard).await.expect("same cookie: connected");
     assert_eq!(peer.name, b.name());
     assert!(!peer.inbound);
-    assert!(eventually(|| b.peers().iter().any(|p| p.name == a.name() && p.inbound)).await, "b sees a: {:?}", b.peers());
+    assert!(common::eventually(Duration::from_secs(10), || b.peers().iter().any(|p| p.name == a.name() && p.inbound)).await, "b sees a: {:?}", b.peers());
 
     let mut c_events = c.events();
     match a.connect(c.listen_addr(), guard).await {
@@ -58,7 +43,7 @@ async fn nodes_with_the_same_cookie_connect_and_another_cookie_is_refused() {
 
     // A node that stops leaves its peers' tables.
     b.shutdown().await;
-    assert!(eventually(|| a.peers().is_empty()).await, "a still lists {:?}", a.peers());
+    assert!(common::eventually(Duration::from_secs(10), || a.peers().is_empty()).await, "a still lists {:?}", a.peers());
     a.shutdown().await;
     c.shutdown().await;
 }

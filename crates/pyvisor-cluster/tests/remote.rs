@@ -3,20 +3,21 @@
 //! Python workers: tests/workers/cluster.py). Calls reach both; SIGKILL of B's process under
 //! load (16 callers) loses no idempotent result and runs no non-idempotent call twice (the
 //! side-effect log), the load goes on on C; B restarted joins A again and is used again.
+//! SIGSTOP of B is noticed by A's node heartbeat and handled like a loss (not left to the
+//! calls' deadlines).
+
+mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyvisor_cluster::{Node, NodeConfig, RemoteCallError, RemoteCallOptions, RemotePool};
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
+use common::{eventually, free_addr};
+use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig, NodeEvent, RemoteCallError, RemoteCallOptions, RemotePool};
 
 /// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
 fn python() -> PathBuf {
@@ -35,15 +36,15 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Start node `name` serving pool `work`, joined to `join`; returns once it says `ready`.
-    fn start(name: &str, listen: SocketAddr, cookie: &std::path::Path, join: &[SocketAddr], side_log: &std::path::Path) -> Self {
+    /// Start node `name` serving pool `pool`, joined to `join`; returns once it says `ready`.
+    fn start(name: &str, pool: &str, listen: SocketAddr, cookie: &std::path::Path, join: &[SocketAddr], side_log: &std::path::Path) -> Self {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers/cluster.py");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pyvisor-cluster-node"));
         cmd.args(["--name", name, "--listen", &listen.to_string()])
             .arg("--cookie-file")
             .arg(cookie)
             .arg("--pool")
-            .arg(format!("work={}", script.display()))
+            .arg(format!("{pool}={}", script.display()))
             .args(["--workers", "2"])
             .arg("--python")
             .arg(python())
@@ -70,6 +71,12 @@ impl NodeProcess {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    fn signal(&self, sig: i32) {
+        assert!(!self.reaped);
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
 }
 
 impl Drop for NodeProcess {
@@ -77,37 +84,29 @@ impl Drop for NodeProcess {
         if self.reaped {
             return;
         }
-        // SIGTERM: the node stops its pools (their workers exit on socket EOF anyway).
+        // SIGTERM (after SIGCONT, for a node a test stopped): the node stops its pools (their
+        // workers exit on socket EOF anyway).
         // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
         let _ = self.child.wait();
     }
 }
 
-async fn eventually(guard: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = tokio::time::Instant::now() + guard;
-    while tokio::time::Instant::now() < until {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
-}
+/// One test at a time: ractor's process groups are global to this process, so two tests' nodes
+/// would see each other's pools (one node per process is the rule outside tests).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
-    let dir = std::env::temp_dir().join(format!("pyvisor-cluster-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let cookie = dir.join("cookie");
-    std::fs::write(&cookie, "s3cret\n").expect("cookie");
-    let side_log = dir.join("side.log");
-    std::fs::write(&side_log, "").expect("log");
-
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("sigkill");
     let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
     let (b_addr, c_addr) = (free_addr(), free_addr());
-    let mut b = NodeProcess::start("b", b_addr, &cookie, &[a.listen_addr()], &side_log);
-    let c = NodeProcess::start("c", c_addr, &cookie, &[a.listen_addr()], &side_log);
+    let mut b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
+    let c = NodeProcess::start("c", "work", c_addr, &cookie, &[a.listen_addr()], &side_log);
     let work = Arc::new(RemotePool::new(&a, "work"));
     assert!(
         eventually(Duration::from_secs(20), || work.members() == vec!["b@127.0.0.1".to_string(), "c@127.0.0.1".to_string()]).await,
@@ -190,7 +189,7 @@ async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
 
     // B restarted joins A again and is used again.
-    let _b = NodeProcess::start("b", b_addr, &cookie, &[a.listen_addr()], &side_log);
+    let _b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
     assert!(eventually(Duration::from_secs(20), || work.members().len() == 2).await, "{:?}", work.members());
     let mut again = std::collections::BTreeSet::new();
     for i in 0..20u64 {
@@ -199,6 +198,106 @@ async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     }
     assert!(again.contains("b"), "B is used again: {again:?}");
     drop(c);
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The test's scratch directory, cookie file and side-effect log.
+fn scratch(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("pyvisor-cluster-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cookie = dir.join("cookie");
+    std::fs::write(&cookie, "s3cret\n").expect("cookie");
+    let side_log = dir.join("side.log");
+    std::fs::write(&side_log, "").expect("log");
+    (dir, cookie, side_log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_is_noticed_by_the_heartbeat_and_handled_like_a_loss() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("sigstop");
+    let config = NodeConfig::new("a", free_addr(), "s3cret").expect("config").heartbeat(HeartbeatPolicy::new(Duration::from_millis(200), 3));
+    let a = Node::start(config).await.expect("node a");
+    let mut events = a.events();
+    let b = NodeProcess::start("b", "work2", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let _c = NodeProcess::start("c", "work2", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let work = Arc::new(RemotePool::new(&a, "work2"));
+    assert!(eventually(Duration::from_secs(20), || work.members().len() == 2).await, "members: {:?}", work.members());
+
+    // Calls have 60 s: a call held by the stopped node would take that long; the heartbeat
+    // ends it within about a second.
+    let long = Duration::from_secs(60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for caller in 0..16u64 {
+        let (work, stop) = (Arc::clone(&work), Arc::clone(&stop));
+        callers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let x = caller * 1_000_000 + n;
+                let opts = RemoteCallOptions::default().idempotent(true).timeout(long);
+                let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), opts).await;
+                let (_, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
+                assert_eq!(back, x);
+                let token = format!("t{caller}-{n}");
+                let started = std::time::Instant::now();
+                let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(long)).await;
+                outcomes.push((token, r, started.elapsed()));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    b.signal(libc::SIGSTOP);
+    let stopped_at = std::time::Instant::now();
+    // A notices: a `Silent` event for b, then b leaves the pool's members.
+    let silent = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(NodeEvent::Silent { peer, .. }) = events.recv().await {
+                return peer;
+            }
+        }
+    })
+    .await
+    .expect("the heartbeat notices the stopped node");
+    assert_eq!(silent, "b@127.0.0.1");
+    assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
+    eprintln!("b stopped; noticed after {:?}", stopped_at.elapsed());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for c in callers {
+        outcomes.extend(c.await.expect("caller"));
+    }
+    let log = std::fs::read_to_string(&side_log).expect("log");
+    let mut runs: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in log.lines() {
+        if let Some((_, token)) = line.split_once(' ') {
+            *runs.entry(token.to_string()).or_default() += 1;
+        }
+    }
+    let mut lost = 0;
+    for (token, r, took) in &outcomes {
+        let n = runs.get(token).copied().unwrap_or(0);
+        assert!(n <= 1, "{token} ran {n} times");
+        match r {
+            Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
+            Err(RemoteCallError::NodeLost { node, .. }) => {
+                assert_eq!(node, "b@127.0.0.1", "{token}");
+                // Ended by the heartbeat, not by the call's 60 s.
+                assert!(*took < Duration::from_secs(30), "{token} took {took:?}");
+                lost += 1;
+            }
+            Err(e) => panic!("{token}: {e}"),
+        }
+    }
+    assert!(lost > 0, "no non-idempotent call was in flight on B when it stopped");
+    eprintln!("{} non-idempotent calls, {lost} ended as lost with the stopped node", outcomes.len());
+    b.signal(libc::SIGCONT);
+    drop(b);
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use pyvisor_cluster::{Node, NodeConfig};
+use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig};
 use pyvisor_core::{Pool, PoolSpec};
 
 #[derive(Parser)]
@@ -38,6 +38,12 @@ struct Args {
     /// An environment variable for the pools' workers: KEY=VALUE (repeatable).
     #[arg(long)]
     env: Vec<String>,
+    /// Ping every peer this often (milliseconds) ...
+    #[arg(long, default_value_t = 500)]
+    heartbeat_ms: u64,
+    /// ... and give up a peer after this many misses in a row.
+    #[arg(long, default_value_t = 4)]
+    heartbeat_misses: u32,
     /// Workers per pool.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -56,7 +62,8 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cookie = NodeConfig::cookie_from_file(&args.cookie_file)?;
-    let node = Node::start(NodeConfig::new(&args.name, args.listen, &cookie)?).await?;
+    let heartbeat = HeartbeatPolicy::new(Duration::from_millis(args.heartbeat_ms), args.heartbeat_misses);
+    let node = Node::start(NodeConfig::new(&args.name, args.listen, &cookie)?.heartbeat(heartbeat)).await?;
     let mut served = Vec::new();
     let mut pools = Vec::new();
     for p in &args.pool {
