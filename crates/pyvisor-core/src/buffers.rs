@@ -188,13 +188,11 @@ impl Reply {
 
     /// The reply as self-contained MessagePack: each buffer's bytes copied in as `bin` (what
     /// the raw API and the tower service return).
-    pub(crate) fn into_bytes(self) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
-        let Some(buffers) = self.buffers else { return Ok(self.value) };
-        let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
-        Ok(match pyvisor_protocol::inline_buffers(&self.value, &slices)? {
-            std::borrow::Cow::Borrowed(_) => self.value.clone(),
-            std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
-        })
+    pub(crate) fn into_inlined(self) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
+        match self.buffers {
+            None => Ok(self.value),
+            Some(ref buffers) => inline_bytes(&self.value, buffers),
+        }
     }
 
     /// Decode as `O`. A [`SharedBytes`] in `O` takes its buffer as it is (no copy); when some
@@ -214,9 +212,25 @@ impl Reply {
                 return Ok(v);
             }
         }
-        let inlined = self.clone().into_bytes().map_err(|e| e.to_string())?;
+        let inlined = inline_bytes(&self.value, buffers).map_err(|e| e.to_string())?;
         rmp_serde::from_slice(&inlined).map_err(|e| e.to_string())
     }
+}
+
+/// `value` with each buffer reference replaced by that buffer's bytes as `bin` (one copy of
+/// each; every buffer referenced exactly once), borrowed back when `buffers` is empty: a call's
+/// input for a worker that takes no fds, a reply for the raw API, a stream item.
+pub(crate) fn inline<'v>(value: &'v [u8], buffers: &[SharedBytes]) -> Result<std::borrow::Cow<'v, [u8]>, pyvisor_protocol::BufferRefError> {
+    let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
+    pyvisor_protocol::inline_buffers(value, &slices)
+}
+
+/// [`inline`] for a value held as `Bytes` (the same `Bytes` back when nothing was inlined).
+pub(crate) fn inline_bytes(value: &bytes::Bytes, buffers: &[SharedBytes]) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
+    Ok(match inline(value, buffers)? {
+        std::borrow::Cow::Borrowed(_) => value.clone(),
+        std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
+    })
 }
 
 /// The buffers of the reply being decoded on this thread, and which a [`SharedBytes`] took.
@@ -476,7 +490,7 @@ mod tests {
         let v: rmpv::Value = reply.decode().expect("decodes");
         assert_eq!(v, rmpv::Value::Array(vec![1.into(), rmpv::Value::Binary(b"first".to_vec()), rmpv::Value::Binary(b"second".to_vec())]));
         // What the raw API returns: self-contained MessagePack.
-        let raw = reply.clone().into_bytes().expect("inlines");
+        let raw = reply.clone().into_inlined().expect("inlines");
         assert_eq!(rmpv::decode::read_value(&mut &raw[..]).expect("a value"), v);
         // The wrong type is still an error.
         assert!(reply.decode::<(u8, u8, u8)>().is_err());

@@ -149,7 +149,7 @@ async fn call_on_slot(
         in_flight.done();
     }
     match outcome.map(|o| o.map(|o| o.result)) {
-        Ok(Ok(Ok(reply))) => reply.into_bytes().map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() }),
+        Ok(Ok(Ok(reply))) => reply.into_inlined().map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() }),
         Ok(Ok(Err(Failure::Remote(e)))) => Err(CallError::from_remote(function, e, shared.functions().as_deref())),
         Ok(Ok(Err(Failure::Crashed(certificate)))) => {
             Err(CallError::WorkerCrashed { function: function.to_string(), attempts: 1, certificate, started: true, delivered: None })

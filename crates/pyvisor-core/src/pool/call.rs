@@ -474,8 +474,7 @@ pub(super) fn send_call(
             return Ok(());
         }
     }
-    let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
-    match pyvisor_protocol::inline_buffers(payload, &slices) {
+    match crate::buffers::inline(payload, buffers) {
         Ok(inlined) => w.send_parts(&head(inlined.len()), &inlined),
         // Our own encoding references each buffer once: not reached; sent as is, the worker
         // refuses it as a bad payload rather than the call hanging.

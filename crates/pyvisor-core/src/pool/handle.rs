@@ -429,7 +429,7 @@ pub(super) fn decode<O: DeserializeOwned>(function: &str, reply: &Reply) -> Resu
 /// The reply of a call to `function` as self-contained MessagePack (its buffers copied in), for
 /// the raw API.
 pub(super) fn in_band(function: &str, reply: Reply) -> Result<Bytes, CallError> {
-    reply.into_bytes().map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
+    reply.into_inlined().map_err(|e| CallError::Deserialize { function: function.to_string(), detail: e.to_string() })
 }
 
 

@@ -436,7 +436,9 @@ fn deliver(
         }
         WorkerMessage::Item { id, attempt, seq, mut value } => {
             if let Some(buffers) = buffers.take() {
-                match inline(&value, &buffers) {
+                // Items do not carry mapped buffers to the caller yet: copied in here, once
+                // (docs/buffers.md, "Not yet").
+                match crate::buffers::inline_bytes(&value, &buffers) {
                     Ok(v) => value = v,
                     Err(e) => return Some(ReadEnd::Protocol(format!("stream {id}, item {seq}: {e}"))),
                 }
@@ -473,16 +475,6 @@ struct Incoming {
     hellos: u32,
     /// Buffers claimed by an `fds` message, for the message after it.
     buffers: Option<Vec<SharedBytes>>,
-}
-
-/// A stream item with its buffer references replaced by the buffers' bytes (one copy, here in
-/// the reader; items do not carry mapped buffers to the caller yet: docs/buffers.md).
-fn inline(value: &bytes::Bytes, buffers: &[SharedBytes]) -> Result<bytes::Bytes, pyvisor_protocol::BufferRefError> {
-    let slices: Vec<&[u8]> = buffers.iter().map(SharedBytes::as_slice).collect();
-    Ok(match pyvisor_protocol::inline_buffers(value, &slices)? {
-        std::borrow::Cow::Borrowed(_) => value.clone(),
-        std::borrow::Cow::Owned(v) => bytes::Bytes::from(v),
-    })
 }
 
 impl Actor for WorkerActor {
