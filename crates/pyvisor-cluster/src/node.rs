@@ -157,23 +157,71 @@ struct NodeInner {
     listen: SocketAddr,
     server: ActorRef<NodeServerMessage>,
     events: broadcast::Sender<NodeEvent>,
-    peers: Arc<Mutex<HashMap<String, Peer>>>,
+    peers: PeerTable,
     join: Mutex<Option<JoinHandle<()>>>,
     beat: ActorRef<NodeBeatMsg>,
     monitor: JoinHandle<()>,
 }
 
-impl Drop for NodeInner {
-    fn drop(&mut self) {
-        // The last handle gone: the node goes too (its sessions with it).
+impl NodeInner {
+    /// Stop the heartbeat and the node server (its sessions with it).
+    fn stop(&self) {
         self.monitor.abort();
         self.beat.stop(None);
         self.server.stop(None);
     }
 }
 
-/// Sessions by ractor_cluster node id: what the heartbeat stops.
-type Sessions = Arc<Mutex<HashMap<u64, ActorRef<NodeSessionMessage>>>>;
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        // The last handle gone: the node goes too.
+        self.stop();
+    }
+}
+
+/// The peers with a ready session, by name, with their session actors (what the heartbeat
+/// stops). Shared by the node, its event subscription and its heartbeat monitor.
+#[derive(Clone, Default)]
+struct PeerTable(Arc<Mutex<HashMap<String, Entry>>>);
+
+/// A ready peer and its session actor.
+type Entry = (Peer, ActorRef<NodeSessionMessage>);
+
+impl PeerTable {
+    fn ready(&self, peer: Peer, session: ActorRef<NodeSessionMessage>) {
+        if let Ok(mut t) = self.0.lock() {
+            t.insert(peer.name.clone(), (peer, session));
+        }
+    }
+
+    /// Forget `name` if `addr` is its session's (a losing duplicate leaves it in place).
+    fn disconnected(&self, name: &str, addr: &str) {
+        if let Ok(mut t) = self.0.lock() {
+            if t.get(name).is_some_and(|(p, _)| p.addr == addr) {
+                t.remove(name);
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Peer> {
+        self.0.lock().ok()?.get(name).map(|(p, _)| p.clone())
+    }
+
+    fn all(&self) -> Vec<Peer> {
+        let mut v: Vec<Peer> = self.0.lock().map(|t| t.values().map(|(p, _)| p.clone()).collect()).unwrap_or_default();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The peer and session with ractor_cluster id `node_id`.
+    fn by_node_id(&self, node_id: u64) -> Option<Entry> {
+        self.0.lock().ok()?.values().find(|(p, _)| p.node_id == node_id).cloned()
+    }
+
+    fn node_ids(&self) -> Vec<u64> {
+        self.0.lock().map(|t| t.values().map(|(p, _)| p.node_id).collect()).unwrap_or_default()
+    }
+}
 
 impl Node {
     /// Start the node: listen on the configured address and accept peers that prove the
@@ -196,9 +244,8 @@ impl Node {
             .await
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
         let (events, _) = broadcast::channel(1024);
-        let peers = Arc::new(Mutex::new(HashMap::new()));
-        let sessions: Sessions = Arc::default();
-        let forward = Forward { events: events.clone(), peers: Arc::clone(&peers), sessions: Arc::clone(&sessions) };
+        let peers = PeerTable::default();
+        let forward = Forward { events: events.clone(), peers: peers.clone() };
         server
             .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
@@ -207,7 +254,7 @@ impl Node {
             .await
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: format!("the heartbeat actor: {e}") })?;
         ractor::pg::join(heartbeat::GROUP.to_string(), vec![beat.get_cell()]);
-        let monitor = tokio::spawn(watch(config.heartbeat, sessions, Arc::clone(&peers), events.clone()));
+        let monitor = tokio::spawn(watch(config.heartbeat, peers.clone(), events.clone()));
         Ok(Node {
             inner: Arc::new(NodeInner {
                 name: config.full_name(),
@@ -239,9 +286,7 @@ impl Node {
 
     /// The peers this node has a ready session with, by name.
     pub fn peers(&self) -> Vec<Peer> {
-        let mut v: Vec<Peer> = self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        self.inner.peers.all()
     }
 
     /// Connect to the node listening at `addr` and wait (up to `timeout`) until the session is
@@ -262,8 +307,7 @@ impl Node {
             loop {
                 match rx.recv().await {
                     Ok(NodeEvent::Ready { peer, peer_addr, inbound: false }) if peer_addr == wanted => {
-                        let known = self.inner.peers.lock().ok().and_then(|p| p.get(&peer).cloned());
-                        return known.ok_or(ClusterError::Refused { addr });
+                        return self.inner.peers.get(&peer).ok_or(ClusterError::Refused { addr });
                     }
                     Ok(NodeEvent::Disconnected { peer_addr, inbound: false, .. }) if peer_addr == wanted => {
                         return Err(ClusterError::Refused { addr });
@@ -278,8 +322,7 @@ impl Node {
 
     /// The name of the peer whose session has ractor_cluster id `node_id`.
     pub(crate) fn peer_by_node_id(&self, node_id: u64) -> Option<String> {
-        let peers = self.inner.peers.lock().ok()?;
-        peers.values().find(|p| p.node_id == node_id).map(|p| p.name.clone())
+        self.inner.peers.by_node_id(node_id).map(|(p, _)| p.name)
     }
 
     /// Serve `pool` to the cluster under its name: nodes connected to this one (and this one)
@@ -291,9 +334,7 @@ impl Node {
 
     /// Stop the node: its sessions close (peers see this node disconnect).
     pub async fn shutdown(&self) {
-        self.inner.monitor.abort();
-        self.inner.beat.stop(None);
-        self.inner.server.stop(None);
+        self.inner.stop();
         let join = self.inner.join.lock().ok().and_then(|mut j| j.take());
         if let Some(join) = join {
             let _ = join.await;
@@ -303,38 +344,33 @@ impl Node {
 
 /// The heartbeat monitor: every interval, ping each peer's beat actor; stop the session of a
 /// peer that missed `policy.misses` in a row.
-async fn watch(policy: HeartbeatPolicy, sessions: Sessions, peers: Arc<Mutex<HashMap<String, Peer>>>, events: broadcast::Sender<NodeEvent>) {
+async fn watch(policy: HeartbeatPolicy, peers: PeerTable, events: broadcast::Sender<NodeEvent>) {
     let mut misses = Misses::default();
     let mut seq = 0u64;
     loop {
         tokio::time::sleep(policy.interval).await;
         seq += 1;
         // Only this node's sessions (other nodes in the same process share ractor's registry).
-        let ours: Vec<u64> = sessions.lock().map(|s| s.keys().copied().collect()).unwrap_or_default();
+        let ours = peers.node_ids();
         let round: Vec<(u64, bool)> = heartbeat::ping_round(seq, policy.interval).await.into_iter().filter(|(n, _)| ours.contains(n)).collect();
         misses.retain(&ours);
         for (node, answered) in round {
             if !misses.record(node, answered, policy.misses) {
                 continue;
             }
-            let session = sessions.lock().ok().and_then(|s| s.get(&node).cloned());
-            let name = peers.lock().ok().and_then(|p| p.values().find(|p| p.node_id == node).map(|p| p.name.clone()));
-            let peer = name.unwrap_or_else(|| format!("node#{node}"));
-            tracing::warn!(%peer, missed = policy.misses, "a peer stopped answering the heartbeat: its session is stopped");
-            let _ = events.send(NodeEvent::Silent { peer, missed: policy.misses });
-            if let Some(session) = session {
-                session.stop(Some("pyvisor: no heartbeat".into()));
-            }
+            // Gone meanwhile: nothing left to stop.
+            let Some((peer, session)) = peers.by_node_id(node) else { continue };
+            tracing::warn!(peer = %peer.name, missed = policy.misses, "a peer stopped answering the heartbeat: its session is stopped");
+            let _ = events.send(NodeEvent::Silent { peer: peer.name, missed: policy.misses });
+            session.stop(Some("pyvisor: no heartbeat".into()));
         }
     }
 }
 
-/// The node server's event subscription: keeps the peer and session tables and passes events
-/// on.
+/// The node server's event subscription: keeps the peer table and passes events on.
 struct Forward {
     events: broadcast::Sender<NodeEvent>,
-    peers: Arc<Mutex<HashMap<String, Peer>>>,
-    sessions: Sessions,
+    peers: PeerTable,
 }
 
 fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
@@ -347,15 +383,9 @@ impl NodeEventSubscription for Forward {
     }
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
-        if let Ok(mut s) = self.sessions.lock() {
-            s.remove(&ses.node_id);
-        }
         let peer = peer_name(&ses);
-        if let (Some(name), Ok(mut peers)) = (&peer, self.peers.lock()) {
-            // Only the session that was the peer's (a losing duplicate leaves it in place).
-            if peers.get(name).is_some_and(|p| p.addr == ses.peer_addr) {
-                peers.remove(name);
-            }
+        if let Some(name) = &peer {
+            self.peers.disconnected(name, &ses.peer_addr);
         }
         let _ = self.events.send(NodeEvent::Disconnected { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
     }
@@ -368,13 +398,8 @@ impl NodeEventSubscription for Forward {
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
         let Some(peer) = peer_name(&ses) else { return };
-        if let Ok(mut s) = self.sessions.lock() {
-            s.insert(ses.node_id, ses.actor.clone());
-        }
-        if let Ok(mut peers) = self.peers.lock() {
-            let entry = Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server, node_id: ses.node_id };
-            peers.insert(peer.clone(), entry);
-        }
+        let entry = Peer { name: peer.clone(), addr: ses.peer_addr.clone(), inbound: ses.is_server, node_id: ses.node_id };
+        self.peers.ready(entry, ses.actor.clone());
         let _ = self.events.send(NodeEvent::Ready { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
     }
 }

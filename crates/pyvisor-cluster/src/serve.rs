@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use pyvisor_core::{CallError, CallOptions, Pool};
+use pyvisor_core::{CallOptions, Pool};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::error::ClusterError;
@@ -87,7 +87,7 @@ impl Actor for Member {
 
 /// Run one call from the wire on `pool`.
 async fn run(pool: &Pool, body: &[u8]) -> Result<serde_bytes::ByteBuf, WireError> {
-    let call: WireCall = wire::decode(body).map_err(|message| WireError { kind: "protocol".into(), message, may_have_run: false })?;
+    let call: WireCall = wire::decode(body).map_err(|message| WireError { kind: "protocol".into(), message })?;
     let mut opts = CallOptions::default();
     if let Some(ms) = call.budget_ms {
         opts = opts.timeout(Duration::from_millis(ms));
@@ -100,17 +100,6 @@ async fn run(pool: &Pool, body: &[u8]) -> Result<serde_bytes::ByteBuf, WireError
     }
     match pool.call_raw(&call.function, &call.payload, opts).await {
         Ok(bytes) => Ok(serde_bytes::ByteBuf::from(bytes.to_vec())),
-        Err(e) => Err(WireError { kind: e.kind().to_string(), message: e.to_string(), may_have_run: may_have_run(&e) }),
-    }
-}
-
-/// Whether the function may have run when the call failed with `e` (a call that surely did
-/// not run may go to another node whatever its idempotency).
-fn may_have_run(e: &CallError) -> bool {
-    match e {
-        CallError::Timeout { sent, .. } => *sent,
-        CallError::WorkerCrashed { started, .. } => *started,
-        CallError::Python { .. } | CallError::BadResult { .. } | CallError::Worker { .. } | CallError::PoisonRequest { .. } => true,
-        _ => false,
+        Err(e) => Err(WireError { kind: e.kind().to_string(), message: e.to_string() }),
     }
 }

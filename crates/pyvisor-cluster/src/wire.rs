@@ -45,13 +45,11 @@ pub(crate) struct WireReply {
     pub result: Result<serde_bytes::ByteBuf, WireError>,
 }
 
-/// A failed call on the serving node: the `CallError` kind (`CallError::kind`), its text, and
-/// whether the function may have run (decides whether a non-idempotent call may go elsewhere).
+/// A failed call on the serving node: the `CallError` kind (`CallError::kind`) and its text.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct WireError {
     pub kind: String,
     pub message: String,
-    pub may_have_run: bool,
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -105,7 +103,7 @@ mod tests {
         let old = encode(&WireCall { v: 9, ..call });
         assert!(decode::<WireCall>(&old).unwrap_err().contains("wire version 9"));
         assert!(decode::<WireCall>(&[0xc1]).is_err());
-        let reply = WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "timeout".into(), message: "m".into(), may_have_run: true }) };
+        let reply = WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "timeout".into(), message: "m".into() }) };
         assert_eq!(decode::<WireReply>(&encode(&reply)), Ok(reply));
     }
 }

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +99,82 @@ impl Drop for NodeProcess {
 /// would see each other's pools (one node per process is the rule outside tests).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// What the load of [`start_load`] saw: each idempotent call's node and when it answered, each
+/// non-idempotent call's token, outcome and duration.
+#[derive(Default)]
+struct Seen {
+    idempotent: Vec<(std::time::Instant, String)>,
+    once: Vec<(String, Result<String, RemoteCallError>, Duration)>,
+}
+
+/// 16 callers on `work`, each alternating an idempotent `slow_where` (which must always
+/// succeed, whatever happens to a node: a failure panics the caller) and a non-idempotent
+/// `record` (token `t<caller>-<n>`), every call with `timeout`, until `stop`.
+fn start_load(work: &Arc<RemotePool>, timeout: Duration, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Seen>> {
+    (0..16u64)
+        .map(|caller| {
+            let (work, stop) = (Arc::clone(work), Arc::clone(stop));
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let x = caller * 1_000_000 + n;
+                    let opts = RemoteCallOptions::default().idempotent(true).timeout(timeout);
+                    let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), opts).await;
+                    let (node, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
+                    assert_eq!(back, x);
+                    seen.idempotent.push((std::time::Instant::now(), node));
+                    let token = format!("t{caller}-{n}");
+                    let started = std::time::Instant::now();
+                    let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(timeout)).await;
+                    seen.once.push((token, r, started.elapsed()));
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// Stop the load and gather what its callers saw.
+async fn finish_load(callers: Vec<tokio::task::JoinHandle<Seen>>, stop: &AtomicBool) -> Seen {
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Seen::default();
+    for c in callers {
+        let seen = c.await.expect("caller");
+        all.idempotent.extend(seen.idempotent);
+        all.once.extend(seen.once);
+    }
+    all
+}
+
+/// Every non-idempotent call ran at most once (the side-effect log); one that answered ran
+/// exactly once; one that failed did so as lost with `node`. The lost ones, with how long they
+/// took.
+fn check_at_most_once(side_log: &std::path::Path, seen: &Seen, node: &str) -> Vec<Duration> {
+    let log = std::fs::read_to_string(side_log).expect("log");
+    let mut runs: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for line in log.lines() {
+        if let Some((_, token)) = line.split_once(' ') {
+            *runs.entry(token).or_default() += 1;
+        }
+    }
+    let mut lost = Vec::new();
+    for (token, r, took) in &seen.once {
+        let n = runs.get(token.as_str()).copied().unwrap_or(0);
+        assert!(n <= 1, "{token} ran {n} times");
+        match r {
+            Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
+            Err(RemoteCallError::NodeLost { node: lost_on, .. }) => {
+                assert_eq!(lost_on, node, "{token}");
+                lost.push(*took);
+            }
+            Err(e) => panic!("{token}: {e}"),
+        }
+    }
+    lost
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -126,66 +202,18 @@ async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
 
     // 16 callers; B is killed (SIGKILL) while they run.
     let stop = Arc::new(AtomicBool::new(false));
-    let after_kill_on_c = Arc::new(AtomicU64::new(0));
-    let killed = Arc::new(AtomicBool::new(false));
-    let mut callers = Vec::new();
-    for caller in 0..16u64 {
-        let (work, stop, killed, after) = (Arc::clone(&work), Arc::clone(&stop), Arc::clone(&killed), Arc::clone(&after_kill_on_c));
-        callers.push(tokio::spawn(async move {
-            let mut outcomes: Vec<(String, Result<String, RemoteCallError>)> = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let x = caller * 1_000_000 + n;
-                // Idempotent: must always succeed, whatever happens to B.
-                let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), idem()).await;
-                let (node, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
-                assert_eq!(back, x);
-                if killed.load(Ordering::Relaxed) && node == "c" {
-                    after.fetch_add(1, Ordering::Relaxed);
-                }
-                // Not idempotent: at most once.
-                let token = format!("t{caller}-{n}");
-                let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(Duration::from_secs(20))).await;
-                outcomes.push((token, r));
-            }
-            outcomes
-        }));
-    }
+    let callers = start_load(&work, Duration::from_secs(20), &stop);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let b_pid = b.pid();
     b.kill();
-    killed.store(true, Ordering::Relaxed);
+    let killed_at = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut outcomes = Vec::new();
-    for c in callers {
-        outcomes.extend(c.await.expect("caller"));
-    }
-    assert!(after_kill_on_c.load(Ordering::Relaxed) > 0, "the load went on on C");
-    let log = std::fs::read_to_string(&side_log).expect("log");
-    let mut runs: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for line in log.lines() {
-        if let Some((_, token)) = line.split_once(' ') {
-            *runs.entry(token).or_default() += 1;
-        }
-    }
-    let mut lost = 0;
-    for (token, r) in &outcomes {
-        let n = runs.get(token.as_str()).copied().unwrap_or(0);
-        assert!(n <= 1, "{token} ran {n} times");
-        match r {
-            Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
-            Err(RemoteCallError::NodeLost { node, .. }) => {
-                assert_eq!(node, "b@127.0.0.1", "{token}");
-                lost += 1;
-            }
-            Err(e) => panic!("{token}: {e}"),
-        }
-    }
-    eprintln!("{} non-idempotent calls, {lost} lost with node b (pid {b_pid})", outcomes.len());
+    let seen = finish_load(callers, &stop).await;
+    assert!(seen.idempotent.iter().any(|(at, node)| *at > killed_at && node == "c"), "the load went on on C");
+    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1");
+    eprintln!("{} non-idempotent calls, {} lost with node b (pid {b_pid})", seen.once.len(), lost.len());
     // 16 callers spend most of their time in `record`: some were running on B when it died.
-    assert!(lost > 0, "no non-idempotent call was in flight on B when it was killed");
+    assert!(!lost.is_empty(), "no non-idempotent call was in flight on B when it was killed");
     assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
 
     // B restarted joins A again and is used again.
@@ -227,29 +255,8 @@ async fn a_stopped_node_is_noticed_by_the_heartbeat_and_handled_like_a_loss() {
 
     // Calls have 60 s: a call held by the stopped node would take that long; the heartbeat
     // ends it within about a second.
-    let long = Duration::from_secs(60);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut callers = Vec::new();
-    for caller in 0..16u64 {
-        let (work, stop) = (Arc::clone(&work), Arc::clone(&stop));
-        callers.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let x = caller * 1_000_000 + n;
-                let opts = RemoteCallOptions::default().idempotent(true).timeout(long);
-                let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), opts).await;
-                let (_, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
-                assert_eq!(back, x);
-                let token = format!("t{caller}-{n}");
-                let started = std::time::Instant::now();
-                let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(long)).await;
-                outcomes.push((token, r, started.elapsed()));
-            }
-            outcomes
-        }));
-    }
+    let callers = start_load(&work, Duration::from_secs(60), &stop);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     b.signal(libc::SIGSTOP);
     let stopped_at = std::time::Instant::now();
@@ -267,35 +274,12 @@ async fn a_stopped_node_is_noticed_by_the_heartbeat_and_handled_like_a_loss() {
     assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
     eprintln!("b stopped; noticed after {:?}", stopped_at.elapsed());
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut outcomes = Vec::new();
-    for c in callers {
-        outcomes.extend(c.await.expect("caller"));
-    }
-    let log = std::fs::read_to_string(&side_log).expect("log");
-    let mut runs: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for line in log.lines() {
-        if let Some((_, token)) = line.split_once(' ') {
-            *runs.entry(token.to_string()).or_default() += 1;
-        }
-    }
-    let mut lost = 0;
-    for (token, r, took) in &outcomes {
-        let n = runs.get(token).copied().unwrap_or(0);
-        assert!(n <= 1, "{token} ran {n} times");
-        match r {
-            Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
-            Err(RemoteCallError::NodeLost { node, .. }) => {
-                assert_eq!(node, "b@127.0.0.1", "{token}");
-                // Ended by the heartbeat, not by the call's 60 s.
-                assert!(*took < Duration::from_secs(30), "{token} took {took:?}");
-                lost += 1;
-            }
-            Err(e) => panic!("{token}: {e}"),
-        }
-    }
-    assert!(lost > 0, "no non-idempotent call was in flight on B when it stopped");
-    eprintln!("{} non-idempotent calls, {lost} ended as lost with the stopped node", outcomes.len());
+    let seen = finish_load(callers, &stop).await;
+    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1");
+    // Ended by the heartbeat, not by the calls' 60 s.
+    assert!(lost.iter().all(|took| *took < Duration::from_secs(30)), "{lost:?}");
+    assert!(!lost.is_empty(), "no non-idempotent call was in flight on B when it stopped");
+    eprintln!("{} non-idempotent calls, {} ended as lost with the stopped node", seen.once.len(), lost.len());
     b.signal(libc::SIGCONT);
     drop(b);
     a.shutdown().await;
