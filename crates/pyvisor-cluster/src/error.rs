@@ -20,6 +20,11 @@ pub enum ClusterError {
     /// cookies must match), else a node that went away or a duplicate connection.
     #[error("the node at {addr} refused the session (check that both nodes have the same cookie)")]
     Refused { addr: SocketAddr },
+    /// The TLS handshake with the peer failed: its certificate is not signed by this node's
+    /// CA or not valid for the expected name, this node's is not accepted there, or the peer
+    /// does not speak TLS.
+    #[error("the TLS handshake with {addr} failed: {detail} (check both nodes' certificates, CA and server name)")]
+    Tls { addr: SocketAddr, detail: String },
     /// The session was not ready in time.
     #[error("the session with {addr} was not ready within {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },

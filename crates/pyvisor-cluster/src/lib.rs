@@ -15,13 +15,19 @@
 mod error;
 mod heartbeat;
 mod node;
+mod node_loss;
 mod remote;
+mod routing;
 mod serve;
+mod tls;
+mod trace;
 mod wire;
 
 pub use error::ClusterError;
 pub use heartbeat::{HeartbeatPolicy, NodeBeatMsg};
-pub use node::{Node, NodeConfig, NodeEvent, Peer};
-pub use remote::{RemoteCallError, RemoteCallOptions, RemotePool};
+pub use node::{Node, NodeConfig, NodeEvent, Peer, DEFAULT_TAINT_WINDOW};
+pub use node_loss::{LossCause, NodeLoss, NodeTaint};
+pub use remote::{RemoteCallError, RemoteCallOptions, RemotePool, DEFAULT_REMOTE_TIMEOUT};
 pub use serve::Served;
+pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
 pub use wire::PoolMemberMsg;

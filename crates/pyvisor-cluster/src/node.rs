@@ -4,21 +4,26 @@
 //!
 //! Owns the node server actor and its event subscription. Not what runs on the nodes (pools
 //! are served and called elsewhere), not liveness (ractor_cluster times nothing out: a node
-//! heartbeat of our own sits above this), not reconnecting.
+//! heartbeat of our own sits above this), not reconnecting (`seeds` redials).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
-use tokio::sync::broadcast;
+use ractor_cluster::{ClientConnectErr, IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
 use crate::heartbeat::{self, Beat, HeartbeatPolicy, Misses, NodeBeatMsg};
+use crate::node_loss::{LossCause, NodeTaint};
+use crate::tls::{self, NodeTls};
+
+/// How long a lost peer is tainted unless configured otherwise (a worker slot's default).
+pub const DEFAULT_TAINT_WINDOW: Duration = Duration::from_secs(5);
 
 /// How to run a node: its name (unique in the cluster), where it listens, its cookie.
 ///
@@ -35,6 +40,8 @@ pub struct NodeConfig {
     cookie: String,
     max_frame: u64,
     heartbeat: HeartbeatPolicy,
+    taint_window: Duration,
+    tls: Option<NodeTls>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -65,6 +72,8 @@ impl NodeConfig {
             cookie: cookie.to_string(),
             max_frame: ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE,
             heartbeat: HeartbeatPolicy::default(),
+            taint_window: DEFAULT_TAINT_WINDOW,
+            tls: None,
         })
     }
 
@@ -94,6 +103,23 @@ impl NodeConfig {
     #[must_use]
     pub fn heartbeat(mut self, policy: HeartbeatPolicy) -> Self {
         self.heartbeat = policy;
+        self
+    }
+
+    /// How long a lost peer stays tainted (default 5 s, as a worker's slot): when it comes
+    /// back within that time, calls go to it only if no untainted member of their pool is
+    /// left. Zero: never taint. See [`NodeTaint`].
+    #[must_use]
+    pub fn taint_window(mut self, window: Duration) -> Self {
+        self.taint_window = window;
+        self
+    }
+
+    /// Encrypt every session with TLS (see [`NodeTls`]): peers are accepted and dialed over
+    /// TLS only, so every node of the cluster needs it. The cookie is still checked.
+    #[must_use]
+    pub fn tls(mut self, tls: NodeTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -161,12 +187,20 @@ struct NodeInner {
     join: Mutex<Option<JoinHandle<()>>>,
     beat: ActorRef<NodeBeatMsg>,
     monitor: JoinHandle<()>,
+    /// With TLS: the listener peers are accepted on, and how to dial them.
+    tls: Option<(NodeTls, JoinHandle<()>)>,
+    /// `true` once the node is stopping (what tasks that outlive a call, e.g. `seeds`, watch).
+    halt: watch::Sender<bool>,
 }
 
 impl NodeInner {
-    /// Stop the heartbeat and the node server (its sessions with it).
+    /// Stop the heartbeat, the TLS listener and the node server (its sessions with it).
     fn stop(&self) {
+        self.halt.send_replace(true);
         self.monitor.abort();
+        if let Some((_, listener)) = &self.tls {
+            listener.abort();
+        }
         self.beat.stop(None);
         self.server.stop(None);
     }
@@ -180,46 +214,83 @@ impl Drop for NodeInner {
 }
 
 /// The peers with a ready session, by name, with their session actors (what the heartbeat
-/// stops). Shared by the node, its event subscription and its heartbeat monitor.
-#[derive(Clone, Default)]
-struct PeerTable(Arc<Mutex<HashMap<String, Entry>>>);
+/// stops); the peers the heartbeat gave up; the taint windows of lost peers. Shared by the
+/// node, its event subscription and its heartbeat monitor.
+#[derive(Clone)]
+struct PeerTable(Arc<Mutex<Table>>);
+
+struct Table {
+    ready: HashMap<String, Entry>,
+    /// Peers given up by the heartbeat (misses), until they are ready again.
+    silent: HashMap<String, u32>,
+    taint: NodeTaint,
+}
 
 /// A ready peer and its session actor.
 type Entry = (Peer, ActorRef<NodeSessionMessage>);
 
 impl PeerTable {
+    fn new(taint_window: Duration) -> Self {
+        PeerTable(Arc::new(Mutex::new(Table { ready: HashMap::new(), silent: HashMap::new(), taint: NodeTaint::new(taint_window) })))
+    }
+
     fn ready(&self, peer: Peer, session: ActorRef<NodeSessionMessage>) {
         if let Ok(mut t) = self.0.lock() {
-            t.insert(peer.name.clone(), (peer, session));
+            t.silent.remove(&peer.name);
+            t.ready.insert(peer.name.clone(), (peer, session));
         }
     }
 
-    /// Forget `name` if `addr` is its session's (a losing duplicate leaves it in place).
+    /// Forget `name` if `addr` is its session's (a losing duplicate leaves it in place): the
+    /// peer is lost, and tainted from now.
     fn disconnected(&self, name: &str, addr: &str) {
         if let Ok(mut t) = self.0.lock() {
-            if t.get(name).is_some_and(|(p, _)| p.addr == addr) {
-                t.remove(name);
+            if t.ready.get(name).is_some_and(|(p, _)| p.addr == addr) {
+                t.ready.remove(name);
+                t.taint.lost(name, Instant::now());
             }
         }
     }
 
+    /// The heartbeat gave `name` up after `missed` misses.
+    fn silent(&self, name: &str, missed: u32) {
+        if let Ok(mut t) = self.0.lock() {
+            t.silent.insert(name.to_string(), missed);
+        }
+    }
+
     fn get(&self, name: &str) -> Option<Peer> {
-        self.0.lock().ok()?.get(name).map(|(p, _)| p.clone())
+        self.0.lock().ok()?.ready.get(name).map(|(p, _)| p.clone())
     }
 
     fn all(&self) -> Vec<Peer> {
-        let mut v: Vec<Peer> = self.0.lock().map(|t| t.values().map(|(p, _)| p.clone()).collect()).unwrap_or_default();
+        let mut v: Vec<Peer> = self.0.lock().map(|t| t.ready.values().map(|(p, _)| p.clone()).collect()).unwrap_or_default();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     /// The peer and session with ractor_cluster id `node_id`.
     fn by_node_id(&self, node_id: u64) -> Option<Entry> {
-        self.0.lock().ok()?.values().find(|(p, _)| p.node_id == node_id).cloned()
+        self.0.lock().ok()?.ready.values().find(|(p, _)| p.node_id == node_id).cloned()
     }
 
     fn node_ids(&self) -> Vec<u64> {
-        self.0.lock().map(|t| t.values().map(|(p, _)| p.node_id).collect()).unwrap_or_default()
+        self.0.lock().map(|t| t.ready.values().map(|(p, _)| p.node_id).collect()).unwrap_or_default()
+    }
+
+    fn cause(&self, name: &str) -> LossCause {
+        match self.0.lock().ok().and_then(|t| t.silent.get(name).copied()) {
+            Some(missed) => LossCause::Silent { missed },
+            None => LossCause::Closed,
+        }
+    }
+
+    fn is_tainted(&self, name: &str) -> bool {
+        self.0.lock().is_ok_and(|t| t.taint.is_tainted(name, Instant::now()))
+    }
+
+    fn tainted(&self) -> Vec<(String, Duration)> {
+        self.0.lock().map(|t| t.taint.tainted(Instant::now())).unwrap_or_default()
     }
 }
 
@@ -228,23 +299,39 @@ impl Node {
     /// cookie. Fails if the address cannot be bound.
     pub async fn start(config: NodeConfig) -> Result<Node, ClusterError> {
         let hostname = config.listen.ip().to_string();
+        let (port, ip, encryption) = match &config.tls {
+            None => (config.listen.port(), config.listen.ip(), None),
+            // TLS peers come through a listener of ours (`tls`); ractor's own listens on a
+            // loopback port nobody is told, TLS only, so nothing gets in through it.
+            Some(t) => (0, IpAddr::V4(Ipv4Addr::LOCALHOST), Some(IncomingEncryptionMode::Tls(t.acceptor.clone()))),
+        };
         let server = NodeServer::new(
-            config.listen.port(),
+            port,
             config.cookie.clone(),
             config.name.clone(),
             hostname,
-            None,
+            encryption,
             // Isolated: peers are the ones we dial or that dial us; a transitive node would
             // dial its peers' peers in the clear whatever our encryption.
             Some(NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(config.listen.ip())
+        .with_listen_addr(ip)
         .with_max_inbound_frame_size(config.max_frame);
         let (server, join) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
+        let tls = match config.tls.clone() {
+            None => None,
+            Some(t) => match tls::listen(config.listen, t.clone(), server.clone()).await {
+                Ok(listener) => Some((t, listener)),
+                Err(e) => {
+                    server.stop(None);
+                    return Err(e);
+                }
+            },
+        };
         let (events, _) = broadcast::channel(1024);
-        let peers = PeerTable::default();
+        let peers = PeerTable::new(config.taint_window);
         let forward = Forward { events: events.clone(), peers: peers.clone() };
         server
             .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
@@ -265,6 +352,8 @@ impl Node {
                 join: Mutex::new(Some(join)),
                 beat,
                 monitor,
+                tls,
+                halt: watch::Sender::new(false),
             }),
         })
     }
@@ -299,11 +388,18 @@ impl Node {
             .ok_or_else(|| ClusterError::InvalidConfig("the address resolves to nothing".into()))?;
         // Listen before dialing: the session's events may come before the dial returns.
         let mut rx = self.events();
-        ractor_cluster::client_connect(&self.inner.server, addr)
-            .await
-            .map_err(|e| ClusterError::Connect { addr, detail: format!("{e:?}") })?;
+        let server = &self.inner.server;
         let wanted = addr.to_string();
         let wait = async {
+            let dialed = match &self.inner.tls {
+                None => ractor_cluster::client_connect(server, addr).await,
+                Some((t, _)) => ractor_cluster::client_connect_enc(server, addr, t.connector.clone(), t.server_name.clone()).await,
+            };
+            match dialed {
+                Ok(()) => {}
+                Err(ClientConnectErr::Encryption(e)) => return Err(ClusterError::Tls { addr, detail: e.to_string() }),
+                Err(e) => return Err(ClusterError::Connect { addr, detail: e.to_string() }),
+            }
             loop {
                 match rx.recv().await {
                     Ok(NodeEvent::Ready { peer, peer_addr, inbound: false }) if peer_addr == wanted => {
@@ -325,11 +421,46 @@ impl Node {
         self.inner.peers.by_node_id(node_id).map(|(p, _)| p.name)
     }
 
+    /// Why the peer `name` was lost: given up by the heartbeat, else its session closed.
+    pub(crate) fn loss_cause(&self, name: &str) -> LossCause {
+        self.inner.peers.cause(name)
+    }
+
+    /// Whether the peer `name` is in its taint window (lost less than the window ago).
+    pub fn is_tainted(&self, name: &str) -> bool {
+        self.inner.peers.is_tainted(name)
+    }
+
+    /// The peers in their taint window, with the time each has left.
+    pub fn tainted(&self) -> Vec<(String, Duration)> {
+        self.inner.peers.tainted()
+    }
+
     /// Serve `pool` to the cluster under its name: nodes connected to this one (and this one)
     /// can call it with a [`crate::RemotePool`] of that name. Served until the returned handle
     /// drops.
     pub async fn serve(&self, pool: pyvisor_core::Pool) -> Result<crate::Served, ClusterError> {
-        crate::serve::serve(pool).await
+        let name = pool.name().to_string();
+        crate::serve::serve(&name, crate::serve::Source::Fixed(pool)).await
+    }
+
+    /// Serve the pool `name` found by `lookup` at each call: for a pool that is restarted
+    /// (a child of a supervision tree gets a new handle each time), e.g.
+    /// `node.serve_with("models", move || tree.pool("models"))`. While `lookup` finds none,
+    /// calls are answered as not running there, and callers send them to another node.
+    pub async fn serve_with(&self, name: &str, lookup: impl Fn() -> Option<pyvisor_core::Pool> + Send + Sync + 'static) -> Result<crate::Served, ClusterError> {
+        crate::serve::serve(name, crate::serve::Source::Lookup(Arc::new(lookup))).await
+    }
+
+    /// Becomes `true` when the node stops (shut down, or its last handle dropped; the sender
+    /// is gone then too).
+    pub(crate) fn halted(&self) -> watch::Receiver<bool> {
+        self.inner.halt.subscribe()
+    }
+
+    /// A handle that does not keep the node running.
+    pub(crate) fn downgrade(&self) -> WeakNode {
+        WeakNode(Arc::downgrade(&self.inner))
     }
 
     /// Stop the node: its sessions close (peers see this node disconnect).
@@ -339,6 +470,17 @@ impl Node {
         if let Some(join) = join {
             let _ = join.await;
         }
+    }
+}
+
+/// A [`Node`] that may have stopped: tasks that must not keep it running hold this.
+#[derive(Clone)]
+pub(crate) struct WeakNode(Weak<NodeInner>);
+
+impl WeakNode {
+    /// The node, while any handle of it is left.
+    pub(crate) fn upgrade(&self) -> Option<Node> {
+        self.0.upgrade().map(|inner| Node { inner })
     }
 }
 
@@ -361,6 +503,7 @@ async fn watch(policy: HeartbeatPolicy, peers: PeerTable, events: broadcast::Sen
             // Gone meanwhile: nothing left to stop.
             let Some((peer, session)) = peers.by_node_id(node) else { continue };
             tracing::warn!(peer = %peer.name, missed = policy.misses, "a peer stopped answering the heartbeat: its session is stopped");
+            peers.silent(&peer.name, policy.misses);
             let _ = events.send(NodeEvent::Silent { peer: peer.name, missed: policy.misses });
             session.stop(Some("pyvisor: no heartbeat".into()));
         }

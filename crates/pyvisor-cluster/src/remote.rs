@@ -1,24 +1,34 @@
 //! Calling a pool served anywhere in the cluster: [`RemotePool`] finds the pool's members in
-//! its process group, prefers this node's own, sends the call as already-encoded bytes with
-//! the time left, and — when the member's node is lost mid-call — retries an idempotent call
-//! on another member and fails any other call with [`RemoteCallError::NodeLost`] (never
-//! repeating it).
+//! its process group, picks one (`routing`: untainted nodes first, an affinity key's node, else
+//! the fewest calls in flight, this node's own on a tie), sends the call as already-encoded
+//! bytes with the time left, cancels it there when the caller drops it or runs out of time,
+//! and — when the member's node is lost mid-call — retries an idempotent call on another
+//! member and fails any other call with [`RemoteCallError::NodeLost`] and the loss's
+//! certificate (never repeating it). A call that reached a node whose pool is not running goes
+//! to another node, idempotent or not: nothing ran.
 //!
-//! Owns member choice and the retry rule across nodes. Not the wire format (`wire`), not
-//! serving (`serve`), not noticing a silent node (a node heartbeat is not built yet: a stopped
-//! node's calls end at their deadline).
+//! Owns the attempts of a remote call and the retry rule across nodes. Not the rule for
+//! choosing (`routing`), not the wire format (`wire`), not serving (`serve`), not noticing a
+//! lost node (`node`, `heartbeat`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
+use pyvisor_core::CallOptions;
 use ractor::rpc::CallResult;
 use ractor::{ActorCell, ActorRef};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::node::Node;
-use crate::serve::group;
+use crate::node_loss::NodeLoss;
+use crate::routing::{choose, Candidate};
+use crate::serve::{group, NOT_RUNNING};
+use crate::trace::RemoteSpan;
 use crate::wire::{self, PoolMemberMsg, WireCall, WireReply, WIRE_VERSION};
 
 /// Why a call on a [`RemotePool`] failed.
@@ -29,10 +39,11 @@ pub enum RemoteCallError {
     /// nodes that do to connect.
     #[error("no node serves pool `{pool}`")]
     NoMembers { pool: String },
-    /// The node running the call was lost before it answered, and the call is not idempotent:
-    /// it may have run there, so it was not sent again.
-    #[error("node {node} was lost during the call to `{function}` (not idempotent: not retried)")]
-    NodeLost { function: String, node: String },
+    /// The node running the call was lost before it answered, and the call is not idempotent
+    /// (it may have run there, so it was not sent again) — or it is, and no other node was
+    /// left to send it to. The certificate names the node and why it counts as lost.
+    #[error("`{function}` was not retried: {certificate}")]
+    NodeLost { function: String, certificate: NodeLoss },
     /// The call failed on the node that ran it (`kind` is that node's `CallError::kind`).
     #[error("`{function}` failed on node {node}: {message}")]
     Remote { function: String, node: String, kind: String, message: String },
@@ -44,62 +55,68 @@ pub enum RemoteCallError {
     Codec { function: String, detail: String },
 }
 
-/// How one remote call goes: its time, and whether it may run twice.
-#[derive(Debug, Clone)]
-pub struct RemoteCallOptions {
-    timeout: Duration,
-    idempotent: bool,
-    trace: Option<(String, Option<String>)>,
-}
-
-impl Default for RemoteCallOptions {
-    fn default() -> Self {
-        RemoteCallOptions { timeout: Duration::from_secs(30), idempotent: false, trace: None }
+impl RemoteCallError {
+    /// A short name of the variant (`no_members`, `node_lost`, `remote`, `timeout`, `codec`),
+    /// for metrics and span attributes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RemoteCallError::NoMembers { .. } => "no_members",
+            RemoteCallError::NodeLost { .. } => "node_lost",
+            RemoteCallError::Remote { .. } => "remote",
+            RemoteCallError::Timeout { .. } => "timeout",
+            RemoteCallError::Codec { .. } => "codec",
+        }
     }
 }
 
-impl RemoteCallOptions {
-    /// The whole call's time, across nodes and retries (default 30 s); the serving node gets
-    /// what is left of it.
-    #[must_use]
-    pub fn timeout(mut self, d: Duration) -> Self {
-        self.timeout = d;
-        self
-    }
-    /// Whether the function may run more than once: only then is a call whose node was lost
-    /// sent to another node (default `false`).
-    #[must_use]
-    pub fn idempotent(mut self, yes: bool) -> Self {
-        self.idempotent = yes;
-        self
-    }
-    /// The caller's W3C trace context, passed to the serving node.
-    #[must_use]
-    pub fn trace_context(mut self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
-        self.trace = Some((traceparent.into(), tracestate));
-        self
-    }
-}
+/// Interim name of [`CallOptions`] for remote calls (the same type).
+pub type RemoteCallOptions = CallOptions;
+
+/// The timeout of a remote call made without one (as a pool's default call timeout).
+pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A pool by name, wherever in the cluster it is served.
 ///
 /// ```no_run
 /// # async fn demo(node: pyvisor_cluster::Node) -> Result<(), Box<dyn std::error::Error>> {
-/// use pyvisor_cluster::{RemoteCallOptions, RemotePool};
+/// use pyvisor_cluster::RemotePool;
+/// use pyvisor_core::CallOptions;
 /// let models = RemotePool::new(&node, "models");
-/// let score: f64 = models.call_with("predict", &vec![0.5, 1.5], RemoteCallOptions::default().idempotent(true)).await?;
+/// let score: f64 = models.call_with("predict", &vec![0.5, 1.5], CallOptions::new().idempotent(true)).await?;
 /// # let _ = score; Ok(()) }
 /// ```
 pub struct RemotePool {
     node: Node,
     pool: String,
-    next: AtomicUsize,
+    timeout: Duration,
+    turn: AtomicUsize,
+    state: Mutex<Known>,
+}
+
+/// What this pool handle has learnt: its calls in flight per member node, and which functions
+/// are idempotent (from the serving nodes' replies).
+#[derive(Default)]
+struct Known {
+    in_flight: HashMap<String, usize>,
+    idempotent: HashMap<String, bool>,
 }
 
 impl RemotePool {
     /// The pool named `pool` as seen from `node`.
     pub fn new(node: &Node, pool: &str) -> Self {
-        RemotePool { node: node.clone(), pool: pool.to_string(), next: AtomicUsize::new(0) }
+        RemotePool { node: node.clone(), pool: pool.to_string(), timeout: DEFAULT_REMOTE_TIMEOUT, turn: AtomicUsize::new(0), state: Mutex::new(Known::default()) }
+    }
+
+    /// The timeout of calls made without one (default 30 s).
+    #[must_use]
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.pool
     }
 
     /// The nodes serving the pool now (this node's name for a local member).
@@ -111,15 +128,19 @@ impl RemotePool {
 
     /// Call `function` with `input`, decoding the result as `O`, with default options.
     pub async fn call<I: Serialize + ?Sized, O: DeserializeOwned>(&self, function: &str, input: &I) -> Result<O, RemoteCallError> {
-        self.call_with(function, input, RemoteCallOptions::default()).await
+        self.call_with(function, input, CallOptions::default()).await
     }
 
-    /// [`RemotePool::call`] with options.
+    /// [`RemotePool::call`] with options: the timeout or deadline (the whole call's, across
+    /// nodes and retries; the serving node gets what is left), idempotency override, affinity
+    /// and idempotency keys, trace context. A call with an affinity key (else an idempotency
+    /// key) goes to the node that key maps to while that node serves the pool, and the key is
+    /// kept there (its worker, its stored result); when that node is lost, the key moves.
     pub async fn call_with<I: Serialize + ?Sized, O: DeserializeOwned>(
         &self,
         function: &str,
         input: &I,
-        opts: RemoteCallOptions,
+        opts: CallOptions,
     ) -> Result<O, RemoteCallError> {
         let codec = |detail: String| RemoteCallError::Codec { function: function.to_string(), detail };
         let payload = rmp_serde::to_vec_named(input).map_err(|e| codec(e.to_string()))?;
@@ -127,75 +148,155 @@ impl RemotePool {
         rmp_serde::from_slice(&reply).map_err(|e| codec(e.to_string()))
     }
 
-    /// Call with an already-encoded MessagePack payload; the encoded result.
-    pub async fn call_raw(&self, function: &str, payload: &[u8], opts: RemoteCallOptions) -> Result<Bytes, RemoteCallError> {
-        let started = Instant::now();
-        let deadline = started + opts.timeout;
-        let timeout = || RemoteCallError::Timeout { function: function.to_string(), after: opts.timeout };
-        // Nodes this call was lost on: not tried again.
-        let mut lost: Vec<u64> = Vec::new();
+    /// Call with an already-encoded MessagePack payload; the encoded result. Dropping the
+    /// future cancels the call on the node running it.
+    pub async fn call_raw(&self, function: &str, payload: &[u8], opts: CallOptions) -> Result<Bytes, RemoteCallError> {
+        let given = opts.get_trace_context().map(|(tp, ts)| (tp.to_string(), ts.map(str::to_string)));
+        let span = RemoteSpan::start(&self.pool, function, given.as_ref());
+        let result = self.attempts(function, payload, &opts, &span).await;
+        span.finish(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// The call's attempts, on one member after another while their nodes are lost.
+    async fn attempts(&self, function: &str, payload: &[u8], opts: &CallOptions, span: &RemoteSpan) -> Result<Bytes, RemoteCallError> {
+        let trace = span.traceparent();
+        let called = Instant::now();
+        let deadline = opts.deadline_at(called, Some(self.timeout));
+        let timeout = || RemoteCallError::Timeout { function: function.to_string(), after: deadline.map_or(Duration::MAX, |d| d - called) };
+        // Without an override, what the serving nodes said of the function (unknown: not).
+        let idempotent = opts.idempotent_override().or_else(|| self.known_idempotent(function)).unwrap_or(false);
+        // Nodes this call was lost on, or that could not take it: not tried again.
+        let mut skip: Vec<String> = Vec::new();
+        let mut last_loss: Option<NodeLoss> = None;
+        let mut attempt = 0u32;
         loop {
-            let Some(member) = self.pick(&lost) else {
-                return Err(RemoteCallError::NoMembers { pool: self.pool.clone() });
+            // A keyed call goes to its key's node, where the key is kept.
+            let Some(member) = self.pick(&skip, opts.affinity_key().or(opts.get_idempotency_key())) else {
+                return Err(match last_loss {
+                    Some(certificate) => RemoteCallError::NodeLost { function: function.to_string(), certificate },
+                    None => RemoteCallError::NoMembers { pool: self.pool.clone() },
+                });
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(timeout());
-            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
+                    Some(l) => Some(l),
+                    None => return Err(timeout()),
+                },
+                None => None,
+            };
+            attempt += 1;
+            let call_id = next_call_id();
             let body = wire::encode(&WireCall {
                 v: WIRE_VERSION,
                 function: function.to_string(),
                 payload: payload.to_vec(),
-                budget_ms: Some(left.as_millis().try_into().unwrap_or(u64::MAX)),
-                traceparent: opts.trace.as_ref().map(|t| t.0.clone()),
-                tracestate: opts.trace.as_ref().and_then(|t| t.1.clone()),
-                idempotent: Some(opts.idempotent),
+                budget_ms: left.map(|l| l.as_millis().try_into().unwrap_or(u64::MAX)),
+                traceparent: trace.as_ref().map(|t| t.0.clone()),
+                tracestate: trace.as_ref().and_then(|t| t.1.clone()),
+                idempotent: opts.idempotent_override(),
+                call_id: Some(call_id),
+                affinity: opts.affinity_key().map(str::to_string),
+                idempotency_key: opts.get_idempotency_key().map(str::to_string),
             });
             let node = self.node_of(&member);
             let actor: ActorRef<PoolMemberMsg> = member.clone().into();
-            let answer = actor.call(|tx| PoolMemberMsg::Call(body, tx), Some(left)).await;
+            let sent = Instant::now();
+            let answer = {
+                let _counted = InFlight::new(&self.state, &node);
+                let mut cancel = CancelOnDrop { actor: Some(actor.clone()), call_id };
+                // Timed here, not by ractor: a reply port with a timeout is dropped by
+                // ractor_cluster's forwarding when it expires, which the caller would see as a
+                // closed session (a lost node) rather than a timeout.
+                let call = actor.call(|tx| PoolMemberMsg::Call(body, tx), None);
+                let answer = match left {
+                    Some(left) => tokio::time::timeout(left, call).await.unwrap_or(Ok(CallResult::Timeout)),
+                    None => call.await,
+                };
+                if matches!(answer, Ok(CallResult::Success(_))) {
+                    cancel.actor = None;
+                }
+                answer
+            };
             match answer {
                 Ok(CallResult::Success(bytes)) => {
                     let reply: WireReply = wire::decode(&bytes)
                         .map_err(|detail| RemoteCallError::Codec { function: function.to_string(), detail: format!("from node {node}: {detail}") })?;
+                    if let Some(i) = reply.idempotent {
+                        self.learn_idempotent(function, i);
+                    }
                     return match reply.result {
                         Ok(value) => Ok(Bytes::from(value.into_vec())),
+                        // Nothing ran there: any call may go elsewhere.
+                        Err(e) if e.kind == NOT_RUNNING => {
+                            skip.push(node);
+                            continue;
+                        }
+                        // The serving node ran out of the time it was given: the call's.
+                        Err(e) if e.kind == "timeout" => Err(timeout()),
                         Err(e) => Err(RemoteCallError::Remote { function: function.to_string(), node, kind: e.kind, message: e.message }),
                     };
                 }
                 Ok(CallResult::Timeout) => return Err(timeout()),
                 // The member was gone before the call left (its proxy stopped): nothing ran,
                 // any call may go to another member.
-                Err(_) => {
-                    lost.push(member.get_id().node());
-                }
+                Err(_) => skip.push(node),
                 // The member's node went away (its session closed): the call may have run there.
                 Ok(CallResult::SenderError) => {
-                    if !opts.idempotent {
-                        return Err(RemoteCallError::NodeLost { function: function.to_string(), node });
+                    let certificate = NodeLoss { cause: self.node.loss_cause(&node), node: node.clone(), after: sent.elapsed(), attempt };
+                    span.node_lost(&certificate.node, idempotent);
+                    if !idempotent {
+                        return Err(RemoteCallError::NodeLost { function: function.to_string(), certificate });
                     }
-                    tracing::debug!(pool = %self.pool, function, %node, "node lost during a call; retrying on another member");
-                    lost.push(member.get_id().node());
+                    tracing::debug!(pool = %self.pool, function, %certificate, "node lost during a call; retrying on another member");
                     // The proxies of a lost node leave the group a moment after its session
-                    // ends; until then they are skipped by `lost`.
+                    // ends; until then `skip` keeps them out.
+                    skip.push(node);
+                    last_loss = Some(certificate);
                 }
             }
         }
     }
 
-    /// This node's own member if it has one, else the next remote member in turn, skipping
-    /// nodes in `lost`.
-    fn pick(&self, lost: &[u64]) -> Option<ActorCell> {
-        let members = ractor::pg::get_members(&group(&self.pool));
-        if let Some(local) = members.iter().find(|c| c.get_id().is_local()) {
-            return Some(local.clone());
+    /// The member to call (see `routing`), among those not on a node in `skip`; `key` is the
+    /// call's routing key.
+    fn pick(&self, skip: &[String], key: Option<&str>) -> Option<ActorCell> {
+        let (members, names): (Vec<ActorCell>, Vec<String>) = ractor::pg::get_members(&group(&self.pool))
+            .into_iter()
+            .map(|c| {
+                let name = self.node_of(&c);
+                (c, name)
+            })
+            .filter(|(_, name)| !skip.contains(name))
+            .unzip();
+        let known = self.state.lock().ok()?;
+        let candidates: Vec<Candidate<'_>> = members
+            .iter()
+            .zip(&names)
+            .map(|(c, name)| {
+                let id = c.get_id();
+                Candidate {
+                    node: name,
+                    local: id.is_local(),
+                    tainted: !id.is_local() && self.node.is_tainted(name),
+                    in_flight: known.in_flight.get(name).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let i = choose(&candidates, key, self.turn.fetch_add(1, Ordering::Relaxed))?;
+        Some(members[i].clone())
+    }
+
+    fn known_idempotent(&self, function: &str) -> Option<bool> {
+        self.state.lock().ok()?.idempotent.get(function).copied()
+    }
+
+    fn learn_idempotent(&self, function: &str, idempotent: bool) {
+        if let Ok(mut known) = self.state.lock() {
+            if known.idempotent.get(function) != Some(&idempotent) {
+                known.idempotent.insert(function.to_string(), idempotent);
+            }
         }
-        let remote: Vec<&ActorCell> = members.iter().filter(|c| !lost.contains(&c.get_id().node())).collect();
-        if remote.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % remote.len();
-        Some(remote[i].clone())
     }
 
     /// The name of the node a member runs on.
@@ -205,5 +306,67 @@ impl RemotePool {
             return self.node.name().to_string();
         }
         self.node.peer_by_node_id(id.node()).unwrap_or_else(|| format!("node#{}", id.node()))
+    }
+}
+
+/// A call id no other call of this process has (random start: ids of calls from different
+/// nodes to one member do not meet in practice).
+fn next_call_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One call in flight on a member node, counted while it lives.
+struct InFlight<'a> {
+    state: &'a Mutex<Known>,
+    node: &'a str,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a Mutex<Known>, node: &'a str) -> Self {
+        if let Ok(mut k) = state.lock() {
+            match k.in_flight.get_mut(node) {
+                Some(n) => *n += 1,
+                None => {
+                    k.in_flight.insert(node.to_string(), 1);
+                }
+            }
+        }
+        InFlight { state, node }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut k) = self.state.lock() {
+            if let Some(n) = k.in_flight.get_mut(self.node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    k.in_flight.remove(self.node);
+                }
+            }
+        }
+    }
+}
+
+/// Tells the serving member to abandon the call unless disarmed (`actor` taken): the caller
+/// dropped the call or ran out of time.
+struct CancelOnDrop {
+    actor: Option<ActorRef<PoolMemberMsg>>,
+    call_id: u64,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(actor) = self.actor.take() {
+            let _ = actor.cast(PoolMemberMsg::Cancel(self.call_id));
+        }
     }
 }

@@ -1,14 +1,19 @@
 //! Serving a local pool to the cluster: a member actor per served pool, joined to the process
 //! group `pyvisor.pool.<name>` (ractor_cluster makes it visible on every connected node), that
-//! runs each call it receives on the pool and answers with the outcome.
+//! runs each call it receives on the pool (with the caller's time left, trace context,
+//! idempotency, affinity and idempotency keys) as a task of its own, abandons it when the
+//! caller cancels, and answers with the outcome.
 //!
 //! Owns the member actor and [`Served`], the handle that keeps it. Not the wire format
 //! (`wire`), not choosing a member (`remote`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyvisor_core::{CallOptions, Pool};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
 
 use crate::error::ClusterError;
 use crate::wire::{self, PoolMemberMsg, WireCall, WireError, WireReply, WIRE_VERSION};
@@ -49,45 +54,117 @@ impl std::fmt::Debug for Served {
     }
 }
 
-/// Serve `pool` to the cluster under its name.
-pub(crate) async fn serve(pool: Pool) -> Result<Served, ClusterError> {
-    let name = pool.name().to_string();
-    let (member, _) = Actor::spawn(None, Member, pool)
-        .await
-        .map_err(|e| ClusterError::Serve { pool: name.clone(), detail: e.to_string() })?;
-    ractor::pg::join(group(&name), vec![member.get_cell()]);
-    Ok(Served { member, pool: name })
+/// Where a member finds the pool it serves: one handle, or a lookup made for each call (a
+/// pool in a supervision tree is a new handle after each restart).
+#[derive(Clone)]
+pub(crate) enum Source {
+    Fixed(Pool),
+    Lookup(Arc<dyn Fn() -> Option<Pool> + Send + Sync>),
+}
+
+impl Source {
+    fn pool(&self) -> Option<Pool> {
+        match self {
+            Source::Fixed(p) => Some(p.clone()),
+            Source::Lookup(f) => f(),
+        }
+    }
+}
+
+/// The error kind of a call that reached a node whose pool is not running (restarting, or
+/// stopped): nothing ran, so the caller may send any call elsewhere.
+pub(crate) const NOT_RUNNING: &str = "not_running";
+
+/// Serve the pool `name` found through `source` to the cluster.
+pub(crate) async fn serve(name: &str, source: Source) -> Result<Served, ClusterError> {
+    let state = MemberState { pool: name.to_string(), source, running: HashMap::new(), idempotent: Arc::new(Mutex::new(HashMap::new())) };
+    let (member, _) =
+        Actor::spawn(None, Member, state).await.map_err(|e| ClusterError::Serve { pool: name.to_string(), detail: e.to_string() })?;
+    ractor::pg::join(group(name), vec![member.get_cell()]);
+    Ok(Served { member, pool: name.to_string() })
 }
 
 struct Member;
 
+struct MemberState {
+    pool: String,
+    source: Source,
+    /// Calls running, by the caller's call id: what a `Cancel` stops.
+    running: HashMap<u64, oneshot::Sender<()>>,
+    /// Whether each function is idempotent, as the pool's workers said.
+    idempotent: Arc<Mutex<HashMap<String, bool>>>,
+}
+
 impl Actor for Member {
     type Msg = PoolMemberMsg;
-    type State = Pool;
-    type Arguments = Pool;
+    type State = MemberState;
+    type Arguments = MemberState;
 
-    async fn pre_start(&self, _: ActorRef<PoolMemberMsg>, pool: Pool) -> Result<Pool, ActorProcessingErr> {
-        Ok(pool)
+    async fn pre_start(&self, _: ActorRef<PoolMemberMsg>, state: MemberState) -> Result<MemberState, ActorProcessingErr> {
+        Ok(state)
     }
 
-    async fn handle(&self, _: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, pool: &mut Pool) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, state: &mut MemberState) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMemberMsg::Call(body, reply) => {
+                let call: WireCall = match wire::decode(&body) {
+                    Ok(c) => c,
+                    Err(message) => {
+                        let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "protocol".into(), message }), idempotent: None }));
+                        return Ok(());
+                    }
+                };
+                let Some(pool) = state.source.pool() else {
+                    let message = format!("pool `{}` is not running on this node", state.pool);
+                    let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: Err(WireError { kind: NOT_RUNNING.into(), message }), idempotent: None }));
+                    return Ok(());
+                };
                 // Each call runs as its own task: the member never waits for one.
-                let pool = pool.clone();
+                let (cancel_tx, cancel_rx) = oneshot::channel();
+                let id = call.call_id;
+                if let Some(id) = id {
+                    state.running.insert(id, cancel_tx);
+                }
+                let idempotent = Arc::clone(&state.idempotent);
                 tokio::spawn(async move {
-                    let answer = run(&pool, &body).await;
-                    let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: answer }));
+                    let function = call.function.clone();
+                    tokio::select! {
+                        answer = run(&pool, call) => {
+                            let idempotent = function_idempotent(&pool, &function, &idempotent);
+                            let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: answer, idempotent }));
+                        }
+                        // Dropping the call abandons it (its worker is sent `cancel`).
+                        Ok(()) = cancel_rx => {}
+                    }
+                    // Ended either way: the member forgets its id.
+                    if let Some(id) = id {
+                        let _ = me.cast(PoolMemberMsg::Cancel(id));
+                    }
                 });
+            }
+            PoolMemberMsg::Cancel(id) => {
+                if let Some(cancel) = state.running.remove(&id) {
+                    let _ = cancel.send(());
+                }
             }
         }
         Ok(())
     }
 }
 
+/// Whether `function` is idempotent, remembered after the first look at the pool's functions.
+fn function_idempotent(pool: &Pool, function: &str, known: &Mutex<HashMap<String, bool>>) -> Option<bool> {
+    let mut known = known.lock().ok()?;
+    if let Some(i) = known.get(function) {
+        return Some(*i);
+    }
+    let i = pool.functions().into_iter().find(|f| f.name == function)?.idempotent;
+    known.insert(function.to_string(), i);
+    Some(i)
+}
+
 /// Run one call from the wire on `pool`.
-async fn run(pool: &Pool, body: &[u8]) -> Result<serde_bytes::ByteBuf, WireError> {
-    let call: WireCall = wire::decode(body).map_err(|message| WireError { kind: "protocol".into(), message })?;
+async fn run(pool: &Pool, call: WireCall) -> Result<serde_bytes::ByteBuf, WireError> {
     let mut opts = CallOptions::default();
     if let Some(ms) = call.budget_ms {
         opts = opts.timeout(Duration::from_millis(ms));
@@ -97,6 +174,12 @@ async fn run(pool: &Pool, body: &[u8]) -> Result<serde_bytes::ByteBuf, WireError
     }
     if let Some(tp) = call.traceparent {
         opts = opts.trace_context(tp, call.tracestate);
+    }
+    if let Some(key) = call.affinity {
+        opts = opts.affinity(key);
+    }
+    if let Some(key) = call.idempotency_key {
+        opts = opts.idempotency_key(key);
     }
     match pool.call_raw(&call.function, &call.payload, opts).await {
         Ok(bytes) => Ok(serde_bytes::ByteBuf::from(bytes.to_vec())),

@@ -20,11 +20,15 @@ pub enum PoolMemberMsg {
     /// A call: an encoded [`WireCall`] in, an encoded [`WireReply`] out.
     #[rpc]
     Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// The caller gave up the call with this `call_id` (dropped, or out of time): the serving
+    /// node abandons it, as a local caller's drop does (the worker is sent `cancel`).
+    Cancel(u64),
 }
 
 /// A call as it crosses the node boundary: the function, its already-encoded MessagePack
 /// input, the time left (not a deadline: the nodes' clocks differ), the caller's trace
-/// context and idempotency override.
+/// context, idempotency override, affinity and idempotency keys, and the id a later `Cancel`
+/// names. Fields added later are optional, so an older node's body still decodes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct WireCall {
     pub v: u8,
@@ -36,6 +40,13 @@ pub(crate) struct WireCall {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub idempotent: Option<bool>,
+    /// Random per call, for `PoolMemberMsg::Cancel`.
+    #[serde(default)]
+    pub call_id: Option<u64>,
+    #[serde(default)]
+    pub affinity: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// A call's outcome as it comes back: the encoded result, or what went wrong there.
@@ -43,6 +54,10 @@ pub(crate) struct WireCall {
 pub(crate) struct WireReply {
     pub v: u8,
     pub result: Result<serde_bytes::ByteBuf, WireError>,
+    /// Whether the function is idempotent (its `@expose`), when the serving pool knows it:
+    /// the caller remembers it for calls without an override.
+    #[serde(default)]
+    pub idempotent: Option<bool>,
 }
 
 /// A failed call on the serving node: the `CallError` kind (`CallError::kind`) and its text.
@@ -97,13 +112,34 @@ mod tests {
             traceparent: Some("00-abc-def-01".into()),
             tracestate: None,
             idempotent: Some(true),
+            call_id: Some(7),
+            affinity: Some("session-1".into()),
+            idempotency_key: None,
         };
         let bytes = encode(&call);
         assert_eq!(decode::<WireCall>(&bytes), Ok(call.clone()));
         let old = encode(&WireCall { v: 9, ..call });
         assert!(decode::<WireCall>(&old).unwrap_err().contains("wire version 9"));
         assert!(decode::<WireCall>(&[0xc1]).is_err());
-        let reply = WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "timeout".into(), message: "m".into() }) };
+        let reply = WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "timeout".into(), message: "m".into() }), idempotent: Some(false) };
         assert_eq!(decode::<WireReply>(&encode(&reply)), Ok(reply));
+    }
+
+    #[test]
+    fn a_body_without_the_later_fields_still_decodes() {
+        #[derive(Serialize)]
+        struct FirstCall<'a> {
+            v: u8,
+            function: &'a str,
+            #[serde(with = "serde_bytes")]
+            payload: &'a [u8],
+            budget_ms: Option<u64>,
+            traceparent: Option<String>,
+            tracestate: Option<String>,
+            idempotent: Option<bool>,
+        }
+        let old = FirstCall { v: WIRE_VERSION, function: "f", payload: &[0xc0], budget_ms: None, traceparent: None, tracestate: None, idempotent: None };
+        let call: WireCall = decode(&encode(&old)).expect("decodes");
+        assert_eq!((call.call_id, call.affinity, call.idempotency_key), (None, None, None));
     }
 }

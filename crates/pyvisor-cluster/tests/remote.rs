@@ -8,92 +8,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::node_process::{python, scratch, NodeProcess};
 use common::{eventually, free_addr};
-use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig, NodeEvent, RemoteCallError, RemoteCallOptions, RemotePool};
-
-/// The interpreter with the adapter installed: `PYVISOR_PYTHON`, else the repo's `.venv`.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYVISOR_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(venv.exists(), "no Python with pyvisor_worker: run `make test` (it creates .venv), or set PYVISOR_PYTHON");
-    venv
-}
-
-struct NodeProcess {
-    child: Child,
-    /// Reaped already: its pid may be someone else's now, never signal it.
-    reaped: bool,
-}
-
-impl NodeProcess {
-    /// Start node `name` serving pool `pool`, joined to `join`; returns once it says `ready`.
-    fn start(name: &str, pool: &str, listen: SocketAddr, cookie: &std::path::Path, join: &[SocketAddr], side_log: &std::path::Path) -> Self {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers/cluster.py");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pyvisor-cluster-node"));
-        cmd.args(["--name", name, "--listen", &listen.to_string()])
-            .arg("--cookie-file")
-            .arg(cookie)
-            .arg("--pool")
-            .arg(format!("{pool}={}", script.display()))
-            .args(["--workers", "2"])
-            .arg("--python")
-            .arg(python())
-            .arg("--env")
-            .arg(format!("SIDE_LOG={}", side_log.display()))
-            .stdout(Stdio::piped());
-        for j in join {
-            cmd.args(["--join", &j.to_string()]);
-        }
-        let mut child = cmd.spawn().expect("node process starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("a line");
-        assert!(line.starts_with("ready "), "node {name} said {line:?}");
-        NodeProcess { child, reaped: false }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.reaped = true;
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: i32) {
-        assert!(!self.reaped);
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if self.reaped {
-            return;
-        }
-        // SIGTERM (after SIGCONT, for a node a test stopped): the node stops its pools (their
-        // workers exit on socket EOF anyway).
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGCONT);
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
+use pyvisor_cluster::{HeartbeatPolicy, LossCause, Node, NodeConfig, NodeEvent, RemoteCallError, RemotePool};
+use pyvisor_core::{CallOptions, Pool, PoolSpec};
 
 /// One test at a time: ractor's process groups are global to this process, so two tests' nodes
 /// would see each other's pools (one node per process is the rule outside tests).
@@ -120,14 +42,14 @@ fn start_load(work: &Arc<RemotePool>, timeout: Duration, stop: &Arc<AtomicBool>)
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let x = caller * 1_000_000 + n;
-                    let opts = RemoteCallOptions::default().idempotent(true).timeout(timeout);
+                    let opts = CallOptions::new().idempotent(true).timeout(timeout);
                     let got: Result<(String, u64), _> = work.call_with("slow_where", &(x, 0.002), opts).await;
                     let (node, back) = got.unwrap_or_else(|e| panic!("idempotent call {x} lost: {e}"));
                     assert_eq!(back, x);
                     seen.idempotent.push((std::time::Instant::now(), node));
                     let token = format!("t{caller}-{n}");
                     let started = std::time::Instant::now();
-                    let r = work.call_with::<_, String>("record", &token, RemoteCallOptions::default().timeout(timeout)).await;
+                    let r = work.call_with::<_, String>("record", &token, CallOptions::new().timeout(timeout)).await;
                     seen.once.push((token, r, started.elapsed()));
                 }
                 seen
@@ -151,7 +73,7 @@ async fn finish_load(callers: Vec<tokio::task::JoinHandle<Seen>>, stop: &AtomicB
 /// Every non-idempotent call ran at most once (the side-effect log); one that answered ran
 /// exactly once; one that failed did so as lost with `node`. The lost ones, with how long they
 /// took.
-fn check_at_most_once(side_log: &std::path::Path, seen: &Seen, node: &str) -> Vec<Duration> {
+fn check_at_most_once(side_log: &std::path::Path, seen: &Seen, node: &str, cause: LossCause) -> Vec<Duration> {
     let log = std::fs::read_to_string(side_log).expect("log");
     let mut runs: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for line in log.lines() {
@@ -165,8 +87,8 @@ fn check_at_most_once(side_log: &std::path::Path, seen: &Seen, node: &str) -> Ve
         assert!(n <= 1, "{token} ran {n} times");
         match r {
             Ok(_) => assert_eq!(n, 1, "{token} answered but did not run"),
-            Err(RemoteCallError::NodeLost { node: lost_on, .. }) => {
-                assert_eq!(lost_on, node, "{token}");
+            Err(RemoteCallError::NodeLost { certificate, .. }) => {
+                assert_eq!((certificate.node.as_str(), certificate.cause, certificate.attempt), (node, cause, 1), "{token}");
                 lost.push(*took);
             }
             Err(e) => panic!("{token}: {e}"),
@@ -175,30 +97,50 @@ fn check_at_most_once(side_log: &std::path::Path, seen: &Seen, node: &str) -> Ve
     lost
 }
 
+/// `n` calls of `where` at once: the nodes they ran on.
+async fn spread(work: &Arc<RemotePool>, n: u64) -> std::collections::BTreeSet<String> {
+    let calls = (0..n).map(|i| {
+        let work = Arc::clone(work);
+        async move {
+            let (node, x): (String, u64) = work.call_with("where", &i, CallOptions::new().timeout(Duration::from_secs(20))).await.expect("a call");
+            assert_eq!(x, i);
+            node
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().collect()
+}
+
+/// Node A's own member of pool `name` (this test process, `PYVISOR_NODE=a`).
+async fn local_pool(name: &str, side_log: &std::path::Path) -> Pool {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers/cluster.py");
+    let spec = PoolSpec::script(script).name(name).python(python()).workers(2).env("PYVISOR_NODE", "a").env("SIDE_LOG", side_log.to_string_lossy());
+    Pool::start(spec).await.expect("A's pool")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (dir, cookie, side_log) = scratch("sigkill");
-    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    // A taint window long enough to see B back and still tainted.
+    let window = Duration::from_secs(10);
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config").taint_window(window)).await.expect("node a");
+    let mine = local_pool("work", &side_log).await;
+    let _served = a.serve(mine.clone()).await.expect("A serves work");
     let (b_addr, c_addr) = (free_addr(), free_addr());
     let mut b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
     let c = NodeProcess::start("c", "work", c_addr, &cookie, &[a.listen_addr()], &side_log);
     let work = Arc::new(RemotePool::new(&a, "work"));
-    assert!(
-        eventually(Duration::from_secs(20), || work.members() == vec!["b@127.0.0.1".to_string(), "c@127.0.0.1".to_string()]).await,
-        "members: {:?}",
-        work.members()
-    );
+    let all = ["a@127.0.0.1", "b@127.0.0.1", "c@127.0.0.1"].map(String::from).to_vec();
+    assert!(eventually(Duration::from_secs(20), || work.members() == all).await, "members: {:?}", work.members());
 
-    // Calls from A run on B and C.
-    let idem = || RemoteCallOptions::default().idempotent(true).timeout(Duration::from_secs(20));
-    let mut seen = std::collections::BTreeSet::new();
-    for i in 0..20u64 {
-        let (node, x): (String, u64) = work.call_with("where", &i, idem()).await.expect("a call");
-        assert_eq!(x, i);
-        seen.insert(node);
+    // One call at a time stays on A (its own member, nothing in flight anywhere); calls at once
+    // spread to B and C (fewest in flight first).
+    for i in 0..5u64 {
+        let (node, _): (String, u64) = work.call_with("where", &i, CallOptions::new().timeout(Duration::from_secs(20))).await.expect("a call");
+        assert_eq!(node, "a");
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["b".to_string(), "c".to_string()]);
+    let nodes = spread(&work, 24).await;
+    assert_eq!(nodes.into_iter().collect::<Vec<_>>(), vec!["a", "b", "c"]);
 
     // 16 callers; B is killed (SIGKILL) while they run.
     let stop = Arc::new(AtomicBool::new(false));
@@ -209,36 +151,39 @@ async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     let killed_at = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let seen = finish_load(callers, &stop).await;
-    assert!(seen.idempotent.iter().any(|(at, node)| *at > killed_at && node == "c"), "the load went on on C");
-    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1");
+    for node in ["a", "c"] {
+        assert!(seen.idempotent.iter().any(|(at, n)| *at > killed_at && n == node), "the load went on on {node}");
+    }
+    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1", LossCause::Closed);
     eprintln!("{} non-idempotent calls, {} lost with node b (pid {b_pid})", seen.once.len(), lost.len());
     // 16 callers spend most of their time in `record`: some were running on B when it died.
     assert!(!lost.is_empty(), "no non-idempotent call was in flight on B when it was killed");
-    assert!(eventually(Duration::from_secs(10), || work.members() == vec!["c@127.0.0.1".to_string()]).await, "{:?}", work.members());
+    let a_and_c = ["a@127.0.0.1", "c@127.0.0.1"].map(String::from).to_vec();
+    assert!(eventually(Duration::from_secs(10), || work.members() == a_and_c).await, "{:?}", work.members());
 
-    // B restarted joins A again and is used again.
+    // B restarted joins A again; within its taint window it takes no call while A and C can;
+    // after it, it is used again.
     let _b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
-    assert!(eventually(Duration::from_secs(20), || work.members().len() == 2).await, "{:?}", work.members());
-    let mut again = std::collections::BTreeSet::new();
-    for i in 0..20u64 {
-        let (node, _): (String, u64) = work.call_with("where", &i, idem()).await.expect("a call");
-        again.insert(node);
+    assert!(eventually(Duration::from_secs(20), || work.members() == all).await, "{:?}", work.members());
+    let mut while_tainted = 0;
+    while a.is_tainted("b@127.0.0.1") {
+        let nodes = spread(&work, 24).await;
+        if a.is_tainted("b@127.0.0.1") {
+            assert!(!nodes.contains("b"), "B took a call in its taint window: {nodes:?}");
+            while_tainted += 1;
+        }
     }
-    assert!(again.contains("b"), "B is used again: {again:?}");
+    assert!(while_tainted > 0, "B came back after its taint window: nothing was checked (raise the window)");
+    let mut again = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        again.extend(spread(&work, 24).await);
+    }
+    assert!(again.contains("b"), "B is used again after its taint window: {again:?}");
     drop(c);
+    drop(_served);
+    mine.shutdown().await;
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The test's scratch directory, cookie file and side-effect log.
-fn scratch(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("pyvisor-cluster-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let cookie = dir.join("cookie");
-    std::fs::write(&cookie, "s3cret\n").expect("cookie");
-    let side_log = dir.join("side.log");
-    std::fs::write(&side_log, "").expect("log");
-    (dir, cookie, side_log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,13 +220,119 @@ async fn a_stopped_node_is_noticed_by_the_heartbeat_and_handled_like_a_loss() {
     eprintln!("b stopped; noticed after {:?}", stopped_at.elapsed());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let seen = finish_load(callers, &stop).await;
-    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1");
+    let lost = check_at_most_once(&side_log, &seen, "b@127.0.0.1", LossCause::Silent { missed: 3 });
     // Ended by the heartbeat, not by the calls' 60 s.
     assert!(lost.iter().all(|took| *took < Duration::from_secs(30)), "{lost:?}");
     assert!(!lost.is_empty(), "no non-idempotent call was in flight on B when it stopped");
     eprintln!("{} non-idempotent calls, {} ended as lost with the stopped node", seen.once.len(), lost.len());
     b.signal(libc::SIGCONT);
     drop(b);
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_by_its_caller_is_cancelled_on_the_node_running_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("cancel");
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    let _b = NodeProcess::start("b", "work3", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let work = RemotePool::new(&a, "work3");
+    assert!(eventually(Duration::from_secs(20), || work.members() == vec!["b@127.0.0.1".to_string()]).await, "{:?}", work.members());
+    let long = || CallOptions::new().timeout(Duration::from_secs(20));
+
+    // `patient_record` writes its token after 1.5 s unless cancelled first. Dropped by its
+    // caller after 300 ms (its own timeout is 20 s):
+    let dropped = tokio::time::timeout(Duration::from_millis(300), work.call_with::<_, String>("patient_record", &("dropped", 1.5), long())).await;
+    assert!(dropped.is_err(), "{dropped:?}");
+    // Out of time after 300 ms:
+    let timed_out = work.call_with::<_, String>("patient_record", &("timed-out", 1.5), CallOptions::new().timeout(Duration::from_millis(300))).await;
+    assert!(matches!(timed_out, Err(RemoteCallError::Timeout { .. })), "{timed_out:?}");
+    // Left to finish, one writes its token:
+    let node: String = work.call_with("patient_record", &("finished", 0.2), long()).await.expect("a call");
+    assert_eq!(node, "b");
+    // Past the time the given-up calls would have taken.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = std::fs::read_to_string(&side_log).expect("log");
+    assert!(log.contains("b finished"), "{log:?}");
+    assert!(!log.contains("dropped"), "the dropped call ran to its end on B: {log:?}");
+    assert!(!log.contains("timed-out"), "the timed-out call ran to its end on B: {log:?}");
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cookie_is_refused_both_ways() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, _cookie, side_log) = scratch("cookie");
+    let wrong = dir.join("wrong-cookie");
+    std::fs::write(&wrong, "not-the-cookie\n").expect("cookie");
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+
+    // A node process with another cookie cannot join A: it says so and exits.
+    let joining = tokio::process::Command::new(env!("CARGO_BIN_EXE_pyvisor-cluster-node"))
+        .args(["--name", "x", "--listen", &free_addr().to_string(), "--join", &a.listen_addr().to_string()])
+        .arg("--cookie-file")
+        .arg(&wrong)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), joining).await.expect("the node gives up").expect("the node runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refused the session"), "{stderr}");
+    assert!(a.peers().is_empty(), "{:?}", a.peers());
+
+    // A cannot join a node process with another cookie, and sees none of its pools.
+    let x_addr = free_addr();
+    let _x = NodeProcess::start("x", "work4", x_addr, &wrong, &[], &side_log);
+    let refused = a.connect(x_addr, Duration::from_secs(20)).await;
+    assert!(matches!(refused, Err(pyvisor_cluster::ClusterError::Refused { .. })), "{refused:?}");
+    assert!(a.peers().is_empty(), "{:?}", a.peers());
+    let work = RemotePool::new(&a, "work4");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(work.members().is_empty(), "{:?}", work.members());
+    let call = work.call::<_, (String, u64)>("where", &1u64).await;
+    assert!(matches!(call, Err(RemoteCallError::NoMembers { .. })), "{call:?}");
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_and_idempotency_keys_hold_across_nodes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("keys");
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    let _b = NodeProcess::start("b", "work5", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let _c = NodeProcess::start("c", "work5", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let work = Arc::new(RemotePool::new(&a, "work5"));
+    assert!(eventually(Duration::from_secs(20), || work.members().len() == 2).await, "{:?}", work.members());
+    let opts = || CallOptions::new().timeout(Duration::from_secs(20));
+
+    // Each affinity key's calls, made at once with other keys', run on one node and one worker.
+    let calls = (0..12u64).flat_map(|key| (0..4u64).map(move |n| (key, n))).map(|(key, n)| {
+        let work = Arc::clone(&work);
+        async move {
+            let (node, pid, _): (String, u32, u64) = work.call_with("where_pid", &n, opts().affinity(format!("session-{key}"))).await.expect("a call");
+            (key, (node, pid))
+        }
+    });
+    let mut placed: std::collections::BTreeMap<u64, std::collections::BTreeSet<(String, u32)>> = Default::default();
+    for (key, at) in futures::future::join_all(calls).await {
+        placed.entry(key).or_default().insert(at);
+    }
+    assert!(placed.values().all(|at| at.len() == 1), "a key ran on more than one worker: {placed:?}");
+    let nodes: std::collections::BTreeSet<&str> = placed.values().flatten().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(nodes.into_iter().collect::<Vec<_>>(), vec!["b", "c"], "12 keys spread over both nodes");
+
+    // Calls with one idempotency key, made one after another, run once: the others get the
+    // kept result.
+    let mut answers = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let node: String = work.call_with("record", &"charge-1", opts().idempotency_key("order-1/charge")).await.expect("a call");
+        answers.insert(node);
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let log = std::fs::read_to_string(&side_log).expect("log");
+    assert_eq!(log.lines().filter(|l| l.ends_with(" charge-1")).count(), 1, "{log}");
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

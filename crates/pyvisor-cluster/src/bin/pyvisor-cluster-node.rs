@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig};
+use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig, NodeTls};
 use pyvisor_core::{Pool, PoolSpec};
 
 #[derive(Parser)]
@@ -50,11 +50,34 @@ struct Args {
     /// The Python interpreter (with pyvisor_worker installed).
     #[arg(long, env = "PYVISOR_PYTHON", default_value = "python3")]
     python: PathBuf,
+    /// TLS between nodes (mutual): this node's certificate chain (PEM). With --tls-key and
+    /// --tls-ca; every node of the cluster then needs TLS.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) that signed every node's certificate (PEM; for a self-signed
+    /// certificate, the certificate itself).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// The name every node's certificate is valid for.
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
 }
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    // Logs on stderr (`PYVISOR_LOG`, else `RUST_LOG`, else info; ractor's per-actor spans held
+    // back) and, with `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans and metrics over OTLP: the calls
+    // this node serves, under the callers' remote call spans (the trace context crosses).
+    let telemetry = pyvisor_core::telemetry::init();
+    let outcome = run(args).await;
+    // Flush and stop the exporters on a thread of their own (the HTTP exporter's flush blocks)
+    // before the runtime ends: the spans of the last calls are exported, not lost.
+    telemetry.shutdown().await;
+    if let Err(e) = outcome {
         eprintln!("pyvisor-cluster-node: {e}");
         std::process::exit(1);
     }
@@ -63,7 +86,11 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cookie = NodeConfig::cookie_from_file(&args.cookie_file)?;
     let heartbeat = HeartbeatPolicy::new(Duration::from_millis(args.heartbeat_ms), args.heartbeat_misses);
-    let node = Node::start(NodeConfig::new(&args.name, args.listen, &cookie)?.heartbeat(heartbeat)).await?;
+    let mut config = NodeConfig::new(&args.name, args.listen, &cookie)?.heartbeat(heartbeat);
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        config = config.tls(NodeTls::from_pem_files(cert, key, ca, &args.tls_server_name)?);
+    }
+    let node = Node::start(config).await?;
     let mut served = Vec::new();
     let mut pools = Vec::new();
     for p in &args.pool {

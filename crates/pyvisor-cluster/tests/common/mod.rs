@@ -1,5 +1,7 @@
 //! Helpers shared by the cluster tests.
 
+pub mod node_process;
+
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 

@@ -38,18 +38,7 @@ impl CallTrace {
     /// Start the call's span, or `None` when spans are not exported.
     pub(crate) fn start(pool: &Arc<str>, function: &str, traceparent: Option<&str>, tracestate: Option<&str>) -> Option<Self> {
         let tracer = crate::telemetry::call_tracer()?;
-        let parent = match traceparent {
-            Some(tp) => crate::observe::tracing_ctx::remote_context(tp, tracestate),
-            None => {
-                let current = tracing::Span::current();
-                if current.is_none() {
-                    Context::new()
-                } else {
-                    use tracing_opentelemetry::OpenTelemetrySpanExt;
-                    current.context()
-                }
-            }
-        };
+        let parent = crate::telemetry::parent_context(traceparent, tracestate);
         let span = tracer
             .span_builder("pyvisor.call")
             .with_kind(SpanKind::Client)

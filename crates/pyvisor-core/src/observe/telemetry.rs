@@ -16,7 +16,9 @@
 //! children of ours. The Python function's own span is recorded here, in the parent, from the
 //! timing the worker reports (`function_span.rs`), under the workers' service name
 //! (`SERVICE-worker`): a second tracer provider, whose span ids the worker chooses.
-//! Owns the set-up and the shutdown flush; spans are made where the work happens.
+//! Owns the set-up and the shutdown flush; spans are made where the work happens. For spans of
+//! calls that leave the process (multi-node mode's remote call span), it lends pyvisor's
+//! tracer and the W3C context in and out: [`tracer`], [`parent_context`], [`traceparent`].
 //!
 //! # The `otlp` feature
 //!
@@ -561,6 +563,74 @@ pub fn current_trace_id() -> Option<String> {
     let cx = tracing::Span::current().context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The tracer of pyvisor's own call spans, while spans are exported; `None` otherwise (one
+/// atomic load). For spans of work that leaves this process — a call to another node, a
+/// request to another service — made with the OpenTelemetry API directly, as pyvisor's call
+/// spans are (cheaper than `tracing` spans), and exported with them. Pair it with
+/// [`parent_context`] (the span's parent) and [`traceparent`] (the header to send on):
+///
+/// ```
+/// use opentelemetry::trace::{Span, SpanKind, TraceContextExt, Tracer};
+/// use opentelemetry::Context;
+/// use pyvisor_core::telemetry;
+///
+/// /// The span of a request sent elsewhere, under `received` (the caller's `traceparent`) or
+/// /// else the current `tracing` span; and the `traceparent` to send with the request.
+/// fn outgoing(received: Option<&str>) -> Option<(Context, String)> {
+///     let tracer = telemetry::tracer()?; // nothing exported: no span, nothing to send
+///     let parent = telemetry::parent_context(received, None);
+///     let span = tracer.span_builder("my.request").with_kind(SpanKind::Client).start_with_context(&tracer, &parent);
+///     let (header, _tracestate) = telemetry::traceparent(span.span_context());
+///     Some((Context::new().with_span(span), header)) // the span ends when the context drops
+/// }
+///
+/// assert!(outgoing(None).is_none(), "telemetry::init was not called: nothing is exported");
+/// ```
+pub fn tracer() -> Option<SdkTracer> {
+    call_tracer()
+}
+
+/// The parent for a span: the W3C context `traceparent`/`tracestate` when given (an empty
+/// context if it is malformed), else the current `tracing` span's (through the OpenTelemetry
+/// layer [`init`] installs), else an empty context (a new trace). What pyvisor's call spans
+/// take as their parent.
+///
+/// ```
+/// use opentelemetry::trace::TraceContextExt;
+/// let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// let cx = pyvisor_core::telemetry::parent_context(Some(tp), None);
+/// assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+/// assert!(!pyvisor_core::telemetry::parent_context(Some("garbage"), None).has_active_span());
+/// ```
+pub fn parent_context(traceparent: Option<&str>, tracestate: Option<&str>) -> opentelemetry::Context {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    match traceparent {
+        Some(tp) => crate::observe::tracing_ctx::remote_context(tp, tracestate),
+        None => {
+            let current = tracing::Span::current();
+            if current.is_none() {
+                opentelemetry::Context::new()
+            } else {
+                current.context()
+            }
+        }
+    }
+}
+
+/// A span's W3C `traceparent` header and its `tracestate` (`None` when empty): what to send
+/// with a call so that the other side's spans become its children.
+///
+/// ```
+/// use opentelemetry::trace::TraceContextExt;
+/// use pyvisor_core::telemetry::{parent_context, traceparent};
+/// let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// let cx = parent_context(Some(tp), Some("k=v"));
+/// assert_eq!(traceparent(cx.span().span_context()), (tp.to_string(), Some("k=v".to_string())));
+/// ```
+pub fn traceparent(span: &opentelemetry::trace::SpanContext) -> (String, Option<String>) {
+    crate::observe::tracing_ctx::traceparent(span)
 }
 
 /// Run by `cargo test -p pyvisor-core --no-default-features` (the workspace's tests build

@@ -115,6 +115,25 @@ impl CallOptions {
         self.tracestate = tracestate;
         self
     }
+    /// The W3C trace context given with [`CallOptions::trace_context`], if any.
+    pub fn get_trace_context(&self) -> Option<(&str, Option<&str>)> {
+        Some((self.traceparent.as_deref()?, self.tracestate.as_deref()))
+    }
+    /// The deadline of a call made at `called` with these options, where `default` is the
+    /// timeout that applies when none was given (a pool's call timeout); `None`: no deadline.
+    /// What a caller that forwards the call elsewhere (another node) measures its time by.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pyvisor_core::CallOptions;
+    /// let now = tokio::time::Instant::now();
+    /// let opts = CallOptions::new().timeout(Duration::from_secs(2));
+    /// assert_eq!(opts.deadline_at(now, Some(Duration::from_secs(30))), Some(now + Duration::from_secs(2)));
+    /// assert_eq!(CallOptions::new().no_timeout().deadline_at(now, Some(Duration::from_secs(30))), None);
+    /// ```
+    pub fn deadline_at(&self, called: Instant, default: Option<Duration>) -> Option<Instant> {
+        self.deadline_from(called, default)
+    }
 }
 
 
