@@ -33,11 +33,13 @@ demo: setup
 
 test: test-rust test-python
 
-# Two invocations: pyvisor-cluster turns on ractor's `cluster` feature, which would unify into
-# the rest of the workspace and remove ractor's blanket `Message` impl from its actors.
+# Separate invocations: pyvisor-cluster turns on ractor's `cluster` feature, which would unify
+# into the rest of the workspace and remove ractor's blanket `Message` impl from its actors. The
+# third tests `pyvisor node`, which exists only in a CLI built with that feature.
 test-rust: setup
 	cargo test --workspace --exclude pyvisor-cluster
 	cargo test -p pyvisor-cluster
+	cargo test -p pyvisor-cli --features cluster --test node
 
 # The two adapter suites run side by side (they wait on worker processes far more than they
 # compute: 85 s together instead of 165 s one after the other on 2 cores); each one's output is

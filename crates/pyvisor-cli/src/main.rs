@@ -1,9 +1,12 @@
 //! `pyvisor`: call a Python function, check an installation, benchmark a pool, run a tree and
-//! ask a running one for its status.
+//! ask a running one for its status; with the `cluster` feature, run a tree as a node of a
+//! cluster (`pyvisor node`).
 
 mod bench;
 mod chaos;
 mod control;
+#[cfg(feature = "cluster")]
+mod node;
 mod notify;
 mod run;
 mod status;
@@ -67,11 +70,22 @@ enum Command {
     },
     /// Print the tree of a running `pyvisor run` (from another shell), through its control socket.
     Status(status::StatusArgs),
+    /// Run a tree from a TOML file as a node of a cluster: as `pyvisor run`, and its pools are
+    /// served to the other nodes (docs/cluster.md, "Running nodes").
+    #[cfg(feature = "cluster")]
+    Node(Box<node::NodeCmd>),
+    /// (This build has no multi-node mode: says so.)
+    #[cfg(not(feature = "cluster"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Run { .. }) {
+    if matches!(cli.command, Command::Run { .. } | Command::Node { .. }) {
         // Before any thread starts: it takes systemd's variables out of the environment.
         notify::capture_env();
     }
@@ -98,6 +112,13 @@ fn main() -> ExitCode {
             Command::Run { tree, http, control } => run::run(interpreter, tree, http, control).await,
             Command::Status(args) => status::run(args).await,
             Command::Chaos(args) => chaos::run(interpreter, args).await,
+            #[cfg(feature = "cluster")]
+            Command::Node(cmd) => node::run(interpreter, *cmd).await,
+            #[cfg(not(feature = "cluster"))]
+            Command::Node { .. } => {
+                eprintln!("error: `pyvisor node` needs multi-node mode, which this pyvisor was built without: build it with `--features cluster` (cargo install --path crates/pyvisor-cli --features cluster)");
+                ExitCode::from(2)
+            }
         };
         // Flush while the runtime still drives the exporters (on a blocking thread: the HTTP
         // exporter's flush blocks).

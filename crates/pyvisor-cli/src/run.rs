@@ -5,6 +5,10 @@
 //! (`NOTIFY_SOCKET`), `notify` tells the service manager when the tree is ready, alive and
 //! stopping. With `--http`, the endpoints of `pyvisor_cli::http`, listening from before the
 //! tree starts.
+//!
+//! A command built on it (`pyvisor node`) adds what it runs beside the tree through
+//! [`Extension`]: it sees the parsed file before anything starts, the tree once it has started,
+//! and stops before the tree shuts down.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -22,6 +26,38 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{control, notify, tree_file};
+
+/// What a command built on `pyvisor run` adds to the run (`pyvisor node` serves the tree to a
+/// cluster). `pyvisor run` itself adds nothing (`()`).
+pub(crate) trait Extension {
+    /// Before anything starts (no socket claimed, no worker started), with the parsed tree
+    /// file: check it, start what runs beside the tree. An error ends the run with exit code 2.
+    async fn before_start(&mut self, spec: &SupervisorSpec) -> Result<(), String>;
+    /// The tree has started. An error ends the run with exit code 1 (the tree shut down).
+    async fn started(&mut self, tree: &Tree) -> Result<(), String>;
+    /// Resolves with the reason when what it runs has failed: the run then stops, exit code 1.
+    /// Polled in the run's loop, so cancel safe (never resolves if nothing can fail).
+    async fn failed(&mut self) -> String;
+    /// The run is stopping, the tree still up (after [`Extension::started`], whatever its
+    /// outcome).
+    async fn stopping(&mut self);
+    /// The run is over: the tree shut down, or it never started.
+    async fn stopped(&mut self);
+}
+
+impl Extension for () {
+    async fn before_start(&mut self, _: &SupervisorSpec) -> Result<(), String> {
+        Ok(())
+    }
+    async fn started(&mut self, _: &Tree) -> Result<(), String> {
+        Ok(())
+    }
+    async fn failed(&mut self) -> String {
+        std::future::pending().await
+    }
+    async fn stopping(&mut self) {}
+    async fn stopped(&mut self) {}
+}
 
 /// Hosts the tree, so its failure reaches us as an ordinary supervision event.
 struct Host;
@@ -209,12 +245,17 @@ fn show(line: String, tty: bool, recent: &mut Vec<String>) {
 }
 
 pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>, control_path: Option<PathBuf>) -> ExitCode {
+    run_with(interpreter, file, http_addr, control_path, ()).await
+}
+
+/// `pyvisor run` with `ext` beside the tree (see [`Extension`]).
+pub(crate) async fn run_with<E: Extension>(interpreter: Interpreter, file: PathBuf, http_addr: Option<SocketAddr>, control_path: Option<PathBuf>, mut ext: E) -> ExitCode {
     // Listened to from the very start, not once the tree is up: a SIGTERM while workers load
     // stops what started (it does not kill the run outright), a SIGHUP then is kept for later.
-    let mut int = signal(SignalKind::interrupt()).ok();
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut hup = signal(SignalKind::hangup()).ok();
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<String>();
+    let int = signal(SignalKind::interrupt()).ok();
+    let term = signal(SignalKind::terminate()).ok();
+    let hup = signal(SignalKind::hangup()).ok();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<String>();
     let sink: tree_file::EventSink = Arc::new(move |path: &str, e: &PoolEvent| {
         if let Some(line) = describe(path, e) {
             let _ = ev_tx.send(line);
@@ -227,6 +268,38 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = ext.before_start(&spec).await {
+        eprintln!("error: {e}");
+        ext.stopped().await;
+        return ExitCode::from(2);
+    }
+    let code = supervise(interpreter, file, http_addr, control_path, spec, sink, ev_rx, Signals { int, term, hup }, &mut ext).await;
+    ext.stopped().await;
+    code
+}
+
+/// The signals the run listens to, from its very start.
+struct Signals {
+    int: Option<Signal>,
+    term: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+/// The run once the file is parsed: claim the sockets, start the tree, show it, reload it,
+/// stop it.
+#[allow(clippy::too_many_arguments)]
+async fn supervise<E: Extension>(
+    interpreter: Interpreter,
+    file: PathBuf,
+    http_addr: Option<SocketAddr>,
+    control_path: Option<PathBuf>,
+    spec: SupervisorSpec,
+    sink: tree_file::EventSink,
+    mut ev_rx: mpsc::UnboundedReceiver<String>,
+    signals: Signals,
+    ext: &mut E,
+) -> ExitCode {
+    let Signals { mut int, mut term, mut hup } = signals;
     // The status socket, claimed before any worker starts (a second run on the same path stops
     // here); dropped, and so removed, on every way out below.
     let control = match control::Control::start(control_path.as_deref(), spec.name(), &file).await {
@@ -320,11 +393,16 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
     println!("status from another shell: pyvisor status --control {}", control.path().display());
     let _watch = sd.watch(tree.clone());
     let mut reloading: Option<Reloading> = None;
-    if std::mem::take(&mut reload_wanted) {
+    let started = ext.started(&tree).await;
+    if std::mem::take(&mut reload_wanted) && started.is_ok() {
         reloading = begin_reload(&file, &interpreter, &sink, &tree, &sd);
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let code = loop {
+        if let Err(e) = &started {
+            eprintln!("error: {e}");
+            break ExitCode::from(1);
+        }
         tokio::select! {
             _ = received(&mut int) => break ExitCode::SUCCESS,
             _ = received(&mut term) => break ExitCode::SUCCESS,
@@ -362,6 +440,10 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
                 sd.tree_failed(&line);
                 break ExitCode::from(1);
             }
+            why = ext.failed() => {
+                eprintln!("error: {why}");
+                break ExitCode::from(1);
+            }
             _ = tick.tick() => {
                 let mut r = Vec::new();
                 rows(&tree, &mut r).await;
@@ -374,6 +456,7 @@ pub async fn run(interpreter: Interpreter, file: PathBuf, http_addr: Option<Sock
         }
     };
     control.stopping();
+    ext.stopping().await;
     println!("stopping the tree (children in reverse order)...");
     if let Some(r) = reloading.take() {
         // A pool it was starting is linked to its supervisor and stops with the tree.

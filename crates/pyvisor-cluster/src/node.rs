@@ -444,10 +444,11 @@ impl Node {
         crate::serve::serve(&name, crate::serve::Source::Fixed(pool)).await
     }
 
-    /// Serve the pool `name` found by `lookup` at each call: for a pool that is restarted
-    /// (a child of a supervision tree gets a new handle each time), e.g.
-    /// `node.serve_with("models", move || tree.pool("models"))`. While `lookup` finds none,
-    /// calls are answered as not running there, and callers send them to another node.
+    /// Serve the pool `name` found by `lookup` at each call: for a pool that may not exist
+    /// for a while — a child of a supervision tree that is removed, reloaded or not started
+    /// yet — e.g. `node.serve_with("models", move || tree.pool("models"))` (a tree's pool
+    /// handle itself follows its supervisor's restarts). While `lookup` finds none, calls are
+    /// answered as not running there, and callers send them to another node.
     pub async fn serve_with(&self, name: &str, lookup: impl Fn() -> Option<pyvisor_core::Pool> + Send + Sync + 'static) -> Result<crate::Served, ClusterError> {
         crate::serve::serve(name, crate::serve::Source::Lookup(Arc::new(lookup))).await
     }

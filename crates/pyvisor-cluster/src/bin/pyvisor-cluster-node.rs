@@ -1,69 +1,39 @@
-//! A pyvisor node as a process: listens, connects to seed nodes, starts pools and serves them
-//! to the cluster, and runs until SIGTERM or Ctrl-C. Prints `ready NAME` on stdout once its
-//! pools are served and its seeds connected (what tests and scripts wait for).
-//!
-//! Interim: `pyvisor node` in the CLI (with a tree file) is not built yet (docs/cluster.md).
+//! A pyvisor node as a process, with pools given on the command line (`pyvisor node` runs a
+//! tree file instead; both take the same node flags, `NodeArgs`): listens, keeps its seeds
+//! connected (`--join`, dialed again whenever a session ends), starts pools and serves them to
+//! the cluster, and runs until SIGTERM or Ctrl-C. Prints `ready NAME` on stdout once its pools
+//! are served and every seed has been reached once (what tests and scripts wait for); a seed
+//! down at start is waited for, but one that refuses the session (another cookie) or fails the
+//! TLS handshake before that is an error: the node says so on stderr and exits with 1.
 //!
 //! ```text
 //! pyvisor-cluster-node --name b --listen 127.0.0.1:7401 --cookie-file cookie \
 //!     --join 127.0.0.1:7400 --pool work=worker.py --workers 2
 //! ```
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-use pyvisor_cluster::{HeartbeatPolicy, Node, NodeConfig, NodeTls};
+use pyvisor_cluster::NodeArgs;
 use pyvisor_core::{Pool, PoolSpec};
 
 #[derive(Parser)]
 #[command(about = "Run a pyvisor node: serve pools to the cluster")]
 struct Args {
-    /// The node's name (unique in the cluster).
-    #[arg(long)]
-    name: String,
-    /// Where to listen (ip:port).
-    #[arg(long)]
-    listen: SocketAddr,
-    /// A file whose first line is the cluster's cookie.
-    #[arg(long)]
-    cookie_file: PathBuf,
-    /// A node to connect to (repeatable).
-    #[arg(long)]
-    join: Vec<SocketAddr>,
+    #[command(flatten)]
+    node: NodeArgs,
     /// A pool to start and serve: NAME=SCRIPT (repeatable).
     #[arg(long)]
     pool: Vec<String>,
     /// An environment variable for the pools' workers: KEY=VALUE (repeatable).
     #[arg(long)]
     env: Vec<String>,
-    /// Ping every peer this often (milliseconds) ...
-    #[arg(long, default_value_t = 500)]
-    heartbeat_ms: u64,
-    /// ... and give up a peer after this many misses in a row.
-    #[arg(long, default_value_t = 4)]
-    heartbeat_misses: u32,
     /// Workers per pool.
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// The Python interpreter (with pyvisor_worker installed).
     #[arg(long, env = "PYVISOR_PYTHON", default_value = "python3")]
     python: PathBuf,
-    /// TLS between nodes (mutual): this node's certificate chain (PEM). With --tls-key and
-    /// --tls-ca; every node of the cluster then needs TLS.
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// This node's private key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The CA certificate(s) that signed every node's certificate (PEM; for a self-signed
-    /// certificate, the certificate itself).
-    #[arg(long, requires = "tls_cert")]
-    tls_ca: Option<PathBuf>,
-    /// The name every node's certificate is valid for.
-    #[arg(long, default_value = "localhost")]
-    tls_server_name: String,
 }
 
 #[tokio::main]
@@ -84,49 +54,65 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let cookie = NodeConfig::cookie_from_file(&args.cookie_file)?;
-    let heartbeat = HeartbeatPolicy::new(Duration::from_millis(args.heartbeat_ms), args.heartbeat_misses);
-    let mut config = NodeConfig::new(&args.name, args.listen, &cookie)?.heartbeat(heartbeat);
-    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        config = config.tls(NodeTls::from_pem_files(cert, key, ca, &args.tls_server_name)?);
-    }
-    let node = Node::start(config).await?;
-    let mut served = Vec::new();
+    // Listened to from the start: a SIGTERM while pools start or seeds are awaited stops the
+    // node in order.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let (node, seeds) = args.node.start().await?;
     let mut pools = Vec::new();
+    let outcome = serve(&args, &node, &mut pools, &mut term, seeds).await;
+    for pool in pools {
+        pool.shutdown().await;
+    }
+    node.shutdown().await;
+    outcome
+}
+
+/// Start and serve the pools, say `ready` once every seed has been reached, then wait for a
+/// stop signal. The pools started are left in `pools` (stopped by the caller, also on error).
+async fn serve(
+    args: &Args,
+    node: &pyvisor_cluster::Node,
+    pools: &mut Vec<Pool>,
+    term: &mut Option<tokio::signal::unix::Signal>,
+    seeds: pyvisor_cluster::Seeds,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut served = Vec::new();
     for p in &args.pool {
         let (name, script) = p.split_once('=').ok_or_else(|| format!("--pool wants NAME=SCRIPT, got {p:?}"))?;
-        let mut spec = PoolSpec::script(script).name(name).python(&args.python).workers(args.workers).env("PYVISOR_NODE", &args.name);
+        let mut spec = PoolSpec::script(script).name(name).python(&args.python).workers(args.workers).env("PYVISOR_NODE", &args.node.name);
         for kv in &args.env {
             let (k, v) = kv.split_once('=').ok_or_else(|| format!("--env wants KEY=VALUE, got {kv:?}"))?;
             spec = spec.env(k, v);
         }
         let pool = Pool::start(spec).await?;
-        served.push(node.serve(pool.clone()).await?);
-        pools.push(pool);
+        pools.push(pool.clone());
+        served.push(node.serve(pool).await?);
     }
-    for seed in &args.join {
-        node.connect(*seed, Duration::from_secs(30)).await?;
+    tokio::select! {
+        reached = seeds.reached_or_refused() => {
+            reached?;
+            println!("ready {}", node.name());
+        }
+        () = stop_signal(term) => return Ok(()),
     }
-    println!("ready {}", node.name());
-    wait_for_stop().await;
+    stop_signal(term).await;
+    // Stop serving before the pools stop; the seeds stop being dialed.
     drop(served);
-    for pool in pools {
-        pool.shutdown().await;
-    }
-    node.shutdown().await;
+    drop(seeds);
     Ok(())
 }
 
-async fn wait_for_stop() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM or Ctrl-C.
+async fn stop_signal(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
