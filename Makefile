@@ -14,7 +14,7 @@ export PYVISOR_PYTHON := $(PY)
 
 ADAPTER_SOURCES := python_adapter/pyproject.toml $(wildcard python_adapter/pyvisor_worker/*.py)
 
-.PHONY: setup demo test test-rust test-python bench bench-quick clean
+.PHONY: setup demo test test-rust test-python bench bench-quick bench-cluster clean
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,15 @@ bench: setup
 # A short smoke of the suite: it runs and prints ratios (figures not meaningful).
 bench-quick: setup
 	cargo run -p pyvisor-bench -- --quick
+
+# The multi-node benchmark row (release build): a remote call over loopback against a local
+# call plus a raw TCP round trip, and throughput from one and two hosting nodes
+# (docs/benchmarks.md, "Across nodes"). The node binary is built first: the bench starts it
+# from its own directory. Options: `make bench-cluster BENCH_CLUSTER_ARGS="--rounds 3 --json F"`.
+BENCH_CLUSTER_ARGS ?= --json target/bench/cluster.json
+bench-cluster: setup
+	cargo build --release -p pyvisor-cluster --bins
+	cargo run --release -p pyvisor-cluster --bin pyvisor-cluster-bench -- $(BENCH_CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PLAIN_VENV) target

@@ -34,7 +34,7 @@ pub use error::ClusterError;
 pub use heartbeat::{HeartbeatPolicy, NodeBeatMsg};
 pub use node::{Node, NodeConfig, NodeEvent, Peer, DEFAULT_TAINT_WINDOW};
 pub use node_loss::{LossCause, NodeLoss, NodeTaint};
-pub use remote::{RemoteCallError, RemoteCallOptions, RemotePool, DEFAULT_REMOTE_TIMEOUT};
+pub use remote::{RemoteCallError, RemotePool, DEFAULT_REMOTE_TIMEOUT};
 pub use seeds::{SeedPolicy, SeedStatus, Seeds};
 pub use serve::Served;
 pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};

@@ -69,9 +69,6 @@ impl RemoteCallError {
     }
 }
 
-/// Interim name of [`CallOptions`] for remote calls (the same type).
-pub type RemoteCallOptions = CallOptions;
-
 /// The timeout of a remote call made without one (as a pool's default call timeout).
 pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 

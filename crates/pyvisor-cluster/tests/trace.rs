@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::node_process::{scratch, Extra, NodeProcess};
 use common::{eventually, free_addr};
 use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
-use pyvisor_cluster::{Node, NodeConfig, RemoteCallError, RemoteCallOptions, RemotePool};
+use pyvisor_cluster::{Node, NodeConfig, RemoteCallError, RemotePool};
 use pyvisor_core::telemetry::{self, Protocol, TelemetryConfig};
 use tracing::Instrument;
 
@@ -118,7 +118,7 @@ async fn a_remote_calls_trace_holds_the_serving_nodes_call_attempt_and_function_
     let mut b = NodeProcess::start_with("b", "traced", free_addr(), &cookie, &[a.listen_addr()], &side_log, otel);
     let pool = RemotePool::new(&a, "traced");
     assert!(eventually(Duration::from_secs(20), || pool.members() == vec!["b@127.0.0.1".to_string()]).await, "members: {:?}", pool.members());
-    let opts = || RemoteCallOptions::default().timeout(Duration::from_secs(20));
+    let opts = || pyvisor_core::CallOptions::new().timeout(Duration::from_secs(20));
 
     // 1. Under a `tracing` span of A's: the remote call span is its child.
     let request = tracing::info_span!("test.request");
