@@ -94,7 +94,8 @@ async fn a_node_process_whose_seed_is_down_at_start_waits_for_it() {
     assert!(!starting.is_finished(), "B said ready before its seed was reached");
     let a = start_on("a", a_addr, "s3cret").await;
     let b = tokio::time::timeout(GUARD, starting).await.expect("B says ready once A is up").expect("B starts");
-    assert!(a.peers().iter().any(|p| p.name == "b@127.0.0.1"), "{:?}", a.peers());
+    // B's side of the session is ready when B says so; A's may follow a moment later.
+    assert!(eventually(GUARD, || a.peers().iter().any(|p| p.name == "b@127.0.0.1")).await, "{:?}", a.peers());
     assert_eq!(call_where(&a, "seeds2").await, "b");
     drop(b);
     a.shutdown().await;
