@@ -1,10 +1,11 @@
 //! Pools across nodes, with separate OS processes over real TCP on 127.0.0.1: node A (this
-//! test) calls pool `work` served by nodes B and C (`pyvisor-cluster-node` processes, real
-//! Python workers: tests/workers/cluster.py). Calls reach both; SIGKILL of B's process under
-//! load (16 callers) loses no idempotent result and runs no non-idempotent call twice (the
-//! side-effect log), the load goes on on C; B restarted joins A again and is used again.
-//! SIGSTOP of B is noticed by A's node heartbeat and handled like a loss (not left to the
-//! calls' deadlines).
+//! test, serving the pool itself too) and nodes B and C (`pyvisor-cluster-node` processes, real
+//! Python workers: tests/workers/cluster.py). Calls reach all three; SIGKILL of B's process
+//! under load (16 callers) loses no idempotent result and runs no non-idempotent call twice
+//! (the side-effect log), the load goes on on A and C; B restarted joins A again, takes no call
+//! in its taint window and is used after it — in the clear and over mutual TLS. SIGSTOP of B is
+//! noticed by A's node heartbeat and handled like a loss (not left to the calls' deadlines).
+//! Cancellation crosses; affinity and idempotency keys hold; another cookie is refused.
 
 mod common;
 
@@ -12,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::node_process::{python, scratch, NodeProcess};
+use common::node_process::{python, scratch, Extra, NodeProcess};
 use common::{eventually, free_addr};
-use pyvisor_cluster::{HeartbeatPolicy, LossCause, Node, NodeConfig, NodeEvent, RemoteCallError, RemotePool};
+use pyvisor_cluster::{HeartbeatPolicy, LossCause, Node, NodeConfig, NodeEvent, NodeTls, RemoteCallError, RemotePool};
 use pyvisor_core::{CallOptions, Pool, PoolSpec};
 
 /// One test at a time: ractor's process groups are global to this process, so two tests' nodes
@@ -120,16 +121,48 @@ async fn local_pool(name: &str, side_log: &std::path::Path) -> Pool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (dir, cookie, side_log) = scratch("sigkill");
+    survive_the_loss_of_b("sigkill", "work", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_too() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    survive_the_loss_of_b("sigkill-tls", "work6", true).await;
+}
+
+/// A self-signed certificate for `localhost` in `dir` (its own CA): the node flags for it and
+/// A's settings.
+fn tls_for(dir: &std::path::Path) -> (Vec<String>, NodeTls) {
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    let (pem, key) = (dir.join("node.pem"), dir.join("node.key"));
+    std::fs::write(&pem, cert.pem()).expect("write the certificate");
+    std::fs::write(&key, signing_key.serialize_pem()).expect("write the key");
+    let tls = NodeTls::from_pem_files(&pem, &key, &pem, "localhost").expect("TLS settings");
+    let (pem, key) = (pem.to_string_lossy().into_owned(), key.to_string_lossy().into_owned());
+    (vec!["--tls-cert".into(), pem.clone(), "--tls-key".into(), key, "--tls-ca".into(), pem], tls)
+}
+
+/// A (this test, serving `pool` itself too) with B and C (processes) under 16 callers; B is
+/// killed, restarted, tainted, used again. With `tls`, every session is mutual TLS.
+async fn survive_the_loss_of_b(tag: &str, pool: &str, tls: bool) {
+    let (dir, cookie, side_log) = scratch(tag);
     // A taint window long enough to see B back and still tainted.
     let window = Duration::from_secs(10);
-    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config").taint_window(window)).await.expect("node a");
-    let mine = local_pool("work", &side_log).await;
-    let _served = a.serve(mine.clone()).await.expect("A serves work");
+    let mut config = NodeConfig::new("a", free_addr(), "s3cret").expect("config").taint_window(window);
+    let mut extra = Extra::default();
+    if tls {
+        let (args, settings) = tls_for(&dir);
+        config = config.tls(settings);
+        extra.args = args;
+    }
+    let a = Node::start(config).await.expect("node a");
+    let mine = local_pool(pool, &side_log).await;
+    let _served = a.serve(mine.clone()).await.expect("A serves its pool");
     let (b_addr, c_addr) = (free_addr(), free_addr());
-    let mut b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
-    let c = NodeProcess::start("c", "work", c_addr, &cookie, &[a.listen_addr()], &side_log);
-    let work = Arc::new(RemotePool::new(&a, "work"));
+    let start = |name: &str, addr| NodeProcess::start_with(name, pool, addr, &cookie, &[a.listen_addr()], &side_log, extra.clone());
+    let mut b = start("b", b_addr);
+    let c = start("c", c_addr);
+    let work = Arc::new(RemotePool::new(&a, pool));
     let all = ["a@127.0.0.1", "b@127.0.0.1", "c@127.0.0.1"].map(String::from).to_vec();
     assert!(eventually(Duration::from_secs(20), || work.members() == all).await, "members: {:?}", work.members());
 
@@ -163,7 +196,7 @@ async fn calls_from_a_run_on_b_and_c_and_survive_the_loss_of_b() {
 
     // B restarted joins A again; within its taint window it takes no call while A and C can;
     // after it, it is used again.
-    let _b = NodeProcess::start("b", "work", b_addr, &cookie, &[a.listen_addr()], &side_log);
+    let _b = start("b", b_addr);
     assert!(eventually(Duration::from_secs(20), || work.members() == all).await, "{:?}", work.members());
     let mut while_tainted = 0;
     while a.is_tainted("b@127.0.0.1") {

@@ -65,6 +65,8 @@ impl NodeProcess {
             .arg(python())
             .arg("--env")
             .arg(format!("SIDE_LOG={}", side_log.display()))
+            // Warnings and errors only on the test's output (`extra.env` may say otherwise).
+            .env("PYVISOR_LOG", "warn")
             .stdout(Stdio::piped());
         for j in join {
             cmd.args(["--join", &j.to_string()]);
