@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use pyvisor_cluster::{Node, NodeArgs, Seeds, Served};
-use pyvisor_core::supervisor::{SupervisorSpec, Tree};
+use pyvisor_core::supervisor::{ChildKind, SupervisorSpec, Tree};
 use pyvisor_core::Interpreter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -73,8 +73,8 @@ struct Running {
 }
 
 impl Extension for Cluster {
-    async fn before_start(&mut self, _: &SupervisorSpec) -> Result<(), String> {
-        let pools = pools_to_serve(&self.file, &self.serve)?;
+    async fn before_start(&mut self, spec: &SupervisorSpec) -> Result<(), String> {
+        let pools = pools_to_serve(spec, &self.file, &self.serve)?;
         let (node, seeds) = self.args.start().await.map_err(|e| e.to_string())?;
         println!("node {} listening on {}", node.name(), node.listen_addr());
         let (failed_tx, failed) = mpsc::unbounded_channel();
@@ -137,9 +137,8 @@ impl Extension for Cluster {
 
 /// The pools to serve, by served name (the pool's id) → path in the tree: those named with
 /// `--serve`, else every pool of the tree file.
-fn pools_to_serve(file: &Path, wanted: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let all = pool_paths(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+fn pools_to_serve(spec: &SupervisorSpec, file: &Path, wanted: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let all = pool_paths(spec);
     let chosen: Vec<String> = if wanted.is_empty() {
         all.clone()
     } else {
@@ -192,61 +191,46 @@ fn id_of(path: &str) -> &str {
 /// The paths of every pool of a tree file (`id`, `sup/id` for a nested one), in file order.
 /// Only the `pool`, `supervisor` and `children` keys are read here; the tree's own parse
 /// (`tree_file`, before this) checks everything else.
-fn pool_paths(text: &str) -> Result<Vec<String>, String> {
-    fn walk(children: Option<&toml::Value>, prefix: &str, out: &mut Vec<String>) {
-        for child in children.and_then(toml::Value::as_array).into_iter().flatten() {
-            if let Some(id) = child.get("pool").and_then(toml::Value::as_str) {
-                out.push(format!("{prefix}{id}"));
-            } else if let Some(id) = child.get("supervisor").and_then(toml::Value::as_str) {
-                walk(child.get("children"), &format!("{prefix}{id}/"), out);
+/// The paths of the tree's pools (`etl/loader` for a pool of a nested supervisor), in order.
+fn pool_paths(spec: &SupervisorSpec) -> Vec<String> {
+    fn walk(spec: &SupervisorSpec, prefix: &str, out: &mut Vec<String>) {
+        for child in spec.children() {
+            match child.kind() {
+                ChildKind::Pool(_) => out.push(format!("{prefix}{}", child.id())),
+                ChildKind::Supervisor(nested) => walk(nested, &format!("{prefix}{}/", child.id()), out),
+                ChildKind::Actor(_) => {}
             }
         }
     }
-    let doc: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    walk(doc.get("supervisor").and_then(|s| s.get("children")), "", &mut out);
-    Ok(out)
+    walk(spec, "", &mut out);
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    use pyvisor_core::supervisor::{ChildSpec, Strategy};
+    use pyvisor_core::PoolSpec;
+
     use super::*;
 
-    const TREE: &str = r#"
-[supervisor]
-name = "root"
-
-[[supervisor.children]]
-pool = "ml"
-script = "ml.py"
-
-[[supervisor.children]]
-supervisor = "etl"
-
-  [[supervisor.children.children]]
-  pool = "loader"
-  script = "etl.py"
-
-  [[supervisor.children.children]]
-  pool = "ml"
-  script = "ml2.py"
-"#;
-
-    fn file(tag: &str, text: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("pyvisor-node-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&p, text).expect("write");
-        p
+    /// `ml`, and `etl` with `loader` and another `ml`.
+    fn tree() -> SupervisorSpec {
+        let etl = SupervisorSpec::new("etl", Strategy::OneForOne)
+            .child(ChildSpec::pool("loader", PoolSpec::script("etl.py")))
+            .child(ChildSpec::pool("ml", PoolSpec::script("ml2.py")));
+        SupervisorSpec::new("root", Strategy::OneForOne).child(ChildSpec::pool("ml", PoolSpec::script("ml.py"))).child(ChildSpec::supervisor("etl", etl))
     }
 
     #[test]
-    fn every_pool_of_the_file_by_path() {
-        assert_eq!(pool_paths(TREE).expect("parses"), vec!["ml", "etl/loader", "etl/ml"]);
+    fn every_pool_of_the_tree_by_path() {
+        assert_eq!(pool_paths(&tree()), vec!["ml", "etl/loader", "etl/ml"]);
     }
 
     #[test]
     fn serve_names_are_ids_or_paths_and_unknown_or_clashing_ones_are_errors() {
-        let f = file("serve", TREE);
-        let served = |w: &[&str]| pools_to_serve(&f, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (spec, f) = (tree(), Path::new("tree.toml"));
+        let served = |w: &[&str]| pools_to_serve(&spec, f, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(served(&["loader"]).expect("by id"), BTreeMap::from([("loader".to_string(), "etl/loader".to_string())]));
         assert_eq!(served(&["etl/ml", "loader"]).expect("by path").get("ml").map(String::as_str), Some("etl/ml"));
         let unknown = served(&["nope"]).expect_err("unknown");
@@ -256,6 +240,5 @@ supervisor = "etl"
         // Every pool: two would be served under one name.
         let clash = served(&[]).expect_err("two pools named ml");
         assert!(clash.contains("`ml` and `etl/ml`"), "{clash}");
-        let _ = std::fs::remove_file(&f);
     }
 }

@@ -129,6 +129,19 @@ impl ChildSpec {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// What the child is: a pool (with its spec), a nested supervisor (with its spec) or an
+    /// actor of the user's.
+    ///
+    /// ```
+    /// use pyvisor_core::supervisor::{ChildKind, ChildSpec};
+    /// use pyvisor_core::PoolSpec;
+    /// let child = ChildSpec::pool("ml", PoolSpec::script("ml.py"));
+    /// assert!(matches!(child.kind(), ChildKind::Pool(_)));
+    /// ```
+    pub fn kind(&self) -> &ChildKind {
+        &self.kind
+    }
 }
 
 /// A supervisor: strategy, intensity, restart backoff, and children in start order.
