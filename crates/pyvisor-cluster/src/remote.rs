@@ -183,6 +183,30 @@ impl RemotePool {
                 None => None,
             };
             attempt += 1;
+            let node = self.node_of(&member);
+            // This process's own member: its pool is called directly, without the wire.
+            if let Some(source) = crate::serve::local(member.get_id()) {
+                let Some(pool) = source.pool() else {
+                    skip.push(node);
+                    continue;
+                };
+                let mut local = opts.clone();
+                if let Some(d) = deadline {
+                    local = local.deadline(d);
+                }
+                if let Some((tp, ts)) = &trace {
+                    local = local.trace_context(tp.clone(), ts.clone());
+                }
+                let outcome = {
+                    let _counted = InFlight::new(&self.state, &node);
+                    pool.call_raw(function, payload, local).await
+                };
+                return match outcome {
+                    Ok(bytes) => Ok(bytes),
+                    Err(e) if e.kind() == "timeout" => Err(timeout()),
+                    Err(e) => Err(RemoteCallError::Remote { function: function.to_string(), node, kind: e.kind().to_string(), message: e.to_string() }),
+                };
+            }
             let call_id = next_call_id();
             let body = wire::encode(&WireCall {
                 v: WIRE_VERSION,
@@ -196,7 +220,6 @@ impl RemotePool {
                 affinity: opts.affinity_key().map(str::to_string),
                 idempotency_key: opts.get_idempotency_key().map(str::to_string),
             });
-            let node = self.node_of(&member);
             let actor: ActorRef<PoolMemberMsg> = member.clone().into();
             let sent = Instant::now();
             let answer = {

@@ -2,17 +2,19 @@
 //! group `pyvisor.pool.<name>` (ractor_cluster makes it visible on every connected node), that
 //! runs each call it receives on the pool (with the caller's time left, trace context,
 //! idempotency, affinity and idempotency keys) as a task of its own, abandons it when the
-//! caller cancels, and answers with the outcome.
+//! caller cancels, and answers with the outcome. A caller in this process finds the pool behind
+//! its own node's member in a table of this process's served pools (`local`) and calls it
+//! directly.
 //!
-//! Owns the member actor and [`Served`], the handle that keeps it. Not the wire format
+//! Owns the member actor, [`Served`] (the handle that keeps it) and that table. Not the wire format
 //! (`wire`), not choosing a member (`remote`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyvisor_core::{CallOptions, Pool};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 
 use crate::error::ClusterError;
@@ -44,6 +46,9 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
+        if let Ok(mut local) = LOCAL.lock() {
+            local.remove(&self.member.get_id());
+        }
         self.member.stop(None);
     }
 }
@@ -63,7 +68,7 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    fn pool(&self) -> Option<Pool> {
+    pub(crate) fn pool(&self) -> Option<Pool> {
         match self {
             Source::Fixed(p) => Some(p.clone()),
             Source::Lookup(f) => f(),
@@ -75,11 +80,24 @@ impl Source {
 /// stopped): nothing ran, so the caller may send any call elsewhere.
 pub(crate) const NOT_RUNNING: &str = "not_running";
 
+/// The pools this process serves, by their member's id: a caller in this process finds its own
+/// node's member here and calls the pool directly, without the member's two hops.
+static LOCAL: Mutex<BTreeMap<ActorId, Source>> = Mutex::new(BTreeMap::new());
+
+/// The pool behind this process's member `member`, if it is one.
+pub(crate) fn local(member: ActorId) -> Option<Source> {
+    LOCAL.lock().ok()?.get(&member).cloned()
+}
+
 /// Serve the pool `name` found through `source` to the cluster.
 pub(crate) async fn serve(name: &str, source: Source) -> Result<Served, ClusterError> {
-    let state = MemberState { pool: name.to_string(), source, running: HashMap::new(), idempotent: Arc::new(Mutex::new(HashMap::new())) };
+    let running = Arc::new(Mutex::new(HashMap::new()));
+    let state = MemberState { pool: name.to_string(), source: source.clone(), running, idempotent: Arc::new(Mutex::new(HashMap::new())) };
     let (member, _) =
         Actor::spawn(None, Member, state).await.map_err(|e| ClusterError::Serve { pool: name.to_string(), detail: e.to_string() })?;
+    if let Ok(mut local) = LOCAL.lock() {
+        local.insert(member.get_id(), source);
+    }
     ractor::pg::join(group(name), vec![member.get_cell()]);
     Ok(Served { member, pool: name.to_string() })
 }
@@ -89,8 +107,9 @@ struct Member;
 struct MemberState {
     pool: String,
     source: Source,
-    /// Calls running, by the caller's call id: what a `Cancel` stops.
-    running: HashMap<u64, oneshot::Sender<()>>,
+    /// Calls running, by the caller's call id: what a `Cancel` stops (each call's task takes
+    /// its own entry out when it ends).
+    running: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
     /// Whether each function is idempotent, as the pool's workers said.
     idempotent: Arc<Mutex<HashMap<String, bool>>>,
 }
@@ -104,7 +123,7 @@ impl Actor for Member {
         Ok(state)
     }
 
-    async fn handle(&self, me: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, state: &mut MemberState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, state: &mut MemberState) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMemberMsg::Call(body, reply) => {
                 let call: WireCall = match wire::decode(&body) {
@@ -122,10 +141,11 @@ impl Actor for Member {
                 // Each call runs as its own task: the member never waits for one.
                 let (cancel_tx, cancel_rx) = oneshot::channel();
                 let id = call.call_id;
-                if let Some(id) = id {
-                    state.running.insert(id, cancel_tx);
+                if let (Some(id), Ok(mut running)) = (id, state.running.lock()) {
+                    running.insert(id, cancel_tx);
                 }
                 let idempotent = Arc::clone(&state.idempotent);
+                let running = Arc::clone(&state.running);
                 tokio::spawn(async move {
                     let function = call.function.clone();
                     tokio::select! {
@@ -136,14 +156,14 @@ impl Actor for Member {
                         // Dropping the call abandons it (its worker is sent `cancel`).
                         Ok(()) = cancel_rx => {}
                     }
-                    // Ended either way: the member forgets its id.
-                    if let Some(id) = id {
-                        let _ = me.cast(PoolMemberMsg::Cancel(id));
+                    // Ended either way: its id is forgotten.
+                    if let (Some(id), Ok(mut running)) = (id, running.lock()) {
+                        running.remove(&id);
                     }
                 });
             }
             PoolMemberMsg::Cancel(id) => {
-                if let Some(cancel) = state.running.remove(&id) {
+                if let Some(cancel) = state.running.lock().ok().and_then(|mut r| r.remove(&id)) {
                     let _ = cancel.send(());
                 }
             }
@@ -165,6 +185,15 @@ fn function_idempotent(pool: &Pool, function: &str, known: &Mutex<HashMap<String
 
 /// Run one call from the wire on `pool`.
 async fn run(pool: &Pool, call: WireCall) -> Result<serde_bytes::ByteBuf, WireError> {
+    let opts = options(&call);
+    match pool.call_raw(&call.function, &call.payload, opts).await {
+        Ok(bytes) => Ok(serde_bytes::ByteBuf::from(bytes.to_vec())),
+        Err(e) => Err(WireError { kind: e.kind().to_string(), message: e.to_string() }),
+    }
+}
+
+/// The options a call from the wire runs with.
+fn options(call: &WireCall) -> CallOptions {
     let mut opts = CallOptions::default();
     if let Some(ms) = call.budget_ms {
         opts = opts.timeout(Duration::from_millis(ms));
@@ -172,17 +201,14 @@ async fn run(pool: &Pool, call: WireCall) -> Result<serde_bytes::ByteBuf, WireEr
     if let Some(i) = call.idempotent {
         opts = opts.idempotent(i);
     }
-    if let Some(tp) = call.traceparent {
-        opts = opts.trace_context(tp, call.tracestate);
+    if let Some(tp) = &call.traceparent {
+        opts = opts.trace_context(tp.clone(), call.tracestate.clone());
     }
-    if let Some(key) = call.affinity {
-        opts = opts.affinity(key);
+    if let Some(key) = &call.affinity {
+        opts = opts.affinity(key.as_str());
     }
-    if let Some(key) = call.idempotency_key {
-        opts = opts.idempotency_key(key);
+    if let Some(key) = &call.idempotency_key {
+        opts = opts.idempotency_key(key.clone());
     }
-    match pool.call_raw(&call.function, &call.payload, opts).await {
-        Ok(bytes) => Ok(serde_bytes::ByteBuf::from(bytes.to_vec())),
-        Err(e) => Err(WireError { kind: e.kind().to_string(), message: e.to_string() }),
-    }
+    opts
 }

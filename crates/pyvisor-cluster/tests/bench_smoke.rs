@@ -35,7 +35,7 @@ fn the_cluster_bench_runs_and_prints_the_ratio() {
         "raw TCP request/reply",
         "remote: node A → node B",
         "ractor_cluster RPC alone",
-        "remote layer, no network",
+        "RemotePool → A's own member",
         "1 node (B",
         "2 nodes (B and C",
     ] {

@@ -14,8 +14,9 @@
 //! The target: remote p50 ≤ 1.5 × (local p50 + raw TCP p50). A fourth path, not judged, shows
 //! where a remote call's time goes: **ractor_cluster alone**, a `PoolMemberMsg::Call` from A to
 //! an actor on node R (this binary re-executed as a node) that answers with the bytes it got —
-//! no pyvisor remote layer, no pool; and the **remote layer without the network**, a
-//! `RemotePool` call on A whose member is A's own (the local pool, served on A as well).
+//! no pyvisor remote layer, no pool; and **A's own member**, a `RemotePool` call on A whose
+//! member is A's own (the local pool, served on A as well: called directly, without the wire,
+//! so this row is the cost of routing, the span and the counting around a local call).
 //!
 //! Then throughput: 16 callers on A against one hosting node (B's `bench`, 1 worker) and against
 //! two (pool `pair`, 1 worker on B and 1 on C), reported, not judged (every node shares the
@@ -313,9 +314,8 @@ async fn run(args: Args) -> BenchResult<()> {
     println!("\nremote / (local + raw TCP) p50: {ratio:.2}× (target ≤ {TARGET}×: {})", if met { "met" } else { "missed" });
     println!("\nwhere the remote p50 goes (p50s do not add up exactly: indicative)");
     line("ractor_cluster RPC alone: node A → node R, an actor echoes the bytes", &xh);
-    line("remote layer, no network: RemotePool → A's own member → local pool", &oh);
-    println!("{:<66} {:>10.1}", "ractor_cluster RPC + remote layer, no network", x50 + o50);
-    println!("{:<66} {:>10.1}", "remote − that sum", r50 - x50 - o50);
+    line("RemotePool → A's own member (its pool called directly)", &oh);
+    println!("{:<66} {:>10.1}", "remote − ractor_cluster RPC − local pyvisor", r50 - x50 - l50);
     println!(
         "\nthroughput, {CALLERS} callers on A, {tput_calls} calls per round, median of rounds (not judged: every node shares this machine's cores)"
     );
