@@ -35,3 +35,11 @@ pub enum ClusterError {
     #[error("the node has stopped")]
     Stopped,
 }
+
+impl ClusterError {
+    /// The peer refused the session (another cookie) or the TLS handshake failed: a
+    /// configuration error rather than a peer that is down.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, ClusterError::Refused { .. } | ClusterError::Tls { .. })
+    }
+}

@@ -169,7 +169,7 @@ impl RemotePool {
         let mut attempt = 0u32;
         loop {
             // A keyed call goes to its key's node, where the key is kept.
-            let Some(member) = self.pick(&skip, opts.affinity_key().or(opts.get_idempotency_key())) else {
+            let Some((member, node)) = self.pick(&skip, opts.affinity_key().or(opts.get_idempotency_key())) else {
                 return Err(match last_loss {
                     Some(certificate) => RemoteCallError::NodeLost { function: function.to_string(), certificate },
                     None => RemoteCallError::NoMembers { pool: self.pool.clone() },
@@ -183,7 +183,6 @@ impl RemotePool {
                 None => None,
             };
             attempt += 1;
-            let node = self.node_of(&member);
             // This process's own member: its pool is called directly, without the wire.
             if let Some(source) = crate::serve::local(member.get_id()) {
                 let Some(pool) = source.pool() else {
@@ -201,11 +200,7 @@ impl RemotePool {
                     let _counted = InFlight::new(&self.state, &node);
                     pool.call_raw(function, payload, local).await
                 };
-                return match outcome {
-                    Ok(bytes) => Ok(bytes),
-                    Err(e) if e.kind() == "timeout" => Err(timeout()),
-                    Err(e) => Err(RemoteCallError::Remote { function: function.to_string(), node, kind: e.kind().to_string(), message: e.to_string() }),
-                };
+                return outcome.map_err(|e| failed(function, node, e.kind().to_string(), e.to_string(), timeout));
             }
             let call_id = next_call_id();
             let body = wire::encode(&WireCall {
@@ -252,9 +247,7 @@ impl RemotePool {
                             skip.push(node);
                             continue;
                         }
-                        // The serving node ran out of the time it was given: the call's.
-                        Err(e) if e.kind == "timeout" => Err(timeout()),
-                        Err(e) => Err(RemoteCallError::Remote { function: function.to_string(), node, kind: e.kind, message: e.message }),
+                        Err(e) => Err(failed(function, node, e.kind, e.message, timeout)),
                     };
                 }
                 Ok(CallResult::Timeout) => return Err(timeout()),
@@ -278,9 +271,9 @@ impl RemotePool {
         }
     }
 
-    /// The member to call (see `routing`), among those not on a node in `skip`; `key` is the
-    /// call's routing key.
-    fn pick(&self, skip: &[String], key: Option<&str>) -> Option<ActorCell> {
+    /// The member to call (see `routing`) and its node's name, among those not on a node in
+    /// `skip`; `key` is the call's routing key.
+    fn pick(&self, skip: &[String], key: Option<&str>) -> Option<(ActorCell, String)> {
         let (members, names): (Vec<ActorCell>, Vec<String>) = ractor::pg::get_members(&group(&self.pool))
             .into_iter()
             .map(|c| {
@@ -304,7 +297,7 @@ impl RemotePool {
             })
             .collect();
         let i = choose(&candidates, key, self.turn.fetch_add(1, Ordering::Relaxed))?;
-        Some(members[i].clone())
+        Some((members[i].clone(), names[i].clone()))
     }
 
     fn known_idempotent(&self, function: &str) -> Option<bool> {
@@ -327,6 +320,15 @@ impl RemotePool {
         }
         self.node.peer_by_node_id(id.node()).unwrap_or_else(|| format!("node#{}", id.node()))
     }
+}
+
+/// A call that failed on `node` with `kind` (a `CallError::kind`): a timeout there is the
+/// call's own (the node was given the time left), anything else is that node's failure.
+fn failed(function: &str, node: String, kind: String, message: String, timeout: impl Fn() -> RemoteCallError) -> RemoteCallError {
+    if kind == "timeout" {
+        return timeout();
+    }
+    RemoteCallError::Remote { function: function.to_string(), node, kind, message }
 }
 
 /// A call id no other call of this process has (random start: ids of calls from different

@@ -142,7 +142,7 @@ impl SeedStatus {
     /// Not reached yet, and the last attempt was refused (another cookie) or failed its TLS
     /// handshake: a configuration error rather than a seed that is down.
     fn refused_before_reached(&self) -> bool {
-        !self.reached && matches!(self.last_error, Some(ClusterError::Refused { .. } | ClusterError::Tls { .. }))
+        !self.reached && self.last_error.as_ref().is_some_and(ClusterError::is_refusal)
     }
 }
 
@@ -313,7 +313,7 @@ impl Seed {
                     }
                     wait = redial.failed();
                     let failures = redial.failures();
-                    if matches!(error, ClusterError::Refused { .. } | ClusterError::Tls { .. }) {
+                    if error.is_refusal() {
                         tracing::warn!(seed = %self.addr, failures, retry_in = ?wait, "cannot join a seed: {error}");
                     } else {
                         tracing::info!(seed = %self.addr, failures, retry_in = ?wait, "cannot reach a seed yet: {error}");

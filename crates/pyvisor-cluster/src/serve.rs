@@ -129,13 +129,13 @@ impl Actor for Member {
                 let call: WireCall = match wire::decode(&body) {
                     Ok(c) => c,
                     Err(message) => {
-                        let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "protocol".into(), message }), idempotent: None }));
+                        let _ = reply.send(answer(Err(WireError { kind: "protocol".into(), message }), None));
                         return Ok(());
                     }
                 };
                 let Some(pool) = state.source.pool() else {
                     let message = format!("pool `{}` is not running on this node", state.pool);
-                    let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: Err(WireError { kind: NOT_RUNNING.into(), message }), idempotent: None }));
+                    let _ = reply.send(answer(Err(WireError { kind: NOT_RUNNING.into(), message }), None));
                     return Ok(());
                 };
                 // Each call runs as its own task: the member never waits for one.
@@ -151,7 +151,7 @@ impl Actor for Member {
                     tokio::select! {
                         answer = run(&pool, call) => {
                             let idempotent = function_idempotent(&pool, &function, &idempotent);
-                            let _ = reply.send(wire::encode(&WireReply { v: WIRE_VERSION, result: answer, idempotent }));
+                            let _ = reply.send(self::answer(answer, idempotent));
                         }
                         // Dropping the call abandons it (its worker is sent `cancel`).
                         Ok(()) = cancel_rx => {}
@@ -170,6 +170,11 @@ impl Actor for Member {
         }
         Ok(())
     }
+}
+
+/// A call's outcome as the encoded reply body.
+fn answer(result: Result<serde_bytes::ByteBuf, WireError>, idempotent: Option<bool>) -> Vec<u8> {
+    wire::encode(&WireReply { v: WIRE_VERSION, result, idempotent })
 }
 
 /// Whether `function` is idempotent, remembered after the first look at the pool's functions.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::node_process::{python, scratch, Extra, NodeProcess};
+use common::node_process::{python, scratch, self_signed, Extra, NodeProcess};
 use common::{eventually, free_addr};
 use pyvisor_cluster::{HeartbeatPolicy, LossCause, Node, NodeConfig, NodeEvent, NodeTls, RemoteCallError, RemotePool};
 use pyvisor_core::{CallOptions, Pool, PoolSpec};
@@ -133,10 +133,7 @@ async fn over_mutual_tls_too() {
 /// A self-signed certificate for `localhost` in `dir` (its own CA): the node flags for it and
 /// A's settings.
 fn tls_for(dir: &std::path::Path) -> (Vec<String>, NodeTls) {
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
-    let (pem, key) = (dir.join("node.pem"), dir.join("node.key"));
-    std::fs::write(&pem, cert.pem()).expect("write the certificate");
-    std::fs::write(&key, signing_key.serialize_pem()).expect("write the key");
+    let (pem, key) = self_signed(dir, "node");
     let tls = NodeTls::from_pem_files(&pem, &key, &pem, "localhost").expect("TLS settings");
     let (pem, key) = (pem.to_string_lossy().into_owned(), key.to_string_lossy().into_owned());
     (vec!["--tls-cert".into(), pem.clone(), "--tls-key".into(), key, "--tls-ca".into(), pem], tls)

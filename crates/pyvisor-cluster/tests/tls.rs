@@ -8,19 +8,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::node_process::{scratch, Extra, NodeProcess};
+use common::node_process::{scratch, self_signed, Extra, NodeProcess};
 use common::{eventually, free_addr};
 use pyvisor_cluster::{ClusterError, Node, NodeConfig, NodeTls, RemotePool};
 use pyvisor_core::CallOptions;
-
-/// A self-signed certificate for `localhost`, written as `NAME.pem` and `NAME.key` in `dir`.
-fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
-    let (pem, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    std::fs::write(&pem, cert.pem()).expect("write the certificate");
-    std::fs::write(&key, signing_key.serialize_pem()).expect("write the key");
-    (pem, key)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_talk_over_mutual_tls_and_refuse_peers_without_it() {

@@ -413,36 +413,44 @@ fn short_reply(path: &str, got: usize) -> Box<dyn Error + Send + Sync> {
     format!("{path}: a reply of {got} bytes instead of {PAYLOAD_BYTES}").into()
 }
 
-/// `n` sequential calls on the local pool, from a task on the runtime (as a service's request
-/// handler calls: the reply's reader task wakes it).
+/// `n` sequential calls on the local pool.
 async fn local_sequential(pool: &Pool, payload: &Arc<Vec<u8>>, n: usize) -> BenchResult<Histogram<u64>> {
-    let (pool, payload) = (pool.clone(), Arc::clone(payload));
-    tokio::spawn(async move {
-        let mut h = histogram();
-        for _ in 0..n {
-            let t = Instant::now();
-            let back = pool.call_raw("echo", &payload, local_opts()).await.map_err(|e| format!("local echo: {e}"))?;
-            record(&mut h, t.elapsed());
-            if back.len() != payload.len() {
-                return Err(short_reply("local", back.len()));
-            }
-        }
-        Ok(h)
+    let pool = pool.clone();
+    sequential("local", payload, n, move |p| {
+        let pool = pool.clone();
+        async move { pool.call_raw("echo", &p, local_opts()).await }
     })
-    .await?
+    .await
 }
 
-/// `n` sequential calls from node A to `remote`, from a task on the runtime.
+/// `n` sequential calls from node A to `remote`.
 async fn remote_sequential(remote: &Arc<RemotePool>, payload: &Arc<Vec<u8>>, n: usize) -> BenchResult<Histogram<u64>> {
-    let (remote, payload) = (Arc::clone(remote), Arc::clone(payload));
+    let remote = Arc::clone(remote);
+    sequential("remote", payload, n, move |p| {
+        let remote = Arc::clone(&remote);
+        async move { remote.call_raw("echo", &p, remote_opts()).await }
+    })
+    .await
+}
+
+/// `n` sequential echoes of `payload` on one path (`call` makes one), from a task on the
+/// runtime (as a service's request handler calls: the reply's reader task wakes it).
+async fn sequential<C, F, E>(path: &'static str, payload: &Arc<Vec<u8>>, n: usize, call: C) -> BenchResult<Histogram<u64>>
+where
+    C: Fn(Arc<Vec<u8>>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<bytes::Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    let payload = Arc::clone(payload);
     tokio::spawn(async move {
         let mut h = histogram();
         for _ in 0..n {
+            let p = Arc::clone(&payload);
             let t = Instant::now();
-            let back = remote.call_raw("echo", &payload, remote_opts()).await.map_err(|e| format!("remote echo: {e}"))?;
+            let back = call(p).await.map_err(|e| format!("{path} echo: {e}"))?;
             record(&mut h, t.elapsed());
             if back.len() != payload.len() {
-                return Err(short_reply("remote", back.len()));
+                return Err(short_reply(path, back.len()));
             }
         }
         Ok(h)

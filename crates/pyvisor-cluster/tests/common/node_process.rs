@@ -1,6 +1,7 @@
 //! Nodes as separate OS processes for the multi-node tests: [`NodeProcess`] starts a
 //! `pyvisor-cluster-node` serving tests/workers/cluster.py with real Python workers ([`python`])
-//! and stops it; [`scratch`] makes a test's cookie file and side-effect log.
+//! and stops it; [`scratch`] makes a test's cookie file and side-effect log, [`self_signed`] a
+//! certificate.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
@@ -27,6 +28,16 @@ pub fn scratch(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     let side_log = dir.join("side.log");
     std::fs::write(&side_log, "").expect("log");
     (dir, cookie, side_log)
+}
+
+/// A self-signed certificate for `localhost` (its own CA), written as `NAME.pem` and
+/// `NAME.key` in `dir`.
+pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    let (pem, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&pem, cert.pem()).expect("write the certificate");
+    std::fs::write(&key, signing_key.serialize_pem()).expect("write the key");
+    (pem, key)
 }
 
 /// More for a node process than [`NodeProcess::start`] gives it.
