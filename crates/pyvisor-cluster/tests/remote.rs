@@ -5,7 +5,8 @@
 //! (the side-effect log), the load goes on on A and C; B restarted joins A again, takes no call
 //! in its taint window and is used after it — in the clear and over mutual TLS. SIGSTOP of B is
 //! noticed by A's node heartbeat and handled like a loss (not left to the calls' deadlines).
-//! Cancellation crosses; affinity and idempotency keys hold; another cookie is refused.
+//! Cancellation crosses; affinity and idempotency keys hold; another cookie is refused; a node
+//! process killed while it starts leaves no worker behind and is forgotten.
 
 mod common;
 
@@ -363,6 +364,48 @@ async fn affinity_and_idempotency_keys_hold_across_nodes() {
     assert_eq!(answers.len(), 1, "{answers:?}");
     let log = std::fs::read_to_string(&side_log).expect("log");
     assert_eq!(log.lines().filter(|l| l.ends_with(" charge-1")).count(), 1, "{log}");
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pids of processes whose environment has `PYVISOR_NODE=name`: a node's Python workers
+/// and the processes they start.
+fn workers_of(name: &str) -> Vec<u32> {
+    let wanted = format!("PYVISOR_NODE={name}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_it_starts_leaves_nothing_behind() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("early-kill");
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    // Names of this run only: the scan for workers looks at the whole machine.
+    let c = format!("c{}", std::process::id());
+    let only_c = vec![format!("{c}@127.0.0.1")];
+    let _c = NodeProcess::start(&c, "work7", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let work = RemotePool::new(&a, "work7");
+    assert!(eventually(Duration::from_secs(20), || work.members() == only_c).await, "{:?}", work.members());
+    assert!(!workers_of(&c).is_empty(), "the scan finds a node's workers");
+    // Node processes killed (SIGKILL, from outside) at different moments of their start:
+    // before Python runs, while the workers start, around the time they join A.
+    for (i, after) in [10u64, 150, 400, 800].into_iter().enumerate() {
+        let name = format!("early{i}-{}", std::process::id());
+        let mut b = NodeProcess::spawn_with(&name, "work7", free_addr(), &cookie, &[a.listen_addr()], &side_log, Extra::default());
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        b.kill();
+        // Its workers go (they exit when their parent's socket closes), A forgets it, and A's
+        // calls go on on C.
+        assert!(eventually(Duration::from_secs(20), || workers_of(&name).is_empty()).await, "{name}'s workers outlived it: {:?}", workers_of(&name));
+        assert!(eventually(Duration::from_secs(20), || work.members() == only_c).await, "{:?}", work.members());
+        for x in 0..5u64 {
+            let (node, back): (String, u64) = work.call_with("where", &x, CallOptions::new().timeout(Duration::from_secs(20))).await.expect("a call");
+            assert_eq!((node.as_str(), back), (c.as_str(), x));
+        }
+    }
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

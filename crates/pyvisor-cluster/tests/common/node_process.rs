@@ -64,6 +64,17 @@ impl NodeProcess {
 
     /// [`NodeProcess::start`] with environment variables and arguments of `extra`.
     pub fn start_with(name: &str, pool: &str, listen: SocketAddr, cookie: &Path, join: &[SocketAddr], side_log: &Path, extra: Extra) -> Self {
+        let mut node = Self::spawn_with(name, pool, listen, cookie, join, side_log, extra);
+        let stdout = node.child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("a line");
+        assert!(line.starts_with("ready "), "node {name} said {line:?}");
+        node
+    }
+
+    /// Start the node process as [`NodeProcess::start_with`] does, without waiting for it to
+    /// be ready.
+    pub fn spawn_with(name: &str, pool: &str, listen: SocketAddr, cookie: &Path, join: &[SocketAddr], side_log: &Path, extra: Extra) -> Self {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workers/cluster.py");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pyvisor-cluster-node"));
         cmd.args(["--name", name, "--listen", &listen.to_string()])
@@ -83,11 +94,7 @@ impl NodeProcess {
             cmd.args(["--join", &j.to_string()]);
         }
         cmd.args(&extra.args).envs(extra.env);
-        let mut child = cmd.spawn().expect("node process starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("a line");
-        assert!(line.starts_with("ready "), "node {name} said {line:?}");
+        let child = cmd.spawn().expect("node process starts");
         NodeProcess { child, reaped: false }
     }
 
