@@ -17,8 +17,11 @@
 //! `impl ractor::Message for MyMsg {}` (pyvisor's own types have theirs).
 
 mod args;
+mod call_port;
+mod channel;
 mod error;
 mod heartbeat;
+mod link;
 mod node;
 mod node_loss;
 mod remote;
@@ -30,6 +33,7 @@ mod trace;
 mod wire;
 
 pub use args::NodeArgs;
+pub use call_port::TOKEN_LIFE;
 pub use error::ClusterError;
 pub use heartbeat::{HeartbeatPolicy, NodeBeatMsg};
 pub use node::{Node, NodeConfig, NodeEvent, Peer, DEFAULT_TAINT_WINDOW};

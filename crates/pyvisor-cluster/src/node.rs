@@ -11,12 +11,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, ActorCell, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
 use ractor_cluster::{ClientConnectErr, IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
+use crate::call_port::CallPort;
+use crate::channel::{self, Channel, Channels};
 use crate::error::ClusterError;
 use crate::heartbeat::{self, Beat, HeartbeatPolicy, Misses, NodeBeatMsg};
 use crate::node_loss::{LossCause, NodeTaint};
@@ -42,6 +44,7 @@ pub struct NodeConfig {
     heartbeat: HeartbeatPolicy,
     taint_window: Duration,
     tls: Option<NodeTls>,
+    call_port: u16,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -74,6 +77,7 @@ impl NodeConfig {
             heartbeat: HeartbeatPolicy::default(),
             taint_window: DEFAULT_TAINT_WINDOW,
             tls: None,
+            call_port: 0,
         })
     }
 
@@ -120,6 +124,15 @@ impl NodeConfig {
     #[must_use]
     pub fn tls(mut self, tls: NodeTls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// The port peers open call channels on (default 0: one the system picks, told to peers
+    /// over their session). Set it where a firewall must let it through; it listens on the
+    /// same IP as the node. See docs/cluster.md, "What crosses the wire".
+    #[must_use]
+    pub fn call_port(mut self, port: u16) -> Self {
+        self.call_port = port;
         self
     }
 
@@ -191,6 +204,11 @@ struct NodeInner {
     tls: Option<(NodeTls, JoinHandle<()>)>,
     /// `true` once the node is stopping (what tasks that outlive a call, e.g. `seeds`, watch).
     halt: watch::Sender<bool>,
+    /// Where peers open call channels to this node.
+    calls: CallPort,
+    /// This node's call channels to its peers.
+    channels: Arc<Channels>,
+    max_frame: usize,
 }
 
 impl NodeInner {
@@ -202,6 +220,8 @@ impl NodeInner {
             listener.abort();
         }
         self.beat.stop(None);
+        self.calls.stop();
+        self.channels.close_all();
         self.server.stop(None);
     }
 }
@@ -238,6 +258,13 @@ impl PeerTable {
         if let Ok(mut t) = self.0.lock() {
             t.silent.remove(&peer.name);
             t.ready.insert(peer.name.clone(), (peer, session));
+        }
+    }
+
+    /// The call channel to `name` broke: the peer is lost for calls, and tainted from now.
+    fn channel_lost(&self, name: &str) {
+        if let Ok(mut t) = self.0.lock() {
+            t.taint.lost(name, Instant::now());
         }
     }
 
@@ -330,9 +357,22 @@ impl Node {
                 }
             },
         };
+        let halt = watch::Sender::new(false);
+        let max_frame = usize::try_from(config.max_frame).unwrap_or(usize::MAX);
+        let calls = match CallPort::start(SocketAddr::new(config.listen.ip(), config.call_port), config.tls.clone(), max_frame, halt.subscribe()).await {
+            Ok(calls) => calls,
+            Err(e) => {
+                if let Some((_, listener)) = &tls {
+                    listener.abort();
+                }
+                server.stop(None);
+                return Err(e);
+            }
+        };
+        let channels = Arc::new(Channels::default());
         let (events, _) = broadcast::channel(1024);
         let peers = PeerTable::new(config.taint_window);
-        let forward = Forward { events: events.clone(), peers: peers.clone() };
+        let forward = Forward { events: events.clone(), peers: peers.clone(), channels: Arc::clone(&channels) };
         server
             .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
@@ -353,7 +393,10 @@ impl Node {
                 beat,
                 monitor,
                 tls,
-                halt: watch::Sender::new(false),
+                halt,
+                calls,
+                channels,
+                max_frame,
             }),
         })
     }
@@ -441,7 +484,7 @@ impl Node {
     /// drops.
     pub async fn serve(&self, pool: pyvisor_core::Pool) -> Result<crate::Served, ClusterError> {
         let name = pool.name().to_string();
-        crate::serve::serve(&name, crate::serve::Source::Fixed(pool)).await
+        crate::serve::serve(&name, crate::serve::Source::Fixed(pool), self.inner.calls.offers()).await
     }
 
     /// Serve the pool `name` found by `lookup` at each call: for a pool that may not exist
@@ -450,7 +493,37 @@ impl Node {
     /// handle itself follows its supervisor's restarts). While `lookup` finds none, calls are
     /// answered as not running there, and callers send them to another node.
     pub async fn serve_with(&self, name: &str, lookup: impl Fn() -> Option<pyvisor_core::Pool> + Send + Sync + 'static) -> Result<crate::Served, ClusterError> {
-        crate::serve::serve(name, crate::serve::Source::Lookup(Arc::new(lookup))).await
+        crate::serve::serve(name, crate::serve::Source::Lookup(Arc::new(lookup)), self.inner.calls.offers()).await
+    }
+
+    /// Where peers open call channels to this node (its call port).
+    pub fn call_addr(&self) -> SocketAddr {
+        self.inner.calls.addr()
+    }
+
+    /// The call channel to the node of `member` (a peer's pool member), opened if there is
+    /// none, within `budget` (at most `channel::OPEN_TIMEOUT`). `Err`: nothing was sent.
+    pub(crate) async fn channel(&self, member: &ActorCell, budget: Duration) -> Result<Arc<Channel>, String> {
+        let node_id = member.get_id().node();
+        let Some((peer, _)) = self.inner.peers.by_node_id(node_id) else {
+            return Err("no session with its node".into());
+        };
+        let inner = &self.inner;
+        let open = || async {
+            let offer = channel::ask_offer(&member.clone().into()).await?;
+            let session_ip = peer.addr.parse::<SocketAddr>().map(|a| a.ip()).map_err(|e| format!("its session address {:?}: {e}", peer.addr))?;
+            let (peers, name) = (inner.peers.clone(), peer.name.clone());
+            let tls = inner.tls.as_ref().map(|(t, _)| t);
+            channel::dial(offer, session_ip, tls, &inner.name, inner.max_frame, move || peers.channel_lost(&name)).await
+        };
+        let budget = budget.min(channel::OPEN_TIMEOUT);
+        let c = tokio::time::timeout(budget, inner.channels.get(node_id, open)).await.map_err(|_| format!("no call channel within {budget:?}"))??;
+        // The session may have ended while the channel opened: nothing of it is left to call.
+        if inner.peers.by_node_id(node_id).is_none() {
+            inner.channels.session_ended(node_id);
+            return Err("its session ended".into());
+        }
+        Ok(c)
     }
 
     /// Becomes `true` when the node stops (shut down, or its last handle dropped; the sender
@@ -515,6 +588,7 @@ async fn watch(policy: HeartbeatPolicy, peers: PeerTable, events: broadcast::Sen
 struct Forward {
     events: broadcast::Sender<NodeEvent>,
     peers: PeerTable,
+    channels: Arc<Channels>,
 }
 
 fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
@@ -531,6 +605,9 @@ impl NodeEventSubscription for Forward {
         if let Some(name) = &peer {
             self.peers.disconnected(name, &ses.peer_addr);
         }
+        // Its calls in flight are lost now (the channel may outlive the session: a stopped
+        // process keeps its sockets open).
+        self.channels.session_ended(ses.node_id);
         let _ = self.events.send(NodeEvent::Disconnected { peer, peer_addr: ses.peer_addr, inbound: ses.is_server });
     }
 

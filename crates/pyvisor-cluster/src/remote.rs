@@ -13,23 +13,23 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use pyvisor_core::CallOptions;
-use ractor::rpc::CallResult;
-use ractor::{ActorCell, ActorRef};
+use ractor::ActorCell;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::channel::Channel;
 use crate::node::Node;
 use crate::node_loss::NodeLoss;
 use crate::routing::{choose, Candidate};
 use crate::serve::{group, NOT_RUNNING};
 use crate::trace::RemoteSpan;
-use crate::wire::{self, PoolMemberMsg, WireCall, WireReply, WIRE_VERSION};
+use crate::wire::{self, Frame, WireCall, WireReply, WIRE_VERSION};
 
 /// Why a call on a [`RemotePool`] failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +44,11 @@ pub enum RemoteCallError {
     /// left to send it to. The certificate names the node and why it counts as lost.
     #[error("`{function}` was not retried: {certificate}")]
     NodeLost { function: String, certificate: NodeLoss },
+    /// The pool's members left are on nodes this node could not open a call channel to (their
+    /// call port unreachable from here, or the channel refused): nothing was sent. Check that
+    /// each node's call port (`NodeConfig::call_port`, `--call-port`) is reachable.
+    #[error("pool `{pool}`: no call channel to node {node}: {detail}")]
+    Unreachable { pool: String, node: String, detail: String },
     /// The call failed on the node that ran it (`kind` is that node's `CallError::kind`).
     #[error("`{function}` failed on node {node}: {message}")]
     Remote { function: String, node: String, kind: String, message: String },
@@ -56,12 +61,14 @@ pub enum RemoteCallError {
 }
 
 impl RemoteCallError {
-    /// A short name of the variant (`no_members`, `node_lost`, `remote`, `timeout`, `codec`),
+    /// A short name of the variant (`no_members`, `node_lost`, `unreachable`, `remote`,
+    /// `timeout`, `codec`),
     /// for metrics and span attributes.
     pub fn kind(&self) -> &'static str {
         match self {
             RemoteCallError::NoMembers { .. } => "no_members",
             RemoteCallError::NodeLost { .. } => "node_lost",
+            RemoteCallError::Unreachable { .. } => "unreachable",
             RemoteCallError::Remote { .. } => "remote",
             RemoteCallError::Timeout { .. } => "timeout",
             RemoteCallError::Codec { .. } => "codec",
@@ -166,13 +173,16 @@ impl RemotePool {
         // Nodes this call was lost on, or that could not take it: not tried again.
         let mut skip: Vec<String> = Vec::new();
         let mut last_loss: Option<NodeLoss> = None;
+        // A node no call channel could be opened to, and why.
+        let mut unreachable: Option<(String, String)> = None;
         let mut attempt = 0u32;
         loop {
             // A keyed call goes to its key's node, where the key is kept.
             let Some((member, node)) = self.pick(&skip, opts.affinity_key().or(opts.get_idempotency_key())) else {
-                return Err(match last_loss {
-                    Some(certificate) => RemoteCallError::NodeLost { function: function.to_string(), certificate },
-                    None => RemoteCallError::NoMembers { pool: self.pool.clone() },
+                return Err(match (last_loss, unreachable) {
+                    (Some(certificate), _) => RemoteCallError::NodeLost { function: function.to_string(), certificate },
+                    (None, Some((node, detail))) => RemoteCallError::Unreachable { pool: self.pool.clone(), node, detail },
+                    (None, None) => RemoteCallError::NoMembers { pool: self.pool.clone() },
                 });
             };
             let left = match deadline {
@@ -202,6 +212,17 @@ impl RemotePool {
                 };
                 return outcome.map_err(|e| failed(function, node, e.kind().to_string(), e.to_string(), timeout));
             }
+            // Another node's member: the call goes on this node's call channel to it.
+            let channel = match self.node.channel(&member, left.unwrap_or(DEFAULT_REMOTE_TIMEOUT)).await {
+                Ok(c) => c,
+                // Nothing was sent: the call may go elsewhere.
+                Err(detail) => {
+                    tracing::debug!(pool = %self.pool, %node, "no call channel: {detail}");
+                    unreachable = Some((node.clone(), detail));
+                    skip.push(node);
+                    continue;
+                }
+            };
             let call_id = next_call_id();
             let body = wire::encode(&WireCall {
                 v: WIRE_VERSION,
@@ -215,26 +236,29 @@ impl RemotePool {
                 affinity: opts.affinity_key().map(str::to_string),
                 idempotency_key: opts.get_idempotency_key().map(str::to_string),
             });
-            let actor: ActorRef<PoolMemberMsg> = member.clone().into();
+            let frame = Frame::Call { id: call_id, member: member.get_id().pid(), body: body.into() }.encode();
             let sent = Instant::now();
+            // The channel had closed: nothing was sent, the call may go elsewhere.
+            let counted = InFlight::new(&self.state, &node);
+            let Some(reply) = channel.send(call_id, frame).await else {
+                drop(counted);
+                skip.push(node);
+                continue;
+            };
             let answer = {
-                let _counted = InFlight::new(&self.state, &node);
-                let mut cancel = CancelOnDrop { actor: Some(actor.clone()), call_id };
-                // Timed here, not by ractor: a reply port with a timeout is dropped by
-                // ractor_cluster's forwarding when it expires, which the caller would see as a
-                // closed session (a lost node) rather than a timeout.
-                let call = actor.call(|tx| PoolMemberMsg::Call(body, tx), None);
+                let _counted = counted;
+                let mut cancel = CancelOnDrop { channel: Some(Arc::clone(&channel)), call_id };
                 let answer = match left {
-                    Some(left) => tokio::time::timeout(left, call).await.unwrap_or(Ok(CallResult::Timeout)),
-                    None => call.await,
+                    Some(left) => tokio::time::timeout(left, reply).await.ok(),
+                    None => Some(reply.await),
                 };
-                if matches!(answer, Ok(CallResult::Success(_))) {
-                    cancel.actor = None;
+                if matches!(answer, Some(Ok(_))) {
+                    cancel.channel = None;
                 }
                 answer
             };
             match answer {
-                Ok(CallResult::Success(bytes)) => {
+                Some(Ok(bytes)) => {
                     let reply: WireReply = wire::decode(&bytes)
                         .map_err(|detail| RemoteCallError::Codec { function: function.to_string(), detail: format!("from node {node}: {detail}") })?;
                     if let Some(i) = reply.idempotent {
@@ -250,12 +274,11 @@ impl RemotePool {
                         Err(e) => Err(failed(function, node, e.kind, e.message, timeout)),
                     };
                 }
-                Ok(CallResult::Timeout) => return Err(timeout()),
-                // The member was gone before the call left (its proxy stopped): nothing ran,
-                // any call may go to another member.
-                Err(_) => skip.push(node),
-                // The member's node went away (its session closed): the call may have run there.
-                Ok(CallResult::SenderError) => {
+                // Out of time (the serving node was told to abandon it).
+                None => return Err(timeout()),
+                // The channel broke or the node's session ended before the reply: the call may
+                // have run there.
+                Some(Err(_)) => {
                     let certificate = NodeLoss { cause: self.node.loss_cause(&node), node: node.clone(), after: sent.elapsed(), attempt };
                     span.node_lost(&certificate.node, idempotent);
                     if !idempotent {
@@ -378,17 +401,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Tells the serving member to abandon the call unless disarmed (`actor` taken): the caller
+/// Tells the serving node to abandon the call unless disarmed (`channel` taken): the caller
 /// dropped the call or ran out of time.
 struct CancelOnDrop {
-    actor: Option<ActorRef<PoolMemberMsg>>,
+    channel: Option<Arc<Channel>>,
     call_id: u64,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(actor) = self.actor.take() {
-            let _ = actor.cast(PoolMemberMsg::Cancel(self.call_id));
+        if let Some(channel) = self.channel.take() {
+            channel.cancel(self.call_id);
         }
     }
 }

@@ -1,13 +1,14 @@
 //! Serving a local pool to the cluster: a member actor per served pool, joined to the process
 //! group `pyvisor.pool.<name>` (ractor_cluster makes it visible on every connected node), that
-//! runs each call it receives on the pool (with the caller's time left, trace context,
-//! idempotency, affinity and idempotency keys) as a task of its own, abandons it when the
-//! caller cancels, and answers with the outcome. A caller in this process finds the pool behind
-//! its own node's member in a table of this process's served pools (`local`) and calls it
-//! directly.
+//! tells a caller where to open a call channel to this node (`call_port` takes it), and running
+//! each call that arrives on a channel for that member on the pool, with the caller's time
+//! left, trace context, idempotency, affinity and idempotency keys. A caller in this process
+//! finds the pool behind its own node's member in a table of this process's served pools
+//! (`local`) and calls it directly.
 //!
-//! Owns the member actor, [`Served`] (the handle that keeps it) and that table. Not the wire format
-//! (`wire`), not choosing a member (`remote`).
+//! Owns the member actor, [`Served`] (the handle that keeps it), that table, and running one
+//! call from the wire. Not the wire format (`wire`), not the connections (`call_port`), not
+//! choosing a member (`remote`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,10 +16,9 @@ use std::time::Duration;
 
 use pyvisor_core::{CallOptions, Pool};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
-use tokio::sync::oneshot;
 
 use crate::error::ClusterError;
-use crate::wire::{self, PoolMemberMsg, WireCall, WireError, WireReply, WIRE_VERSION};
+use crate::wire::{self, ChannelOffer, PoolMemberMsg, WireCall, WireError, WireReply, WIRE_VERSION};
 
 /// The process group of the members serving pools named `pool`.
 pub(crate) fn group(pool: &str) -> String {
@@ -80,23 +80,54 @@ impl Source {
 /// stopped): nothing ran, so the caller may send any call elsewhere.
 pub(crate) const NOT_RUNNING: &str = "not_running";
 
-/// The pools this process serves, by their member's id: a caller in this process finds its own
-/// node's member here and calls the pool directly, without the member's two hops.
-static LOCAL: Mutex<BTreeMap<ActorId, Source>> = Mutex::new(BTreeMap::new());
+/// A pool this process serves: its name, where to find it, and what its workers said of
+/// each function's idempotency.
+pub(crate) struct ServedPool {
+    name: String,
+    source: Source,
+    idempotent: Mutex<HashMap<String, bool>>,
+}
+
+impl ServedPool {
+    /// The pool, when it is running.
+    pub(crate) fn pool(&self) -> Option<Pool> {
+        self.source.pool()
+    }
+
+    /// Whether `function` is idempotent, remembered after the first look at the pool's
+    /// functions.
+    fn function_idempotent(&self, pool: &Pool, function: &str) -> Option<bool> {
+        let mut known = self.idempotent.lock().ok()?;
+        if let Some(i) = known.get(function) {
+            return Some(*i);
+        }
+        let i = pool.functions().into_iter().find(|f| f.name == function)?.idempotent;
+        known.insert(function.to_string(), i);
+        Some(i)
+    }
+}
+
+/// The pools this process serves, by their member's id: a call channel finds the pool a call
+/// names here, and a caller in this process finds its own node's member and calls the pool
+/// directly.
+static LOCAL: Mutex<BTreeMap<ActorId, Arc<ServedPool>>> = Mutex::new(BTreeMap::new());
 
 /// The pool behind this process's member `member`, if it is one.
-pub(crate) fn local(member: ActorId) -> Option<Source> {
+pub(crate) fn local(member: ActorId) -> Option<Arc<ServedPool>> {
     LOCAL.lock().ok()?.get(&member).cloned()
 }
 
-/// Serve the pool `name` found through `source` to the cluster.
-pub(crate) async fn serve(name: &str, source: Source) -> Result<Served, ClusterError> {
-    let running = Arc::new(Mutex::new(HashMap::new()));
-    let state = MemberState { pool: name.to_string(), source: source.clone(), running, idempotent: Arc::new(Mutex::new(HashMap::new())) };
+/// Where callers open a call channel to this node, with a fresh token.
+pub(crate) type Offers = Arc<dyn Fn() -> ChannelOffer + Send + Sync>;
+
+/// Serve the pool `name` found through `source` to the cluster; its member hands out
+/// `offers`.
+pub(crate) async fn serve(name: &str, source: Source, offers: Offers) -> Result<Served, ClusterError> {
     let (member, _) =
-        Actor::spawn(None, Member, state).await.map_err(|e| ClusterError::Serve { pool: name.to_string(), detail: e.to_string() })?;
+        Actor::spawn(None, Member, offers).await.map_err(|e| ClusterError::Serve { pool: name.to_string(), detail: e.to_string() })?;
+    let served = Arc::new(ServedPool { name: name.to_string(), source, idempotent: Mutex::new(HashMap::new()) });
     if let Ok(mut local) = LOCAL.lock() {
-        local.insert(member.get_id(), source);
+        local.insert(member.get_id(), served);
     }
     ractor::pg::join(group(name), vec![member.get_cell()]);
     Ok(Served { member, pool: name.to_string() })
@@ -104,88 +135,48 @@ pub(crate) async fn serve(name: &str, source: Source) -> Result<Served, ClusterE
 
 struct Member;
 
-struct MemberState {
-    pool: String,
-    source: Source,
-    /// Calls running, by the caller's call id: what a `Cancel` stops (each call's task takes
-    /// its own entry out when it ends).
-    running: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
-    /// Whether each function is idempotent, as the pool's workers said.
-    idempotent: Arc<Mutex<HashMap<String, bool>>>,
-}
-
 impl Actor for Member {
     type Msg = PoolMemberMsg;
-    type State = MemberState;
-    type Arguments = MemberState;
+    type State = Offers;
+    type Arguments = Offers;
 
-    async fn pre_start(&self, _: ActorRef<PoolMemberMsg>, state: MemberState) -> Result<MemberState, ActorProcessingErr> {
-        Ok(state)
+    async fn pre_start(&self, _: ActorRef<PoolMemberMsg>, offers: Offers) -> Result<Offers, ActorProcessingErr> {
+        Ok(offers)
     }
 
-    async fn handle(&self, _: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, state: &mut MemberState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, offers: &mut Offers) -> Result<(), ActorProcessingErr> {
         match msg {
-            PoolMemberMsg::Call(body, reply) => {
-                let call: WireCall = match wire::decode(&body) {
-                    Ok(c) => c,
-                    Err(message) => {
-                        let _ = reply.send(answer(Err(WireError { kind: "protocol".into(), message }), None));
-                        return Ok(());
-                    }
-                };
-                let Some(pool) = state.source.pool() else {
-                    let message = format!("pool `{}` is not running on this node", state.pool);
-                    let _ = reply.send(answer(Err(WireError { kind: NOT_RUNNING.into(), message }), None));
-                    return Ok(());
-                };
-                // Each call runs as its own task: the member never waits for one.
-                let (cancel_tx, cancel_rx) = oneshot::channel();
-                let id = call.call_id;
-                if let (Some(id), Ok(mut running)) = (id, state.running.lock()) {
-                    running.insert(id, cancel_tx);
-                }
-                let idempotent = Arc::clone(&state.idempotent);
-                let running = Arc::clone(&state.running);
-                tokio::spawn(async move {
-                    let function = call.function.clone();
-                    tokio::select! {
-                        answer = run(&pool, call) => {
-                            let idempotent = function_idempotent(&pool, &function, &idempotent);
-                            let _ = reply.send(self::answer(answer, idempotent));
-                        }
-                        // Dropping the call abandons it (its worker is sent `cancel`).
-                        Ok(()) = cancel_rx => {}
-                    }
-                    // Ended either way: its id is forgotten.
-                    if let (Some(id), Ok(mut running)) = (id, running.lock()) {
-                        running.remove(&id);
-                    }
-                });
-            }
-            PoolMemberMsg::Cancel(id) => {
-                if let Some(cancel) = state.running.lock().ok().and_then(|mut r| r.remove(&id)) {
-                    let _ = cancel.send(());
-                }
+            PoolMemberMsg::Offer(reply) => {
+                let _ = reply.send(wire::encode(&offers()));
             }
         }
         Ok(())
     }
 }
 
+/// Run one call that arrived on a call channel for this process's member `member` (its actor
+/// pid): the encoded reply, with what went wrong when it could not run.
+pub(crate) async fn call(member: u64, body: &[u8]) -> Vec<u8> {
+    let Some(served) = local(ActorId::Local(member)) else {
+        let message = "no pool is served by that member on this node (it stopped serving)".to_string();
+        return answer(Err(WireError { kind: NOT_RUNNING.into(), message }), None);
+    };
+    let call: WireCall = match wire::decode(body) {
+        Ok(c) => c,
+        Err(message) => return answer(Err(WireError { kind: "protocol".into(), message }), None),
+    };
+    let Some(pool) = served.pool() else {
+        let message = format!("pool `{}` is not running on this node", served.name);
+        return answer(Err(WireError { kind: NOT_RUNNING.into(), message }), None);
+    };
+    let function = call.function.clone();
+    let outcome = run(&pool, call).await;
+    answer(outcome, served.function_idempotent(&pool, &function))
+}
+
 /// A call's outcome as the encoded reply body.
 fn answer(result: Result<serde_bytes::ByteBuf, WireError>, idempotent: Option<bool>) -> Vec<u8> {
     wire::encode(&WireReply { v: WIRE_VERSION, result, idempotent })
-}
-
-/// Whether `function` is idempotent, remembered after the first look at the pool's functions.
-fn function_idempotent(pool: &Pool, function: &str, known: &Mutex<HashMap<String, bool>>) -> Option<bool> {
-    let mut known = known.lock().ok()?;
-    if let Some(i) = known.get(function) {
-        return Some(*i);
-    }
-    let i = pool.functions().into_iter().find(|f| f.name == function)?.idempotent;
-    known.insert(function.to_string(), i);
-    Some(i)
 }
 
 /// Run one call from the wire on `pool`.

@@ -8,7 +8,8 @@
 //! ([`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once), and hands the encrypted stream
 //! to the node server as an incoming session; the cookie is checked on it as on any session.
 //!
-//! Owns the TLS settings and that listener. Not the sessions (`node`).
+//! Owns the TLS settings and that listener. Not the sessions (`node`), not the call channels'
+//! connections (`call_port`, `channel`; they use these settings too).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,6 +27,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::error::ClusterError;
+use crate::link;
 
 /// How long a peer has to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,33 +107,19 @@ impl NodeTls {
 /// within [`HANDSHAKE_TIMEOUT`]. The listener stops when the returned task is aborted.
 pub(crate) async fn listen(listen: SocketAddr, tls: NodeTls, server: ActorRef<NodeServerMessage>) -> Result<JoinHandle<()>, ClusterError> {
     let listener = TcpListener::bind(listen).await.map_err(|e| ClusterError::Bind { addr: listen, detail: e.to_string() })?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-            let (stream, peer_addr) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accepting a peer connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    Ok(link::accept_loop(listener, MAX_HANDSHAKES, move |stream, peer_addr, slot| {
+        let (acceptor, server) = (tls.acceptor.clone(), server.clone());
+        async move {
+            let _slot = slot;
+            let Ok(local_addr) = stream.local_addr() else { return };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let stream = Box::new(NetworkStream::TlsServer { peer_addr, local_addr, stream });
+                    let _ = server.cast(NodeServerMessage::ConnectionOpened { stream, is_server: true });
                 }
-            };
-            let (acceptor, server) = (tls.acceptor.clone(), server.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                let Ok(local_addr) = stream.local_addr() else { return };
-                let _ = stream.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let stream = Box::new(NetworkStream::TlsServer { peer_addr, local_addr, stream });
-                        let _ = server.cast(NodeServerMessage::ConnectionOpened { stream, is_server: true });
-                    }
-                    Ok(Err(e)) => tracing::warn!(%peer_addr, error = %e, "a peer failed the TLS handshake"),
-                    Err(_) => tracing::warn!(%peer_addr, "a peer did not complete the TLS handshake in {HANDSHAKE_TIMEOUT:?}"),
-                }
-            });
+                Ok(Err(e)) => tracing::warn!(%peer_addr, error = %e, "a peer failed the TLS handshake"),
+                Err(_) => tracing::warn!(%peer_addr, "a peer did not complete the TLS handshake in {HANDSHAKE_TIMEOUT:?}"),
+            }
         }
     }))
 }

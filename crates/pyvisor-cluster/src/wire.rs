@@ -1,11 +1,17 @@
-//! What crosses the wire between nodes: the one cluster message a served pool answers
-//! ([`PoolMemberMsg`]) and the versioned MessagePack bodies it carries ([`WireCall`],
-//! [`WireReply`]). Owns their encoding and its checks; not routing, not serving.
+//! What crosses the wire between nodes: the one cluster message a served pool's member answers
+//! ([`PoolMemberMsg`]: where to open a call channel to its node), the call channel's handshake
+//! ([`ChannelOffer`], [`ChannelHello`], [`ChannelWelcome`]) and frames ([`Frame`]: call, cancel,
+//! reply), and the versioned MessagePack bodies the frames carry ([`WireCall`], [`WireReply`]).
+//! Owns their encoding and its checks; not routing, not serving, not the connections.
 //!
-//! The bodies travel as opaque bytes inside ractor_cluster's message, so a body this node
-//! cannot decode is answered with an error reply instead of being dropped by ractor (which
-//! leaves the caller to time out).
+//! A frame is the core protocol's framing (a 4-byte big-endian length, then the body; read with
+//! `pyvisor_protocol::FrameCodec`, which enforces the cap as bytes arrive); a channel frame's
+//! body is a one-byte kind, the call id (8 bytes, big-endian), for a call the member's actor pid
+//! (8 bytes), then the MessagePack body. A body this node cannot decode is answered with an
+//! error reply, never dropped (which would leave the caller to time out).
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use pyvisor_protocol::LENGTH_PREFIX;
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -17,12 +23,105 @@ pub(crate) const WIRE_VERSION: u8 = 1;
 /// wire tag: never rename it).
 #[derive(RactorClusterMessage)]
 pub enum PoolMemberMsg {
-    /// A call: an encoded [`WireCall`] in, an encoded [`WireReply`] out.
+    /// Where to open a call channel to the member's node: an encoded [`ChannelOffer`] out,
+    /// with a token good for one connection. Asked over the node's authenticated session, so
+    /// only a peer that proved the cookie (and, with TLS, its certificate) gets one.
     #[rpc]
-    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// The caller gave up the call with this `call_id` (dropped, or out of time): the serving
-    /// node abandons it, as a local caller's drop does (the worker is sent `cancel`).
-    Cancel(u64),
+    Offer(RpcReplyPort<Vec<u8>>),
+}
+
+/// Where a node takes call channels, and the single-use token that opens one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ChannelOffer {
+    pub v: u8,
+    /// The node's call port's IP (`None`: the one its session is with).
+    pub host: Option<String>,
+    pub port: u16,
+    #[serde(with = "serde_bytes")]
+    pub token: Vec<u8>,
+}
+
+/// The first frame on a call channel, from the node that opened it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ChannelHello {
+    pub v: u8,
+    #[serde(with = "serde_bytes")]
+    pub token: Vec<u8>,
+    /// The opening node's name (for logs).
+    pub node: String,
+}
+
+/// The answer to a [`ChannelHello`]: accepted, or why not (then the connection closes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ChannelWelcome {
+    pub v: u8,
+    pub refused: Option<String>,
+}
+
+/// A call channel frame, after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Frame {
+    /// Run the encoded [`WireCall`] `body` on the pool served by the member actor `member`.
+    Call { id: u64, member: u64, body: Bytes },
+    /// The caller gave up the call `id` (dropped, or out of time): the serving node abandons
+    /// it, as a local caller's drop does (the worker is sent `cancel`).
+    Cancel { id: u64 },
+    /// The outcome of the call `id`: an encoded [`WireReply`].
+    Reply { id: u64, body: Bytes },
+}
+
+const KIND_CALL: u8 = 1;
+const KIND_CANCEL: u8 = 2;
+const KIND_REPLY: u8 = 3;
+
+impl Frame {
+    /// The frame, length prefix included, as one buffer (one write).
+    pub(crate) fn encode(&self) -> Bytes {
+        let (kind, id, member, body): (u8, u64, Option<u64>, &[u8]) = match self {
+            Frame::Call { id, member, body } => (KIND_CALL, *id, Some(*member), body),
+            Frame::Cancel { id } => (KIND_CANCEL, *id, None, &[]),
+            Frame::Reply { id, body } => (KIND_REPLY, *id, None, body),
+        };
+        let head = 1 + 8 + if member.is_some() { 8 } else { 0 };
+        let mut out = BytesMut::with_capacity(LENGTH_PREFIX + head + body.len());
+        // Bodies are capped far below 4 GiB by the frame limit of the node reading them.
+        out.put_u32(u32::try_from(head + body.len()).unwrap_or(u32::MAX));
+        out.put_u8(kind);
+        out.put_u64(id);
+        if let Some(m) = member {
+            out.put_u64(m);
+        }
+        out.put_slice(body);
+        out.freeze()
+    }
+
+    /// A frame's body (its length prefix already taken off by the codec).
+    pub(crate) fn decode(frame: BytesMut) -> Result<Frame, String> {
+        let mut b = frame.freeze();
+        if b.remaining() < 9 {
+            return Err(format!("a channel frame of {} bytes (at least 9 expected)", b.len()));
+        }
+        let kind = b.get_u8();
+        let id = b.get_u64();
+        match kind {
+            KIND_CALL if b.remaining() >= 8 => {
+                let member = b.get_u64();
+                Ok(Frame::Call { id, member, body: b })
+            }
+            KIND_CANCEL => Ok(Frame::Cancel { id }),
+            KIND_REPLY => Ok(Frame::Reply { id, body: b }),
+            other => Err(format!("a channel frame of unknown kind {other} or too short")),
+        }
+    }
+}
+
+/// A handshake body as one frame (length prefix included).
+pub(crate) fn handshake_frame<T: Serialize>(value: &T) -> Bytes {
+    let body = encode(value);
+    let mut out = BytesMut::with_capacity(LENGTH_PREFIX + body.len());
+    out.put_u32(u32::try_from(body.len()).unwrap_or(u32::MAX));
+    out.put_slice(&body);
+    out.freeze()
 }
 
 /// A call as it crosses the node boundary: the function, its already-encoded MessagePack
@@ -40,7 +139,7 @@ pub(crate) struct WireCall {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub idempotent: Option<bool>,
-    /// Random per call, for `PoolMemberMsg::Cancel`.
+    /// Random per call (also the channel frame's id).
     #[serde(default)]
     pub call_id: Option<u64>,
     #[serde(default)]
@@ -98,6 +197,24 @@ impl Versioned for WireReply {
     }
 }
 
+impl Versioned for ChannelOffer {
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
+impl Versioned for ChannelHello {
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
+impl Versioned for ChannelWelcome {
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +240,24 @@ mod tests {
         assert!(decode::<WireCall>(&[0xc1]).is_err());
         let reply = WireReply { v: WIRE_VERSION, result: Err(WireError { kind: "timeout".into(), message: "m".into() }), idempotent: Some(false) };
         assert_eq!(decode::<WireReply>(&encode(&reply)), Ok(reply));
+    }
+
+    #[test]
+    fn channel_frames_round_trip_and_short_or_unknown_ones_are_refused() {
+        let frames = [
+            Frame::Call { id: 7, member: 42, body: Bytes::from_static(b"\x91\x01") },
+            Frame::Cancel { id: u64::MAX },
+            Frame::Reply { id: 1, body: Bytes::new() },
+        ];
+        for frame in frames {
+            let bytes = frame.encode();
+            let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            assert_eq!(len, bytes.len() - LENGTH_PREFIX);
+            assert_eq!(Frame::decode(BytesMut::from(&bytes[LENGTH_PREFIX..])), Ok(frame));
+        }
+        assert!(Frame::decode(BytesMut::from(&[KIND_CALL, 0, 0, 0, 0, 0, 0, 0, 1][..])).is_err(), "a call without its member");
+        assert!(Frame::decode(BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0, 1][..])).is_err());
+        assert!(Frame::decode(BytesMut::from(&[KIND_REPLY, 0][..])).is_err());
     }
 
     #[test]

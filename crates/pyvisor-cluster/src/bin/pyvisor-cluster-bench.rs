@@ -12,7 +12,7 @@
 //!   on node B, a `pyvisor-cluster-node` process serving it with 1 worker.
 //!
 //! The target: remote p50 ≤ 1.5 × (local p50 + raw TCP p50). A fourth path, not judged, shows
-//! where a remote call's time goes: **ractor_cluster alone**, a `PoolMemberMsg::Call` from A to
+//! where a remote call's time goes: **ractor_cluster alone**, a `EchoMsg::Call` from A to
 //! an actor on node R (this binary re-executed as a node) that answers with the bytes it got —
 //! no pyvisor remote layer, no pool; and **A's own member**, a `RemotePool` call on A whose
 //! member is A's own (the local pool, served on A as well: called directly, without the wire,
@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use pyvisor_cluster::{Node, NodeConfig, PoolMemberMsg, RemotePool};
+use pyvisor_cluster::{Node, NodeConfig, RemotePool};
 use pyvisor_core::{CallOptions, Interpreter, Pool, PoolSpec};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -77,7 +77,7 @@ struct Args {
     #[arg(long, hide = true)]
     tcp_echo_server: bool,
     /// (internal) be the ractor echo node: a node on `--listen` whose actor echoes the bytes
-    /// of every `PoolMemberMsg::Call`, connected to `--join`; runs until stdin ends.
+    /// of every `EchoMsg::Call`, connected to `--join`; runs until stdin ends.
     #[arg(long, hide = true)]
     ractor_echo_node: bool,
     /// (internal) the ractor echo node's address.
@@ -95,6 +95,8 @@ struct Args {
 const CALLERS: usize = 16;
 /// Payload size: a MessagePack string of exactly this many bytes.
 const PAYLOAD_BYTES: usize = 100;
+/// Sequential calls per path in one slice of a round (the paths take turns slice by slice).
+const SLICE: usize = 50;
 /// The remote-over-baseline target (remote p50 ≤ this × (local p50 + raw TCP p50)).
 const TARGET: f64 = 1.5;
 /// The largest frame the echo server accepts (a guard against a garbled length).
@@ -241,16 +243,25 @@ async fn run(args: Args) -> BenchResult<()> {
     let mut per_round = Vec::new();
     let (mut one_rates, mut two_rates) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        // The sequential paths in turn, the first one rotating from round to round.
+        // The sequential paths interleaved in slices of `SLICE` calls, the first one rotating
+        // from slice to slice: what the machine does meanwhile (its cores' idle states, other
+        // processes) falls on every path alike, not on whichever ran while it lasted.
         let (mut l, mut t, mut m, mut x, mut o) = (histogram(), histogram(), histogram(), histogram(), histogram());
-        for k in 0..5 {
-            match (r + k) % 5 {
-                0 => l = local_sequential(&local, &payload, calls).await?,
-                1 => t = tcp_sequential(&tcp, &payload, calls).await?.0,
-                2 => m = remote_sequential(&bench, &payload, calls).await?,
-                3 => x = ractor_sequential(&payload, calls).await?.0,
-                _ => o = remote_sequential(&own, &payload, calls).await?,
+        let mut done = 0;
+        let mut slice_no = r;
+        while done < calls {
+            let n = SLICE.min(calls - done);
+            for k in 0..5 {
+                match (slice_no + k) % 5 {
+                    0 => l.add(&local_sequential(&local, &payload, n).await?)?,
+                    1 => t.add(&tcp_sequential(&tcp, &payload, n).await?.0)?,
+                    2 => m.add(&remote_sequential(&bench, &payload, n).await?)?,
+                    3 => x.add(&ractor_sequential(&payload, n).await?.0)?,
+                    _ => o.add(&remote_sequential(&own, &payload, n).await?)?,
+                }
             }
+            done += n;
+            slice_no += 1;
         }
         // Then throughput, one node and two alternating which goes first.
         let (one, two) = if r % 2 == 0 {
@@ -512,7 +523,7 @@ async fn tcp_sequential(tcp: &Arc<Mutex<TcpEcho>>, payload: &Arc<Vec<u8>>, n: us
 /// The process group of the ractor echo node's actor (ours, not a pool's).
 const RAW_ECHO_GROUP: &str = "pyvisor-bench.ractor-echo";
 
-/// `n` sequential `PoolMemberMsg::Call`s from node A to the ractor echo node's actor, whose
+/// `n` sequential `EchoMsg::Call`s from node A to the ractor echo node's actor, whose
 /// reply is the body itself: ractor_cluster's RPC round trip without pyvisor's remote layer
 /// and without a pool (from a task on the runtime, as the remote calls are); the latencies and
 /// the last reply.
@@ -520,14 +531,14 @@ async fn ractor_sequential(payload: &Arc<Vec<u8>>, n: usize) -> BenchResult<(His
     let payload = Arc::clone(payload);
     tokio::spawn(async move {
         let member = ractor::pg::get_members(&RAW_ECHO_GROUP.to_string()).into_iter().find(|m| !m.get_id().is_local());
-        let echo: ActorRef<PoolMemberMsg> = member.ok_or("the ractor echo node is gone")?.into();
+        let echo: ActorRef<EchoMsg> = member.ok_or("the ractor echo node is gone")?.into();
         let mut h = histogram();
         let mut back = Vec::new();
         for _ in 0..n {
             let t = Instant::now();
             // Timed here, as `RemotePool` times its calls (no ractor timeout: the far node then
             // awaits the reply without a timer, as it does for pyvisor's calls).
-            let call = echo.call(|tx| PoolMemberMsg::Call(payload.to_vec(), tx), None);
+            let call = echo.call(|tx| EchoMsg::Call(payload.to_vec(), tx), None);
             back = match tokio::time::timeout(Duration::from_secs(30), call).await {
                 Ok(Ok(CallResult::Success(bytes))) => bytes,
                 Ok(Ok(CallResult::Timeout)) | Err(_) => return Err("ractor echo: no answer within 30 s".into()),
@@ -545,7 +556,7 @@ async fn ractor_sequential(payload: &Arc<Vec<u8>>, n: usize) -> BenchResult<(His
 }
 
 /// The ractor echo node (this binary with `--ractor-echo-node`): a pyvisor [`Node`] whose one
-/// actor, in [`RAW_ECHO_GROUP`], answers every `PoolMemberMsg::Call` with its body, connected
+/// actor, in [`RAW_ECHO_GROUP`], answers every `EchoMsg::Call` with its body, connected
 /// to `--join`. Prints `ready r` once connected; runs until its stdin ends (the bench stops it
 /// with SIGTERM, or its death closes the pipe).
 async fn ractor_echo_node(args: &Args) -> BenchResult<()> {
@@ -566,22 +577,29 @@ async fn ractor_echo_node(args: &Args) -> BenchResult<()> {
     Ok(())
 }
 
-/// The ractor echo node's actor: a `PoolMemberMsg::Call`'s body back as its reply.
+/// The ractor echo node's message: a body in, the same body back (what a pool call through
+/// ractor_cluster's RPC would carry).
+#[derive(ractor_cluster::RactorClusterMessage)]
+enum EchoMsg {
+    #[rpc]
+    Call(Vec<u8>, ractor::RpcReplyPort<Vec<u8>>),
+}
+
+/// The ractor echo node's actor: a `EchoMsg::Call`'s body back as its reply.
 struct RawEcho;
 
 impl Actor for RawEcho {
-    type Msg = PoolMemberMsg;
+    type Msg = EchoMsg;
     type State = ();
     type Arguments = ();
 
-    async fn pre_start(&self, _: ActorRef<PoolMemberMsg>, (): ()) -> Result<(), ActorProcessingErr> {
+    async fn pre_start(&self, _: ActorRef<EchoMsg>, (): ()) -> Result<(), ActorProcessingErr> {
         Ok(())
     }
 
-    async fn handle(&self, _: ActorRef<PoolMemberMsg>, msg: PoolMemberMsg, (): &mut ()) -> Result<(), ActorProcessingErr> {
-        if let PoolMemberMsg::Call(body, reply) = msg {
-            let _ = reply.send(body);
-        }
+    async fn handle(&self, _: ActorRef<EchoMsg>, msg: EchoMsg, (): &mut ()) -> Result<(), ActorProcessingErr> {
+        let EchoMsg::Call(body, reply) = msg;
+        let _ = reply.send(body);
         Ok(())
     }
 }

@@ -1,0 +1,353 @@
+//! A node's call port: the listener call channels from peers arrive on, and serving them.
+//!
+//! A peer asks one of this node's pool members for an offer over its ractor_cluster session
+//! (authenticated by the cookie, and encrypted with TLS when the node has it): the call port's
+//! address and a random token good for one connection within [`TOKEN_LIFE`]. The peer
+//! connects (with TLS if this node has it, the same certificates as the session) and presents
+//! the token in its first frame; anything else — a wrong, used or expired token, another wire
+//! version, garbage, silence past [`HANDSHAKE_TIMEOUT`] — is refused and the connection closed.
+//! At most [`MAX_HANDSHAKES`] connections are in their handshake at once. After the handshake
+//! each call frame runs (`serve::call`) polled by the channel's one task, a cancel frame abandons its call,
+//! and when the connection ends (the caller's node went away) the calls still running for it are
+//! abandoned too.
+//!
+//! Owns the listener, the tokens and the serving end of each channel. Not the calling end
+//! (`channel`), not the frames (`wire`), not running a call (`serve`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::ClusterError;
+use crate::link::{self, DirectWriter};
+use crate::serve::{self, Offers};
+use crate::tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
+use crate::wire::{self, ChannelHello, ChannelOffer, ChannelWelcome, Frame, WIRE_VERSION};
+
+/// How long an offered token opens a channel.
+pub const TOKEN_LIFE: Duration = Duration::from_secs(30);
+
+/// Tokens handed out and not used yet, with when each expires.
+#[derive(Default)]
+struct Tokens(Mutex<HashMap<[u8; 16], Instant>>);
+
+impl Tokens {
+    fn issue(&self) -> [u8; 16] {
+        let token: [u8; 16] = rand::random();
+        if let Ok(mut t) = self.0.lock() {
+            let now = Instant::now();
+            t.retain(|_, until| *until > now);
+            t.insert(token, now + TOKEN_LIFE);
+        }
+        token
+    }
+
+    /// Use `token`: `true` once for each token issued, within its life.
+    fn take(&self, token: &[u8]) -> bool {
+        let Ok(token) = <[u8; 16]>::try_from(token) else { return false };
+        self.0.lock().ok().and_then(|mut t| t.remove(&token)).is_some_and(|until| until > Instant::now())
+    }
+}
+
+/// A node's call port (stops listening when dropped; the channels it accepted end when the
+/// node halts).
+pub(crate) struct CallPort {
+    addr: SocketAddr,
+    tokens: Arc<Tokens>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CallPort {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CallPort {
+    /// Listen on `addr` (port 0: one the system picks); channels carry frames of at most
+    /// `max_frame` bytes and end when `halt` turns `true`.
+    pub(crate) async fn start(addr: SocketAddr, tls: Option<NodeTls>, max_frame: usize, halt: watch::Receiver<bool>) -> Result<CallPort, ClusterError> {
+        let bind = |detail: String| ClusterError::Bind { addr, detail: format!("the call port: {detail}") };
+        let listener = TcpListener::bind(addr).await.map_err(|e| bind(e.to_string()))?;
+        let addr = listener.local_addr().map_err(|e| bind(e.to_string()))?;
+        let tokens = Arc::new(Tokens::default());
+        let known = Arc::clone(&tokens);
+        let task = link::accept_loop(listener, MAX_HANDSHAKES, move |stream, peer_addr, slot| {
+            let (tls, tokens, halt) = (tls.clone(), Arc::clone(&known), halt.clone());
+            async move {
+                let ended = accept(stream, tls, &tokens, slot, max_frame, halt).await;
+                if let Err(why) = ended {
+                    tracing::warn!(%peer_addr, "a call channel was refused: {why}");
+                }
+            }
+        });
+        Ok(CallPort { addr, tokens, task })
+    }
+
+    /// Stop listening (channels already accepted end when the node halts).
+    pub(crate) fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// Where it listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What this node's members hand out: the port's address and a fresh token each time.
+    pub(crate) fn offers(&self) -> Offers {
+        let tokens = Arc::clone(&self.tokens);
+        let ip = self.addr.ip();
+        let host = (!ip.is_unspecified()).then(|| ip.to_string());
+        let port = self.addr.port();
+        Arc::new(move || ChannelOffer { v: WIRE_VERSION, host: host.clone(), port, token: tokens.issue().to_vec() })
+    }
+}
+
+/// Take one connection through its handshake (TLS if any, then the token) within
+/// [`HANDSHAKE_TIMEOUT`], give its handshake slot back, and serve it.
+async fn accept(
+    stream: TcpStream,
+    tls: Option<NodeTls>,
+    tokens: &Tokens,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    max_frame: usize,
+    halt: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let late = || format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
+    match tls {
+        None => {
+            let mut stream = stream;
+            let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, tokens)).await.map_err(|_| late())??;
+            drop(slot);
+            let (input, output) = stream.into_split();
+            // Unsent replies are capped at two of the largest frames.
+            let (writer, flusher) = DirectWriter::start(output, max_frame.saturating_mul(2).max(1 << 20));
+            serve_channel(input, Replies::Direct(writer, flusher), max_frame, halt, peer).await;
+        }
+        Some(tls) => {
+            let shake = async {
+                let mut stream = tls.acceptor.accept(stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+                let peer = handshake(&mut stream, tokens).await?;
+                Ok::<_, String>((stream, peer))
+            };
+            let (stream, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await.map_err(|_| late())??;
+            drop(slot);
+            let (input, output) = tokio::io::split(stream);
+            let output: Box<dyn AsyncWrite + Unpin + Send> = Box::new(output);
+            serve_channel(input, Replies::Buffered(BufWriter::with_capacity(link::READ_CAPACITY, output)), max_frame, halt, peer).await;
+        }
+    }
+    Ok(())
+}
+
+/// Read the peer's hello, check its token, answer: the peer's node name when accepted.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tokens: &Tokens) -> Result<String, String> {
+    let frame = link::read_handshake(stream).await?;
+    let verdict = match wire::decode::<ChannelHello>(&frame) {
+        Ok(hello) if tokens.take(&hello.token) => Ok(hello.node),
+        Ok(_) => Err("an unknown, used or expired token".to_string()),
+        Err(e) => Err(e),
+    };
+    let welcome = ChannelWelcome { v: WIRE_VERSION, refused: verdict.as_ref().err().cloned() };
+    stream.write_all(&wire::handshake_frame(&welcome)).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    verdict
+}
+
+/// Where a channel's replies are written: straight into a plain TCP socket, or through a
+/// buffer into an encrypted stream.
+enum Replies {
+    Direct(Arc<DirectWriter>, JoinHandle<()>),
+    Buffered(BufWriter<Box<dyn AsyncWrite + Unpin + Send>>),
+}
+
+impl Replies {
+    async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Replies::Direct(w, _) => w.send(frame).map_err(|_| std::io::Error::other("the connection is closed or its unsent replies are at their cap")),
+            Replies::Buffered(out) => {
+                out.write_all(frame).await?;
+                out.flush().await
+            }
+        }
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        if let Replies::Direct(w, flusher) = self {
+            w.close();
+            flusher.abort();
+        }
+    }
+}
+
+/// Serve one accepted channel until it ends or the node halts: one task reads the frames,
+/// runs the calls (polled here, not spawned: no hop between tasks) and writes their replies.
+async fn serve_channel<R: AsyncRead + Unpin>(input: R, mut out: Replies, max_frame: usize, mut halt: watch::Receiver<bool>, peer: String) {
+    let mut frames = link::frames(input, max_frame);
+    let mut running = FuturesUnordered::new();
+    let mut cancels: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
+    let why = loop {
+        let reply = tokio::select! {
+            frame = frames.next() => {
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "closed by the caller".to_string(),
+                };
+                match Frame::decode(frame) {
+                    Ok(Frame::Call { id, member, body }) => {
+                        let (cancel, cancelled) = oneshot::channel::<()>();
+                        cancels.insert(id, cancel);
+                        running.push(async move {
+                            tokio::select! {
+                                reply = serve::call(member, &body) => (id, Some(reply)),
+                                // Dropping the call abandons it (its worker is sent `cancel`).
+                                _ = cancelled => (id, None),
+                            }
+                        });
+                        continue;
+                    }
+                    Ok(Frame::Cancel { id }) => {
+                        if let Some(cancel) = cancels.remove(&id) {
+                            let _ = cancel.send(());
+                        }
+                        continue;
+                    }
+                    Ok(Frame::Reply { .. }) => break "a reply frame from the calling end".to_string(),
+                    Err(e) => break e,
+                }
+            }
+            Some((id, reply)) = running.next(), if !running.is_empty() => {
+                cancels.remove(&id);
+                match reply {
+                    Some(body) => Frame::Reply { id, body: body.into() }.encode(),
+                    None => continue,
+                }
+            }
+            _ = halt.wait_for(|halted| *halted) => break "this node stopped".to_string(),
+        };
+        if let Err(e) = out.send(&reply).await {
+            break e.to_string();
+        }
+    };
+    // The caller is gone: its calls still running are abandoned (dropped), as a dropped local
+    // call is.
+    tracing::debug!(%peer, abandoned = running.len(), "a call channel ended: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{WireCall, WireReply};
+    use tokio::io::AsyncReadExt;
+
+    async fn port(max_frame: usize) -> (CallPort, watch::Sender<bool>) {
+        let (halt, halted) = watch::channel(false);
+        let port = CallPort::start("127.0.0.1:0".parse().expect("an address"), None, max_frame, halted).await.expect("the call port listens");
+        (port, halt)
+    }
+
+    /// Connect and present `token`; the welcome's refusal, if any.
+    async fn hello(port: &CallPort, token: Vec<u8>) -> (TcpStream, Option<String>) {
+        let mut s = TcpStream::connect(port.addr()).await.expect("connects");
+        s.write_all(&wire::handshake_frame(&ChannelHello { v: WIRE_VERSION, token, node: "test@127.0.0.1".into() })).await.expect("writes");
+        let welcome: ChannelWelcome = wire::decode(&link::read_handshake(&mut s).await.expect("a welcome")).expect("decodes");
+        (s, welcome.refused)
+    }
+
+    /// Whether the other end closed the connection (within a guard).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn a_channel_opens_with_a_fresh_token_once_and_never_with_another() {
+        let (port, _halt) = port(1 << 20).await;
+        let (mut forged, refused) = hello(&port, vec![7; 16]).await;
+        assert!(refused.is_some_and(|r| r.contains("token")), "a forged token was accepted");
+        assert!(closed(&mut forged).await, "a refused connection stays open");
+        let token = (port.offers())().token;
+        let (_ok, refused) = hello(&port, token.clone()).await;
+        assert_eq!(refused, None);
+        let (mut again, refused) = hello(&port, token).await;
+        assert!(refused.is_some(), "a used token opened a second channel");
+        assert!(closed(&mut again).await);
+    }
+
+    #[tokio::test]
+    async fn garbage_or_an_oversized_frame_closes_the_connection() {
+        let (port, _halt) = port(1 << 20).await;
+        // A hello announcing 1 GiB: refused at its length prefix, nothing reserved for it.
+        let mut huge = TcpStream::connect(port.addr()).await.expect("connects");
+        huge.write_all(&(1u32 << 30).to_be_bytes()).await.expect("writes");
+        assert!(closed(&mut huge).await, "an oversized hello was waited for");
+        // Not MessagePack.
+        let mut garbage = TcpStream::connect(port.addr()).await.expect("connects");
+        garbage.write_all(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.expect("writes");
+        assert!(link::read_handshake(&mut garbage).await.is_ok_and(|f| wire::decode::<ChannelWelcome>(&f).is_ok_and(|w| w.refused.is_some())));
+        assert!(closed(&mut garbage).await);
+        // Through the handshake, then a frame over the channel's cap.
+        let (mut s, refused) = hello(&port, (port.offers())().token).await;
+        assert_eq!(refused, None);
+        s.write_all(&((1u32 << 20) + 1).to_be_bytes()).await.expect("writes");
+        assert!(closed(&mut s).await, "a frame over the cap was waited for");
+    }
+
+    #[tokio::test]
+    async fn silent_clients_do_not_keep_a_peer_out() {
+        let (port, _halt) = port(1 << 20).await;
+        let mut silent = Vec::new();
+        for _ in 0..8 {
+            silent.push(TcpStream::connect(port.addr()).await.expect("connects"));
+        }
+        let (_s, refused) = tokio::time::timeout(Duration::from_secs(5), hello(&port, (port.offers())().token)).await.expect("a peer got through");
+        assert_eq!(refused, None);
+    }
+
+    #[tokio::test]
+    async fn a_call_for_a_member_not_served_here_is_answered_not_running() {
+        let (port, _halt) = port(1 << 20).await;
+        let (mut s, refused) = hello(&port, (port.offers())().token).await;
+        assert_eq!(refused, None);
+        let call = WireCall {
+            v: WIRE_VERSION,
+            function: "f".into(),
+            payload: vec![0xc0],
+            budget_ms: None,
+            traceparent: None,
+            tracestate: None,
+            idempotent: None,
+            call_id: Some(5),
+            affinity: None,
+            idempotency_key: None,
+        };
+        s.write_all(&Frame::Call { id: 5, member: u64::MAX, body: wire::encode(&call).into() }.encode()).await.expect("writes");
+        let mut frames = link::frames(&mut s, 1 << 20);
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("an answer").expect("a frame").expect("readable");
+        let Ok(Frame::Reply { id: 5, body }) = Frame::decode(frame) else { panic!("not the call's reply") };
+        let reply: WireReply = wire::decode(&body).expect("decodes");
+        assert!(matches!(reply.result, Err(e) if e.kind == serve::NOT_RUNNING));
+    }
+
+    #[test]
+    fn a_token_is_good_once_and_only_as_issued() {
+        let tokens = Tokens::default();
+        let t = tokens.issue();
+        assert!(!tokens.take(&t[..15]), "a prefix of a token");
+        assert!(tokens.take(&t));
+        assert!(!tokens.take(&t), "a token twice");
+        assert!(!tokens.take(&[0; 16]));
+    }
+}
