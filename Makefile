@@ -65,8 +65,10 @@ bench-quick: setup
 # The multi-node benchmark row (release build): a remote call over loopback against a local
 # call plus a raw TCP round trip, and throughput from one and two hosting nodes
 # (docs/benchmarks.md, "Across nodes"). The node binary is built first: the bench starts it
-# from its own directory. Options: `make bench-cluster BENCH_CLUSTER_ARGS="--rounds 3 --json F"`.
-BENCH_CLUSTER_ARGS ?= --json target/bench/cluster.json
+# from its own directory. Every process of it runs on the last CPU (`--pin-cpu`: on a small VM a
+# wake of an idle virtual CPU costs more than the paths measured; docs/benchmarks.md gives both).
+# Options: `make bench-cluster BENCH_CLUSTER_ARGS="--rounds 3 --json F"` (no `--pin-cpu`: unpinned).
+BENCH_CLUSTER_ARGS ?= --pin-cpu $(shell expr $$(nproc) - 1) --json target/bench/cluster.json
 bench-cluster: setup
 	cargo build --release -p pyvisor-cluster --bins
 	cargo run --release -p pyvisor-cluster --bin pyvisor-cluster-bench -- $(BENCH_CLUSTER_ARGS)

@@ -53,6 +53,10 @@ pub struct NodeArgs {
     /// may be given the same list.
     #[arg(long, value_name = "IP:PORT")]
     pub join: Vec<SocketAddr>,
+    /// The port peers open call channels on, on the --listen IP (default: one the system
+    /// picks, told to peers over their session). Fix it where a firewall must let it through.
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub call_port: u16,
     /// Ping every peer this often (milliseconds) ...
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub heartbeat_ms: u64,
@@ -85,7 +89,10 @@ impl NodeArgs {
         let cookie = NodeConfig::cookie_from_file(&self.cookie_file)?;
         let heartbeat = HeartbeatPolicy::new(Duration::from_millis(self.heartbeat_ms), self.heartbeat_misses);
         let mut config =
-            NodeConfig::new(&self.name, self.listen, &cookie)?.heartbeat(heartbeat).taint_window(Duration::from_millis(self.taint_window_ms));
+            NodeConfig::new(&self.name, self.listen, &cookie)?
+            .heartbeat(heartbeat)
+            .taint_window(Duration::from_millis(self.taint_window_ms))
+            .call_port(self.call_port);
         if let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             config = config.tls(NodeTls::from_pem_files(cert, key, ca, &self.tls_server_name)?);
         }

@@ -4,7 +4,9 @@
 //! to peers and reports its sessions ([`NodeEvent`], [`Node::peers`]); it serves local pools to
 //! the cluster ([`Node::serve`], [`Node::serve_with`]) and [`RemotePool`] calls them on any
 //! connected node (untainted first, a key's node for keyed calls, else the fewest in flight,
-//! local on a tie). A node lost mid-call — its session closed, or given up by the node
+//! local on a tie). Sessions, membership and the heartbeat ride on ractor_cluster; the calls
+//! ride a call channel per pair of nodes (a framed connection to the serving node's call port,
+//! opened with a single-use token handed out over the authenticated session). A node lost mid-call — its session closed, or given up by the node
 //! heartbeat ([`HeartbeatPolicy`]) — is a crash for the calls in flight there: idempotent ones
 //! are retried on another node, the others fail with [`RemoteCallError::NodeLost`] and a
 //! [`NodeLoss`] certificate, and the node is tainted for a window ([`NodeTaint`]). Deadlines,

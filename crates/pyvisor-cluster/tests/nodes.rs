@@ -72,5 +72,13 @@ async fn bad_settings_and_unreachable_peers_are_clear_errors() {
     // Its own address is taken.
     let taken = Node::start(NodeConfig::new("twin", a.listen_addr(), "x").expect("config")).await;
     assert!(matches!(taken, Err(ClusterError::Bind { .. })), "{:?}", taken.err());
+    // A call port fixed by configuration is the one it listens on; one that is taken (here,
+    // `a`'s) is a clear error, and the node does not start.
+    let port = free_addr().port();
+    let fixed = Node::start(NodeConfig::new("fixed", free_addr(), "x").expect("config").call_port(port)).await.expect("node starts");
+    assert_eq!(fixed.call_addr().port(), port);
+    let clash = Node::start(NodeConfig::new("clash", free_addr(), "x").expect("config").call_port(a.call_addr().port())).await;
+    assert!(matches!(&clash, Err(ClusterError::Bind { detail, .. }) if detail.contains("call port")), "{:?}", clash.err());
+    fixed.shutdown().await;
     a.shutdown().await;
 }

@@ -9,14 +9,23 @@
 //!   so its baseline does too, and the server's thread never competes with this process's
 //!   runtime for its scheduling);
 //! - **remote**: sequential `RemotePool::call_raw` from node A (this process) to pool `bench`
-//!   on node B, a `pyvisor-cluster-node` process serving it with 1 worker.
+//!   on node B, a `pyvisor-cluster-node` process serving it with 1 worker (over A's call
+//!   channel to B).
 //!
-//! The target: remote p50 ≤ 1.5 × (local p50 + raw TCP p50). A fourth path, not judged, shows
-//! where a remote call's time goes: **ractor_cluster alone**, a `EchoMsg::Call` from A to
-//! an actor on node R (this binary re-executed as a node) that answers with the bytes it got —
-//! no pyvisor remote layer, no pool; and **A's own member**, a `RemotePool` call on A whose
-//! member is A's own (the local pool, served on A as well: called directly, without the wire,
-//! so this row is the cost of routing, the span and the counting around a local call).
+//! The target: remote p50 ≤ 1.5 × (local p50 + raw TCP p50). Two more paths, not judged, are
+//! references: **ractor_cluster alone**, an `EchoMsg::Call` RPC from A to an actor on node R
+//! (this binary re-executed as a node) that answers with the bytes it got — what the same round
+//! trip costs on ractor_cluster's own messaging, which calls travelled on before the call
+//! channels; and **A's own member**, a `RemotePool` call on A whose member is A's own (the local
+//! pool, served on A as well: called directly, without the wire, so this row is the cost of
+//! routing, the span and the counting around a local call). The sequential paths take turns in
+//! slices of 50 calls, so what the machine does meanwhile falls on all of them alike.
+//!
+//! `--pin-cpu N` runs every process of the benchmark (this one, the nodes, their Python
+//! workers, the echo server) on one CPU. On a small VM a wake-up of an idle virtual CPU costs
+//! tens of µs and lands on whichever path happened to cross CPUs; on one CPU a hand-off between
+//! processes is a context switch, and the figures repeat from run to run. `make bench-cluster`
+//! pins to the last CPU; docs/benchmarks.md gives both.
 //!
 //! Then throughput: 16 callers on A against one hosting node (B's `bench`, 1 worker) and against
 //! two (pool `pair`, 1 worker on B and 1 on C), reported, not judged (every node shares the
@@ -70,6 +79,10 @@ struct Args {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run every process of the benchmark on this CPU (they inherit it): stable figures on a
+    /// small VM, where waking an idle virtual CPU costs more than the paths measured.
+    #[arg(long)]
+    pin_cpu: Option<usize>,
     /// Small counts: checks that the benchmark runs (CI), figures are not meaningful.
     #[arg(long)]
     quick: bool,
@@ -117,6 +130,13 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Before the runtime and any process start: they all inherit it.
+    if let Some(cpu) = args.pin_cpu {
+        if let Err(e) = pin_to(cpu) {
+            eprintln!("pyvisor-cluster-bench: error: cannot pin to CPU {cpu}: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -131,6 +151,25 @@ fn main() -> ExitCode {
             eprintln!("pyvisor-cluster-bench: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Run this process (and what it starts from now on) on CPU `cpu` only.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such CPU"));
+    }
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it (cpu < CPU_SETSIZE),
+    // and sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -315,7 +354,11 @@ async fn run(args: Args) -> BenchResult<()> {
     println!("\npyvisor-cluster-bench{} — {}", if quick { " (quick: figures not meaningful)" } else { "" }, machine());
     println!("python: {}", python.display());
     println!("payload: {PAYLOAD_BYTES} B MessagePack string; {rounds} rounds × {calls} sequential calls per path; p50/p99 over all rounds");
-    println!("load average (1, 5, 15 min): before {load_before}, after {load_after}\n");
+    println!("load average (1, 5, 15 min): before {load_before}, after {load_after}");
+    match args.pin_cpu {
+        Some(cpu) => println!("CPUs: every process of the benchmark pinned to CPU {cpu}\n"),
+        None => println!("CPUs: not pinned (figures vary with where each process wakes)\n"),
+    }
     println!("{:<66} {:>10} {:>10}", "sequential path", "p50 µs", "p99 µs");
     let line = |name: &str, h: &Histogram<u64>| println!("{name:<66} {:>10.1} {:>10.1}", micros(h, 0.5), micros(h, 0.99));
     line("local pyvisor (Pool, 1 worker, in this process)", &lh);
@@ -323,10 +366,10 @@ async fn run(args: Args) -> BenchResult<()> {
     println!("{:<66} {:>10.1}", "local + raw TCP", l50 + t50);
     line("remote: node A → node B (pool `bench`, 1 worker)", &rh);
     println!("\nremote / (local + raw TCP) p50: {ratio:.2}× (target ≤ {TARGET}×: {})", if met { "met" } else { "missed" });
-    println!("\nwhere the remote p50 goes (p50s do not add up exactly: indicative)");
+    println!("\nreferences (p50s do not add up exactly: indicative)");
     line("ractor_cluster RPC alone: node A → node R, an actor echoes the bytes", &xh);
     line("RemotePool → A's own member (its pool called directly)", &oh);
-    println!("{:<66} {:>10.1}", "remote − ractor_cluster RPC − local pyvisor", r50 - x50 - l50);
+    println!("{:<66} {:>10.1}", "remote − local pyvisor − raw TCP", r50 - l50 - t50);
     println!(
         "\nthroughput, {CALLERS} callers on A, {tput_calls} calls per round, median of rounds (not judged: every node shares this machine's cores)"
     );
@@ -345,6 +388,7 @@ async fn run(args: Args) -> BenchResult<()> {
             "payload_bytes": PAYLOAD_BYTES,
             "load_average_before": load_before,
             "load_average_after": load_after,
+            "pinned_cpu": args.pin_cpu,
             "local": {"p50_us": l50, "p99_us": micros(&lh, 0.99)},
             "raw_tcp": {"p50_us": t50, "p99_us": micros(&th, 0.99)},
             "remote": {"p50_us": r50, "p99_us": micros(&rh, 0.99)},
@@ -845,7 +889,9 @@ fn machine() -> String {
         .ok()
         .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The machine's CPUs online, not the ones this process may use (one, with --pin-cpu).
+    // SAFETY: sysconf has no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
