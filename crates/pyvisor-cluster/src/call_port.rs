@@ -7,13 +7,18 @@
 //! the token in its first frame; anything else — a wrong, used or expired token, another wire
 //! version, garbage, silence past [`HANDSHAKE_TIMEOUT`] — is refused and the connection closed.
 //! At most [`MAX_HANDSHAKES`] connections are in their handshake at once. After the handshake
-//! each call frame runs (`serve::call`) polled by the channel's one task, a cancel frame abandons its call,
-//! and when the connection ends (the caller's node went away) the calls still running for it are
+//! the channel's one task runs each call frame (`serve::call`, polled there: no hop between
+//! tasks) and writes its reply — waiting, and reading no new call meanwhile, while the caller
+//! does not read its replies (backpressure, never a dropped channel); a result larger than the
+//! caller takes is answered `result_too_large`; a cancel frame abandons its call. When the
+//! connection ends — closed by the caller, the caller's session ended, TCP keepalive gave a
+//! vanished caller up (~25 s), or this node halts — the calls still running for it are
 //! abandoned too.
 //!
 //! Owns the listener, the tokens and the serving end of each channel. Not the calling end
 //! (`channel`), not the frames (`wire`), not running a call (`serve`).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,7 +28,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
@@ -58,10 +63,11 @@ impl Tokens {
 }
 
 /// A node's call port (stops listening when dropped; the channels it accepted end when the
-/// node halts).
+/// node halts, or when their peer's session ends).
 pub(crate) struct CallPort {
     addr: SocketAddr,
     tokens: Arc<Tokens>,
+    max_frame: usize,
     task: JoinHandle<()>,
 }
 
@@ -71,25 +77,42 @@ impl Drop for CallPort {
     }
 }
 
+/// What every connection of a call port needs.
+#[derive(Clone)]
+struct Ctx {
+    tokens: Arc<Tokens>,
+    tls: Option<NodeTls>,
+    max_frame: usize,
+    halt: watch::Receiver<bool>,
+    /// The names of peers whose session ended.
+    gone: broadcast::Sender<String>,
+}
+
 impl CallPort {
     /// Listen on `addr` (port 0: one the system picks); channels carry frames of at most
-    /// `max_frame` bytes and end when `halt` turns `true`.
-    pub(crate) async fn start(addr: SocketAddr, tls: Option<NodeTls>, max_frame: usize, halt: watch::Receiver<bool>) -> Result<CallPort, ClusterError> {
+    /// `max_frame` bytes, and end when `halt` turns `true` or when their peer's name is sent on
+    /// `gone` (its session ended).
+    pub(crate) async fn start(
+        addr: SocketAddr,
+        tls: Option<NodeTls>,
+        max_frame: usize,
+        halt: watch::Receiver<bool>,
+        gone: broadcast::Sender<String>,
+    ) -> Result<CallPort, ClusterError> {
         let bind = |detail: String| ClusterError::Bind { addr, detail: format!("the call port: {detail}") };
         let listener = TcpListener::bind(addr).await.map_err(|e| bind(e.to_string()))?;
         let addr = listener.local_addr().map_err(|e| bind(e.to_string()))?;
         let tokens = Arc::new(Tokens::default());
-        let known = Arc::clone(&tokens);
+        let ctx = Ctx { tokens: Arc::clone(&tokens), tls, max_frame, halt, gone };
         let task = link::accept_loop(listener, MAX_HANDSHAKES, move |stream, peer_addr, slot| {
-            let (tls, tokens, halt) = (tls.clone(), Arc::clone(&known), halt.clone());
+            let ctx = ctx.clone();
             async move {
-                let ended = accept(stream, tls, &tokens, slot, max_frame, halt).await;
-                if let Err(why) = ended {
+                if let Err(why) = accept(stream, ctx, slot).await {
                     tracing::warn!(%peer_addr, "a call channel was refused: {why}");
                 }
             }
         });
-        Ok(CallPort { addr, tokens, task })
+        Ok(CallPort { addr, tokens, max_frame, task })
     }
 
     /// Stop listening (channels already accepted end when the node halts).
@@ -102,58 +125,62 @@ impl CallPort {
         self.addr
     }
 
-    /// What this node's members hand out: the port's address and a fresh token each time.
+    /// What this node's members hand out: the port's address, the largest frame it takes, and
+    /// a fresh token each time.
     pub(crate) fn offers(&self) -> Offers {
         let tokens = Arc::clone(&self.tokens);
         let ip = self.addr.ip();
         let host = (!ip.is_unspecified()).then(|| ip.to_string());
-        let port = self.addr.port();
-        Arc::new(move || ChannelOffer { v: WIRE_VERSION, host: host.clone(), port, token: tokens.issue().to_vec() })
+        let (port, max_frame) = (self.addr.port(), self.max_frame as u64);
+        Arc::new(move || ChannelOffer { v: WIRE_VERSION, host: host.clone(), port, token: tokens.issue().to_vec(), max_frame })
     }
+}
+
+/// The peer of an accepted channel: its node name and the largest frame it takes.
+struct Peer {
+    node: String,
+    max_frame: usize,
 }
 
 /// Take one connection through its handshake (TLS if any, then the token) within
 /// [`HANDSHAKE_TIMEOUT`], give its handshake slot back, and serve it.
-async fn accept(
-    stream: TcpStream,
-    tls: Option<NodeTls>,
-    tokens: &Tokens,
-    slot: tokio::sync::OwnedSemaphorePermit,
-    max_frame: usize,
-    halt: watch::Receiver<bool>,
-) -> Result<(), String> {
+async fn accept(stream: TcpStream, ctx: Ctx, slot: tokio::sync::OwnedSemaphorePermit) -> Result<(), String> {
     let late = || format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
-    match tls {
+    link::keepalive(&stream);
+    // Subscribed before the handshake: a session that ends from now on ends the channel.
+    let gone = ctx.gone.subscribe();
+    match &ctx.tls {
         None => {
             let mut stream = stream;
-            let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, tokens)).await.map_err(|_| late())??;
+            let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &ctx.tokens)).await.map_err(|_| late())??;
             drop(slot);
             let (input, output) = stream.into_split();
-            // Unsent replies are capped at two of the largest frames.
-            let (writer, flusher) = DirectWriter::start(output, max_frame.saturating_mul(2).max(1 << 20));
-            serve_channel(input, Replies::Direct(writer, flusher), max_frame, halt, peer).await;
+            // Unsent replies are capped at two of the largest frames the peer takes; beyond
+            // that this channel stops reading calls until they are written.
+            let (writer, flusher) = DirectWriter::start(output, peer.max_frame.saturating_mul(2).max(1 << 20));
+            serve_channel(input, Replies::Direct(writer, flusher), &ctx, gone, peer).await;
         }
         Some(tls) => {
             let shake = async {
                 let mut stream = tls.acceptor.accept(stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
-                let peer = handshake(&mut stream, tokens).await?;
+                let peer = handshake(&mut stream, &ctx.tokens).await?;
                 Ok::<_, String>((stream, peer))
             };
             let (stream, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await.map_err(|_| late())??;
             drop(slot);
             let (input, output) = tokio::io::split(stream);
             let output: Box<dyn AsyncWrite + Unpin + Send> = Box::new(output);
-            serve_channel(input, Replies::Buffered(BufWriter::with_capacity(link::READ_CAPACITY, output)), max_frame, halt, peer).await;
+            serve_channel(input, Replies::Buffered(BufWriter::with_capacity(link::READ_CAPACITY, output)), &ctx, gone, peer).await;
         }
     }
     Ok(())
 }
 
-/// Read the peer's hello, check its token, answer: the peer's node name when accepted.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tokens: &Tokens) -> Result<String, String> {
+/// Read the peer's hello, check its token, answer: the peer, when accepted.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tokens: &Tokens) -> Result<Peer, String> {
     let frame = link::read_handshake(stream).await?;
     let verdict = match wire::decode::<ChannelHello>(&frame) {
-        Ok(hello) if tokens.take(&hello.token) => Ok(hello.node),
+        Ok(hello) if tokens.take(&hello.token) => Ok(Peer { node: hello.node, max_frame: usize::try_from(hello.max_frame).unwrap_or(usize::MAX) }),
         Ok(_) => Err("an unknown, used or expired token".to_string()),
         Err(e) => Err(e),
     };
@@ -171,9 +198,11 @@ enum Replies {
 }
 
 impl Replies {
+    /// Write one reply, waiting while the peer does not read (backpressure: no new call is
+    /// read meanwhile).
     async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         match self {
-            Replies::Direct(w, _) => w.send(frame).map_err(|_| std::io::Error::other("the connection is closed or its unsent replies are at their cap")),
+            Replies::Direct(w, _) => w.send_waiting(frame).await.map(drop).map_err(|_| std::io::Error::other("the connection is closed")),
             Replies::Buffered(out) => {
                 out.write_all(frame).await?;
                 out.flush().await
@@ -191,10 +220,16 @@ impl Drop for Replies {
     }
 }
 
-/// Serve one accepted channel until it ends or the node halts: one task reads the frames,
-/// runs the calls (polled here, not spawned: no hop between tasks) and writes their replies.
-async fn serve_channel<R: AsyncRead + Unpin>(input: R, mut out: Replies, max_frame: usize, mut halt: watch::Receiver<bool>, peer: String) {
-    let mut frames = link::frames(input, max_frame);
+/// The error kind of a reply too large for the caller to take: the call ran, its result
+/// cannot be sent.
+pub(crate) const RESULT_TOO_LARGE: &str = "result_too_large";
+
+/// Serve one accepted channel until it ends, the node halts or the peer's session ends: one
+/// task reads the frames, runs the calls (polled here, not spawned: no hop between tasks) and
+/// writes their replies.
+async fn serve_channel<R: AsyncRead + Unpin>(input: R, mut out: Replies, ctx: &Ctx, mut gone: broadcast::Receiver<String>, peer: Peer) {
+    let mut halt = ctx.halt.clone();
+    let mut frames = link::frames(input, ctx.max_frame);
     let mut running = FuturesUnordered::new();
     let mut cancels: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
     let why = loop {
@@ -207,16 +242,28 @@ async fn serve_channel<R: AsyncRead + Unpin>(input: R, mut out: Replies, max_fra
                 };
                 match Frame::decode(frame) {
                     Ok(Frame::Call { id, member, body }) => {
-                        let (cancel, cancelled) = oneshot::channel::<()>();
-                        cancels.insert(id, cancel);
-                        running.push(async move {
-                            tokio::select! {
-                                reply = serve::call(member, &body) => (id, Some(reply)),
-                                // Dropping the call abandons it (its worker is sent `cancel`).
-                                _ = cancelled => (id, None),
+                        match cancels.entry(id) {
+                            // A caller's ids are unique while its calls run: refuse, do not
+                            // replace (the first call would never be answered).
+                            Entry::Occupied(_) => {
+                                let message = format!("call id {id} is already running on this channel");
+                                Frame::Reply { id, body: serve::refusal("protocol", message).into() }.encode()
                             }
-                        });
-                        continue;
+                            Entry::Vacant(slot) => {
+                                let (cancel, cancelled) = oneshot::channel::<()>();
+                                slot.insert(cancel);
+                                // Copied out of the read buffer: a long call does not pin it.
+                                let body = body.to_vec();
+                                running.push(async move {
+                                    tokio::select! {
+                                        reply = serve::call(member, &body) => (id, Some(reply)),
+                                        // Dropping the call abandons it (its worker is sent `cancel`).
+                                        Ok(()) = cancelled => (id, None),
+                                    }
+                                });
+                                continue;
+                            }
+                        }
                     }
                     Ok(Frame::Cancel { id }) => {
                         if let Some(cancel) = cancels.remove(&id) {
@@ -230,20 +277,37 @@ async fn serve_channel<R: AsyncRead + Unpin>(input: R, mut out: Replies, max_fra
             }
             Some((id, reply)) = running.next(), if !running.is_empty() => {
                 cancels.remove(&id);
-                match reply {
-                    Some(body) => Frame::Reply { id, body: body.into() }.encode(),
-                    None => continue,
+                let Some(body) = reply else { continue };
+                let len = body.len();
+                let frame = Frame::Reply { id, body: body.into() }.encode();
+                if frame.len() - pyvisor_protocol::LENGTH_PREFIX > peer.max_frame {
+                    // Sent, it would break the caller's channel and every call on it.
+                    let message = format!("the result ({len} bytes) is larger than the calling node takes ({} bytes, its `max_frame`)", peer.max_frame);
+                    Frame::Reply { id, body: serve::refusal(RESULT_TOO_LARGE, message).into() }.encode()
+                } else {
+                    frame
                 }
             }
             _ = halt.wait_for(|halted| *halted) => break "this node stopped".to_string(),
+            name = gone.recv() => match name {
+                Ok(name) if name == peer.node => break "the caller's session ended".to_string(),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break "this node stopped".to_string(),
+            },
         };
-        if let Err(e) = out.send(&reply).await {
-            break e.to_string();
+        // Written within the same watch: a peer that stops reading must not keep this task
+        // past the node's halt or its session's end.
+        let sent = tokio::select! {
+            sent = out.send(&reply) => sent.map_err(|e| e.to_string()),
+            _ = halt.wait_for(|halted| *halted) => Err("this node stopped".to_string()),
+        };
+        if let Err(e) = sent {
+            break e;
         }
     };
     // The caller is gone: its calls still running are abandoned (dropped), as a dropped local
     // call is.
-    tracing::debug!(%peer, abandoned = running.len(), "a call channel ended: {why}");
+    tracing::debug!(peer = %peer.node, abandoned = running.len(), "a call channel ended: {why}");
 }
 
 #[cfg(test)]
@@ -254,14 +318,15 @@ mod tests {
 
     async fn port(max_frame: usize) -> (CallPort, watch::Sender<bool>) {
         let (halt, halted) = watch::channel(false);
-        let port = CallPort::start("127.0.0.1:0".parse().expect("an address"), None, max_frame, halted).await.expect("the call port listens");
+        let (gone, _) = broadcast::channel(16);
+        let port = CallPort::start("127.0.0.1:0".parse().expect("an address"), None, max_frame, halted, gone).await.expect("the call port listens");
         (port, halt)
     }
 
     /// Connect and present `token`; the welcome's refusal, if any.
     async fn hello(port: &CallPort, token: Vec<u8>) -> (TcpStream, Option<String>) {
         let mut s = TcpStream::connect(port.addr()).await.expect("connects");
-        s.write_all(&wire::handshake_frame(&ChannelHello { v: WIRE_VERSION, token, node: "test@127.0.0.1".into() })).await.expect("writes");
+        s.write_all(&wire::handshake_frame(&ChannelHello { v: WIRE_VERSION, token, node: "test@127.0.0.1".into(), max_frame: 1 << 20 })).await.expect("writes");
         let welcome: ChannelWelcome = wire::decode(&link::read_handshake(&mut s).await.expect("a welcome")).expect("decodes");
         (s, welcome.refused)
     }
@@ -339,6 +404,49 @@ mod tests {
         let Ok(Frame::Reply { id: 5, body }) = Frame::decode(frame) else { panic!("not the call's reply") };
         let reply: WireReply = wire::decode(&body).expect("decodes");
         assert!(matches!(reply.result, Err(e) if e.kind == serve::NOT_RUNNING));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_reading_slows_its_channel_down_and_loses_no_reply() {
+        let (port, _halt) = port(1 << 20).await;
+        let (s, refused) = hello(&port, (port.offers())().token).await;
+        assert_eq!(refused, None);
+        let (mut input, mut output) = s.into_split();
+        // Calls for a member not served here: each answered at once (~120 B), far more in all
+        // than the unsent cap (2 MiB for a caller taking 1 MiB frames) and the sockets hold.
+        const CALLS: u64 = 150_000;
+        let call = |id: u64| {
+            let body = WireCall {
+                v: WIRE_VERSION,
+                function: "f".into(),
+                payload: vec![0xc0],
+                budget_ms: None,
+                traceparent: None,
+                tracestate: None,
+                idempotent: None,
+                call_id: Some(id),
+                affinity: None,
+                idempotency_key: None,
+            };
+            Frame::Call { id, member: u64::MAX, body: wire::encode(&body).into() }.encode()
+        };
+        let writer = tokio::spawn(async move {
+            for id in 0..CALLS {
+                output.write_all(&call(id)).await?;
+            }
+            Ok::<_, std::io::Error>(output)
+        });
+        // Not reading for a while: the serving end must wait, not give the channel up.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut frames = link::frames(&mut input, 1 << 20);
+        let mut answered = 0u64;
+        while answered < CALLS {
+            let frame = tokio::time::timeout(Duration::from_secs(30), frames.next()).await.expect("replies keep coming");
+            let Some(Ok(frame)) = frame else { panic!("the channel ended after {answered} replies: {frame:?}") };
+            assert!(matches!(Frame::decode(frame), Ok(Frame::Reply { .. })));
+            answered += 1;
+        }
+        let _still_open = writer.await.expect("the writer ran").expect("every call was taken");
     }
 
     #[test]

@@ -13,8 +13,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -23,15 +24,29 @@ use ractor::ActorRef;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::AbortHandle;
 
-use crate::link::{self, DirectWriter};
+use crate::link::{self, DirectWriter, Refused};
 use crate::tls::NodeTls;
 use crate::wire::{self, ChannelHello, ChannelOffer, ChannelWelcome, Frame, PoolMemberMsg, WIRE_VERSION};
 
 /// The longest a channel takes to open (offer, connect, handshake) before the call goes
-/// elsewhere; a call with less time left waits only that.
-pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// elsewhere; a call with less time left waits only that. Longer than a call port's handshake
+/// limit: a connection queued behind clients that never say anything is accepted in time.
+pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a failed opening is remembered: calls to that node meanwhile go elsewhere at once
+/// instead of each waiting for the same failure.
+pub(crate) const FAILED_OPEN_MEMORY: Duration = Duration::from_secs(5);
+
+/// Why no channel to a member's node could be had (nothing was sent either way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ChannelError {
+    /// This node has no session with it (it is going or gone).
+    NoSession,
+    /// Opening failed (or failed less than [`FAILED_OPEN_MEMORY`] ago), and why.
+    Failed(String),
+}
 
 /// The open channels of one node, by the ractor_cluster session id of the peer they go to.
 #[derive(Default)]
@@ -39,11 +54,15 @@ pub(crate) struct Channels {
     open: Mutex<HashMap<u64, Arc<Channel>>>,
     /// One opening at a time per session: the callers that find none open wait for it.
     opening: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Openings that failed, with when and why.
+    failed: Mutex<HashMap<u64, (Instant, String)>>,
+    /// The node stopped: no channel opens any more.
+    closed: AtomicBool,
 }
 
 impl Channels {
     /// The open channel to session `node_id`, or a new one from `open`.
-    pub(crate) async fn get<F, Fut>(&self, node_id: u64, open: F) -> Result<Arc<Channel>, String>
+    pub(crate) async fn get<F, Fut>(&self, node_id: u64, open: F) -> Result<Arc<Channel>, ChannelError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Channel, String>>,
@@ -51,20 +70,53 @@ impl Channels {
         if let Some(c) = self.find(node_id) {
             return Ok(c);
         }
-        let lock = self.opening.lock().map_err(|_| "a poisoned lock")?.entry(node_id).or_default().clone();
+        self.recent_failure(node_id)?;
+        let lock = self.opening.lock().map_err(|_| ChannelError::NoSession)?.entry(node_id).or_default().clone();
         let _opening = lock.lock().await;
         if let Some(c) = self.find(node_id) {
             return Ok(c);
         }
-        let c = Arc::new(open().await?);
+        // The caller before this one may have just failed.
+        self.recent_failure(node_id)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ChannelError::NoSession);
+        }
+        let c = match open().await {
+            Ok(c) => Arc::new(c),
+            Err(why) => {
+                if let Ok(mut failed) = self.failed.lock() {
+                    failed.insert(node_id, (Instant::now(), why.clone()));
+                }
+                return Err(ChannelError::Failed(why));
+            }
+        };
         if let Ok(mut open) = self.open.lock() {
             open.insert(node_id, Arc::clone(&c));
+        }
+        // Stopped meanwhile: what `close_all` did not see is closed here.
+        if self.closed.load(Ordering::Acquire) {
+            self.close_all();
+            return Err(ChannelError::NoSession);
         }
         Ok(c)
     }
 
-    fn find(&self, node_id: u64) -> Option<Arc<Channel>> {
+    /// The open channel to session `node_id`, if there is one.
+    pub(crate) fn find(&self, node_id: u64) -> Option<Arc<Channel>> {
         self.open.lock().ok()?.get(&node_id).filter(|c| c.is_open()).cloned()
+    }
+
+    /// `Err` while an opening to `node_id` failed less than [`FAILED_OPEN_MEMORY`] ago.
+    fn recent_failure(&self, node_id: u64) -> Result<(), ChannelError> {
+        let Ok(mut failed) = self.failed.lock() else { return Ok(()) };
+        match failed.get(&node_id) {
+            Some((when, why)) if when.elapsed() < FAILED_OPEN_MEMORY => Err(ChannelError::Failed(format!("{why} (less than {FAILED_OPEN_MEMORY:?} ago)"))),
+            Some(_) => {
+                failed.remove(&node_id);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// The session `node_id` ended: its channel closes, and the calls waiting on it are lost.
@@ -73,13 +125,17 @@ impl Channels {
         if let Ok(mut opening) = self.opening.lock() {
             opening.remove(&node_id);
         }
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.remove(&node_id);
+        }
         if let Some(c) = channel {
             c.close();
         }
     }
 
-    /// Close every channel (the node stops).
+    /// Close every channel; none opens any more (the node stops).
     pub(crate) fn close_all(&self) {
+        self.closed.store(true, Ordering::Release);
         let all: Vec<Arc<Channel>> = self.open.lock().map(|mut open| open.drain().map(|(_, c)| c).collect()).unwrap_or_default();
         for c in all {
             c.close();
@@ -87,14 +143,37 @@ impl Channels {
     }
 }
 
+/// What became of a call sent on a channel (a dropped sender: the channel broke after the call
+/// frame was written whole — the call may have run there).
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The serving node's encoded reply.
+    Reply(Bytes),
+    /// The channel closed before the call frame was written whole: the peer cannot have run it.
+    NotSent,
+}
+
+/// Why a call was not sent on a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// The channel had closed.
+    Closed,
+    /// The call frame is larger than the serving node takes.
+    TooLarge { len: usize, max: usize },
+}
+
+/// A waiting call: where its outcome goes, and its frame's end offset among the bytes taken
+/// by the writer (0 when that is not tracked: always counted as written).
+type Waiter = (oneshot::Sender<Outcome>, u64);
+
 /// The calls waiting for a reply on one channel (`None` once it closed).
 #[derive(Default)]
-struct Waiting(Mutex<Option<HashMap<u64, oneshot::Sender<Bytes>>>>);
+struct Waiting(Mutex<Option<HashMap<u64, Waiter>>>);
 
 impl Waiting {
     fn reply(&self, id: u64, body: Bytes) {
-        if let Some(tx) = self.0.lock().ok().and_then(|mut w| w.as_mut()?.remove(&id)) {
-            let _ = tx.send(body);
+        if let Some((tx, _)) = self.0.lock().ok().and_then(|mut w| w.as_mut()?.remove(&id)) {
+            let _ = tx.send(Outcome::Reply(body));
         }
     }
 
@@ -106,10 +185,15 @@ impl Waiting {
         }
     }
 
-    /// Closed: every waiting call's sender drops.
-    fn close(&self) {
-        let waiting = self.0.lock().ok().and_then(|mut w| w.take());
-        drop(waiting);
+    /// Closed with `written` bytes written to the socket: a call whose frame ends beyond that
+    /// is told it was not sent; every other waiting call's sender drops (lost).
+    fn close(&self, written: u64) {
+        let waiting = self.0.lock().ok().and_then(|mut w| w.take()).unwrap_or_default();
+        for (_, (tx, end)) in waiting {
+            if end > written {
+                let _ = tx.send(Outcome::NotSent);
+            }
+        }
     }
 }
 
@@ -117,14 +201,38 @@ impl Waiting {
 /// (TLS: an encrypted stream cannot be written without awaiting).
 enum Out {
     Direct(Arc<DirectWriter>),
-    Queued(mpsc::Sender<Bytes>),
+    Queued(mpsc::Sender<Bytes>, AbortHandle),
+}
+
+/// What a channel's handle and its reader share.
+struct Shared {
+    out: Out,
+    waiting: Waiting,
+}
+
+impl Shared {
+    /// Close the connection (the peer sees it end) and settle the waiting calls.
+    fn close(&self) {
+        match &self.out {
+            Out::Direct(w) => {
+                w.close();
+                self.waiting.close(w.written());
+            }
+            Out::Queued(_, writer) => {
+                // The stream closes once the reader is gone too.
+                writer.abort();
+                self.waiting.close(0);
+            }
+        }
+    }
 }
 
 /// One open call channel.
 pub(crate) struct Channel {
-    out: Out,
-    waiting: Arc<Waiting>,
-    tasks: [AbortHandle; 2],
+    shared: Arc<Shared>,
+    reader: AbortHandle,
+    /// The largest frame body the serving node takes.
+    peer_max: usize,
 }
 
 impl Drop for Channel {
@@ -137,46 +245,38 @@ impl Channel {
     /// A channel on a plain TCP connection through its handshake (frames written by their
     /// senders); `lost` runs when the connection breaks (not when the channel is closed from
     /// this end).
-    fn plain(stream: TcpStream, max_frame: usize, lost: impl FnOnce() + Send + 'static) -> Channel {
+    fn plain(stream: TcpStream, max_frame: usize, peer_max: usize, lost: impl FnOnce() + Send + 'static) -> Channel {
         let (input, output) = stream.into_split();
-        // Unsent bytes are capped at two of the largest frames the peer takes.
-        let (writer, flusher) = DirectWriter::start(output, max_frame.saturating_mul(2).max(1 << 20));
-        let waiting = Arc::new(Waiting(Mutex::new(Some(HashMap::new()))));
-        Channel::reading(input, max_frame, Out::Direct(writer), flusher, waiting, lost)
+        // Unsent call frames are capped at two of the largest the peer takes; a caller beyond
+        // that waits for room (under its deadline).
+        let (writer, flusher) = DirectWriter::start(output, peer_max.saturating_mul(2).max(1 << 20));
+        // The flusher ends when the writer closes (with the channel).
+        drop(flusher);
+        Channel::reading(input, max_frame, peer_max, Out::Direct(writer), lost)
     }
 
     /// A channel on an encrypted connection through its handshake (frames written by a
     /// writer task).
-    fn encrypted<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, max_frame: usize, lost: impl FnOnce() + Send + 'static) -> Channel {
+    fn encrypted<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, max_frame: usize, peer_max: usize, lost: impl FnOnce() + Send + 'static) -> Channel {
         let (input, output) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(link::WRITE_QUEUE);
-        let waiting = Arc::new(Waiting(Mutex::new(Some(HashMap::new()))));
-        let on_write = Arc::clone(&waiting);
         let writer = tokio::spawn(async move {
-            if link::write_frames(output, rx).await.is_err() {
-                on_write.close();
-            }
+            let _ = link::write_frames(output, rx).await;
         });
-        Channel::reading(input, max_frame, Out::Queued(tx), writer, waiting, lost)
+        Channel::reading(input, max_frame, peer_max, Out::Queued(tx, writer.abort_handle()), lost)
     }
 
-    /// Start the reader that hands each reply to its call; `writer` is the task that writes
-    /// (or flushes) the frames.
-    fn reading<R: AsyncRead + Unpin + Send + 'static>(
-        input: R,
-        max_frame: usize,
-        out: Out,
-        writer: JoinHandle<()>,
-        waiting: Arc<Waiting>,
-        lost: impl FnOnce() + Send + 'static,
-    ) -> Channel {
-        let on_read = Arc::clone(&waiting);
+    /// Start the reader that hands each reply to its call; when the connection breaks it
+    /// closes the channel (both ways: the serving node sees it end and abandons the calls).
+    fn reading<R: AsyncRead + Unpin + Send + 'static>(input: R, max_frame: usize, peer_max: usize, out: Out, lost: impl FnOnce() + Send + 'static) -> Channel {
+        let shared = Arc::new(Shared { out, waiting: Waiting(Mutex::new(Some(HashMap::new()))) });
+        let on_read = Arc::clone(&shared);
         let reader = tokio::spawn(async move {
             let mut frames = link::frames(input, max_frame);
             let why = loop {
                 match frames.next().await {
                     Some(Ok(frame)) => match Frame::decode(frame) {
-                        Ok(Frame::Reply { id, body }) => on_read.reply(id, body),
+                        Ok(Frame::Reply { id, body }) => on_read.waiting.reply(id, body),
                         Ok(_) => break "a call or cancel frame from the serving end".to_string(),
                         Err(e) => break e,
                     },
@@ -188,63 +288,90 @@ impl Channel {
             on_read.close();
             lost();
         });
-        Channel { out, waiting, tasks: [writer.abort_handle(), reader.abort_handle()] }
+        Channel { shared, reader: reader.abort_handle(), peer_max }
     }
 
     /// Whether calls can still be sent on it.
     pub(crate) fn is_open(&self) -> bool {
-        self.waiting.0.lock().is_ok_and(|w| w.is_some())
+        self.shared.waiting.0.lock().is_ok_and(|w| w.is_some())
     }
 
-    /// Send the call frame `frame` of call `id`; its reply comes on the receiver (dropped
-    /// unanswered: the channel broke, the call may have run). `None`: the channel had closed,
-    /// nothing was sent.
-    pub(crate) async fn send(&self, id: u64, frame: Bytes) -> Option<oneshot::Receiver<Bytes>> {
+    /// Send the call frame `frame` of call `id` (waiting while the unsent frames are at their
+    /// cap: bound it with the call's deadline); its outcome comes on the receiver (dropped
+    /// unanswered: the channel broke after the frame was written whole, the call may have
+    /// run). `Err`: nothing was sent.
+    pub(crate) async fn send(&self, id: u64, frame: Bytes) -> Result<oneshot::Receiver<Outcome>, SendError> {
+        let body = frame.len().saturating_sub(pyvisor_protocol::LENGTH_PREFIX);
+        if body > self.peer_max {
+            return Err(SendError::TooLarge { len: body, max: self.peer_max });
+        }
         let (tx, rx) = oneshot::channel();
-        {
-            let mut w = self.waiting.0.lock().ok()?;
-            w.as_mut()?.insert(id, tx);
+        match &self.shared.out {
+            Out::Direct(w) => {
+                let mut tx = Some(tx);
+                loop {
+                    let room = w.drained().notified();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    {
+                        // Under the waiting lock: a close settles this call with its offset.
+                        let mut waiting = self.shared.waiting.0.lock().map_err(|_| SendError::Closed)?;
+                        let Some(map) = waiting.as_mut() else { return Err(SendError::Closed) };
+                        match w.send(&frame) {
+                            Ok(end) => {
+                                if let Some(tx) = tx.take() {
+                                    map.insert(id, (tx, end));
+                                }
+                                return Ok(rx);
+                            }
+                            Err(Refused::Closed) => return Err(SendError::Closed),
+                            Err(Refused::Full) => {}
+                        }
+                    }
+                    room.await;
+                }
+            }
+            Out::Queued(queue, _) => {
+                {
+                    let mut waiting = self.shared.waiting.0.lock().map_err(|_| SendError::Closed)?;
+                    let Some(map) = waiting.as_mut() else { return Err(SendError::Closed) };
+                    map.insert(id, (tx, 0));
+                }
+                if queue.send(frame).await.is_err() {
+                    self.shared.waiting.forget(id);
+                    return Err(SendError::Closed);
+                }
+                Ok(rx)
+            }
         }
-        let sent = match &self.out {
-            Out::Direct(w) => w.send(&frame).is_ok(),
-            Out::Queued(tx) => tx.send(frame).await.is_ok(),
-        };
-        if !sent {
-            self.waiting.forget(id);
-            return None;
-        }
-        Some(rx)
     }
 
-    /// The caller gave up call `id`: forget it here, and tell the serving node.
+    /// The caller gave up call `id`: forget it here, and tell the serving node (a cancel is
+    /// never refused for want of room).
     pub(crate) fn cancel(&self, id: u64) {
-        self.waiting.forget(id);
+        self.shared.waiting.forget(id);
         let frame = Frame::Cancel { id }.encode();
-        match &self.out {
+        match &self.shared.out {
             Out::Direct(w) => {
-                let _ = w.send(&frame);
+                let _ = w.send_uncapped(&frame);
             }
-            Out::Queued(tx) => {
-                if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+            Out::Queued(queue, _) => {
+                if let Err(mpsc::error::TrySendError::Full(frame)) = queue.try_send(frame) {
                     // Queue full: the cancel waits its turn rather than being lost.
-                    let tx = tx.clone();
+                    let queue = queue.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(frame).await;
+                        let _ = queue.send(frame).await;
                     });
                 }
             }
         }
     }
 
-    /// Close from this end: the calls waiting are lost.
+    /// Close from this end: the peer sees the connection end; the calls waiting are lost, or
+    /// not sent when their frame was not written whole.
     pub(crate) fn close(&self) {
-        self.waiting.close();
-        if let Out::Direct(w) = &self.out {
-            w.close();
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.reader.abort();
+        self.shared.close();
     }
 }
 
@@ -273,18 +400,20 @@ pub(crate) async fn dial(
     let addr = SocketAddr::new(ip, offer.port);
     let tcp = TcpStream::connect(addr).await.map_err(|e| format!("cannot connect to its call port {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let hello = ChannelHello { v: WIRE_VERSION, token: offer.token, node: me.to_string() };
+    link::keepalive(&tcp);
+    let peer_max = usize::try_from(offer.max_frame).unwrap_or(usize::MAX);
+    let hello = ChannelHello { v: WIRE_VERSION, token: offer.token, node: me.to_string(), max_frame: max_frame as u64 };
     match tls {
         None => {
             let mut stream = tcp;
             handshake(&mut stream, &hello).await?;
-            Ok(Channel::plain(stream, max_frame, lost))
+            Ok(Channel::plain(stream, max_frame, peer_max, lost))
         }
         Some(t) => {
             let mut stream =
                 t.connector.connect(t.server_name.clone(), tcp).await.map_err(|e| format!("the TLS handshake with its call port {addr}: {e}"))?;
             handshake(&mut stream, &hello).await?;
-            Ok(Channel::encrypted(stream, max_frame, lost))
+            Ok(Channel::encrypted(stream, max_frame, peer_max, lost))
         }
     }
 }
@@ -298,5 +427,87 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, hello: &Ch
     match welcome.refused {
         None => Ok(()),
         Some(why) => Err(format!("its call port refused the channel: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A serving end of our own: accepts one channel (any token), welcomes it, and hands the
+    /// connection to the test.
+    async fn serving_end(peer_max: u64) -> (ChannelOffer, tokio::task::JoinHandle<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let port = listener.local_addr().expect("an address").port();
+        let offer = ChannelOffer { v: WIRE_VERSION, host: Some("127.0.0.1".into()), port, token: vec![1; 16], max_frame: peer_max };
+        let accepted = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accepts");
+            let _hello = link::read_handshake(&mut s).await.expect("a hello");
+            s.write_all(&wire::handshake_frame(&ChannelWelcome { v: WIRE_VERSION, refused: None })).await.expect("writes");
+            s
+        });
+        (offer, accepted)
+    }
+
+    fn call_frame(id: u64, body_len: usize) -> Bytes {
+        Frame::Call { id, member: 1, body: Bytes::from(vec![0xc0; body_len]) }.encode()
+    }
+
+    #[tokio::test]
+    async fn a_broken_reply_stream_closes_the_connection_and_loses_the_calls_in_flight() {
+        let (offer, accepted) = serving_end(1 << 20).await;
+        let lost = Arc::new(AtomicBool::new(false));
+        let noticed = Arc::clone(&lost);
+        let channel = dial(offer, "127.0.0.1".parse().expect("an IP"), None, "a@127.0.0.1", 1 << 20, move || noticed.store(true, Ordering::SeqCst))
+            .await
+            .expect("the channel opens");
+        let mut server = accepted.await.expect("accepted");
+        let waiting = channel.send(7, call_frame(7, 10)).await.expect("sent");
+        // The call frame arrived whole; then the serving end sends a frame of no known kind.
+        let mut got = vec![0u8; call_frame(7, 10).len()];
+        server.read_exact(&mut got).await.expect("the call frame");
+        server.write_all(&[0, 0, 0, 9, 99, 0, 0, 0, 0, 0, 0, 0, 7]).await.expect("writes");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("settled");
+        assert!(outcome.is_err(), "a call written whole is lost (it may have run), got {outcome:?}");
+        assert!(lost.load(Ordering::SeqCst), "the broken channel was not reported");
+        assert!(!channel.is_open());
+        // The serving end sees the connection end (and would abandon the calls it runs).
+        let mut rest = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), server.read(&mut rest)).await.expect("not left open");
+        assert!(matches!(read, Ok(0) | Err(_)), "the connection stayed open: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn calls_not_written_whole_when_the_channel_breaks_were_not_sent_and_a_call_too_large_is_refused() {
+        let (offer, accepted) = serving_end(256 * 1024).await;
+        let channel = dial(offer, "127.0.0.1".parse().expect("an IP"), None, "a@127.0.0.1", 1 << 20, || {}).await.expect("the channel opens");
+        let server = accepted.await.expect("accepted");
+        // Larger than the serving end takes: refused, nothing written.
+        assert_eq!(channel.send(1, call_frame(1, 256 * 1024)).await.err(), Some(SendError::TooLarge { len: 256 * 1024 + 17, max: 256 * 1024 }));
+        // The serving end reads nothing: frames fill the socket, then wait unsent, then the
+        // senders wait for room.
+        let mut outcomes = Vec::new();
+        for id in 2..200 {
+            match tokio::time::timeout(Duration::from_millis(200), channel.send(id, call_frame(id, 200 * 1024))).await {
+                Ok(Ok(rx)) => outcomes.push(rx),
+                Ok(Err(e)) => panic!("send {id}: {e:?}"),
+                Err(_) => break, // waiting for room: backpressure
+            }
+        }
+        assert!(outcomes.len() < 198, "the unsent frames were never capped");
+        drop(server);
+        let (mut not_sent, mut lost) = (0, 0);
+        for rx in outcomes {
+            match tokio::time::timeout(Duration::from_secs(5), rx).await.expect("settled") {
+                Ok(Outcome::NotSent) => not_sent += 1,
+                Err(_) => lost += 1,
+                Ok(Outcome::Reply(_)) => panic!("no reply was sent"),
+            }
+        }
+        assert!(lost >= 1, "the frames the socket took may have been read: lost, not `not sent`");
+        assert!(not_sent >= 1, "frames that never left this process were reported as lost");
     }
 }

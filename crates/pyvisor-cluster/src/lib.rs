@@ -6,10 +6,11 @@
 //! connected node (untainted first, a key's node for keyed calls, else the fewest in flight,
 //! local on a tie). Sessions, membership and the heartbeat ride on ractor_cluster; the calls
 //! ride a call channel per pair of nodes (a framed connection to the serving node's call port,
-//! opened with a single-use token handed out over the authenticated session). A node lost mid-call — its session closed, or given up by the node
-//! heartbeat ([`HeartbeatPolicy`]) — is a crash for the calls in flight there: idempotent ones
-//! are retried on another node, the others fail with [`RemoteCallError::NodeLost`] and a
-//! [`NodeLoss`] certificate, and the node is tainted for a window ([`NodeTaint`]). Deadlines,
+//! opened with a single-use token handed out over the authenticated session). A node lost
+//! mid-call — its session closed, given up by the node heartbeat ([`HeartbeatPolicy`]), or its
+//! call channel broken — is a crash for the calls in flight there: idempotent ones are retried
+//! on another node, the others fail with [`RemoteCallError::NodeLost`] and a [`NodeLoss`]
+//! certificate, and the node is tainted for a window ([`NodeTaint`]). Deadlines,
 //! cancellation and trace context cross. [`Node::join`] keeps a node connected to its seeds
 //! (ractor_cluster does not reconnect by itself); [`NodeArgs`] are a node process's flags
 //! (`pyvisor-cluster-node`, `pyvisor node`). See docs/cluster.md.

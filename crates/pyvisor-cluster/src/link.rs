@@ -1,8 +1,8 @@
 //! The plumbing of a call channel's connection, the same at both ends: accepting connections
 //! with a bound on those not yet through their handshake, writing frames (straight from the
 //! sending task on a plain TCP stream — no hop to a writer task; through a writer task that
-//! sends many per write under load on a TLS stream), and reading the one handshake frame each
-//! side sends first, with a small cap.
+//! sends many per write under load on a TLS stream), reading the one handshake frame each
+//! side sends first, with a small cap, and TCP keepalive.
 //!
 //! Owns no protocol knowledge beyond "a frame is a length-prefixed body" (`wire` has the
 //! frames, `channel` and `call_port` the two ends).
@@ -74,68 +74,131 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(out: W, mut rx: mpsc::Re
     Ok(())
 }
 
-/// The connection is closed or broken, or its unsent bytes are at their cap: the frame was
-/// not sent.
+/// Why a frame was not taken (none of its bytes were written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NotSent;
+pub(crate) enum Refused {
+    /// The connection is closed or broken.
+    Closed,
+    /// The bytes waiting unsent are at their cap: wait ([`DirectWriter::send_waiting`]).
+    Full,
+}
 
 /// The writing end of a plain TCP connection, shared by the tasks that send on it: a frame is
 /// written by its sender with a non-blocking write under a short lock; only what the socket
-/// does not take at once waits in a buffer (capped) that a flusher task writes when the socket
-/// is writable. Order is kept and a sender dropped mid-call never leaves half a frame.
+/// does not take at once waits in a buffer that a flusher task writes when the socket is
+/// writable. Order is kept and a sender dropped mid-call never leaves half a frame.
+///
+/// The buffer holds at most `cap` bytes plus the rest of one frame: a frame that finds it
+/// fuller than that waits (backpressure on the sender), except the small frames sent with
+/// [`DirectWriter::send_uncapped`] (cancels), which must never be lost. Every byte taken and
+/// every byte written to the socket is counted, so what was surely not written when the
+/// connection closed is known ([`DirectWriter::written`]).
 pub(crate) struct DirectWriter {
     half: OwnedWriteHalf,
     state: Mutex<Unsent>,
+    /// Wakes the flusher: bytes wait.
     wake: Notify,
+    /// Wakes senders waiting for room, and on close.
+    drained: Notify,
     cap: usize,
 }
 
 struct Unsent {
     bytes: BytesMut,
     closed: bool,
+    /// Bytes of frames taken so far (the end offset of the last frame taken).
+    taken: u64,
+    /// Bytes written to the socket so far.
+    written: u64,
 }
 
 impl DirectWriter {
-    /// Share `half`; at most `cap` bytes wait unsent (a frame beyond that is refused).
+    /// Share `half`; at most about `cap` bytes wait unsent (see above).
     pub(crate) fn start(half: OwnedWriteHalf, cap: usize) -> (Arc<DirectWriter>, JoinHandle<()>) {
-        let w = Arc::new(DirectWriter { half, state: Mutex::new(Unsent { bytes: BytesMut::new(), closed: false }), wake: Notify::new(), cap });
+        let state = Unsent { bytes: BytesMut::new(), closed: false, taken: 0, written: 0 };
+        let w = Arc::new(DirectWriter { half, state: Mutex::new(state), wake: Notify::new(), drained: Notify::new(), cap });
         let flusher = tokio::spawn(flush_unsent(Arc::clone(&w)));
         (w, flusher)
     }
 
-    /// Send one whole frame (never blocks).
-    pub(crate) fn send(&self, frame: &[u8]) -> Result<(), NotSent> {
-        let mut st = self.state.lock().map_err(|_| NotSent)?;
+    /// Take one whole frame (never blocks): its end offset among the bytes taken.
+    pub(crate) fn send(&self, frame: &[u8]) -> Result<u64, Refused> {
+        self.take(frame, true)
+    }
+
+    /// [`DirectWriter::send`] without the cap: for small frames that must not be refused.
+    pub(crate) fn send_uncapped(&self, frame: &[u8]) -> Result<u64, Refused> {
+        self.take(frame, false)
+    }
+
+    /// [`DirectWriter::send`], waiting while the unsent bytes are at their cap.
+    pub(crate) async fn send_waiting(&self, frame: &[u8]) -> Result<u64, Refused> {
+        loop {
+            let room = self.drained.notified();
+            tokio::pin!(room);
+            // Registered before the attempt: a drain between the attempt and the wait wakes it.
+            room.as_mut().enable();
+            match self.send(frame) {
+                Err(Refused::Full) => room.await,
+                other => return other,
+            }
+        }
+    }
+
+    fn take(&self, frame: &[u8], capped: bool) -> Result<u64, Refused> {
+        let mut st = self.state.lock().map_err(|_| Refused::Closed)?;
         if st.closed {
-            return Err(NotSent);
+            return Err(Refused::Closed);
         }
         let mut rest = frame;
         if st.bytes.is_empty() {
             match self.half.try_write(frame) {
-                Ok(n) if n == frame.len() => return Ok(()),
-                Ok(n) => rest = &frame[n..],
+                Ok(n) => {
+                    st.written += n as u64;
+                    rest = &frame[n..];
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     st.closed = true;
-                    return Err(NotSent);
+                    drop(st);
+                    self.drained.notify_waiters();
+                    return Err(Refused::Closed);
                 }
             }
-        } else if st.bytes.len() + frame.len() > self.cap {
-            return Err(NotSent);
+        } else if capped && st.bytes.len() + frame.len() > self.cap {
+            return Err(Refused::Full);
         }
-        st.bytes.extend_from_slice(rest);
-        drop(st);
-        self.wake.notify_one();
-        Ok(())
+        st.taken += frame.len() as u64;
+        let end = st.taken;
+        if !rest.is_empty() {
+            st.bytes.extend_from_slice(rest);
+            drop(st);
+            self.wake.notify_one();
+        }
+        Ok(end)
     }
 
-    /// No more frames; what waits unsent is dropped.
+    /// Woken when unsent bytes were written (room was made) and when the writer closes.
+    pub(crate) fn drained(&self) -> &Notify {
+        &self.drained
+    }
+
+    /// Bytes written to the socket so far: a frame whose end offset is beyond it when the
+    /// connection closed never reached the peer whole (so it cannot have been run there).
+    pub(crate) fn written(&self) -> u64 {
+        self.state.lock().map_or(0, |st| st.written)
+    }
+
+    /// No more frames; what waits unsent is dropped and the connection shut down both ways
+    /// (the peer reads its end).
     pub(crate) fn close(&self) {
         if let Ok(mut st) = self.state.lock() {
             st.closed = true;
             st.bytes = BytesMut::new();
         }
+        let _ = socket2::SockRef::from(self.half.as_ref()).shutdown(std::net::Shutdown::Both);
         self.wake.notify_one();
+        self.drained.notify_waiters();
     }
 }
 
@@ -156,16 +219,20 @@ async fn flush_unsent(w: Arc<DirectWriter>) {
                     match w.half.try_write(&st.bytes) {
                         Ok(n) => {
                             let _ = st.bytes.split_to(n);
+                            st.written += n as u64;
                             st.bytes.is_empty()
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
                         Err(_) => {
-                            st.closed = true;
+                            drop(st);
+                            w.close();
                             return;
                         }
                     }
                 }
             };
+            // Room was made: senders waiting for it try again.
+            w.drained.notify_waiters();
             if done {
                 break;
             }
@@ -175,6 +242,14 @@ async fn flush_unsent(w: Arc<DirectWriter>) {
             }
         }
     }
+}
+
+/// TCP keepalive on a channel's connection: a peer that vanished without closing it (powered
+/// off, partitioned, its connection dropped by a middlebox) is noticed within about 25 s on
+/// both ends, even while its session looks healthy.
+pub(crate) fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(5)).with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
 /// A reader of channel frames of at most `max_frame` bytes from `input`.

@@ -2,8 +2,9 @@
 //! cookie every peer must prove it knows, connecting to peers, and what the node knows of them
 //! (sessions opened, authenticated, ready, closed — as [`NodeEvent`]s and a table of peers).
 //!
-//! Owns the node server actor and its event subscription. Not what runs on the nodes (pools
-//! are served and called elsewhere), not liveness (ractor_cluster times nothing out: a node
+//! Owns the node server actor and its event subscription, and holds the node's call port and
+//! its table of call channels (`call_port`, `channel`), closing a peer's channels when its
+//! session ends. Not what runs on the nodes (pools are served and called elsewhere), not liveness (ractor_cluster times nothing out: a node
 //! heartbeat of our own sits above this), not reconnecting (`seeds` redials).
 
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::call_port::CallPort;
-use crate::channel::{self, Channel, Channels};
+use crate::channel::{self, Channel, ChannelError, Channels};
 use crate::error::ClusterError;
 use crate::heartbeat::{self, Beat, HeartbeatPolicy, Misses, NodeBeatMsg};
 use crate::node_loss::{LossCause, NodeTaint};
@@ -93,11 +94,14 @@ impl NodeConfig {
         Ok(cookie)
     }
 
-    /// The largest message a peer may send this node (default 16 MiB, ractor_cluster's): a
-    /// larger one closes that peer's connection.
+    /// The largest message a peer may send this node (default 16 MiB, ractor_cluster's), on
+    /// its session and on its call channel: a larger one closes that connection. Peers learn
+    /// it: a call larger than the serving node takes fails at once as `Codec` (nothing sent),
+    /// a result larger than the calling node takes comes back as the error
+    /// `result_too_large`. At most 4 GiB − 1 (frames have a 32-bit length).
     #[must_use]
     pub fn max_frame(mut self, bytes: u64) -> Self {
-        self.max_frame = bytes;
+        self.max_frame = bytes.min(u64::from(u32::MAX));
         self
     }
 
@@ -212,7 +216,8 @@ struct NodeInner {
 }
 
 impl NodeInner {
-    /// Stop the heartbeat, the TLS listener and the node server (its sessions with it).
+    /// Stop the heartbeat, the TLS listener, the call port, the call channels and the node
+    /// server (its sessions with it).
     fn stop(&self) {
         self.halt.send_replace(true);
         self.monitor.abort();
@@ -269,14 +274,15 @@ impl PeerTable {
     }
 
     /// Forget `name` if `addr` is its session's (a losing duplicate leaves it in place): the
-    /// peer is lost, and tainted from now.
-    fn disconnected(&self, name: &str, addr: &str) {
-        if let Ok(mut t) = self.0.lock() {
-            if t.ready.get(name).is_some_and(|(p, _)| p.addr == addr) {
-                t.ready.remove(name);
-                t.taint.lost(name, Instant::now());
-            }
+    /// peer is lost, and tainted from now. Whether it was.
+    fn disconnected(&self, name: &str, addr: &str) -> bool {
+        let Ok(mut t) = self.0.lock() else { return false };
+        if t.ready.get(name).is_none_or(|(p, _)| p.addr != addr) {
+            return false;
         }
+        t.ready.remove(name);
+        t.taint.lost(name, Instant::now());
+        true
     }
 
     /// The heartbeat gave `name` up after `missed` misses.
@@ -359,7 +365,9 @@ impl Node {
         };
         let halt = watch::Sender::new(false);
         let max_frame = usize::try_from(config.max_frame).unwrap_or(usize::MAX);
-        let calls = match CallPort::start(SocketAddr::new(config.listen.ip(), config.call_port), config.tls.clone(), max_frame, halt.subscribe()).await {
+        // The names of peers whose session ended: their channels to this node's call port end.
+        let (gone, _) = broadcast::channel(256);
+        let calls = match CallPort::start(SocketAddr::new(config.listen.ip(), config.call_port), config.tls.clone(), max_frame, halt.subscribe(), gone.clone()).await {
             Ok(calls) => calls,
             Err(e) => {
                 if let Some((_, listener)) = &tls {
@@ -372,7 +380,7 @@ impl Node {
         let channels = Arc::new(Channels::default());
         let (events, _) = broadcast::channel(1024);
         let peers = PeerTable::new(config.taint_window);
-        let forward = Forward { events: events.clone(), peers: peers.clone(), channels: Arc::clone(&channels) };
+        let forward = Forward { events: events.clone(), peers: peers.clone(), channels: Arc::clone(&channels), gone };
         server
             .cast(NodeServerMessage::SubscribeToEvents { id: "pyvisor".into(), subscription: Box::new(forward) })
             .map_err(|e| ClusterError::Bind { addr: config.listen, detail: e.to_string() })?;
@@ -503,25 +511,35 @@ impl Node {
 
     /// The call channel to the node of `member` (a peer's pool member), opened if there is
     /// none, within `budget` (at most `channel::OPEN_TIMEOUT`). `Err`: nothing was sent.
-    pub(crate) async fn channel(&self, member: &ActorCell, budget: Duration) -> Result<Arc<Channel>, String> {
+    pub(crate) async fn channel(&self, member: &ActorCell, budget: Duration) -> Result<Arc<Channel>, ChannelError> {
         let node_id = member.get_id().node();
-        let Some((peer, _)) = self.inner.peers.by_node_id(node_id) else {
-            return Err("no session with its node".into());
-        };
         let inner = &self.inner;
+        // The common case: open already (a session's end removes its channel at once).
+        if let Some(c) = inner.channels.find(node_id) {
+            return Ok(c);
+        }
+        let Some((peer, _)) = inner.peers.by_node_id(node_id) else {
+            return Err(ChannelError::NoSession);
+        };
         let open = || async {
-            let offer = channel::ask_offer(&member.clone().into()).await?;
-            let session_ip = peer.addr.parse::<SocketAddr>().map(|a| a.ip()).map_err(|e| format!("its session address {:?}: {e}", peer.addr))?;
-            let (peers, name) = (inner.peers.clone(), peer.name.clone());
-            let tls = inner.tls.as_ref().map(|(t, _)| t);
-            channel::dial(offer, session_ip, tls, &inner.name, inner.max_frame, move || peers.channel_lost(&name)).await
+            let opening = async {
+                let offer = channel::ask_offer(&member.clone().into()).await?;
+                let session_ip = peer.addr.parse::<SocketAddr>().map(|a| a.ip()).map_err(|e| format!("its session address {:?}: {e}", peer.addr))?;
+                let (peers, name) = (inner.peers.clone(), peer.name.clone());
+                let tls = inner.tls.as_ref().map(|(t, _)| t);
+                channel::dial(offer, session_ip, tls, &inner.name, inner.max_frame, move || peers.channel_lost(&name)).await
+            };
+            // Bounded here, not only by the caller's budget: a failure of the whole opening is
+            // remembered (calls meanwhile go elsewhere at once).
+            tokio::time::timeout(channel::OPEN_TIMEOUT, opening).await.map_err(|_| format!("no call channel within {:?}", channel::OPEN_TIMEOUT))?
         };
         let budget = budget.min(channel::OPEN_TIMEOUT);
-        let c = tokio::time::timeout(budget, inner.channels.get(node_id, open)).await.map_err(|_| format!("no call channel within {budget:?}"))??;
+        let opening = tokio::time::timeout(budget, inner.channels.get(node_id, open));
+        let c = opening.await.map_err(|_| ChannelError::Failed(format!("no call channel within {budget:?}")))??;
         // The session may have ended while the channel opened: nothing of it is left to call.
         if inner.peers.by_node_id(node_id).is_none() {
             inner.channels.session_ended(node_id);
-            return Err("its session ended".into());
+            return Err(ChannelError::NoSession);
         }
         Ok(c)
     }
@@ -589,6 +607,7 @@ struct Forward {
     events: broadcast::Sender<NodeEvent>,
     peers: PeerTable,
     channels: Arc<Channels>,
+    gone: broadcast::Sender<String>,
 }
 
 fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
@@ -603,7 +622,10 @@ impl NodeEventSubscription for Forward {
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
         let peer = peer_name(&ses);
         if let Some(name) = &peer {
-            self.peers.disconnected(name, &ses.peer_addr);
+            if self.peers.disconnected(name, &ses.peer_addr) {
+                // Its channels to this node's call port end (their calls are abandoned).
+                let _ = self.gone.send(name.clone());
+            }
         }
         // Its calls in flight are lost now (the channel may outlive the session: a stopped
         // process keeps its sockets open).

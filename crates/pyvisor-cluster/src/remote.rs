@@ -2,10 +2,12 @@
 //! its process group, picks one (`routing`: untainted nodes first, an affinity key's node, else
 //! the fewest calls in flight, this node's own on a tie), sends the call as already-encoded
 //! bytes with the time left, cancels it there when the caller drops it or runs out of time,
-//! and — when the member's node is lost mid-call — retries an idempotent call on another
-//! member and fails any other call with [`RemoteCallError::NodeLost`] and the loss's
-//! certificate (never repeating it). A call that reached a node whose pool is not running goes
-//! to another node, idempotent or not: nothing ran.
+//! and — when the member's node is lost mid-call (its session closed or given up by the
+//! heartbeat, or the call channel to it broke after the call was written) — retries an
+//! idempotent call on another member and fails any other call with
+//! [`RemoteCallError::NodeLost`] and the loss's certificate (never repeating it). A call that
+//! surely did not run there — its node's pool not running, its frame never written whole, no
+//! channel to be had — goes to another node, idempotent or not.
 //!
 //! Owns the attempts of a remote call and the retry rule across nodes. Not the rule for
 //! choosing (`routing`), not the wire format (`wire`), not serving (`serve`), not noticing a
@@ -23,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, ChannelError, Outcome, SendError};
 use crate::node::Node;
 use crate::node_loss::NodeLoss;
 use crate::routing::{choose, Candidate};
@@ -212,13 +214,18 @@ impl RemotePool {
                 };
                 return outcome.map_err(|e| failed(function, node, e.kind().to_string(), e.to_string(), timeout));
             }
-            // Another node's member: the call goes on this node's call channel to it.
+            // Another node's member: the call goes on this node's call channel to it, counted
+            // in flight from now (while its channel opens too: other calls see the load).
+            let counted = InFlight::new(&self.state, &node);
             let channel = match self.node.channel(&member, left.unwrap_or(DEFAULT_REMOTE_TIMEOUT)).await {
                 Ok(c) => c,
                 // Nothing was sent: the call may go elsewhere.
-                Err(detail) => {
-                    tracing::debug!(pool = %self.pool, %node, "no call channel: {detail}");
-                    unreachable = Some((node.clone(), detail));
+                Err(e) => {
+                    drop(counted);
+                    if let ChannelError::Failed(detail) = e {
+                        tracing::debug!(pool = %self.pool, %node, "no call channel: {detail}");
+                        unreachable = Some((node.clone(), detail));
+                    }
                     skip.push(node);
                     continue;
                 }
@@ -238,27 +245,43 @@ impl RemotePool {
             });
             let frame = Frame::Call { id: call_id, member: member.get_id().pid(), body: body.into() }.encode();
             let sent = Instant::now();
-            // The channel had closed: nothing was sent, the call may go elsewhere.
-            let counted = InFlight::new(&self.state, &node);
-            let Some(reply) = channel.send(call_id, frame).await else {
-                drop(counted);
-                skip.push(node);
-                continue;
-            };
             let answer = {
                 let _counted = counted;
+                // Armed from before the send: a caller dropped while its frame waits for room
+                // is forgotten, and the serving node told (a cancel for a call it never got is
+                // ignored there).
                 let mut cancel = CancelOnDrop { channel: Some(Arc::clone(&channel)), call_id };
-                let answer = match left {
-                    Some(left) => tokio::time::timeout(left, reply).await.ok(),
-                    None => Some(reply.await),
+                let exchange = async {
+                    let outcome = channel.send(call_id, frame).await?;
+                    Ok::<_, SendError>(outcome.await)
                 };
-                if matches!(answer, Some(Ok(_))) {
+                // Waiting for room to send counts against the call's time too.
+                let answer = match left {
+                    Some(left) => tokio::time::timeout(left, exchange).await.ok(),
+                    None => Some(exchange.await),
+                };
+                if answer.is_some() {
                     cancel.channel = None;
                 }
                 answer
             };
+            let answer = match answer {
+                // Out of time (the serving node was told to abandon it).
+                None => return Err(timeout()),
+                // The channel had closed: nothing was sent, the call may go elsewhere.
+                Some(Err(SendError::Closed)) | Some(Ok(Ok(Outcome::NotSent))) => {
+                    skip.push(node);
+                    continue;
+                }
+                Some(Err(SendError::TooLarge { len, max })) => {
+                    let detail = format!("the call ({len} bytes) is larger than node {node} takes ({max} bytes, its `max_frame`)");
+                    return Err(RemoteCallError::Codec { function: function.to_string(), detail });
+                }
+                Some(Ok(Ok(Outcome::Reply(bytes)))) => Ok(bytes),
+                Some(Ok(Err(lost))) => Err(lost),
+            };
             match answer {
-                Some(Ok(bytes)) => {
+                Ok(bytes) => {
                     let reply: WireReply = wire::decode(&bytes)
                         .map_err(|detail| RemoteCallError::Codec { function: function.to_string(), detail: format!("from node {node}: {detail}") })?;
                     if let Some(i) = reply.idempotent {
@@ -274,11 +297,9 @@ impl RemotePool {
                         Err(e) => Err(failed(function, node, e.kind, e.message, timeout)),
                     };
                 }
-                // Out of time (the serving node was told to abandon it).
-                None => return Err(timeout()),
-                // The channel broke or the node's session ended before the reply: the call may
-                // have run there.
-                Some(Err(_)) => {
+                // The channel broke or the node's session ended after the call frame was
+                // written: the call may have run there.
+                Err(_) => {
                     let certificate = NodeLoss { cause: self.node.loss_cause(&node), node: node.clone(), after: sent.elapsed(), attempt };
                     span.node_lost(&certificate.node, idempotent);
                     if !idempotent {

@@ -174,6 +174,12 @@ pub(crate) async fn call(member: u64, body: &[u8]) -> Vec<u8> {
     answer(outcome, served.function_idempotent(&pool, &function))
 }
 
+/// A reply body for a call that was not run, or whose result could not be sent: `kind` and
+/// `message` as a `CallError` would say them.
+pub(crate) fn refusal(kind: &str, message: String) -> Vec<u8> {
+    answer(Err(WireError { kind: kind.into(), message }), None)
+}
+
 /// A call's outcome as the encoded reply body.
 fn answer(result: Result<serde_bytes::ByteBuf, WireError>, idempotent: Option<bool>) -> Vec<u8> {
     wire::encode(&WireReply { v: WIRE_VERSION, result, idempotent })

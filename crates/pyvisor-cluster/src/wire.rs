@@ -16,8 +16,9 @@ use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-/// The version of the bodies; a node refuses another.
-pub(crate) const WIRE_VERSION: u8 = 1;
+/// The version of the bodies; a node refuses another. 2: calls on call channels (version 1
+/// sent them as ractor_cluster RPCs; a cluster runs one version: upgrade every node together).
+pub(crate) const WIRE_VERSION: u8 = 2;
 
 /// The message a served pool's member actor takes (the variant name is ractor_cluster's
 /// wire tag: never rename it).
@@ -39,6 +40,8 @@ pub(crate) struct ChannelOffer {
     pub port: u16,
     #[serde(with = "serde_bytes")]
     pub token: Vec<u8>,
+    /// The largest frame body the node takes: a caller sends no larger call.
+    pub max_frame: u64,
 }
 
 /// The first frame on a call channel, from the node that opened it.
@@ -47,8 +50,10 @@ pub(crate) struct ChannelHello {
     pub v: u8,
     #[serde(with = "serde_bytes")]
     pub token: Vec<u8>,
-    /// The opening node's name (for logs).
+    /// The opening node's name (whose session's end ends the channel).
     pub node: String,
+    /// The largest frame body the opening node takes: no larger reply is sent it.
+    pub max_frame: u64,
 }
 
 /// The answer to a [`ChannelHello`]: accepted, or why not (then the connection closes).
@@ -139,7 +144,8 @@ pub(crate) struct WireCall {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub idempotent: Option<bool>,
-    /// Random per call (also the channel frame's id).
+    /// The caller's id of the call (a random start per process, then counted; the channel
+    /// frame carries the same id, which the serving end uses).
     #[serde(default)]
     pub call_id: Option<u64>,
     #[serde(default)]
