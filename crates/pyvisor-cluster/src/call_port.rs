@@ -331,6 +331,23 @@ mod tests {
         (s, welcome.refused)
     }
 
+    /// A call frame `id` for a member this process does not serve (answered "not running").
+    fn unserved_call(id: u64) -> bytes::Bytes {
+        let call = WireCall {
+            v: WIRE_VERSION,
+            function: "f".into(),
+            payload: vec![0xc0],
+            budget_ms: None,
+            traceparent: None,
+            tracestate: None,
+            idempotent: None,
+            call_id: Some(id),
+            affinity: None,
+            idempotency_key: None,
+        };
+        Frame::Call { id, member: u64::MAX, body: wire::encode(&call).into() }.encode()
+    }
+
     /// Whether the other end closed the connection (within a guard).
     async fn closed(s: &mut TcpStream) -> bool {
         let mut buf = [0u8; 64];
@@ -386,19 +403,7 @@ mod tests {
         let (port, _halt) = port(1 << 20).await;
         let (mut s, refused) = hello(&port, (port.offers())().token).await;
         assert_eq!(refused, None);
-        let call = WireCall {
-            v: WIRE_VERSION,
-            function: "f".into(),
-            payload: vec![0xc0],
-            budget_ms: None,
-            traceparent: None,
-            tracestate: None,
-            idempotent: None,
-            call_id: Some(5),
-            affinity: None,
-            idempotency_key: None,
-        };
-        s.write_all(&Frame::Call { id: 5, member: u64::MAX, body: wire::encode(&call).into() }.encode()).await.expect("writes");
+        s.write_all(&unserved_call(5)).await.expect("writes");
         let mut frames = link::frames(&mut s, 1 << 20);
         let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("an answer").expect("a frame").expect("readable");
         let Ok(Frame::Reply { id: 5, body }) = Frame::decode(frame) else { panic!("not the call's reply") };
@@ -415,24 +420,10 @@ mod tests {
         // Calls for a member not served here: each answered at once (~120 B), far more in all
         // than the unsent cap (2 MiB for a caller taking 1 MiB frames) and the sockets hold.
         const CALLS: u64 = 150_000;
-        let call = |id: u64| {
-            let body = WireCall {
-                v: WIRE_VERSION,
-                function: "f".into(),
-                payload: vec![0xc0],
-                budget_ms: None,
-                traceparent: None,
-                tracestate: None,
-                idempotent: None,
-                call_id: Some(id),
-                affinity: None,
-                idempotency_key: None,
-            };
-            Frame::Call { id, member: u64::MAX, body: wire::encode(&body).into() }.encode()
-        };
+
         let writer = tokio::spawn(async move {
             for id in 0..CALLS {
-                output.write_all(&call(id)).await?;
+                output.write_all(&unserved_call(id)).await?;
             }
             Ok::<_, std::io::Error>(output)
         });

@@ -191,35 +191,18 @@ pub(crate) trait Versioned {
     fn version(&self) -> u8;
 }
 
-impl Versioned for WireCall {
-    fn version(&self) -> u8 {
-        self.v
-    }
+/// Each body's version is its `v` field.
+macro_rules! versioned {
+    ($($body:ty),*) => {$(
+        impl Versioned for $body {
+            fn version(&self) -> u8 {
+                self.v
+            }
+        }
+    )*};
 }
 
-impl Versioned for WireReply {
-    fn version(&self) -> u8 {
-        self.v
-    }
-}
-
-impl Versioned for ChannelOffer {
-    fn version(&self) -> u8 {
-        self.v
-    }
-}
-
-impl Versioned for ChannelHello {
-    fn version(&self) -> u8 {
-        self.v
-    }
-}
-
-impl Versioned for ChannelWelcome {
-    fn version(&self) -> u8 {
-        self.v
-    }
-}
+versioned!(WireCall, WireReply, ChannelOffer, ChannelHello, ChannelWelcome);
 
 #[cfg(test)]
 mod tests {
