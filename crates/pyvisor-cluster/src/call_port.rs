@@ -157,8 +157,8 @@ async fn accept(stream: TcpStream, ctx: Ctx, slot: tokio::sync::OwnedSemaphorePe
             let (input, output) = stream.into_split();
             // Unsent replies are capped at two of the largest frames the peer takes; beyond
             // that this channel stops reading calls until they are written.
-            let (writer, flusher) = DirectWriter::start(output, peer.max_frame.saturating_mul(2).max(1 << 20));
-            serve_channel(input, Replies::Direct(writer, flusher), &ctx, gone, peer).await;
+            let writer = DirectWriter::start(output, link::unsent_cap(peer.max_frame));
+            serve_channel(input, Replies::Direct(writer), &ctx, gone, peer).await;
         }
         Some(tls) => {
             let shake = async {
@@ -193,7 +193,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tokens: &T
 /// Where a channel's replies are written: straight into a plain TCP socket, or through a
 /// buffer into an encrypted stream.
 enum Replies {
-    Direct(Arc<DirectWriter>, JoinHandle<()>),
+    Direct(Arc<DirectWriter>),
     Buffered(BufWriter<Box<dyn AsyncWrite + Unpin + Send>>),
 }
 
@@ -202,7 +202,7 @@ impl Replies {
     /// read meanwhile).
     async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         match self {
-            Replies::Direct(w, _) => w.send_waiting(frame).await.map(drop).map_err(|_| std::io::Error::other("the connection is closed")),
+            Replies::Direct(w) => w.send_waiting(frame).await.map(drop).map_err(|_| std::io::Error::other("the connection is closed")),
             Replies::Buffered(out) => {
                 out.write_all(frame).await?;
                 out.flush().await
@@ -213,9 +213,8 @@ impl Replies {
 
 impl Drop for Replies {
     fn drop(&mut self) {
-        if let Replies::Direct(w, flusher) = self {
+        if let Replies::Direct(w) = self {
             w.close();
-            flusher.abort();
         }
     }
 }

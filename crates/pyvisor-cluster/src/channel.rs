@@ -249,9 +249,7 @@ impl Channel {
         let (input, output) = stream.into_split();
         // Unsent call frames are capped at two of the largest the peer takes; a caller beyond
         // that waits for room (under its deadline).
-        let (writer, flusher) = DirectWriter::start(output, peer_max.saturating_mul(2).max(1 << 20));
-        // The flusher ends when the writer closes (with the channel).
-        drop(flusher);
+        let writer = DirectWriter::start(output, link::unsent_cap(peer_max));
         Channel::reading(input, max_frame, peer_max, Out::Direct(writer), lost)
     }
 
@@ -309,27 +307,19 @@ impl Channel {
         match &self.shared.out {
             Out::Direct(w) => {
                 let mut tx = Some(tx);
-                loop {
-                    let room = w.drained().notified();
-                    tokio::pin!(room);
-                    room.as_mut().enable();
-                    {
+                let sent = w
+                    .until_room(|| {
                         // Under the waiting lock: a close settles this call with its offset.
-                        let mut waiting = self.shared.waiting.0.lock().map_err(|_| SendError::Closed)?;
-                        let Some(map) = waiting.as_mut() else { return Err(SendError::Closed) };
-                        match w.send(&frame) {
-                            Ok(end) => {
-                                if let Some(tx) = tx.take() {
-                                    map.insert(id, (tx, end));
-                                }
-                                return Ok(rx);
-                            }
-                            Err(Refused::Closed) => return Err(SendError::Closed),
-                            Err(Refused::Full) => {}
+                        let mut waiting = self.shared.waiting.0.lock().map_err(|_| Refused::Closed)?;
+                        let map = waiting.as_mut().ok_or(Refused::Closed)?;
+                        let end = w.send(&frame)?;
+                        if let Some(tx) = tx.take() {
+                            map.insert(id, (tx, end));
                         }
-                    }
-                    room.await;
-                }
+                        Ok(())
+                    })
+                    .await;
+                sent.map(|()| rx).map_err(|_| SendError::Closed)
             }
             Out::Queued(queue, _) => {
                 {

@@ -31,6 +31,12 @@ pub(crate) const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Read capacity of a connection's frame reader at the start.
 pub(crate) const READ_CAPACITY: usize = 64 * 1024;
 
+/// The cap on a connection's unsent bytes when the other end takes frames of up to
+/// `peer_max` bytes: two of the largest (at least 1 MiB).
+pub(crate) fn unsent_cap(peer_max: usize) -> usize {
+    peer_max.saturating_mul(2).max(1 << 20)
+}
+
 /// Accept connections on `listener` for ever (until the task is aborted), each handled by
 /// `handle` in a task of its own with a permit of `slots`: at most that many connections are
 /// between accept and the moment their handler drops the permit (their handshake), the rest
@@ -113,12 +119,13 @@ struct Unsent {
 }
 
 impl DirectWriter {
-    /// Share `half`; at most about `cap` bytes wait unsent (see above).
-    pub(crate) fn start(half: OwnedWriteHalf, cap: usize) -> (Arc<DirectWriter>, JoinHandle<()>) {
+    /// Share `half`; at most about `cap` bytes wait unsent (see above). Its flusher task ends
+    /// when the writer closes.
+    pub(crate) fn start(half: OwnedWriteHalf, cap: usize) -> Arc<DirectWriter> {
         let state = Unsent { bytes: BytesMut::new(), closed: false, taken: 0, written: 0 };
         let w = Arc::new(DirectWriter { half, state: Mutex::new(state), wake: Notify::new(), drained: Notify::new(), cap });
-        let flusher = tokio::spawn(flush_unsent(Arc::clone(&w)));
-        (w, flusher)
+        tokio::spawn(flush_unsent(Arc::clone(&w)));
+        w
     }
 
     /// Take one whole frame (never blocks): its end offset among the bytes taken.
@@ -133,12 +140,18 @@ impl DirectWriter {
 
     /// [`DirectWriter::send`], waiting while the unsent bytes are at their cap.
     pub(crate) async fn send_waiting(&self, frame: &[u8]) -> Result<u64, Refused> {
+        self.until_room(|| self.send(frame)).await
+    }
+
+    /// Run `attempt` (a [`DirectWriter::send`] with whatever must happen under the same
+    /// lock) again each time room is made, while it finds the unsent bytes at their cap.
+    pub(crate) async fn until_room<T>(&self, mut attempt: impl FnMut() -> Result<T, Refused>) -> Result<T, Refused> {
         loop {
             let room = self.drained.notified();
             tokio::pin!(room);
             // Registered before the attempt: a drain between the attempt and the wait wakes it.
             room.as_mut().enable();
-            match self.send(frame) {
+            match attempt() {
                 Err(Refused::Full) => room.await,
                 other => return other,
             }
@@ -159,9 +172,8 @@ impl DirectWriter {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => {
-                    st.closed = true;
                     drop(st);
-                    self.drained.notify_waiters();
+                    self.close();
                     return Err(Refused::Closed);
                 }
             }
@@ -176,11 +188,6 @@ impl DirectWriter {
             self.wake.notify_one();
         }
         Ok(end)
-    }
-
-    /// Woken when unsent bytes were written (room was made) and when the writer closes.
-    pub(crate) fn drained(&self) -> &Notify {
-        &self.drained
     }
 
     /// Bytes written to the socket so far: a frame whose end offset is beyond it when the

@@ -699,15 +699,7 @@ impl Drop for TcpEcho {
     fn drop(&mut self) {
         // The server exits at the connection's end; kill is for one that is stuck.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let until = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap_within(&mut self.child, Duration::from_secs(2));
     }
 }
 
@@ -829,17 +821,22 @@ impl Drop for NodeProcess {
                 // SAFETY: signalling our own child, not yet reaped.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
-            let until = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < until {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
         }
-        let _ = self.child.wait();
+        reap_within(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// Wait up to `grace` for `child` to exit, then kill it; reaped either way.
+fn reap_within(child: &mut Child, grace: Duration) {
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The run's scratch directory (the cookie file), removed on drop.
