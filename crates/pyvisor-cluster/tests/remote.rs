@@ -6,7 +6,9 @@
 //! in its taint window and is used after it — in the clear and over mutual TLS. SIGSTOP of B is
 //! noticed by A's node heartbeat and handled like a loss (not left to the calls' deadlines).
 //! Cancellation crosses; affinity and idempotency keys hold; another cookie is refused; a node
-//! process killed while it starts leaves no worker behind and is forgotten.
+//! process killed while it starts leaves no worker behind and is forgotten; the Python workers
+//! of a serving node SIGKILLed mid-call are a crash on that node (its barrier retries the
+//! idempotent call, the other fails as `worker_crashed`), never a node loss.
 
 mod common;
 
@@ -406,6 +408,59 @@ async fn a_node_killed_while_it_starts_leaves_nothing_behind() {
             assert_eq!((node.as_str(), back), (c.as_str(), x));
         }
     }
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_on_the_serving_node_mid_call_are_a_crash_there_not_a_node_loss() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (dir, cookie, side_log) = scratch("worker-kill");
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    // A name of this run only: the scan for workers looks at the whole machine.
+    let b = format!("b{}", std::process::id());
+    let only_b = vec![format!("{b}@127.0.0.1")];
+    let _b = NodeProcess::start(&b, "work8", free_addr(), &cookie, &[a.listen_addr()], &side_log);
+    let work = Arc::new(RemotePool::new(&a, "work8"));
+    assert!(eventually(Duration::from_secs(20), || work.members() == only_b).await, "{:?}", work.members());
+    let mut events = a.events();
+    let long = || CallOptions::new().timeout(Duration::from_secs(30));
+    let (w1, w2) = (Arc::clone(&work), Arc::clone(&work));
+    // Both of B's workers busy for 3 s: one with an idempotent call, one with a
+    // non-idempotent one that writes its token at the end.
+    let retried = tokio::spawn(async move { w1.call_with::<_, (String, u64)>("slow_where", &(7u64, 3.0), long()).await });
+    let once = tokio::spawn(async move { w2.call_with::<_, String>("patient_record", &("killed", 3.0), long()).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Every process of B's pool (workers and their watchdogs) SIGKILLed from outside; B itself
+    // lives on.
+    let victims = workers_of(&b);
+    assert!(victims.len() >= 2, "B's workers: {victims:?}");
+    for pid in &victims {
+        // SAFETY: kill(2) with a pid read from /proc just now; no memory is touched.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+    }
+    // The idempotent call is retried by B's crash barrier on a replacement worker; the other
+    // fails with B's crash certificate as `worker_crashed`, not as a lost node.
+    let (node, x) = retried.await.expect("task").expect("the idempotent call is retried on B");
+    assert_eq!((node.as_str(), x), (b.as_str(), 7));
+    match once.await.expect("task") {
+        Err(RemoteCallError::Remote { kind, node, .. }) => {
+            assert_eq!(kind, "worker_crashed");
+            assert_eq!(node, only_b[0]);
+        }
+        other => panic!("the non-idempotent call: {other:?}"),
+    }
+    // B stays a member, A saw no loss of it, and its new workers take calls.
+    assert_eq!(work.members(), only_b);
+    let (node, x): (String, u64) = work.call_with("where", &8u64, long()).await.expect("a call after the crash");
+    assert_eq!((node.as_str(), x), (b.as_str(), 8));
+    while let Ok(event) = events.try_recv() {
+        assert!(!matches!(event, NodeEvent::Disconnected { .. } | NodeEvent::Silent { .. }), "{event:?}");
+    }
+    // Past the time the killed call would have taken: it never wrote its token.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = std::fs::read_to_string(&side_log).expect("log");
+    assert!(!log.contains("killed"), "{log:?}");
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
