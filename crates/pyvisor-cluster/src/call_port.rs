@@ -6,7 +6,9 @@
 //! connects (with TLS if this node has it, the same certificates as the session) and presents
 //! the token in its first frame; anything else — a wrong, used or expired token, another wire
 //! version, garbage, silence past [`HANDSHAKE_TIMEOUT`] — is refused and the connection closed.
-//! At most [`MAX_HANDSHAKES`] connections are in their handshake at once. After the handshake
+//! At most [`MAX_HANDSHAKES`] connections are in their handshake at once, at most
+//! [`MAX_HANDSHAKES_PER_SOURCE`] of them from one address (more are closed at once: one host's
+//! silent connections cannot keep every peer out). After the handshake
 //! the channel's one task runs each call frame (`serve::call`, polled there: no hop between
 //! tasks) and writes its reply — waiting, and reading no new call meanwhile, while the caller
 //! does not read its replies (backpressure, never a dropped channel); a result larger than the
@@ -34,7 +36,7 @@ use tokio::task::JoinHandle;
 use crate::error::ClusterError;
 use crate::link::{self, DirectWriter};
 use crate::serve::{self, Offers};
-use crate::tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
+use crate::tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
 use crate::wire::{self, ChannelHello, ChannelOffer, ChannelWelcome, Frame, WIRE_VERSION};
 
 /// How long an offered token opens a channel.
@@ -104,7 +106,7 @@ impl CallPort {
         let addr = listener.local_addr().map_err(|e| bind(e.to_string()))?;
         let tokens = Arc::new(Tokens::default());
         let ctx = Ctx { tokens: Arc::clone(&tokens), tls, max_frame, halt, gone };
-        let task = link::accept_loop(listener, MAX_HANDSHAKES, move |stream, peer_addr, slot| {
+        let task = link::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
             let ctx = ctx.clone();
             async move {
                 if let Err(why) = accept(stream, ctx, slot).await {
@@ -144,7 +146,7 @@ struct Peer {
 
 /// Take one connection through its handshake (TLS if any, then the token) within
 /// [`HANDSHAKE_TIMEOUT`], give its handshake slot back, and serve it.
-async fn accept(stream: TcpStream, ctx: Ctx, slot: tokio::sync::OwnedSemaphorePermit) -> Result<(), String> {
+async fn accept(stream: TcpStream, ctx: Ctx, slot: link::HandshakeSlot) -> Result<(), String> {
     let late = || format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
     link::keepalive(&stream);
     // Subscribed before the handshake: a session that ends from now on ends the channel.
@@ -349,8 +351,13 @@ mod tests {
 
     /// Whether the other end closed the connection (within a guard).
     async fn closed(s: &mut TcpStream) -> bool {
+        closed_within(s, Duration::from_secs(5)).await
+    }
+
+    /// Whether the other end closed the connection within `limit`.
+    async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
         let mut buf = [0u8; 64];
-        matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+        matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
     }
 
     #[tokio::test]
@@ -393,6 +400,29 @@ mod tests {
         for _ in 0..8 {
             silent.push(TcpStream::connect(port.addr()).await.expect("connects"));
         }
+        let (_s, refused) = tokio::time::timeout(Duration::from_secs(5), hello(&port, (port.offers())().token)).await.expect("a peer got through");
+        assert_eq!(refused, None);
+    }
+
+    /// A connection to `port` from `source` (another loopback address stands for another host).
+    async fn connect_from(port: &CallPort, source: [u8; 4]) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.bind((std::net::Ipv4Addr::from(source), 0).into()).expect("binds the source address");
+        socket.connect(port.addr()).await.expect("connects")
+    }
+
+    #[tokio::test]
+    async fn one_host_cannot_take_every_handshake_slot() {
+        let (port, _halt) = port(1 << 20).await;
+        // One host opens as many silent connections as there are slots in all.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            silent.push(connect_from(&port, [127, 0, 0, 2]).await);
+        }
+        // Those past its share are closed at once (the first ones wait for their handshake)...
+        assert!(closed(&mut silent[MAX_HANDSHAKES_PER_SOURCE]).await, "a connection past the host's share was kept");
+        assert!(!closed_within(&mut silent[0], Duration::from_millis(200)).await, "a connection within the host's share was closed");
+        // ...and a peer on another address gets through long before the silent ones' time is up.
         let (_s, refused) = tokio::time::timeout(Duration::from_secs(5), hello(&port, (port.offers())().token)).await.expect("a peer got through");
         assert_eq!(refused, None);
     }

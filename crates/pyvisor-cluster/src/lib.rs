@@ -44,5 +44,5 @@ pub use node_loss::{LossCause, NodeLoss, NodeTaint};
 pub use remote::{RemoteCallError, RemotePool, DEFAULT_REMOTE_TIMEOUT};
 pub use seeds::{SeedPolicy, SeedStatus, Seeds};
 pub use serve::Served;
-pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
+pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
 pub use wire::PoolMemberMsg;

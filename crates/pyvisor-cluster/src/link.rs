@@ -7,8 +7,9 @@
 //! Owns no protocol knowledge beyond "a frame is a length-prefixed body" (`wire` has the
 //! frames, `channel` and `call_port` the two ends).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,20 +39,27 @@ pub(crate) fn unsent_cap(peer_max: usize) -> usize {
 }
 
 /// Accept connections on `listener` for ever (until the task is aborted), each handled by
-/// `handle` in a task of its own with a permit of `slots`: at most that many connections are
-/// between accept and the moment their handler drops the permit (their handshake), the rest
-/// wait in the listen queue. A failed `accept` (out of file descriptors) waits 100 ms.
-pub(crate) fn accept_loop<F, Fut>(listener: TcpListener, slots: usize, handle: F) -> JoinHandle<()>
+/// `handle` in a task of its own with a [`HandshakeSlot`]: at most `slots` connections are
+/// between accept and the moment their handler drops the slot (their handshake), the rest
+/// wait in the listen queue; and at most `per_source` of those come from one source (an IPv4
+/// address, an IPv6 /64): a connection beyond that is closed at once, so one host cannot take
+/// every slot. A failed `accept` (out of file descriptors) waits 100 ms.
+pub(crate) fn accept_loop<F, Fut>(listener: TcpListener, slots: usize, per_source: usize, handle: F) -> JoinHandle<()>
 where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, HandshakeSlot) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(slots));
+    let sources: Arc<Mutex<HashMap<Source, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
             match listener.accept().await {
                 Ok((stream, peer_addr)) => {
+                    let Some(slot) = HandshakeSlot::take(permit, &sources, Source::of(peer_addr.ip()), per_source) else {
+                        tracing::debug!(%peer_addr, "closed: {per_source} connections from that source are in their handshake already");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(handle(stream, peer_addr, slot));
                 }
@@ -62,6 +70,59 @@ where
             }
         }
     })
+}
+
+/// Where a connection comes from, as far as handshake limits go: an IPv4 address (an IPv6
+/// address that maps one counts as it), or an IPv6 /64 (a host usually has a whole one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(Ipv4Addr),
+    V6(u64),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => Source::V6((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// A connection's place among those in their handshake (see [`accept_loop`]): given back when
+/// dropped.
+pub(crate) struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    sources: Arc<Mutex<HashMap<Source, usize>>>,
+    source: Source,
+}
+
+impl HandshakeSlot {
+    /// A slot for a connection from `source`, unless `per_source` of them are taken.
+    fn take(permit: OwnedSemaphorePermit, sources: &Arc<Mutex<HashMap<Source, usize>>>, source: Source, per_source: usize) -> Option<HandshakeSlot> {
+        let mut taken = sources.lock().unwrap_or_else(|e| e.into_inner());
+        let n = taken.entry(source).or_insert(0);
+        if *n >= per_source {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot { _permit: permit, sources: Arc::clone(sources), source })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut taken = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = taken.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                taken.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// Write the frames sent on `rx` to `out` in order: whatever is queued when the writer wakes

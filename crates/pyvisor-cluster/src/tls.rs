@@ -5,7 +5,8 @@
 //! connection, with no time limit: one client that connects and says nothing (a port scanner, a
 //! half-open connection) would stop the node from accepting any peer again. So a TLS node
 //! accepts on a listener of its own, each handshake in a task of its own with a time limit
-//! ([`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once), and hands the encrypted stream
+//! ([`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once, [`MAX_HANDSHAKES_PER_SOURCE`]
+//! from one address), and hands the encrypted stream
 //! to the node server as an incoming session; the cookie is checked on it as on any session.
 //!
 //! Owns the TLS settings and that listener. Not the sessions (`node`), not the call channels'
@@ -34,6 +35,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// At most this many handshakes at once; further connections wait to be accepted.
 pub const MAX_HANDSHAKES: usize = 64;
+
+/// At most this many of the [`MAX_HANDSHAKES`] from one source (an IPv4 address, an IPv6
+/// /64); a further connection from there is closed at once (a peer refused so retries: a call
+/// channel after 5 s, a session when its seed is dialed again). Nodes behind one address (one
+/// host, a NAT) open one session and one call channel each to a node, and their handshakes
+/// last milliseconds: they rarely meet this. Connections that never finish their handshake
+/// from the peer's own address can still delay it, until their [`HANDSHAKE_TIMEOUT`].
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// A node's TLS settings: how it accepts peers (server side) and dials them (client side),
 /// and the name it expects in their certificates.
@@ -107,7 +116,7 @@ impl NodeTls {
 /// within [`HANDSHAKE_TIMEOUT`]. The listener stops when the returned task is aborted.
 pub(crate) async fn listen(listen: SocketAddr, tls: NodeTls, server: ActorRef<NodeServerMessage>) -> Result<JoinHandle<()>, ClusterError> {
     let listener = TcpListener::bind(listen).await.map_err(|e| ClusterError::Bind { addr: listen, detail: e.to_string() })?;
-    Ok(link::accept_loop(listener, MAX_HANDSHAKES, move |stream, peer_addr, slot| {
+    Ok(link::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
         let (acceptor, server) = (tls.acceptor.clone(), server.clone());
         async move {
             let _slot = slot;
