@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use crate::error::ClusterError;
 use crate::node::{Node, NodeConfig};
-use crate::seeds::{SeedPolicy, Seeds};
+use crate::seeds::{SeedAddr, SeedPolicy, Seeds};
 use crate::tls::NodeTls;
 use crate::HeartbeatPolicy;
 
-/// A node's flags: `--name --listen --cookie-file [--join ADDR]... [--heartbeat-ms]
+/// A node's flags: `--name --listen --cookie-file [--join HOST:PORT]... [--heartbeat-ms]
 /// [--heartbeat-misses] [--taint-window-ms] [--tls-cert --tls-key --tls-ca
 /// [--tls-server-name]]`.
 ///
@@ -31,9 +31,12 @@ use crate::HeartbeatPolicy;
 ///
 /// let cli = Cli::try_parse_from([
 ///     "my-node", "--name", "b", "--listen", "127.0.0.1:7401", "--cookie-file", "cookie",
-///     "--join", "127.0.0.1:7400", "--join", "127.0.0.1:7402",
+///     "--join", "127.0.0.1:7400", "--join", "node-c.internal:7402",
 /// ])?;
 /// assert_eq!(cli.node.join.len(), 2);
+/// assert_eq!(cli.node.join[1].to_string(), "node-c.internal:7402");
+/// // A seed without a port is refused when the flags are read.
+/// assert!(Cli::try_parse_from(["my-node", "--name", "b", "--listen", "127.0.0.1:7401", "--cookie-file", "c", "--join", "node-c"]).is_err());
 /// assert_eq!(cli.node.heartbeat_ms, 500);
 /// # Ok::<(), clap::Error>(())
 /// ```
@@ -49,10 +52,11 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PATH")]
     pub cookie_file: PathBuf,
     /// A seed node to join (repeatable): dialed until its session is ready, and again, with
-    /// backoff, whenever that session ends. The node's own address is ignored, so every node
-    /// may be given the same list.
-    #[arg(long, value_name = "IP:PORT")]
-    pub join: Vec<SocketAddr>,
+    /// backoff, whenever that session ends. IP:PORT, [IPv6]:PORT or HOST:PORT (a name is
+    /// looked up again at each attempt). The node's own address is ignored, so every node may
+    /// be given the same list.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub join: Vec<SeedAddr>,
     /// The port peers open call channels on, on the --listen IP (default: one the system
     /// picks, told to peers over their session). Fix it where a firewall must let it through.
     #[arg(long, value_name = "PORT", default_value_t = 0)]
@@ -104,7 +108,7 @@ impl NodeArgs {
     /// inside a tokio runtime.
     pub async fn start(&self) -> Result<(Node, Seeds), ClusterError> {
         let node = Node::start(self.config()?).await?;
-        let seeds = node.join(self.join.iter().copied(), SeedPolicy::default());
+        let seeds = node.join(self.join.iter().cloned(), SeedPolicy::default());
         Ok((node, seeds))
     }
 }

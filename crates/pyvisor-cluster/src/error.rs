@@ -25,6 +25,10 @@ pub enum ClusterError {
     /// does not speak TLS.
     #[error("the TLS handshake with {addr} failed: {detail} (check both nodes' certificates, CA and server name)")]
     Tls { addr: SocketAddr, detail: String },
+    /// A seed's host name resolved to no address (or the lookup failed): check the name, or
+    /// give the seed as IP:PORT. A seed given by name is looked up again at each attempt.
+    #[error("cannot resolve seed {seed}: {detail}")]
+    Resolve { seed: String, detail: String },
     /// The session was not ready in time.
     #[error("the session with {addr} was not ready within {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },

@@ -42,7 +42,7 @@ pub use heartbeat::{HeartbeatPolicy, NodeBeatMsg};
 pub use node::{Node, NodeConfig, NodeEvent, Peer, DEFAULT_TAINT_WINDOW};
 pub use node_loss::{LossCause, NodeLoss, NodeTaint};
 pub use remote::{RemoteCallError, RemotePool, DEFAULT_REMOTE_TIMEOUT};
-pub use seeds::{SeedPolicy, SeedStatus, Seeds};
+pub use seeds::{SeedAddr, SeedPolicy, SeedStatus, Seeds};
 pub use serve::Served;
 pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
 pub use wire::PoolMemberMsg;

@@ -8,7 +8,7 @@
 //! heartbeat of our own sits above this), not reconnecting (`seeds` redials).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -431,9 +431,10 @@ impl Node {
 
     /// Connect to the node listening at `addr` and wait (up to `timeout`) until the session is
     /// ready. A peer with another cookie closes the session: [`ClusterError::Refused`].
-    pub async fn connect(&self, addr: impl ToSocketAddrs, timeout: Duration) -> Result<Peer, ClusterError> {
-        let addr = addr
-            .to_socket_addrs()
+    pub async fn connect(&self, addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> Result<Peer, ClusterError> {
+        // Looked up without blocking the runtime (a host name goes to the resolver).
+        let addr = tokio::net::lookup_host(addr)
+            .await
             .map_err(|e| ClusterError::InvalidConfig(format!("not an address: {e}")))?
             .next()
             .ok_or_else(|| ClusterError::InvalidConfig("the address resolves to nothing".into()))?;

@@ -1,13 +1,17 @@
 //! Seeds kept connected. ractor_cluster does not reconnect by itself: a node given seed
 //! addresses ([`Node::join`]) dials each one until its session is ready, and dials it again
 //! whenever that session ends (the seed restarted, the connection dropped, the heartbeat gave it
-//! up), waiting longer after each failed attempt in a row ([`SeedPolicy`]).
+//! up), waiting longer after each failed attempt in a row ([`SeedPolicy`]). A seed given by
+//! host name ([`SeedAddr`]) is looked up again at each attempt, and each address it resolves to
+//! is tried in turn: a seed that comes back elsewhere under its name is found there.
 //!
-//! Owns the redial tasks, their handle ([`Seeds`]) and what they report ([`SeedStatus`]), and
-//! the redial decision ([`Redial`], a plain value). Not the sessions (`node`), not liveness (the
+//! Owns the seed addresses, the redial tasks, their handle ([`Seeds`]) and what they report
+//! ([`SeedStatus`]), and the redial decision ([`Redial`], a plain value). Not the sessions (`node`), not liveness (the
 //! heartbeat decides that a silent seed's session ends; this only notices that it did).
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use pyvisor_core::{Backoff, Jitter};
@@ -23,6 +27,91 @@ const SURVIVOR_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a ready seed's session is looked at besides on every session event.
 const RECHECK: Duration = Duration::from_secs(1);
+
+/// A seed as given: an IP address and port, or a host name and port (looked up at each
+/// attempt). Parsed from `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+///
+/// ```
+/// use pyvisor_cluster::SeedAddr;
+/// let by_ip: SeedAddr = "127.0.0.1:7400".parse()?;
+/// assert_eq!(by_ip, SeedAddr::Ip("127.0.0.1:7400".parse()?));
+/// let by_name: SeedAddr = "node-a.internal:7400".parse()?;
+/// assert_eq!(by_name, SeedAddr::Name { host: "node-a.internal".into(), port: 7400 });
+/// assert_eq!(by_name.to_string(), "node-a.internal:7400");
+/// assert!("node-a.internal".parse::<SeedAddr>().is_err(), "a port is needed");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SeedAddr {
+    /// An IP address and port, dialed as they are.
+    Ip(SocketAddr),
+    /// A host name and port: the name is resolved at each attempt.
+    Name {
+        /// The host name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl From<SocketAddr> for SeedAddr {
+    fn from(addr: SocketAddr) -> Self {
+        SeedAddr::Ip(addr)
+    }
+}
+
+impl FromStr for SeedAddr {
+    type Err = ClusterError;
+
+    fn from_str(s: &str) -> Result<Self, ClusterError> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(SeedAddr::Ip(addr));
+        }
+        let bad = |why: &str| ClusterError::InvalidConfig(format!("seed {s:?}: {why} (want IP:PORT, [IPv6]:PORT or HOST:PORT)"));
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+        let valid = |label: &str| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if host.is_empty() || host.len() > 253 || !host.trim_end_matches('.').split('.').all(valid) {
+            return Err(bad("not a host name or IP address"));
+        }
+        Ok(SeedAddr::Name { host: host.to_string(), port })
+    }
+}
+
+impl fmt::Display for SeedAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SeedAddr::Ip(addr) => addr.fmt(f),
+            SeedAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl SeedAddr {
+    /// The addresses to try now: the IP address, or what the name resolves to (within
+    /// `limit`), in the resolver's order.
+    async fn resolve(&self, limit: Duration) -> Result<Vec<SocketAddr>, ClusterError> {
+        let (host, port) = match self {
+            SeedAddr::Ip(addr) => return Ok(vec![*addr]),
+            SeedAddr::Name { host, port } => (host.as_str(), *port),
+        };
+        let failed = |detail: String| ClusterError::Resolve { seed: self.to_string(), detail };
+        let found = tokio::time::timeout(limit, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| failed(format!("no answer within {limit:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for addr in found {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(failed("the name has no address".into()));
+        }
+        Ok(addrs)
+    }
+}
 
 /// How seeds are dialed and dialed again.
 ///
@@ -125,8 +214,8 @@ impl Redial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SeedStatus {
-    /// Its address.
-    pub addr: SocketAddr,
+    /// Its address, as given.
+    pub addr: SeedAddr,
     /// The node there (`name@ip`) while this node has a ready session with it, whichever end
     /// dialed.
     pub peer: Option<String>,
@@ -213,23 +302,25 @@ impl Node {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use pyvisor_cluster::{Node, NodeConfig, SeedPolicy};
+    /// use pyvisor_cluster::{Node, NodeConfig, SeedAddr, SeedPolicy};
     /// let node = Node::start(NodeConfig::new("b", "127.0.0.1:7401".parse()?, "s3cret")?).await?;
-    /// let seeds = node.join(vec!["127.0.0.1:7400".parse()?], SeedPolicy::default());
+    /// let seeds: Vec<SeedAddr> = vec!["127.0.0.1:7400".parse()?, "node-c.internal:7400".parse()?];
+    /// let seeds = node.join(seeds, SeedPolicy::default());
     /// seeds.reached().await?;
     /// println!("joined: {:?}", node.peers());
     /// # Ok(()) }
     /// ```
-    pub fn join(&self, seeds: impl IntoIterator<Item = SocketAddr>, policy: SeedPolicy) -> Seeds {
-        let mut addrs: Vec<SocketAddr> = Vec::new();
+    pub fn join(&self, seeds: impl IntoIterator<Item = impl Into<SeedAddr>>, policy: SeedPolicy) -> Seeds {
+        let mut addrs: Vec<SeedAddr> = Vec::new();
         for addr in seeds {
-            if addr == self.listen_addr() {
+            let addr = addr.into();
+            if addr == SeedAddr::Ip(self.listen_addr()) {
                 tracing::debug!(seed = %addr, "a seed is this node's own address: left out");
             } else if !addrs.contains(&addr) {
                 addrs.push(addr);
             }
         }
-        let initial = addrs.iter().map(|&addr| SeedStatus { addr, peer: None, reached: false, failures: 0, last_error: None }).collect();
+        let initial = addrs.iter().map(|addr| SeedStatus { addr: addr.clone(), peer: None, reached: false, failures: 0, last_error: None }).collect();
         let (tx, status) = watch::channel(initial);
         let tasks = addrs
             .into_iter()
@@ -247,7 +338,7 @@ impl Node {
 struct Seed {
     node: WeakNode,
     halt: watch::Receiver<bool>,
-    addr: SocketAddr,
+    addr: SeedAddr,
     index: usize,
     policy: SeedPolicy,
     status: watch::Sender<Vec<SeedStatus>>,
@@ -279,15 +370,24 @@ impl Seed {
             let mut events = node.events();
             let already = known.as_deref().and_then(|name| node.peers().into_iter().find(|p| p.name == name));
             let attempt = match already {
-                Some(peer) => Ok(peer),
+                Some(peer) => Ok(Some(peer)),
                 None => tokio::select! {
-                    r = dial(&node, self.addr, &self.policy, &mut events) => r,
+                    r = dial(&node, &self.addr, &self.policy, &mut events) => r,
                     () = halted(&mut self.halt) => return,
                 },
             };
             drop(node);
             match attempt {
-                Ok(peer) => {
+                Ok(None) => {
+                    // The name resolves to this node only: nothing to dial.
+                    tracing::debug!(seed = %self.addr, "a seed resolves to this node's own address: left out");
+                    self.update(|s| {
+                        s.reached = true;
+                        s.last_error = None;
+                    });
+                    return;
+                }
+                Ok(Some(peer)) => {
                     tracing::info!(seed = %self.addr, peer = %peer.name, "seed reached");
                     known = Some(peer.name.clone());
                     self.update(|s| {
@@ -360,16 +460,48 @@ impl Seed {
     }
 }
 
-/// One attempt: dial `addr` and wait for its session. A session the peer closed because another
-/// session between the two won ractor_cluster's election (both ends dialed each other) is no
-/// failure: the surviving one is returned. A failure comes with the peer's name when it said it.
+/// One attempt: resolve `seed` and dial each of its addresses in turn (this node's own left
+/// out) until one gives a session, all within the policy's attempt timeout; the last failure
+/// otherwise. `None`: the seed resolves to this node's own address only.
 async fn dial(
+    node: &Node,
+    seed: &SeedAddr,
+    policy: &SeedPolicy,
+    events: &mut broadcast::Receiver<NodeEvent>,
+) -> Result<Option<Peer>, (ClusterError, Option<String>)> {
+    let until = tokio::time::Instant::now() + policy.attempt_timeout;
+    let addrs = seed.resolve(policy.attempt_timeout).await.map_err(|e| (e, None))?;
+    let others: Vec<SocketAddr> = addrs.into_iter().filter(|a| *a != node.listen_addr()).collect();
+    let mut last = None;
+    for &addr in &others {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match dial_addr(node, addr, policy, left, events).await {
+            Ok(peer) => return Ok(Some(peer)),
+            Err(e) => last = Some(e),
+        }
+    }
+    match (last, others.first()) {
+        (Some(e), _) => Err(e),
+        (None, Some(&addr)) => Err((ClusterError::ConnectTimeout { addr, after: policy.attempt_timeout }, None)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Dial `addr` and wait (up to `limit`) for its session. A session the peer closed because
+/// another session between the two won ractor_cluster's election (both ends dialed each other)
+/// is no failure: the surviving one is returned. A failure comes with the peer's name when it
+/// said it.
+async fn dial_addr(
     node: &Node,
     addr: SocketAddr,
     policy: &SeedPolicy,
+    limit: Duration,
     events: &mut broadcast::Receiver<NodeEvent>,
 ) -> Result<Peer, (ClusterError, Option<String>)> {
-    let error = match node.connect(addr, policy.attempt_timeout).await {
+    let error = match node.connect(addr, limit).await {
         Ok(peer) => return Ok(peer),
         Err(e @ ClusterError::Refused { .. }) => e,
         Err(e) => return Err((e, None)),
@@ -439,9 +571,38 @@ mod tests {
     }
 
     #[test]
+    fn seeds_parse_as_ip_addresses_or_host_names_with_a_port() {
+        let ok = |s: &str| s.parse::<SeedAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("10.0.0.5:7400"), SeedAddr::Ip("10.0.0.5:7400".parse().expect("addr")));
+        assert_eq!(ok("[::1]:7400"), SeedAddr::Ip("[::1]:7400".parse().expect("addr")));
+        assert_eq!(ok("localhost:7400"), SeedAddr::Name { host: "localhost".into(), port: 7400 });
+        assert_eq!(ok("node-b.pyvisor_svc.example.:1"), SeedAddr::Name { host: "node-b.pyvisor_svc.example.".into(), port: 1 });
+        for s in ["node-b.internal:7400", "[::1]:7400", "10.0.0.5:7400"] {
+            assert_eq!(ok(s).to_string(), s, "shown as given");
+        }
+        for bad in ["", "node-b", "node-b:", ":7400", "node-b:70000", "node-b:port", "node b:7400", "a..b:7400", "::1:7400", "[::1]", "http://node-b:7400"] {
+            let e = bad.parse::<SeedAddr>().expect_err(bad);
+            assert!(matches!(&e, ClusterError::InvalidConfig(m) if m.contains("HOST:PORT")), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolves_at_each_attempt_and_a_bad_one_is_a_resolve_error() {
+        let seed: SeedAddr = "localhost:7400".parse().expect("a seed");
+        let addrs = seed.resolve(Duration::from_secs(10)).await.expect("localhost resolves");
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 7400), "{addrs:?}");
+        let ip = SeedAddr::Ip("10.0.0.5:7400".parse().expect("addr"));
+        assert_eq!(ip.resolve(Duration::from_secs(1)).await.expect("an IP"), vec!["10.0.0.5:7400".parse().expect("addr")]);
+        // `.invalid` never resolves (RFC 2606).
+        let nowhere: SeedAddr = "no-such-node.invalid:7400".parse().expect("a seed");
+        let e = nowhere.resolve(Duration::from_secs(10)).await.expect_err("does not resolve");
+        assert!(matches!(&e, ClusterError::Resolve { seed, .. } if seed == "no-such-node.invalid:7400"), "{e}");
+    }
+
+    #[test]
     fn only_a_refusal_before_the_first_contact_is_a_configuration_error() {
         let addr: SocketAddr = "127.0.0.1:7400".parse().expect("addr");
-        let mut s = SeedStatus { addr, peer: None, reached: false, failures: 1, last_error: Some(ClusterError::Refused { addr }) };
+        let mut s = SeedStatus { addr: addr.into(), peer: None, reached: false, failures: 1, last_error: Some(ClusterError::Refused { addr }) };
         assert!(s.refused_before_reached());
         s.last_error = Some(ClusterError::Tls { addr, detail: "bad certificate".into() });
         assert!(s.refused_before_reached());

@@ -2,7 +2,8 @@
 //! --join A`) dials node A again by itself after A stops and a new node starts on A's address,
 //! and serves its pool to it; a node process whose seed is down at start waits for it and says
 //! `ready` once it is reached; a seed with another cookie is reported as refused and dialed
-//! again until a node with the right cookie answers there.
+//! again until a node with the right cookie answers there; a seed given by host name is
+//! reached, one whose name does not resolve is reported so and tried again.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use common::node_process::{scratch, NodeProcess};
 use common::{eventually, free_addr};
-use pyvisor_cluster::{ClusterError, Node, NodeConfig, RemotePool, SeedPolicy};
+use pyvisor_cluster::{ClusterError, Node, NodeConfig, RemotePool, SeedAddr, SeedPolicy};
 use pyvisor_core::CallOptions;
 
 /// One test at a time: ractor's process groups are global to this process, so two tests' nodes
@@ -109,7 +110,7 @@ async fn a_seed_with_another_cookie_is_refused_and_dialed_again_until_fixed() {
     let wrong = start_on("w", seed, "not-the-cookie").await;
     let b = start_on("b", free_addr(), "s3cret").await;
     let seeds = b.join(vec![seed, seed, b.listen_addr()], SeedPolicy::default());
-    assert_eq!(seeds.status().iter().map(|s| s.addr).collect::<Vec<_>>(), vec![seed], "one seed: no duplicate, not itself");
+    assert_eq!(seeds.status().iter().map(|s| s.addr.clone()).collect::<Vec<_>>(), vec![SeedAddr::Ip(seed)], "one seed: no duplicate, not itself");
 
     // Reported as a refusal (a configuration error), not waited for in silence ...
     let refused = tokio::time::timeout(GUARD, seeds.reached_or_refused()).await.expect("an outcome");
@@ -130,6 +131,29 @@ async fn a_seed_with_another_cookie_is_refused_and_dialed_again_until_fixed() {
     // Dropping the handle stops the dialing; the session stays.
     drop(seeds);
     assert!(b.peers().iter().any(|p| p.name == "a@127.0.0.1"), "{:?}", b.peers());
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_given_by_host_name_is_reached_and_a_name_that_does_not_resolve_is_reported() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let a = start_on("a", free_addr(), "s3cret").await;
+    let b = start_on("b", free_addr(), "s3cret").await;
+    let by_name: SeedAddr = format!("localhost:{}", a.listen_addr().port()).parse().expect("a seed");
+    let nowhere: SeedAddr = "no-such-node.invalid:7400".parse().expect("a seed");
+    let seeds = b.join(vec![by_name.clone(), nowhere.clone()], SeedPolicy::default());
+    assert_eq!(seeds.status().iter().map(|s| s.addr.clone()).collect::<Vec<_>>(), vec![by_name, nowhere]);
+    // `localhost` resolves to A's address (after ::1, on machines that list it first).
+    assert!(eventually(GUARD, || seeds.status()[0].reached).await, "{:?}", seeds.status());
+    assert_eq!(seeds.status()[0].peer.as_deref(), Some("a@127.0.0.1"));
+    assert!(eventually(GUARD, || a.peers().iter().any(|p| p.name == "b@127.0.0.1")).await, "{:?}", a.peers());
+    // The other is reported as a name that does not resolve, and looked up again.
+    assert!(eventually(GUARD, || seeds.status()[1].failures >= 2).await, "{:?}", seeds.status());
+    let status = seeds.status();
+    assert!(matches!(&status[1].last_error, Some(ClusterError::Resolve { seed, .. }) if seed == "no-such-node.invalid:7400"), "{status:?}");
+    assert!(!status[1].reached);
+    drop(seeds);
     b.shutdown().await;
     a.shutdown().await;
 }
