@@ -6,8 +6,11 @@
 //! `--serve` is an error) and the node starts listening and dialing its seeds. Once the tree has
 //! started: each pool is served under its id, looked up in the tree by path at each call (so
 //! calls follow it when its supervisor restarts it), and `ready NAME` is printed once every seed
-//! has been reached (a seed that refuses the session before that stops the run). On SIGTERM or
-//! Ctrl-C: serving stops, the tree shuts down, then the node.
+//! has been reached (a seed that refuses the session before that stops the run). After a
+//! reload (SIGHUP) the served set follows the file: pools it adds are served, pools it removes
+//! stop being served (with `--serve`, the names must still be in the file, else the served set
+//! is kept and the reason printed). On SIGTERM or Ctrl-C: serving stops, the tree shuts down,
+//! then the node.
 //!
 //! Owns the command's arguments and that [`Extension`] of the run. Not the run itself (`run`),
 //! not the node's flags or its seeds (`pyvisor_cluster::NodeArgs`, `Seeds`).
@@ -89,8 +92,7 @@ impl Extension for Cluster {
             let served = r.node.serve_with(name, move || tree.pool(&path)).await.map_err(|e| e.to_string())?;
             r.served.push(served);
         }
-        let names: Vec<&str> = r.pools.keys().map(String::as_str).collect();
-        println!("node {} serves {}", r.node.name(), if names.is_empty() { "no pool".to_string() } else { names.join(", ") });
+        println!("node {} serves {}", r.node.name(), served_list(&r.pools));
         if let Some(seeds) = &r.seeds {
             let reached = seeds.reached_or_refused();
             let (name, failed) = (r.node.name().to_string(), r.failed_tx.clone());
@@ -104,6 +106,39 @@ impl Extension for Cluster {
             }));
         }
         Ok(())
+    }
+
+    async fn reloaded(&mut self, spec: &SupervisorSpec, tree: &Tree) {
+        let Some(r) = &mut self.running else { return };
+        let wanted = match pools_to_serve(spec, &self.file, &self.serve) {
+            Ok(pools) => pools,
+            Err(e) => {
+                eprintln!("reload: the pools served to the cluster are kept as they were: {e}");
+                return;
+            }
+        };
+        if wanted == r.pools {
+            return;
+        }
+        // Those no longer wanted (or now at another path) stop being served: callers elsewhere
+        // see the member leave and route to other nodes.
+        let before = std::mem::take(&mut r.pools);
+        r.served.retain(|s| wanted.get(s.pool()) == before.get(s.pool()));
+        for (name, path) in &wanted {
+            if before.get(name) == Some(path) {
+                r.pools.insert(name.clone(), path.clone());
+                continue;
+            }
+            let (t, p) = (tree.clone(), path.clone());
+            match r.node.serve_with(name, move || t.pool(&p)).await {
+                Ok(served) => {
+                    r.served.push(served);
+                    r.pools.insert(name.clone(), path.clone());
+                }
+                Err(e) => eprintln!("reload: pool `{name}` is not served to the cluster: {e}"),
+            }
+        }
+        println!("node {} serves {}", r.node.name(), served_list(&r.pools));
     }
 
     async fn failed(&mut self) -> String {
@@ -132,6 +167,15 @@ impl Extension for Cluster {
         if let Some(r) = self.running.take() {
             r.node.shutdown().await;
         }
+    }
+}
+
+/// The served pools' names, for a line of output.
+fn served_list(pools: &BTreeMap<String, String>) -> String {
+    if pools.is_empty() {
+        "no pool".to_string()
+    } else {
+        pools.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
     }
 }
 

@@ -35,6 +35,9 @@ pub(crate) trait Extension {
     async fn before_start(&mut self, spec: &SupervisorSpec) -> Result<(), String>;
     /// The tree has started. An error ends the run with exit code 1 (the tree shut down).
     async fn started(&mut self, tree: &Tree) -> Result<(), String>;
+    /// A reload (SIGHUP) has been applied to the tree, from `spec` (some changes may have
+    /// failed: the report says which). Called only after [`Extension::started`] succeeded.
+    async fn reloaded(&mut self, spec: &SupervisorSpec, tree: &Tree);
     /// Resolves with the reason when what it runs has failed: the run then stops, exit code 1.
     /// Polled in the run's loop, so cancel safe (never resolves if nothing can fail).
     async fn failed(&mut self) -> String;
@@ -52,6 +55,7 @@ impl Extension for () {
     async fn started(&mut self, _: &Tree) -> Result<(), String> {
         Ok(())
     }
+    async fn reloaded(&mut self, _: &SupervisorSpec, _: &Tree) {}
     async fn failed(&mut self) -> String {
         std::future::pending().await
     }
@@ -201,8 +205,9 @@ fn load(file: &Path, interpreter: &Interpreter, sink: &tree_file::EventSink) -> 
 }
 
 /// A reload in progress: the tree's own, on a task, so that the loop keeps showing status,
-/// events and signals meanwhile. Yields its outcome and the new shutdown budget.
-type Reloading = JoinHandle<(Result<ReloadReport, SupervisorError>, Duration)>;
+/// events and signals meanwhile. Yields its outcome, the new shutdown budget and the spec
+/// applied.
+type Reloading = JoinHandle<(Result<ReloadReport, SupervisorError>, Duration, SupervisorSpec)>;
 
 /// SIGHUP: reread the file and, if it parses, start applying it. A file that does not parse is
 /// rejected here, with the reason, and the running tree is kept as it is.
@@ -213,7 +218,7 @@ fn begin_reload(file: &Path, interpreter: &Interpreter, sink: &tree_file::EventS
         Ok(spec) => {
             let tree = tree.clone();
             let budget = spec.shutdown_budget();
-            Some(tokio::spawn(async move { (tree.reload(spec).await, budget) }))
+            Some(tokio::spawn(async move { (tree.reload(spec.clone()).await, budget, spec) }))
         }
         Err(e) => {
             // The reason may run over several lines (toml shows the spot): the verdict first.
@@ -226,7 +231,7 @@ fn begin_reload(file: &Path, interpreter: &Interpreter, sink: &tree_file::EventS
 }
 
 /// The outcome of the reload in progress (never, if there is none).
-async fn reload_done(r: &mut Option<Reloading>) -> Result<(Result<ReloadReport, SupervisorError>, Duration), tokio::task::JoinError> {
+async fn reload_done(r: &mut Option<Reloading>) -> Result<(Result<ReloadReport, SupervisorError>, Duration, SupervisorSpec), tokio::task::JoinError> {
     match r {
         Some(h) => h.await,
         None => std::future::pending().await,
@@ -417,18 +422,21 @@ async fn supervise<E: Extension>(
             }
             done = reload_done(&mut reloading) => {
                 reloading = None;
-                let outcome = match done {
-                    Ok((Ok(report), budget)) => {
+                let (outcome, applied) = match done {
+                    Ok((Ok(report), budget, spec)) => {
                         shutdown_budget = budget;
                         for (path, why) in &report.failed {
                             eprintln!("reload: {path} could not change: {why}");
                         }
-                        format!("reloaded: {report}")
+                        (format!("reloaded: {report}"), Some(spec))
                     }
-                    Ok((Err(e), _)) => format!("reload failed: {e}"),
-                    Err(e) => format!("reload failed: {e}"),
+                    Ok((Err(e), _, _)) => (format!("reload failed: {e}"), None),
+                    Err(e) => (format!("reload failed: {e}"), None),
                 };
                 println!("{outcome}");
+                if let Some(spec) = applied {
+                    ext.reloaded(&spec, &tree).await;
+                }
                 sd.reloaded(&outcome);
                 if std::mem::take(&mut reload_wanted) {
                     reloading = begin_reload(&file, &interpreter, &sink, &tree, &sd);

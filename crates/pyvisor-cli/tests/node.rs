@@ -3,7 +3,8 @@
 //! from outside and the tree's supervisor starts a new pool, calls through the same served name
 //! reach it; SIGTERM stops the node in order; a restarted `pyvisor node` rejoins A through
 //! `--join`; `--serve` serves only the pools named, and an unknown name is an error before
-//! anything starts.
+//! anything starts; a reload (SIGHUP) serves the pools it adds and stops serving those it
+//! removes.
 #![cfg(feature = "cluster")]
 
 mod common;
@@ -61,16 +62,21 @@ fn scratch(tag: &str) -> Scratch {
     std::fs::write(&cookie, "s3cret\n").expect("cookie");
     std::fs::write(dir.join("worker.py"), WORKER).expect("worker");
     let flag = dir.join("fail");
+    let s = Scratch { tree: dir.join("tree.toml"), dir, cookie, flag };
+    write_tree(&s, &["work", "extra"]);
+    s
+}
+
+/// Write the tree file with `pools` (2 workers each, running the test's worker).
+fn write_tree(s: &Scratch, pools: &[&str]) {
     let mut tree = "[supervisor]\nname = \"nodetree\"\nstrategy = \"one_for_one\"\nmax_restarts = 20\nperiod_secs = 60\n".to_string();
-    for pool in ["work", "extra"] {
+    for pool in pools {
         tree += &format!(
             "\n[[supervisor.children]]\npool = \"{pool}\"\nscript = \"worker.py\"\nworkers = 2\nenv = {{ PYVISOR_NODE = \"b\", FAIL_FLAG = \"{}\" }}\n",
-            flag.display()
+            s.flag.display()
         );
     }
-    let tree_file = dir.join("tree.toml");
-    std::fs::write(&tree_file, tree).expect("tree");
-    Scratch { dir, cookie, tree: tree_file, flag }
+    std::fs::write(&s.tree, tree).expect("tree");
 }
 
 /// `pyvisor node` named `b` on `listen`, joined to `join`, with `extra` arguments.
@@ -217,6 +223,36 @@ async fn a_restarted_node_rejoins_through_join_and_serves_only_the_pools_named()
         assert!(status.success(), "{status}:\n{}", b.output());
         assert!(eventually(|| work.members().is_empty()).await, "round {round}: {:?}", work.members());
     }
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_the_pools_it_adds_and_stops_serving_those_it_removes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let s = scratch("reload");
+    write_tree(&s, &["work"]);
+    let a = Node::start(NodeConfig::new("a", free_addr(), "s3cret").expect("config")).await.expect("node a");
+    let mut b = start_node(&s, free_addr(), a.listen_addr(), &[]);
+    wait_output(&mut b, "ready b@127.0.0.1").await;
+    let b_only = vec!["b@127.0.0.1".to_string()];
+    let (work, extra) = (RemotePool::new(&a, "work"), RemotePool::new(&a, "extra"));
+    assert!(eventually(|| work.members() == b_only).await, "{:?}", work.members());
+    assert!(extra.members().is_empty(), "{:?}", extra.members());
+
+    // The file now has `extra` instead of `work`: after SIGHUP, `extra` is served and `work`
+    // is not any more.
+    write_tree(&s, &["extra"]);
+    b.signal(libc::SIGHUP);
+    wait_output(&mut b, "reloaded:").await;
+    assert!(eventually(|| extra.members() == b_only && work.members().is_empty()).await, "{:?} {:?}\n{}", extra.members(), work.members(), b.output());
+    let (node, _, x) = call(&extra, 5).await.expect("a call on the added pool");
+    assert_eq!((node.as_str(), x), ("b", 5));
+    assert!(matches!(call(&work, 6).await, Err(RemoteCallError::NoMembers { .. })));
+
+    b.signal(libc::SIGTERM);
+    let status = wait_exit(&mut b).await;
+    assert!(status.success(), "{status}:\n{}", b.output());
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&s.dir);
 }
