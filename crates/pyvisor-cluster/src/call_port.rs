@@ -36,7 +36,10 @@ use tokio::task::JoinHandle;
 use crate::error::ClusterError;
 use crate::link::{self, DirectWriter};
 use crate::serve::{self, Offers};
-use crate::tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
+use crate::admission::{self, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
+#[cfg(test)]
+use crate::admission::WAITING_PER_SOURCE;
+use crate::tls::NodeTls;
 use crate::wire::{self, ChannelHello, ChannelOffer, ChannelWelcome, Frame, WIRE_VERSION};
 
 /// How long an offered token opens a channel.
@@ -106,7 +109,7 @@ impl CallPort {
         let addr = listener.local_addr().map_err(|e| bind(e.to_string()))?;
         let tokens = Arc::new(Tokens::default());
         let ctx = Ctx { tokens: Arc::clone(&tokens), tls, max_frame, halt, gone };
-        let task = link::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
+        let task = admission::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
             let ctx = ctx.clone();
             async move {
                 if let Err(why) = accept(stream, ctx, slot).await {
@@ -146,7 +149,7 @@ struct Peer {
 
 /// Take one connection through its handshake (TLS if any, then the token) within
 /// [`HANDSHAKE_TIMEOUT`], give its handshake slot back, and serve it.
-async fn accept(stream: TcpStream, ctx: Ctx, slot: link::HandshakeSlot) -> Result<(), String> {
+async fn accept(stream: TcpStream, ctx: Ctx, slot: admission::HandshakeSlot) -> Result<(), String> {
     let late = || format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
     link::keepalive(&stream);
     // Subscribed before the handshake: a session that ends from now on ends the channel.
@@ -326,7 +329,11 @@ mod tests {
 
     /// Connect and present `token`; the welcome's refusal, if any.
     async fn hello(port: &CallPort, token: Vec<u8>) -> (TcpStream, Option<String>) {
-        let mut s = TcpStream::connect(port.addr()).await.expect("connects");
+        hello_on(TcpStream::connect(port.addr()).await.expect("connects"), token).await
+    }
+
+    /// Present `token` on `s`; the welcome's refusal, if any.
+    async fn hello_on(mut s: TcpStream, token: Vec<u8>) -> (TcpStream, Option<String>) {
         s.write_all(&wire::handshake_frame(&ChannelHello { v: WIRE_VERSION, token, node: "test@127.0.0.1".into(), max_frame: 1 << 20 })).await.expect("writes");
         let welcome: ChannelWelcome = wire::decode(&link::read_handshake(&mut s).await.expect("a welcome")).expect("decodes");
         (s, welcome.refused)
@@ -414,17 +421,33 @@ mod tests {
     #[tokio::test]
     async fn one_host_cannot_take_every_handshake_slot() {
         let (port, _halt) = port(1 << 20).await;
-        // One host opens as many silent connections as there are slots in all.
+        // One host opens more silent connections than there are places in all: its share
+        // holds places, the next ones wait in line, the one past the line is closed.
         let mut silent = Vec::new();
-        for _ in 0..MAX_HANDSHAKES {
+        for _ in 0..MAX_HANDSHAKES_PER_SOURCE + WAITING_PER_SOURCE + 1 {
             silent.push(connect_from(&port, [127, 0, 0, 2]).await);
         }
-        // Those past its share are closed at once (the first ones wait for their handshake)...
-        assert!(closed(&mut silent[MAX_HANDSHAKES_PER_SOURCE]).await, "a connection past the host's share was kept");
+        let past = silent.len() - 1;
+        assert!(closed(&mut silent[past]).await, "a connection past the host's line was kept");
         assert!(!closed_within(&mut silent[0], Duration::from_millis(200)).await, "a connection within the host's share was closed");
-        // ...and a peer on another address gets through long before the silent ones' time is up.
+        assert!(!closed_within(&mut silent[past - 1], Duration::from_millis(200)).await, "a connection in line was closed");
+        // A peer on another address gets in long before the silent ones' time is up.
         let (_s, refused) = tokio::time::timeout(Duration::from_secs(5), hello(&port, (port.offers())().token)).await.expect("a peer got through");
         assert_eq!(refused, None);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_peers_behind_one_address_waits_for_places_and_gets_in() {
+        let (port, _halt) = port(1 << 20).await;
+        let n = MAX_HANDSHAKES_PER_SOURCE + 8;
+        // Connected first, all from one address: more than its share are in line at once.
+        let mut streams = Vec::new();
+        for _ in 0..n {
+            streams.push(connect_from(&port, [127, 0, 0, 3]).await);
+        }
+        let hellos: Vec<_> = streams.into_iter().map(|s| hello_on(s, (port.offers())().token)).collect();
+        let welcomes = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(hellos)).await.expect("every peer got an answer");
+        assert!(welcomes.iter().all(|(_, refused)| refused.is_none()), "{:?}", welcomes.iter().map(|w| &w.1).collect::<Vec<_>>());
     }
 
     #[tokio::test]

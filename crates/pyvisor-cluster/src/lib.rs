@@ -19,6 +19,7 @@
 //! ractor's blanket `Message` impl: every actor message type of the program needs
 //! `impl ractor::Message for MyMsg {}` (pyvisor's own types have theirs).
 
+mod admission;
 mod args;
 mod call_port;
 mod channel;
@@ -44,5 +45,6 @@ pub use node_loss::{LossCause, NodeLoss, NodeTaint};
 pub use remote::{RemoteCallError, RemotePool, DEFAULT_REMOTE_TIMEOUT};
 pub use seeds::{SeedAddr, SeedPolicy, SeedStatus, Seeds};
 pub use serve::Served;
-pub use tls::{NodeTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
+pub use admission::{HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, WAITING_PER_SOURCE};
+pub use tls::NodeTls;
 pub use wire::PoolMemberMsg;

@@ -1,15 +1,12 @@
-//! The plumbing of a call channel's connection, the same at both ends: accepting connections
-//! with a bound on those not yet through their handshake, writing frames (straight from the
-//! sending task on a plain TCP stream — no hop to a writer task; through a writer task that
-//! sends many per write under load on a TLS stream), reading the one handshake frame each
-//! side sends first, with a small cap, and TCP keepalive.
+//! The plumbing of a call channel's connection, the same at both ends: writing frames
+//! (straight from the sending task on a plain TCP stream — no hop to a writer task; through a
+//! writer task that sends many per write under load on a TLS stream), reading the one
+//! handshake frame each side sends first, with a small cap, and TCP keepalive.
 //!
 //! Owns no protocol knowledge beyond "a frame is a length-prefixed body" (`wire` has the
-//! frames, `channel` and `call_port` the two ends).
+//! frames, `channel` and `call_port` the two ends), and not which connections may start their
+//! handshake (`admission`).
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +15,8 @@ use futures::StreamExt;
 use pyvisor_protocol::FrameCodec;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::FramedRead;
 
 /// Frames queued for one connection's writer before senders wait.
@@ -36,93 +32,6 @@ pub(crate) const READ_CAPACITY: usize = 64 * 1024;
 /// `peer_max` bytes: two of the largest (at least 1 MiB).
 pub(crate) fn unsent_cap(peer_max: usize) -> usize {
     peer_max.saturating_mul(2).max(1 << 20)
-}
-
-/// Accept connections on `listener` for ever (until the task is aborted), each handled by
-/// `handle` in a task of its own with a [`HandshakeSlot`]: at most `slots` connections are
-/// between accept and the moment their handler drops the slot (their handshake), the rest
-/// wait in the listen queue; and at most `per_source` of those come from one source (an IPv4
-/// address, an IPv6 /64): a connection beyond that is closed at once, so one host cannot take
-/// every slot. A failed `accept` (out of file descriptors) waits 100 ms.
-pub(crate) fn accept_loop<F, Fut>(listener: TcpListener, slots: usize, per_source: usize, handle: F) -> JoinHandle<()>
-where
-    F: Fn(TcpStream, SocketAddr, HandshakeSlot) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let slots = Arc::new(Semaphore::new(slots));
-    let sources: Arc<Mutex<HashMap<Source, usize>>> = Arc::default();
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
-            match listener.accept().await {
-                Ok((stream, peer_addr)) => {
-                    let Some(slot) = HandshakeSlot::take(permit, &sources, Source::of(peer_addr.ip()), per_source) else {
-                        tracing::debug!(%peer_addr, "closed: {per_source} connections from that source are in their handshake already");
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(handle(stream, peer_addr, slot));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a peer connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    })
-}
-
-/// Where a connection comes from, as far as handshake limits go: an IPv4 address (an IPv6
-/// address that maps one counts as it), or an IPv6 /64 (a host usually has a whole one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    V4(Ipv4Addr),
-    V6(u64),
-}
-
-impl Source {
-    fn of(ip: IpAddr) -> Source {
-        match ip {
-            IpAddr::V4(v4) => Source::V4(v4),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Source::V4(v4),
-                None => Source::V6((v6.to_bits() >> 64) as u64),
-            },
-        }
-    }
-}
-
-/// A connection's place among those in their handshake (see [`accept_loop`]): given back when
-/// dropped.
-pub(crate) struct HandshakeSlot {
-    _permit: OwnedSemaphorePermit,
-    sources: Arc<Mutex<HashMap<Source, usize>>>,
-    source: Source,
-}
-
-impl HandshakeSlot {
-    /// A slot for a connection from `source`, unless `per_source` of them are taken.
-    fn take(permit: OwnedSemaphorePermit, sources: &Arc<Mutex<HashMap<Source, usize>>>, source: Source, per_source: usize) -> Option<HandshakeSlot> {
-        let mut taken = sources.lock().unwrap_or_else(|e| e.into_inner());
-        let n = taken.entry(source).or_insert(0);
-        if *n >= per_source {
-            return None;
-        }
-        *n += 1;
-        Some(HandshakeSlot { _permit: permit, sources: Arc::clone(sources), source })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut taken = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = taken.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                taken.remove(&self.source);
-            }
-        }
-    }
 }
 
 /// Write the frames sent on `rx` to `out` in order: whatever is queued when the writer wakes

@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ractor::ActorRef;
 use ractor_cluster::{NetworkStream, NodeServerMessage};
@@ -27,22 +26,8 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::admission::{self, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
 use crate::error::ClusterError;
-use crate::link;
-
-/// How long a peer has to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// At most this many handshakes at once; further connections wait to be accepted.
-pub const MAX_HANDSHAKES: usize = 64;
-
-/// At most this many of the [`MAX_HANDSHAKES`] from one source (an IPv4 address, an IPv6
-/// /64); a further connection from there is closed at once (a peer refused so retries: a call
-/// channel after 5 s, a session when its seed is dialed again). Nodes behind one address (one
-/// host, a NAT) open one session and one call channel each to a node, and their handshakes
-/// last milliseconds: they rarely meet this. Connections that never finish their handshake
-/// from the peer's own address can still delay it, until their [`HANDSHAKE_TIMEOUT`].
-pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// A node's TLS settings: how it accepts peers (server side) and dials them (client side),
 /// and the name it expects in their certificates.
@@ -116,7 +101,7 @@ impl NodeTls {
 /// within [`HANDSHAKE_TIMEOUT`]. The listener stops when the returned task is aborted.
 pub(crate) async fn listen(listen: SocketAddr, tls: NodeTls, server: ActorRef<NodeServerMessage>) -> Result<JoinHandle<()>, ClusterError> {
     let listener = TcpListener::bind(listen).await.map_err(|e| ClusterError::Bind { addr: listen, detail: e.to_string() })?;
-    Ok(link::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
+    Ok(admission::accept_loop(listener, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, move |stream, peer_addr, slot| {
         let (acceptor, server) = (tls.acceptor.clone(), server.clone());
         async move {
             let _slot = slot;
