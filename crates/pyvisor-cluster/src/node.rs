@@ -429,15 +429,33 @@ impl Node {
         self.inner.peers.all()
     }
 
-    /// Connect to the node listening at `addr` and wait (up to `timeout`) until the session is
-    /// ready. A peer with another cookie closes the session: [`ClusterError::Refused`].
+    /// Connect to the node listening at `addr` and wait (up to `timeout`, the name lookup
+    /// included) until the session is ready; a name is looked up without blocking the runtime
+    /// and each address it resolves to is tried in turn. A peer with another cookie closes the
+    /// session: [`ClusterError::Refused`].
     pub async fn connect(&self, addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> Result<Peer, ClusterError> {
-        // Looked up without blocking the runtime (a host name goes to the resolver).
-        let addr = tokio::net::lookup_host(addr)
+        let until = tokio::time::Instant::now() + timeout;
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host(addr))
             .await
+            .map_err(|_| ClusterError::InvalidConfig(format!("the address was not looked up within {timeout:?}")))?
             .map_err(|e| ClusterError::InvalidConfig(format!("not an address: {e}")))?
-            .next()
-            .ok_or_else(|| ClusterError::InvalidConfig("the address resolves to nothing".into()))?;
+            .collect();
+        let mut last = ClusterError::InvalidConfig("the address resolves to nothing".into());
+        for addr in addrs {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.connect_addr(addr, left).await {
+                Ok(peer) => return Ok(peer),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// [`Node::connect`] to one address.
+    pub(crate) async fn connect_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Peer, ClusterError> {
         // Listen before dialing: the session's events may come before the dial returns.
         let mut rx = self.events();
         let server = &self.inner.server;

@@ -69,10 +69,15 @@ impl FromStr for SeedAddr {
         }
         let bad = |why: &str| ClusterError::InvalidConfig(format!("seed {s:?}: {why} (want IP:PORT, [IPv6]:PORT or HOST:PORT)"));
         let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let port: u16 = port.parse().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+        let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
         let valid = |label: &str| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if host.is_empty() || host.len() > 253 || !host.trim_end_matches('.').split('.').all(valid) {
+        let labels: Vec<&str> = host.trim_end_matches('.').split('.').collect();
+        if host.is_empty() || host.len() > 253 || !labels.iter().all(|l| valid(l)) {
             return Err(bad("not a host name or IP address"));
+        }
+        // A name's last label is never all digits: `10.0.0.256` or `1.2.3` is a mistyped IP.
+        if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+            return Err(bad("not a valid IP address"));
         }
         Ok(SeedAddr::Name { host: host.to_string(), port })
     }
@@ -379,13 +384,15 @@ impl Seed {
             drop(node);
             match attempt {
                 Ok(None) => {
-                    // The name resolves to this node only: nothing to dial.
+                    // The name resolves to this node only: nothing to dial now; looked up
+                    // again later (the name may move).
                     tracing::debug!(seed = %self.addr, "a seed resolves to this node's own address: left out");
                     self.update(|s| {
                         s.reached = true;
+                        s.failures = 0;
                         s.last_error = None;
                     });
-                    return;
+                    wait = self.policy.stable.max(RECHECK);
                 }
                 Ok(Some(peer)) => {
                     tracing::info!(seed = %self.addr, peer = %peer.name, "seed reached");
@@ -471,23 +478,44 @@ async fn dial(
 ) -> Result<Option<Peer>, (ClusterError, Option<String>)> {
     let until = tokio::time::Instant::now() + policy.attempt_timeout;
     let addrs = seed.resolve(policy.attempt_timeout).await.map_err(|e| (e, None))?;
-    let others: Vec<SocketAddr> = addrs.into_iter().filter(|a| *a != node.listen_addr()).collect();
-    let mut last = None;
-    for &addr in &others {
+    let others: Vec<SocketAddr> = addrs.into_iter().filter(|a| !is_self(*a, node.listen_addr())).collect();
+    // A refusal (cookie, TLS) is reported only if no address was merely unreachable: a stale
+    // address now used by something else must not read as a configuration error.
+    let (mut refusal, mut other) = (None, None);
+    for (i, &addr) in others.iter().enumerate() {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             break;
         }
-        match dial_addr(node, addr, policy, left, events).await {
+        // Each address gets its part of what is left (at least 1 s): one that drops packets
+        // does not use up the attempt.
+        let part = (left / (others.len() - i) as u32).max(Duration::from_secs(1)).min(left);
+        match dial_addr(node, addr, part, events).await {
             Ok(peer) => return Ok(Some(peer)),
-            Err(e) => last = Some(e),
+            Err(e) if e.0.is_refusal() => refusal = refusal.or(Some(e)),
+            Err(e) => other = other.or(Some(e)),
         }
     }
-    match (last, others.first()) {
+    match (other.or(refusal), others.first()) {
         (Some(e), _) => Err(e),
         (None, Some(&addr)) => Err((ClusterError::ConnectTimeout { addr, after: policy.attempt_timeout }, None)),
         (None, None) => Ok(None),
     }
+}
+
+/// Whether a seed's resolved address `addr` is this node listening on `listen`: the same
+/// address; or the same port on an address of this host while it listens on all of them; or
+/// the same port on a loopback address while it listens on another one (a host's own name
+/// often maps to 127.0.1.1 in /etc/hosts).
+fn is_self(addr: SocketAddr, listen: SocketAddr) -> bool {
+    if addr == listen {
+        return true;
+    }
+    if addr.port() != listen.port() {
+        return false;
+    }
+    let local = || addr.ip().is_loopback() || std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).is_ok();
+    (listen.ip().is_unspecified() && local()) || (addr.ip().is_loopback() && !listen.ip().is_loopback())
 }
 
 /// Dial `addr` and wait (up to `limit`) for its session. A session the peer closed because
@@ -497,11 +525,10 @@ async fn dial(
 async fn dial_addr(
     node: &Node,
     addr: SocketAddr,
-    policy: &SeedPolicy,
     limit: Duration,
     events: &mut broadcast::Receiver<NodeEvent>,
 ) -> Result<Peer, (ClusterError, Option<String>)> {
-    let error = match node.connect(addr, limit).await {
+    let error = match node.connect_addr(addr, limit).await {
         Ok(peer) => return Ok(peer),
         Err(e @ ClusterError::Refused { .. }) => e,
         Err(e) => return Err((e, None)),
@@ -517,7 +544,7 @@ async fn dial_addr(
         }
     }
     let Some(name) = name else { return Err((error, None)) };
-    let until = tokio::time::Instant::now() + SURVIVOR_WAIT.min(policy.attempt_timeout);
+    let until = tokio::time::Instant::now() + SURVIVOR_WAIT.min(limit);
     loop {
         if let Some(peer) = node.peers().into_iter().find(|p| p.name == name) {
             return Ok(peer);
@@ -580,10 +607,25 @@ mod tests {
         for s in ["node-b.internal:7400", "[::1]:7400", "10.0.0.5:7400"] {
             assert_eq!(ok(s).to_string(), s, "shown as given");
         }
-        for bad in ["", "node-b", "node-b:", ":7400", "node-b:70000", "node-b:port", "node b:7400", "a..b:7400", "::1:7400", "[::1]", "http://node-b:7400"] {
+        for bad in ["", "node-b", "node-b:", ":7400", "node-b:0", "node-b:70000", "node-b:port", "node b:7400", "a..b:7400", "::1:7400", "[::1]", "http://node-b:7400", "10.0.0.256:7400", "1.2.3:7400"] {
             let e = bad.parse::<SeedAddr>().expect_err(bad);
             assert!(matches!(&e, ClusterError::InvalidConfig(m) if m.contains("HOST:PORT")), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_resolved_address_is_this_node_only_on_its_port_and_one_of_its_addresses() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(is_self(a("10.0.0.1:7400"), a("10.0.0.1:7400")));
+        // Another node on this host, another port.
+        assert!(!is_self(a("10.0.0.1:7401"), a("10.0.0.1:7400")));
+        // Listening on every address: this host's addresses on that port are this node.
+        assert!(is_self(a("127.0.0.1:7400"), a("0.0.0.0:7400")));
+        assert!(!is_self(a("192.0.2.7:7400"), a("0.0.0.0:7400")), "an address of no interface here (TEST-NET-1)");
+        // Listening on an interface's address: the host's own name mapped to 127.0.1.1.
+        assert!(is_self(a("127.0.1.1:7400"), a("10.0.0.1:7400")));
+        // Listening on loopback: another loopback address is another node.
+        assert!(!is_self(a("127.0.0.2:7400"), a("127.0.0.1:7400")));
     }
 
     #[tokio::test]

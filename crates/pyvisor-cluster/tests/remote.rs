@@ -427,10 +427,12 @@ async fn workers_killed_on_the_serving_node_mid_call_are_a_crash_there_not_a_nod
     let long = || CallOptions::new().timeout(Duration::from_secs(30));
     let (w1, w2) = (Arc::clone(&work), Arc::clone(&work));
     // Both of B's workers busy for 3 s: one with an idempotent call, one with a
-    // non-idempotent one that writes its token at the end.
-    let retried = tokio::spawn(async move { w1.call_with::<_, (String, u64)>("slow_where", &(7u64, 3.0), long()).await });
-    let once = tokio::spawn(async move { w2.call_with::<_, String>("patient_record", &("killed", 3.0), long()).await });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // non-idempotent one that writes its token at the end; each marks its start in the log.
+    let retried = tokio::spawn(async move { w1.call_with::<_, (String, u64)>("marked_where", &(7u64, 3.0), long()).await });
+    let once = tokio::spawn(async move { w2.call_with::<_, String>("marked_record", &("killed", 3.0), long()).await });
+    let log = || std::fs::read_to_string(&side_log).unwrap_or_default();
+    let started = |line: String| log().lines().filter(|l| *l == line).count();
+    assert!(eventually(Duration::from_secs(20), || started(format!("{b} start 7")) == 1 && started(format!("{b} start killed")) == 1).await, "{}", log());
     // Every process of B's pool (workers and their watchdogs) SIGKILLed from outside; B itself
     // lives on.
     let victims = workers_of(&b);
@@ -457,10 +459,11 @@ async fn workers_killed_on_the_serving_node_mid_call_are_a_crash_there_not_a_nod
     while let Ok(event) = events.try_recv() {
         assert!(!matches!(event, NodeEvent::Disconnected { .. } | NodeEvent::Silent { .. }), "{event:?}");
     }
-    // Past the time the killed call would have taken: it never wrote its token.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let log = std::fs::read_to_string(&side_log).expect("log");
-    assert!(!log.contains("killed"), "{log:?}");
+    // The idempotent call started again on a new worker; the other never did, and past the
+    // time it would have taken it never wrote its token.
+    assert_eq!(started(format!("{b} start 7")), 2, "{}", log());
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!((started(format!("{b} start killed")), started(format!("{b} killed"))), (1, 0), "{}", log());
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -63,3 +63,29 @@ def patient_record(args, ctx):
 def where_pid(x):
     """[node, worker pid, x]."""
     return [NODE, os.getpid(), x]
+
+
+def _log(line):
+    with open(os.environ["SIDE_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"{NODE} {line}\n")
+
+
+@expose
+def marked_record(args):
+    """Not idempotent: appends `NODE start TOKEN` to the side-effect log, then after `seconds`
+    `NODE TOKEN`."""
+    token, seconds = args
+    _log(f"start {token}")
+    time.sleep(seconds)
+    _log(token)
+    return NODE
+
+
+@expose(idempotent=True)
+def marked_where(args):
+    """[node, x] after `seconds`; appends `NODE start X` to the side-effect log first (at each
+    attempt)."""
+    x, seconds = args
+    _log(f"start {x}")
+    time.sleep(seconds)
+    return [NODE, x]
