@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
-use crate::link::{self, DirectWriter};
+use crate::link::{self, FrameWriter};
 use crate::serve::{self, Offers};
 use crate::admission::{self, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE};
 #[cfg(test)]
@@ -162,8 +162,8 @@ async fn accept(stream: TcpStream, ctx: Ctx, slot: admission::HandshakeSlot) -> 
             let (input, output) = stream.into_split();
             // Unsent replies are capped at two of the largest frames the peer takes; beyond
             // that this channel stops reading calls until they are written.
-            let writer = DirectWriter::start(output, link::unsent_cap(peer.max_frame));
-            serve_channel(input, Replies::Direct(writer), &ctx, gone, peer).await;
+            let writer = FrameWriter::tcp(output, link::unsent_cap(peer.max_frame));
+            serve_channel(input, Replies(writer), &ctx, gone, peer).await;
         }
         Some(tls) => {
             let shake = async {
@@ -174,8 +174,8 @@ async fn accept(stream: TcpStream, ctx: Ctx, slot: admission::HandshakeSlot) -> 
             let (stream, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await.map_err(|_| late())??;
             drop(slot);
             let (input, output) = tokio::io::split(stream);
-            let output: Box<dyn AsyncWrite + Unpin + Send> = Box::new(output);
-            serve_channel(input, Replies::Buffered(BufWriter::with_capacity(link::READ_CAPACITY, output)), &ctx, gone, peer).await;
+            let writer = FrameWriter::stream(Box::new(output), link::unsent_cap(peer.max_frame));
+            serve_channel(input, Replies(writer), &ctx, gone, peer).await;
         }
     }
     Ok(())
@@ -195,32 +195,20 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tokens: &T
     verdict
 }
 
-/// Where a channel's replies are written: straight into a plain TCP socket, or through a
-/// buffer into an encrypted stream.
-enum Replies {
-    Direct(Arc<DirectWriter>),
-    Buffered(BufWriter<Box<dyn AsyncWrite + Unpin + Send>>),
-}
+/// Where a channel's replies are written (closed when the channel ends).
+struct Replies(Arc<FrameWriter>);
 
 impl Replies {
     /// Write one reply, waiting while the peer does not read (backpressure: no new call is
     /// read meanwhile).
     async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        match self {
-            Replies::Direct(w) => w.send_waiting(frame).await.map(drop).map_err(|_| std::io::Error::other("the connection is closed")),
-            Replies::Buffered(out) => {
-                out.write_all(frame).await?;
-                out.flush().await
-            }
-        }
+        self.0.send_waiting(frame).await.map(drop).map_err(|_| std::io::Error::other("the connection is closed"))
     }
 }
 
 impl Drop for Replies {
     fn drop(&mut self) {
-        if let Replies::Direct(w) = self {
-            w.close();
-        }
+        self.0.close();
     }
 }
 
@@ -321,10 +309,16 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     async fn port(max_frame: usize) -> (CallPort, watch::Sender<bool>) {
+        let (port, halt, _gone) = port_telling_ends(max_frame).await;
+        (port, halt)
+    }
+
+    /// A call port, its halt, and where the ends of peers' sessions are told.
+    async fn port_telling_ends(max_frame: usize) -> (CallPort, watch::Sender<bool>, broadcast::Sender<String>) {
         let (halt, halted) = watch::channel(false);
         let (gone, _) = broadcast::channel(16);
-        let port = CallPort::start("127.0.0.1:0".parse().expect("an address"), None, max_frame, halted, gone).await.expect("the call port listens");
-        (port, halt)
+        let port = CallPort::start("127.0.0.1:0".parse().expect("an address"), None, max_frame, halted, gone.clone()).await.expect("the call port listens");
+        (port, halt, gone)
     }
 
     /// Connect and present `token`; the welcome's refusal, if any.
@@ -461,6 +455,22 @@ mod tests {
         let Ok(Frame::Reply { id: 5, body }) = Frame::decode(frame) else { panic!("not the call's reply") };
         let reply: WireReply = wire::decode(&body).expect("decodes");
         assert!(matches!(reply.result, Err(e) if e.kind == serve::NOT_RUNNING));
+    }
+
+    #[tokio::test]
+    async fn a_channel_ends_when_its_callers_session_ends_and_only_then() {
+        let (port, _halt, gone) = port_telling_ends(1 << 20).await;
+        let (s, refused) = hello(&port, (port.offers())().token).await;
+        assert_eq!(refused, None);
+        let mut frames = link::frames(s, 1 << 20);
+        // Another node's session ends: this channel still serves.
+        gone.send("other@127.0.0.1".into()).expect("the channel listens");
+        frames.get_mut().write_all(&unserved_call(1)).await.expect("writes");
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("an answer").expect("a frame").expect("readable");
+        assert!(matches!(Frame::decode(frame), Ok(Frame::Reply { id: 1, .. })), "not the call's reply");
+        // Its caller's session ends (a stopped caller keeps its sockets open): the channel ends.
+        gone.send("test@127.0.0.1".into()).expect("the channel listens");
+        assert!(closed(frames.get_mut()).await, "the channel outlived its caller's session");
     }
 
     #[tokio::test]

@@ -4,8 +4,9 @@
 //! every call to that node with its cancel frames, and the replies back to the calls waiting.
 //!
 //! A channel ends when its connection breaks or the peer's session ends (`Channels::
-//! session_ended`): every call waiting on it then sees its reply sender dropped, which the
-//! caller treats as the node lost mid-call. A channel that could not be opened sent nothing.
+//! session_ended`): every call waiting on it whose frame was written whole then sees its reply
+//! sender dropped, which the caller treats as the node lost mid-call; the others are told they
+//! were not sent (on TLS as on plain TCP). A channel that could not be opened sent nothing.
 //!
 //! Owns [`Channels`] (the table of open channels, by session) and [`Channel`]. Not the serving
 //! end (`call_port`), not the frames (`wire`), not what a lost call means (`remote`).
@@ -23,10 +24,10 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::link::{self, DirectWriter, Refused};
+use crate::link::{self, FrameWriter, Refused};
 use crate::tls::NodeTls;
 use crate::wire::{self, ChannelHello, ChannelOffer, ChannelWelcome, Frame, PoolMemberMsg, WIRE_VERSION};
 
@@ -163,7 +164,7 @@ pub(crate) enum SendError {
 }
 
 /// A waiting call: where its outcome goes, and its frame's end offset among the bytes taken
-/// by the writer (0 when that is not tracked: always counted as written).
+/// by the writer.
 type Waiter = (oneshot::Sender<Outcome>, u64);
 
 /// The calls waiting for a reply on one channel (`None` once it closed).
@@ -197,33 +198,17 @@ impl Waiting {
     }
 }
 
-/// How frames leave: written by the sender itself (plain TCP), or through a writer task
-/// (TLS: an encrypted stream cannot be written without awaiting).
-enum Out {
-    Direct(Arc<DirectWriter>),
-    Queued(mpsc::Sender<Bytes>, AbortHandle),
-}
-
 /// What a channel's handle and its reader share.
 struct Shared {
-    out: Out,
+    out: Arc<FrameWriter>,
     waiting: Waiting,
 }
 
 impl Shared {
     /// Close the connection (the peer sees it end) and settle the waiting calls.
     fn close(&self) {
-        match &self.out {
-            Out::Direct(w) => {
-                w.close();
-                self.waiting.close(w.written());
-            }
-            Out::Queued(_, writer) => {
-                // The stream closes once the reader is gone too.
-                writer.abort();
-                self.waiting.close(0);
-            }
-        }
+        self.out.close();
+        self.waiting.close(self.out.written());
     }
 }
 
@@ -249,24 +234,21 @@ impl Channel {
         let (input, output) = stream.into_split();
         // Unsent call frames are capped at two of the largest the peer takes; a caller beyond
         // that waits for room (under its deadline).
-        let writer = DirectWriter::start(output, link::unsent_cap(peer_max));
-        Channel::reading(input, max_frame, peer_max, Out::Direct(writer), lost)
+        let writer = FrameWriter::tcp(output, link::unsent_cap(peer_max));
+        Channel::reading(input, max_frame, peer_max, writer, lost)
     }
 
-    /// A channel on an encrypted connection through its handshake (frames written by a
-    /// writer task).
+    /// A channel on an encrypted connection through its handshake (frames written by the
+    /// writer's flusher task; the same cap).
     fn encrypted<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, max_frame: usize, peer_max: usize, lost: impl FnOnce() + Send + 'static) -> Channel {
         let (input, output) = tokio::io::split(stream);
-        let (tx, rx) = mpsc::channel(link::WRITE_QUEUE);
-        let writer = tokio::spawn(async move {
-            let _ = link::write_frames(output, rx).await;
-        });
-        Channel::reading(input, max_frame, peer_max, Out::Queued(tx, writer.abort_handle()), lost)
+        let writer = FrameWriter::stream(Box::new(output), link::unsent_cap(peer_max));
+        Channel::reading(input, max_frame, peer_max, writer, lost)
     }
 
     /// Start the reader that hands each reply to its call; when the connection breaks it
     /// closes the channel (both ways: the serving node sees it end and abandons the calls).
-    fn reading<R: AsyncRead + Unpin + Send + 'static>(input: R, max_frame: usize, peer_max: usize, out: Out, lost: impl FnOnce() + Send + 'static) -> Channel {
+    fn reading<R: AsyncRead + Unpin + Send + 'static>(input: R, max_frame: usize, peer_max: usize, out: Arc<FrameWriter>, lost: impl FnOnce() + Send + 'static) -> Channel {
         let shared = Arc::new(Shared { out, waiting: Waiting(Mutex::new(Some(HashMap::new()))) });
         let on_read = Arc::clone(&shared);
         let reader = tokio::spawn(async move {
@@ -304,57 +286,28 @@ impl Channel {
             return Err(SendError::TooLarge { len: body, max: self.peer_max });
         }
         let (tx, rx) = oneshot::channel();
-        match &self.shared.out {
-            Out::Direct(w) => {
-                let mut tx = Some(tx);
-                let sent = w
-                    .until_room(|| {
-                        // Under the waiting lock: a close settles this call with its offset.
-                        let mut waiting = self.shared.waiting.0.lock().map_err(|_| Refused::Closed)?;
-                        let map = waiting.as_mut().ok_or(Refused::Closed)?;
-                        let end = w.send(&frame)?;
-                        if let Some(tx) = tx.take() {
-                            map.insert(id, (tx, end));
-                        }
-                        Ok(())
-                    })
-                    .await;
-                sent.map(|()| rx).map_err(|_| SendError::Closed)
-            }
-            Out::Queued(queue, _) => {
-                {
-                    let mut waiting = self.shared.waiting.0.lock().map_err(|_| SendError::Closed)?;
-                    let Some(map) = waiting.as_mut() else { return Err(SendError::Closed) };
-                    map.insert(id, (tx, 0));
+        let w = &self.shared.out;
+        let mut tx = Some(tx);
+        let sent = w
+            .until_room(|| {
+                // Under the waiting lock: a close settles this call with its offset.
+                let mut waiting = self.shared.waiting.0.lock().map_err(|_| Refused::Closed)?;
+                let map = waiting.as_mut().ok_or(Refused::Closed)?;
+                let end = w.send(&frame)?;
+                if let Some(tx) = tx.take() {
+                    map.insert(id, (tx, end));
                 }
-                if queue.send(frame).await.is_err() {
-                    self.shared.waiting.forget(id);
-                    return Err(SendError::Closed);
-                }
-                Ok(rx)
-            }
-        }
+                Ok(())
+            })
+            .await;
+        sent.map(|()| rx).map_err(|_| SendError::Closed)
     }
 
     /// The caller gave up call `id`: forget it here, and tell the serving node (a cancel is
     /// never refused for want of room).
     pub(crate) fn cancel(&self, id: u64) {
         self.shared.waiting.forget(id);
-        let frame = Frame::Cancel { id }.encode();
-        match &self.shared.out {
-            Out::Direct(w) => {
-                let _ = w.send_uncapped(&frame);
-            }
-            Out::Queued(queue, _) => {
-                if let Err(mpsc::error::TrySendError::Full(frame)) = queue.try_send(frame) {
-                    // Queue full: the cancel waits its turn rather than being lost.
-                    let queue = queue.clone();
-                    tokio::spawn(async move {
-                        let _ = queue.send(frame).await;
-                    });
-                }
-            }
-        }
+        let _ = self.shared.out.send_uncapped(&Frame::Cancel { id }.encode());
     }
 
     /// Close from this end: the peer sees the connection end; the calls waiting are lost, or
@@ -430,9 +383,7 @@ mod tests {
     /// A serving end of our own: accepts one channel (any token), welcomes it, and hands the
     /// connection to the test.
     async fn serving_end(peer_max: u64) -> (ChannelOffer, tokio::task::JoinHandle<TcpStream>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
-        let port = listener.local_addr().expect("an address").port();
-        let offer = ChannelOffer { v: WIRE_VERSION, host: Some("127.0.0.1".into()), port, token: vec![1; 16], max_frame: peer_max };
+        let (offer, listener) = serving_end_on(peer_max).await;
         let accepted = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accepts");
             let _hello = link::read_handshake(&mut s).await.expect("a hello");
@@ -470,15 +421,41 @@ mod tests {
         assert!(matches!(read, Ok(0) | Err(_)), "the connection stayed open: {read:?}");
     }
 
-    #[tokio::test]
-    async fn calls_not_written_whole_when_the_channel_breaks_were_not_sent_and_a_call_too_large_is_refused() {
-        let (offer, accepted) = serving_end(256 * 1024).await;
-        let channel = dial(offer, "127.0.0.1".parse().expect("an IP"), None, "a@127.0.0.1", 1 << 20, || {}).await.expect("the channel opens");
-        let server = accepted.await.expect("accepted");
-        // Larger than the serving end takes: refused, nothing written.
-        assert_eq!(channel.send(1, call_frame(1, 256 * 1024)).await.err(), Some(SendError::TooLarge { len: 256 * 1024 + 17, max: 256 * 1024 }));
-        // The serving end reads nothing: frames fill the socket, then wait unsent, then the
-        // senders wait for room.
+    /// A TLS serving end of our own (a self-signed certificate for `localhost`, made here):
+    /// accepts one channel, welcomes it, and hands the encrypted stream to the test.
+    async fn tls_serving_end(peer_max: u64) -> (ChannelOffer, NodeTls, tokio::task::JoinHandle<tokio_rustls::server::TlsStream<TcpStream>>) {
+        let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+        let dir = std::env::temp_dir().join(format!("pyvisor-channel-tls-{}-{}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let (pem, key) = (dir.join("node.pem"), dir.join("node.key"));
+        std::fs::write(&pem, cert.pem()).expect("write the certificate");
+        std::fs::write(&key, signing_key.serialize_pem()).expect("write the key");
+        let tls = NodeTls::from_pem_files(&pem, &key, &pem, "localhost").expect("TLS settings");
+        let _ = std::fs::remove_dir_all(&dir);
+        let (offer, plain) = serving_end_on(peer_max).await;
+        let acceptor = tls.acceptor.clone();
+        let accepted = tokio::spawn(async move {
+            let (s, _) = plain.accept().await.expect("accepts");
+            let mut s = acceptor.accept(s).await.expect("the TLS handshake");
+            let _hello = link::read_handshake(&mut s).await.expect("a hello");
+            s.write_all(&wire::handshake_frame(&ChannelWelcome { v: WIRE_VERSION, refused: None })).await.expect("writes");
+            s.flush().await.expect("flushes");
+            s
+        });
+        (offer, tls, accepted)
+    }
+
+    /// A listener for a serving end, and the offer naming it.
+    async fn serving_end_on(peer_max: u64) -> (ChannelOffer, TcpListener) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let port = listener.local_addr().expect("an address").port();
+        (ChannelOffer { v: WIRE_VERSION, host: Some("127.0.0.1".into()), port, token: vec![1; 16], max_frame: peer_max }, listener)
+    }
+
+    /// Send calls on `channel` until its unsent frames reach their cap (the serving end reads
+    /// nothing), drop the serving end with `drop_server`, and count the calls told "not
+    /// sent" and those lost.
+    async fn fill_then_break(channel: &Channel, drop_server: impl FnOnce()) -> (usize, usize) {
         let mut outcomes = Vec::new();
         for id in 2..200 {
             match tokio::time::timeout(Duration::from_millis(200), channel.send(id, call_frame(id, 200 * 1024))).await {
@@ -488,7 +465,7 @@ mod tests {
             }
         }
         assert!(outcomes.len() < 198, "the unsent frames were never capped");
-        drop(server);
+        drop_server();
         let (mut not_sent, mut lost) = (0, 0);
         for rx in outcomes {
             match tokio::time::timeout(Duration::from_secs(5), rx).await.expect("settled") {
@@ -497,6 +474,30 @@ mod tests {
                 Ok(Outcome::Reply(_)) => panic!("no reply was sent"),
             }
         }
+        (not_sent, lost)
+    }
+
+    #[tokio::test]
+    async fn on_tls_too_calls_not_written_whole_when_the_channel_breaks_were_not_sent() {
+        let (offer, tls, accepted) = tls_serving_end(256 * 1024).await;
+        let channel =
+            dial(offer, "127.0.0.1".parse().expect("an IP"), Some(&tls), "a@127.0.0.1", 1 << 20, || {}).await.expect("the channel opens");
+        let server = accepted.await.expect("accepted");
+        let (not_sent, lost) = fill_then_break(&channel, move || drop(server)).await;
+        assert!(lost >= 1, "the frames the TLS stream took may have been read: lost, not `not sent`");
+        assert!(not_sent >= 1, "frames that never left this process were reported as lost");
+    }
+
+    #[tokio::test]
+    async fn calls_not_written_whole_when_the_channel_breaks_were_not_sent_and_a_call_too_large_is_refused() {
+        let (offer, accepted) = serving_end(256 * 1024).await;
+        let channel = dial(offer, "127.0.0.1".parse().expect("an IP"), None, "a@127.0.0.1", 1 << 20, || {}).await.expect("the channel opens");
+        let server = accepted.await.expect("accepted");
+        // Larger than the serving end takes: refused, nothing written.
+        assert_eq!(channel.send(1, call_frame(1, 256 * 1024)).await.err(), Some(SendError::TooLarge { len: 256 * 1024 + 17, max: 256 * 1024 }));
+        // The serving end reads nothing: frames fill the socket, then wait unsent, then the
+        // senders wait for room.
+        let (not_sent, lost) = fill_then_break(&channel, move || drop(server)).await;
         assert!(lost >= 1, "the frames the socket took may have been read: lost, not `not sent`");
         assert!(not_sent >= 1, "frames that never left this process were reported as lost");
     }

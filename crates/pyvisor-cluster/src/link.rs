@@ -1,26 +1,27 @@
-//! The plumbing of a call channel's connection, the same at both ends: writing frames
-//! (straight from the sending task on a plain TCP stream — no hop to a writer task; through a
-//! writer task that sends many per write under load on a TLS stream), reading the one
-//! handshake frame each side sends first, with a small cap, and TCP keepalive.
+//! The plumbing of a call channel's connection, the same at both ends: writing frames with a
+//! cap on what waits unsent and a count of what was written ([`FrameWriter`]: straight from
+//! the sending task on a plain TCP stream — no hop to a writer task; through a flusher task
+//! that writes whatever waits at once on a TLS stream), reading the one handshake frame each
+//! side sends first, with a small cap, and TCP keepalive.
 //!
 //! Owns no protocol knowledge beyond "a frame is a length-prefixed body" (`wire` has the
 //! frames, `channel` and `call_port` the two ends), and not which connections may start their
 //! handshake (`admission`).
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use pyvisor_protocol::FrameCodec;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
-
-/// Frames queued for one connection's writer before senders wait.
-pub(crate) const WRITE_QUEUE: usize = 1024;
 
 /// The largest handshake frame either side accepts (a hello or welcome is well under 1 KiB).
 pub(crate) const MAX_HANDSHAKE_FRAME: usize = 4096;
@@ -34,43 +35,31 @@ pub(crate) fn unsent_cap(peer_max: usize) -> usize {
     peer_max.saturating_mul(2).max(1 << 20)
 }
 
-/// Write the frames sent on `rx` to `out` in order: whatever is queued when the writer wakes
-/// goes out in one flush. Ends when every sender is gone or a write fails (`Err`: the
-/// connection is broken).
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(out: W, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(READ_CAPACITY, out);
-    let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 64).await > 0 {
-        for frame in batch.drain(..) {
-            out.write_all(&frame).await?;
-        }
-        out.flush().await?;
-    }
-    let _ = out.shutdown().await;
-    Ok(())
-}
-
 /// Why a frame was not taken (none of its bytes were written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// The connection is closed or broken.
     Closed,
-    /// The bytes waiting unsent are at their cap: wait ([`DirectWriter::send_waiting`]).
+    /// The bytes waiting unsent are at their cap: wait ([`FrameWriter::send_waiting`]).
     Full,
 }
 
-/// The writing end of a plain TCP connection, shared by the tasks that send on it: a frame is
-/// written by its sender with a non-blocking write under a short lock; only what the socket
-/// does not take at once waits in a buffer that a flusher task writes when the socket is
-/// writable. Order is kept and a sender dropped mid-call never leaves half a frame.
+/// The writing end of a channel's connection, shared by the tasks that send on it. On a plain
+/// TCP connection a frame is written by its sender with a non-blocking write under a short lock
+/// and only what the socket does not take at once waits in a buffer; on an encrypted stream
+/// (which cannot be written without polling it) every frame waits there. A flusher task writes
+/// the buffer whenever the connection can take it. Order is kept and a sender dropped mid-call
+/// never leaves half a frame.
 ///
 /// The buffer holds at most `cap` bytes plus the rest of one frame: a frame that finds it
 /// fuller than that waits (backpressure on the sender), except the small frames sent with
-/// [`DirectWriter::send_uncapped`] (cancels), which must never be lost. Every byte taken and
-/// every byte written to the socket is counted, so what was surely not written when the
-/// connection closed is known ([`DirectWriter::written`]).
-pub(crate) struct DirectWriter {
-    half: OwnedWriteHalf,
+/// [`FrameWriter::send_uncapped`] (cancels), which must never be lost. Every byte taken and
+/// every byte handed to the connection is counted, so what was surely not written when the
+/// connection closed is known ([`FrameWriter::written`]).
+pub(crate) struct FrameWriter {
+    /// The socket, when frames are written to it straight (plain TCP); `None`: the stream in
+    /// [`Unsent::stream`] is written by the flusher only.
+    direct: Option<OwnedWriteHalf>,
     state: Mutex<Unsent>,
     /// Wakes the flusher: bytes wait.
     wake: Notify,
@@ -79,22 +68,47 @@ pub(crate) struct DirectWriter {
     cap: usize,
 }
 
+/// A stream a [`FrameWriter`] writes through its flusher (an encrypted one).
+pub(crate) type BoxedWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
 struct Unsent {
     bytes: BytesMut,
     closed: bool,
     /// Bytes of frames taken so far (the end offset of the last frame taken).
     taken: u64,
-    /// Bytes written to the socket so far.
+    /// Bytes handed to the connection so far (for an encrypted stream: taken by the stream,
+    /// which may still hold some; counted as written, so a call is never told "not sent"
+    /// when its bytes may have left).
     written: u64,
+    /// The encrypted stream (dropped on close: the connection ends once its reading half
+    /// is gone too).
+    stream: Option<BoxedWrite>,
+    /// The flusher task, ended on close.
+    flusher: Option<AbortHandle>,
 }
 
-impl DirectWriter {
-    /// Share `half`; at most about `cap` bytes wait unsent (see above). Its flusher task ends
-    /// when the writer closes.
-    pub(crate) fn start(half: OwnedWriteHalf, cap: usize) -> Arc<DirectWriter> {
-        let state = Unsent { bytes: BytesMut::new(), closed: false, taken: 0, written: 0 };
-        let w = Arc::new(DirectWriter { half, state: Mutex::new(state), wake: Notify::new(), drained: Notify::new(), cap });
-        tokio::spawn(flush_unsent(Arc::clone(&w)));
+impl FrameWriter {
+    /// Share the plain TCP socket `half`; at most about `cap` bytes wait unsent (see above).
+    /// Its flusher task ends when the writer closes.
+    pub(crate) fn tcp(half: OwnedWriteHalf, cap: usize) -> Arc<FrameWriter> {
+        FrameWriter::start(Some(half), None, cap)
+    }
+
+    /// Share the encrypted stream `stream` (written by the flusher task only); at most about
+    /// `cap` bytes wait unsent.
+    pub(crate) fn stream(stream: BoxedWrite, cap: usize) -> Arc<FrameWriter> {
+        FrameWriter::start(None, Some(stream), cap)
+    }
+
+    fn start(direct: Option<OwnedWriteHalf>, stream: Option<BoxedWrite>, cap: usize) -> Arc<FrameWriter> {
+        let encrypted = stream.is_some();
+        let state = Unsent { bytes: BytesMut::new(), closed: false, taken: 0, written: 0, stream, flusher: None };
+        let w = Arc::new(FrameWriter { direct, state: Mutex::new(state), wake: Notify::new(), drained: Notify::new(), cap });
+        let flusher = if encrypted { tokio::spawn(flush_stream(Arc::clone(&w))) } else { tokio::spawn(flush_unsent(Arc::clone(&w))) };
+        match w.state.lock() {
+            Ok(mut st) if !st.closed => st.flusher = Some(flusher.abort_handle()),
+            _ => flusher.abort(),
+        }
         w
     }
 
@@ -103,17 +117,17 @@ impl DirectWriter {
         self.take(frame, true)
     }
 
-    /// [`DirectWriter::send`] without the cap: for small frames that must not be refused.
+    /// [`FrameWriter::send`] without the cap: for small frames that must not be refused.
     pub(crate) fn send_uncapped(&self, frame: &[u8]) -> Result<u64, Refused> {
         self.take(frame, false)
     }
 
-    /// [`DirectWriter::send`], waiting while the unsent bytes are at their cap.
+    /// [`FrameWriter::send`], waiting while the unsent bytes are at their cap.
     pub(crate) async fn send_waiting(&self, frame: &[u8]) -> Result<u64, Refused> {
         self.until_room(|| self.send(frame)).await
     }
 
-    /// Run `attempt` (a [`DirectWriter::send`] with whatever must happen under the same
+    /// Run `attempt` (a [`FrameWriter::send`] with whatever must happen under the same
     /// lock) again each time room is made, while it finds the unsent bytes at their cap.
     pub(crate) async fn until_room<T>(&self, mut attempt: impl FnMut() -> Result<T, Refused>) -> Result<T, Refused> {
         loop {
@@ -135,16 +149,18 @@ impl DirectWriter {
         }
         let mut rest = frame;
         if st.bytes.is_empty() {
-            match self.half.try_write(frame) {
-                Ok(n) => {
-                    st.written += n as u64;
-                    rest = &frame[n..];
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    drop(st);
-                    self.close();
-                    return Err(Refused::Closed);
+            if let Some(half) = &self.direct {
+                match half.try_write(frame) {
+                    Ok(n) => {
+                        st.written += n as u64;
+                        rest = &frame[n..];
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        drop(st);
+                        self.close();
+                        return Err(Refused::Closed);
+                    }
                 }
             }
         } else if capped && st.bytes.len() + frame.len() > self.cap {
@@ -160,28 +176,72 @@ impl DirectWriter {
         Ok(end)
     }
 
-    /// Bytes written to the socket so far: a frame whose end offset is beyond it when the
+    /// Bytes written to the connection so far: a frame whose end offset is beyond it when the
     /// connection closed never reached the peer whole (so it cannot have been run there).
     pub(crate) fn written(&self) -> u64 {
         self.state.lock().map_or(0, |st| st.written)
     }
 
-    /// No more frames; what waits unsent is dropped and the connection shut down both ways
-    /// (the peer reads its end).
+    /// No more frames; what waits unsent is dropped and the connection shut down (a plain
+    /// socket both ways at once; an encrypted stream once its reading half is gone too): the
+    /// peer reads its end.
     pub(crate) fn close(&self) {
-        if let Ok(mut st) = self.state.lock() {
-            st.closed = true;
-            st.bytes = BytesMut::new();
+        let (stream, flusher) = match self.state.lock() {
+            Ok(mut st) => {
+                st.closed = true;
+                st.bytes = BytesMut::new();
+                (st.stream.take(), st.flusher.take())
+            }
+            Err(_) => (None, None),
+        };
+        if let Some(flusher) = flusher {
+            flusher.abort();
         }
-        let _ = socket2::SockRef::from(self.half.as_ref()).shutdown(std::net::Shutdown::Both);
+        drop(stream);
+        if let Some(half) = &self.direct {
+            let _ = socket2::SockRef::from(half.as_ref()).shutdown(std::net::Shutdown::Both);
+        }
         self.wake.notify_one();
         self.drained.notify_waiters();
     }
+
+    /// Write what waits to the encrypted stream as far as it takes it now, then flush it;
+    /// `Ready(Err)`: the stream is broken or the writer closed.
+    fn poll_stream(&self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        let Ok(mut guard) = self.state.lock() else { return Poll::Ready(Err(())) };
+        let st = &mut *guard;
+        if st.closed {
+            return Poll::Ready(Err(()));
+        }
+        let Some(stream) = st.stream.as_mut() else { return Poll::Ready(Err(())) };
+        let mut progressed = false;
+        let polled = loop {
+            if st.bytes.is_empty() {
+                break Pin::new(&mut **stream).poll_flush(cx).map_err(drop);
+            }
+            match Pin::new(&mut **stream).poll_write(cx, &st.bytes) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => {
+                    st.bytes.advance(n);
+                    st.written += n as u64;
+                    progressed = true;
+                }
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        drop(guard);
+        if progressed {
+            // Room was made: senders waiting for it try again.
+            self.drained.notify_waiters();
+        }
+        polled
+    }
 }
 
-/// Write what the senders left unsent whenever the socket can take it; ends when the writer
-/// closes or the socket breaks (then the writer is closed).
-async fn flush_unsent(w: Arc<DirectWriter>) {
+/// Write what the senders left unsent on a plain socket whenever it can take it; ends when
+/// the writer closes or the socket breaks (then the writer is closed).
+async fn flush_unsent(w: Arc<FrameWriter>) {
+    let Some(half) = &w.direct else { return };
     loop {
         w.wake.notified().await;
         loop {
@@ -193,7 +253,7 @@ async fn flush_unsent(w: Arc<DirectWriter>) {
                 if st.bytes.is_empty() {
                     true
                 } else {
-                    match w.half.try_write(&st.bytes) {
+                    match half.try_write(&st.bytes) {
                         Ok(n) => {
                             let _ = st.bytes.split_to(n);
                             st.written += n as u64;
@@ -213,10 +273,23 @@ async fn flush_unsent(w: Arc<DirectWriter>) {
             if done {
                 break;
             }
-            if w.half.writable().await.is_err() {
+            if half.writable().await.is_err() {
                 w.close();
                 return;
             }
+        }
+    }
+}
+
+/// Write what the senders left to the encrypted stream (each write under the writer's lock,
+/// so a close counts exactly what the stream took); ends when the writer closes (it aborts
+/// this task) or the stream breaks (then the writer is closed).
+async fn flush_stream(w: Arc<FrameWriter>) {
+    loop {
+        w.wake.notified().await;
+        if std::future::poll_fn(|cx| w.poll_stream(cx)).await.is_err() {
+            w.close();
+            return;
         }
     }
 }
