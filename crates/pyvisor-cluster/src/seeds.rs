@@ -101,10 +101,13 @@ impl SeedAddr {
             SeedAddr::Name { host, port } => (host.as_str(), *port),
         };
         let failed = |detail: String| ClusterError::Resolve { seed: self.to_string(), detail };
-        let found = tokio::time::timeout(limit, tokio::net::lookup_host((host, port)))
-            .await
-            .map_err(|_| failed(format!("no answer within {limit:?}")))?
-            .map_err(|e| failed(e.to_string()))?;
+        #[cfg(test)]
+        let found: Vec<SocketAddr> = match tests::names::answer(host) {
+            Some(answer) => answer.map_err(failed)?,
+            None => lookup(host, port, limit).await.map_err(failed)?,
+        };
+        #[cfg(not(test))]
+        let found = lookup(host, port, limit).await.map_err(failed)?;
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for addr in found {
             if !addrs.contains(&addr) {
@@ -115,6 +118,15 @@ impl SeedAddr {
             return Err(failed("the name has no address".into()));
         }
         Ok(addrs)
+    }
+}
+
+/// What the system's resolver says `host` is, within `limit`.
+async fn lookup(host: &str, port: u16, limit: Duration) -> Result<Vec<SocketAddr>, String> {
+    match tokio::time::timeout(limit, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(found)) => Ok(found.collect()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
     }
 }
 
@@ -557,8 +569,76 @@ async fn dial_addr(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::NodeConfig;
+
+    /// Names these tests answer themselves, ahead of the system's resolver: a name can then
+    /// fail to resolve and start resolving while a node keeps dialing it.
+    pub(crate) mod names {
+        use std::collections::HashMap;
+        use std::net::SocketAddr;
+        use std::sync::Mutex;
+
+        /// A name's answer: its addresses, or why it does not resolve.
+        type Answer = Result<Vec<SocketAddr>, String>;
+
+        static NAMES: Mutex<Option<HashMap<String, Answer>>> = Mutex::new(None);
+
+        /// From now on `host` resolves as `answer` says.
+        pub(crate) fn set(host: &str, answer: Answer) {
+            if let Ok(mut names) = NAMES.lock() {
+                names.get_or_insert_with(HashMap::new).insert(host.to_string(), answer);
+            }
+        }
+
+        /// What `host` resolves to here, if these tests answer it.
+        pub(crate) fn answer(host: &str) -> Option<Answer> {
+            NAMES.lock().ok()?.as_ref()?.get(host).cloned()
+        }
+    }
+
+    /// An address on 127.0.0.1 that was free a moment ago.
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_that_starts_resolving_is_looked_up_again_and_its_node_reached() {
+        let guard = Duration::from_secs(60);
+        let b = Node::start(NodeConfig::new("seedb", free_addr(), "s3cret").expect("config")).await.expect("node b");
+        let a = Node::start(NodeConfig::new("seeda", free_addr(), "s3cret").expect("config")).await.expect("node a");
+        let host = "seed-b-later.pyvisor.test";
+        names::set(host, Err("not known yet".into()));
+        let seed: SeedAddr = format!("{host}:{}", b.listen_addr().port()).parse().expect("a seed");
+        let fast = Backoff::default().base(Duration::from_millis(50)).cap(Duration::from_millis(200)).jitter(Jitter::None);
+        let seeds = a.join([seed], SeedPolicy::default().backoff(fast).attempt_timeout(Duration::from_secs(5)));
+        // Tried and failed more than once, each time as a name that does not resolve.
+        let failing = tokio::time::timeout(guard, async {
+            loop {
+                let status = seeds.status();
+                if status[0].failures >= 2 {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("attempts go on");
+        assert!(matches!(status_error(&failing), Some(ClusterError::Resolve { .. })), "{failing:?}");
+        assert!(a.peers().is_empty());
+        // The name now resolves to B: a later attempt looks it up again and reaches B.
+        names::set(host, Ok(vec![b.listen_addr()]));
+        tokio::time::timeout(guard, seeds.reached()).await.expect("reached in time").expect("reached");
+        assert!(a.peers().iter().any(|p| p.name.starts_with("seedb")), "{:?}", a.peers());
+        drop(seeds);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    fn status_error(status: &[SeedStatus]) -> Option<&ClusterError> {
+        status.first()?.last_error.as_ref()
+    }
 
     fn exact() -> SeedPolicy {
         SeedPolicy::default()
