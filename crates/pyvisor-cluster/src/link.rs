@@ -220,7 +220,13 @@ impl FrameWriter {
                 break Pin::new(&mut **stream).poll_flush(cx).map_err(drop);
             }
             match Pin::new(&mut **stream).poll_write(cx, &st.bytes) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break Poll::Ready(Err(())),
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(())),
+                Poll::Ready(Err(_)) => {
+                    // A TLS stream may have pushed part of what it was handed to the socket
+                    // before failing: count all of it as written (lost, never "not sent").
+                    st.written += st.bytes.len() as u64;
+                    break Poll::Ready(Err(()));
+                }
                 Poll::Ready(Ok(n)) => {
                     st.bytes.advance(n);
                     st.written += n as u64;
@@ -321,4 +327,53 @@ pub(crate) async fn read_handshake<S: AsyncRead + Unpin>(stream: &mut S) -> Resu
         return Err("frames sent before the handshake was answered".into());
     }
     Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A stream that, like a TLS stream, pushes part of a write to its socket and then fails
+    /// within the same `poll_write` (on its second call).
+    struct PartThenBroken {
+        pushed: Arc<AtomicUsize>,
+        calls: usize,
+    }
+
+    impl AsyncWrite for PartThenBroken {
+        fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let part = buf.len().min(8 * 1024);
+            self.pushed.fetch_add(part, Ordering::SeqCst);
+            if self.calls == 2 {
+                return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            Poll::Ready(Ok(part))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_a_failing_stream_may_have_sent_count_as_written() {
+        let pushed = Arc::new(AtomicUsize::new(0));
+        let w = FrameWriter::stream(Box::new(PartThenBroken { pushed: Arc::clone(&pushed), calls: 0 }), 1 << 20);
+        // Taken before the flusher runs (current-thread runtime).
+        let ends: Vec<u64> = (0..4).map(|_| w.send(&[0u8; 4096]).expect("taken")).collect();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while w.send(&[0u8; 1]) != Err(Refused::Closed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the broken stream closes the writer");
+        let (pushed, written) = (pushed.load(Ordering::SeqCst) as u64, w.written());
+        let left_but_not_counted = ends.iter().filter(|&&end| end <= pushed && end > written).count();
+        assert_eq!(left_but_not_counted, 0, "{pushed} bytes left, {written} counted: frames that left would be told \"not sent\"");
+    }
 }
